@@ -1,0 +1,189 @@
+"""`PruningConfig`: what to prune, how much, and when; a JSON-serialisable dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .constants import CONFIG_NAME
+from .serialization import atomic_write_text
+
+
+logger = logging.getLogger(__name__)
+
+SCHEDULES = ("oneshot", "iterative", "cubic")
+SCHEMES = ("class-blind", "class-uniform", "class-distribution")
+CRITERIA = ("magnitude",)
+CLASS_GRANULARITIES = ("role", "tensor")
+
+
+def _check_choice(name: str, value: Any, accepted: tuple[str, ...]) -> None:
+    if value not in accepted:
+        raise ValueError(f"`{name}` must be one of {', '.join(repr(a) for a in accepted)}; got {value!r}.")
+
+
+def _check_patterns(name: str, value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as err:
+            raise ValueError(f"`{name}` is not a valid regular expression ({err}); got {value!r}.") from None
+        return
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value) or not value:
+        raise ValueError(
+            f"`{name}` must be a regex string or a non-empty list of module-name suffixes; got {value!r}."
+        )
+
+
+@dataclass
+class PruningConfig:
+    """Configuration of a pruning run: the sparsity schedule, the ranking scheme and the targeted weights.
+
+    Args:
+        initial_sparsity (`float`, *optional*, defaults to `0.0`):
+            Fraction of the targeted weights pruned at `start_step` (X in Cheong & Daniel 2019).
+        final_sparsity (`float`, *optional*, defaults to `0.5`):
+            Fraction pruned at the end of the schedule and held to the end of training (Y).
+        schedule (`str`, *optional*, defaults to `"cubic"`):
+            `"oneshot"` (prune to `final_sparsity` at `start_step`), `"iterative"` (X at `start_step`, then
+            equal increments every `pruning_frequency` steps), or `"cubic"` (Zhu & Gupta 2017).
+        start_step (`int`, *optional*, defaults to `0`):
+            Optimizer step of the first pruning event.
+        end_step (`int`, *optional*):
+            Optimizer step by which `final_sparsity` is reached. Defaults to
+            `min(start_step + 10_000, int(0.75 * max_steps))` of the Trainer run.
+        pruning_frequency (`int`, *optional*):
+            Optimizer steps between pruning events. Defaults to `1001 * (end_step - start_step) / 10_000`
+            (at least 1), i.e. Cheong & Daniel's 1001 steps for a 10,000-step window, scaled for shorter runs.
+        scheme (`str`, *optional*, defaults to `"class-blind"`):
+            See et al. 2016: `"class-blind"` ranks all targeted weights together, `"class-uniform"` prunes the
+            same fraction of every weight class, `"class-distribution"` prunes `|w| < λ·σ_c` in each class `c`
+            with λ solved so the total hits the target.
+        criterion (`str`, *optional*, defaults to `"magnitude"`):
+            The score weights are ranked by; the lowest are pruned.
+        class_granularity (`str`, *optional*, defaults to `"role"`):
+            What a weight class is: `"role"` groups one role across layers (every layer's attention query),
+            `"tensor"` makes each weight matrix its own class.
+        target_modules (`str` or `list[str]`, *optional*):
+            Modules to prune instead of the default (the Linear / Conv1D layers inside the Transformer blocks).
+            A string is a regex matched against the full module name; a list matches exact names or suffixes.
+        exclude_modules (`str` or `list[str]`, *optional*):
+            Modules never pruned, with the same matching rule.
+        prune_head (`bool`, *optional*, defaults to `False`):
+            Also prune the Linear layers outside the blocks (pooler, task head). A head tied to the input
+            embeddings is never pruned.
+        base_model_name_or_path (`str`, *optional*):
+            The model the run started from; filled in when a pruned model is saved.
+    """
+
+    initial_sparsity: float = field(default=0.0, metadata={"help": "Sparsity at start_step (X)."})
+    final_sparsity: float = field(default=0.5, metadata={"help": "Sparsity reached at end_step (Y)."})
+    schedule: str = field(default="cubic", metadata={"help": f"One of {SCHEDULES}."})
+    start_step: int = field(default=0, metadata={"help": "Optimizer step of the first pruning event."})
+    end_step: int | None = field(default=None, metadata={"help": "Optimizer step where final_sparsity is reached."})
+    pruning_frequency: int | None = field(default=None, metadata={"help": "Optimizer steps between events."})
+    scheme: str = field(default="class-blind", metadata={"help": f"One of {SCHEMES}."})
+    criterion: str = field(default="magnitude", metadata={"help": f"One of {CRITERIA}."})
+    class_granularity: str = field(default="role", metadata={"help": f"One of {CLASS_GRANULARITIES}."})
+    target_modules: list[str] | str | None = field(default=None, metadata={"help": "Modules to prune."})
+    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Modules never pruned."})
+    prune_head: bool = field(default=False, metadata={"help": "Also prune Linear layers outside the blocks."})
+    base_model_name_or_path: str | None = field(default=None, metadata={"help": "Model the run started from."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, tuple):
+            self.target_modules = list(self.target_modules)
+        if isinstance(self.exclude_modules, tuple):
+            self.exclude_modules = list(self.exclude_modules)
+        self.validate()
+
+    def validate(self) -> None:
+        """Checks every field; raises `ValueError` naming the field, the value and what it accepts."""
+        for name in ("initial_sparsity", "final_sparsity"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise ValueError(f"`{name}` must be a number in [0, 1); got {value!r}.")
+        if self.final_sparsity < self.initial_sparsity:
+            raise ValueError(
+                f"`final_sparsity` ({self.final_sparsity}) must be >= `initial_sparsity` ({self.initial_sparsity})."
+            )
+        _check_choice("schedule", self.schedule, SCHEDULES)
+        _check_choice("scheme", self.scheme, SCHEMES)
+        _check_choice("criterion", self.criterion, CRITERIA)
+        _check_choice("class_granularity", self.class_granularity, CLASS_GRANULARITIES)
+        for name in ("start_step", "end_step", "pruning_frequency"):
+            value = getattr(self, name)
+            if value is None and name != "start_step":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "pruning_frequency" else 0):
+                lowest = 1 if name == "pruning_frequency" else 0
+                raise ValueError(f"`{name}` must be an integer >= {lowest}; got {value!r}.")
+        if self.end_step is not None and self.schedule != "oneshot" and self.end_step <= self.start_step:
+            raise ValueError(f"`end_step` ({self.end_step}) must be greater than `start_step` ({self.start_step}).")
+        _check_patterns("target_modules", self.target_modules)
+        _check_patterns("exclude_modules", self.exclude_modules)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as a JSON-serialisable dict, with a `config_type` tag for the right class on load."""
+        return {"config_type": type(self).__name__, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PruningConfig:
+        """Builds a config from `to_dict()` output; keys from a newer hf_prune are dropped with a warning."""
+        data = dict(data)
+        config_type = data.pop("config_type", cls.__name__)
+        target_cls = _config_class(config_type) if cls is PruningConfig else cls
+        known = {f.name for f in dataclasses.fields(target_cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            logger.warning("Ignoring unknown %s fields (written by another hf_prune version?): %s",
+                           target_cls.__name__, ", ".join(unknown))
+        return target_cls(**{k: v for k, v in data.items() if k in known})
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **extra: Any) -> None:
+        """Writes `pruning_config.json` into `save_directory` (atomically); `extra` keys are stored beside."""
+        from . import __version__
+
+        os.makedirs(save_directory, exist_ok=True)
+        payload = {**self.to_dict(), "hf_prune_version": __version__, **extra}
+        atomic_write_text(os.path.join(save_directory, CONFIG_NAME), json.dumps(payload, indent=2, sort_keys=True))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_path: str | os.PathLike, **hub_kwargs: Any) -> PruningConfig:
+        """Loads `pruning_config.json` from a folder or a Hub repo id (`revision`, `token`, ... are forwarded)."""
+        path = resolve_file(pretrained_path, CONFIG_NAME, **hub_kwargs)
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        for key in ("hf_prune_version", "achieved_sparsity", "sparsity_by_class"):
+            data.pop(key, None)
+        return cls.from_dict(data)
+
+
+def _config_class(name: str) -> type[PruningConfig]:
+    classes = {c.__name__: c for c in (PruningConfig, *_all_subclasses(PruningConfig))}
+    if name not in classes:
+        raise ValueError(f"Unknown `config_type` {name!r} in pruning config; accepted: {', '.join(sorted(classes))}.")
+    return classes[name]
+
+
+def _all_subclasses(cls: type) -> list[type]:
+    return [sub for direct in cls.__subclasses__() for sub in (direct, *_all_subclasses(direct))]
+
+
+def resolve_file(path_or_repo_id: str | os.PathLike, filename: str, **hub_kwargs: Any) -> str:
+    """Path of `filename` in a local folder, or downloaded from the Hub repo `path_or_repo_id`."""
+    local = os.path.join(path_or_repo_id, filename)
+    if os.path.isdir(path_or_repo_id):
+        if not os.path.isfile(local):
+            raise FileNotFoundError(f"No {filename} in {path_or_repo_id}.")
+        return local
+    from huggingface_hub import hf_hub_download
+
+    return hf_hub_download(str(path_or_repo_id), filename, **hub_kwargs)

@@ -1,0 +1,287 @@
+"""`PrunedModel`: a model together with its masks, saved, loaded and shared like any transformers model."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import defaultdict
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import transformers
+from huggingface_hub import HfApi, ModelCard, ModelCardData
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from . import __version__
+from .config import PruningConfig, resolve_file
+from .constants import COMPRESSED_FORMAT, COMPRESSED_WEIGHTS_NAME, MASKS_NAME
+from .pruner import check_masks_match
+from .report import SparsityReport, sparsity_report
+from .serialization import atomic_save_safetensors, atomic_write_text, load_masks, save_masks
+from .targets import find_targets
+
+
+#: `from_pretrained` keyword arguments that also apply to downloading hf_prune's own files.
+HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "force_download", "subfolder")
+
+
+class PrunedModel(nn.Module):
+    """A transformers model and its pruning masks (parameter name -> `torch.bool`, True = kept).
+
+    It behaves like the wrapped model (`forward`, `generate`, `config` and other attributes are the model's),
+    and the pruned weights are exactly zero in it. `save_pretrained` writes the model's own files, with the
+    pruned entries as zeros, plus `pruning_masks.safetensors` (1 bit per weight), `pruning_config.json` and a
+    model card; `from_pretrained` restores all of it, so a plain `AutoModel*.from_pretrained` of the same folder
+    loads the (sparse) model and hf_prune additionally gets the masks back.
+
+    ```python
+    pruned = PrunedModel.from_trainer(trainer)      # after training with MagnitudePruningCallback
+    pruned.save_pretrained("out")
+    pruned = PrunedModel.from_pretrained("out")
+    print(pruned.sparsity_report())
+    ```
+
+    Args:
+        model (`nn.Module`): the model (a `PreTrainedModel`, or a `PeftModel` around one).
+        masks (`dict[str, torch.Tensor]`): boolean masks keyed by the model's parameter names.
+        pruning_config (`PruningConfig`, *optional*): the configuration that produced the masks.
+    """
+
+    def __init__(self, model: nn.Module, masks: Mapping[str, torch.Tensor],
+                 pruning_config: PruningConfig | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.pruning_config = pruning_config or PruningConfig()
+        params = dict(model.named_parameters())
+        check_masks_match(masks, {n: tuple(p.shape) for n, p in params.items()}, complete=False)
+        self.masks = {name: mask.to(device=params[name].device, dtype=torch.bool) for name, mask in masks.items()}
+        self.apply_masks_()
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model.generate(*args, **kwargs)
+
+    @torch.no_grad()
+    def apply_masks_(self) -> None:
+        """Sets every pruned weight to exactly zero."""
+        params = dict(self.model.named_parameters())
+        for name, mask in self.masks.items():
+            params[name].mul_(mask)
+
+    def sparsity_report(self) -> SparsityReport:
+        """Per-layer, per-class and overall sparsity of the masked weights."""
+        return sparsity_report(self.model, self.masks, self.pruning_config)
+
+    @classmethod
+    def from_trainer(cls, trainer: transformers.Trainer) -> PrunedModel:
+        """The model a `Trainer` trained with a `MagnitudePruningCallback` (or subclass), with its masks."""
+        from .callbacks import MagnitudePruningCallback
+
+        callbacks = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, MagnitudePruningCallback)]
+        if len(callbacks) != 1 or not callbacks[0].masks:
+            raise ValueError(f"from_trainer needs exactly one pruning callback that has run; found {len(callbacks)}"
+                             f"{' (not trained yet)' if callbacks and not callbacks[0].masks else ''}.")
+        return cls(trainer.model, callbacks[0].masks, callbacks[0].config)
+
+    def merge_and_unload(self) -> PrunedModel:
+        """Merges peft adapters (LoRA, ...) into the base weights and re-applies the masks to the result.
+
+        Merging a dense LoRA update would otherwise fill every pruned position; here the update is kept only
+        where the weight is kept, so the merged model has exactly the pruned model's sparsity.
+        """
+        merged = self.model.merge_and_unload()
+        prefix = "base_model.model."
+        masks = {name.removeprefix(prefix).replace(".base_layer.", "."): mask for name, mask in self.masks.items()}
+        return PrunedModel(merged, masks, self.pruning_config)
+
+    # ----------------------------------------------------------------------------------------------- saving
+    def save_pretrained(self, save_directory: str | os.PathLike, compressed: bool = False,
+                        is_main_process: bool = True, **kwargs: Any) -> None:
+        """Writes the model, `pruning_masks.safetensors`, `pruning_config.json` and a model card README.md.
+
+        Args:
+            save_directory (`str`): the folder (created if needed).
+            compressed (`bool`, *optional*, defaults to `False`): store the targeted weights sparsely (the
+                bitmask plus the kept values in the weights' dtype, in `pruned_weights.safetensors`) instead of
+                the dense `model.safetensors`. Loads back bit-exact through `PrunedModel.from_pretrained`; a plain
+                transformers `from_pretrained` cannot read it.
+            is_main_process (`bool`, *optional*, defaults to `True`): only the main process writes.
+            kwargs: forwarded to the model's `save_pretrained` (`max_shard_size`, ...).
+        """
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_directory must be a folder, {save_directory} is a file.")
+        self.apply_masks_()
+        if not is_main_process:
+            return
+        os.makedirs(save_directory, exist_ok=True)
+        model = self.model
+        if compressed:
+            model.config.save_pretrained(save_directory)
+            if getattr(model, "generation_config", None) is not None and model.can_generate():
+                model.generation_config.save_pretrained(save_directory)
+            self._save_compressed(os.path.join(save_directory, COMPRESSED_WEIGHTS_NAME))
+        else:
+            model.save_pretrained(save_directory, **kwargs)
+        report = self.sparsity_report()
+        save_masks(self.masks, os.path.join(save_directory, MASKS_NAME), {"target_sparsity": report.overall})
+        config = self.pruning_config
+        if config.base_model_name_or_path is None:
+            name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+            config = PruningConfig.from_dict({**config.to_dict(), "base_model_name_or_path": name})
+        config.save_pretrained(save_directory, achieved_sparsity=report.overall,
+                               sparsity_by_class=report.by_class())
+        atomic_write_text(os.path.join(save_directory, "README.md"), self._model_card(report, config))
+
+    def _save_compressed(self, path: str) -> None:
+        state = {}
+        seen: dict[int, str] = {}
+        for name, tensor in self.model.state_dict().items():
+            if tensor.data_ptr() in seen:  # tied weight, restored by tie_weights() on load
+                continue
+            seen[tensor.data_ptr()] = name
+            if name in self.masks:
+                state[f"{name}.values"] = tensor[self.masks[name]].contiguous()
+            else:
+                state[name] = tensor.contiguous()
+        atomic_save_safetensors(state, path, {"format": COMPRESSED_FORMAT, "hf_prune_version": __version__})
+
+    def _model_card(self, report: SparsityReport, config: PruningConfig) -> str:
+        data = ModelCardData(library_name="transformers", base_model=config.base_model_name_or_path,
+                             tags=["hf_prune", "pruned", "sparse", f"sparsity-{round(100 * report.overall)}"])
+        classes = "\n".join(f"| {cls} | {value:.2%} |" for cls, value in report.by_class().items())
+        body = (f"# Pruned {type(self.model).__name__}\n\n"
+                f"Pruned with [hf_prune](https://pypi.org/project/hf-prune/) {__version__}: "
+                f"**{report.overall:.2%}** of the targeted weights are zero "
+                f"(schedule `{config.schedule}`, scheme `{config.scheme}`, criterion `{config.criterion}`; "
+                f"embeddings, LayerNorms and biases are not pruned).\n\n"
+                "Loads with plain transformers (`AutoModel*.from_pretrained`); to keep the masks for further "
+                "training use `hf_prune.PrunedModel.from_pretrained` or "
+                "`hf_prune.MagnitudePruningCallback.from_pretrained`.\n\n"
+                f"## Sparsity by weight class\n\n| class | sparsity |\n|---|---|\n{classes}\n\n"
+                f"## Sparsity by layer\n\n{report.to_markdown()}\n")
+        return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
+
+    def push_to_hub(self, repo_id: str, *, commit_message: str = "Upload pruned model with hf_prune",
+                    private: bool | None = None, token: str | None = None, revision: str | None = None,
+                    create_pr: bool = False, compressed: bool = False) -> Any:
+        """Saves to a temporary folder with `save_pretrained` and uploads it as one commit to `repo_id`."""
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, compressed=compressed)
+            return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message,
+                                     revision=revision, create_pr=create_pr)
+
+    # ---------------------------------------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, model_class: type | None = None,
+                        masks_from_zeros: bool = False, reapply_masks: bool = False,
+                        pruning_config: PruningConfig | None = None, **kwargs: Any) -> PrunedModel:
+        """Loads a model saved by `save_pretrained` (a folder or a Hub repo id) with its masks.
+
+        Args:
+            pretrained_model_name_or_path (`str`): local folder or Hub repo id.
+            model_class (`type`, *optional*): the transformers class to load; by default the one named in
+                `config.json`'s `architectures` (else `AutoModel`).
+            masks_from_zeros (`bool`, *optional*, defaults to `False`): derive the masks from the zero weights of
+                a folder without hf_prune files (a model pruned elsewhere); the targets are those of
+                `pruning_config` (default `PruningConfig()`).
+            reapply_masks (`bool`, *optional*, defaults to `False`): zero pruned weights that are not zero
+                instead of raising.
+            kwargs: forwarded to the model's `from_pretrained` (`revision`, `dtype`, `device_map`, `token`, ...).
+
+        Raises:
+            ValueError: when the masks file is corrupt, names weights the model lacks, has other shapes, or a
+                pruned weight is non-zero (without `reapply_masks`).
+        """
+        path = pretrained_model_name_or_path
+        hub_kwargs = {k: v for k, v in kwargs.items() if k in HUB_KWARGS}
+        config = transformers.AutoConfig.from_pretrained(path, **hub_kwargs)
+        model_class = model_class or _model_class(config)
+        compressed_file = _optional_file(path, COMPRESSED_WEIGHTS_NAME, hub_kwargs)
+        if masks_from_zeros:
+            pruning_config = pruning_config or PruningConfig()
+            model = model_class.from_pretrained(path, **kwargs)
+            params = dict(model.named_parameters())
+            masks = {t.name: params[t.name] != 0 for t in find_targets(model, pruning_config)}
+            return cls(model, masks, pruning_config)
+
+        masks_file = resolve_file(path, MASKS_NAME, **hub_kwargs)
+        masks = load_masks(masks_file)
+        pruning_config = pruning_config or PruningConfig.from_pretrained(path, **hub_kwargs)
+        if compressed_file is not None:
+            model = _load_compressed(model_class, config, compressed_file, masks, kwargs)
+        else:
+            model = model_class.from_pretrained(path, **kwargs)
+        params = dict(model.named_parameters())
+        check_masks_match(masks, {n: tuple(p.shape) for n, p in params.items()}, complete=False)
+        revived = [n for n, mask in masks.items() if bool(params[n].detach()[~mask.to(params[n].device)].any())]
+        if revived and not reapply_masks:
+            raise ValueError(f"Weights pruned by {masks_file} are non-zero in the loaded model: {revived}. The "
+                             "weights and masks come from different saves; pass reapply_masks=True to zero them.")
+        return cls(model, masks, pruning_config)
+
+
+def _model_class(config: transformers.PretrainedConfig) -> type:
+    architectures = getattr(config, "architectures", None) or []
+    for name in architectures:
+        if hasattr(transformers, name):
+            return getattr(transformers, name)
+    return transformers.AutoModel
+
+
+def _optional_file(path: str | os.PathLike, filename: str, hub_kwargs: dict[str, Any]) -> str | None:
+    if os.path.isdir(path):
+        local = os.path.join(path, filename)
+        return local if os.path.isfile(local) else None
+    from huggingface_hub import file_exists
+
+    if not file_exists(str(path), filename, revision=hub_kwargs.get("revision"), token=hub_kwargs.get("token")):
+        return None
+    return resolve_file(path, filename, **hub_kwargs)
+
+
+def _load_compressed(model_class: type, config: transformers.PretrainedConfig, path: str,
+                     masks: Mapping[str, torch.Tensor], kwargs: Mapping[str, Any]) -> nn.Module:
+    try:
+        with safe_open(path, framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path} is not a readable compressed checkpoint: {err}") from None
+    if header.get("format") != COMPRESSED_FORMAT:
+        raise ValueError(f"{path} has format {header.get('format')!r}, expected {COMPRESSED_FORMAT!r}.")
+    model = model_class(config) if model_class is not transformers.AutoModel else model_class.from_config(config)
+    state = {}
+    for name, mask in masks.items():
+        values = tensors.pop(f"{name}.values", None)
+        if values is None or values.numel() != int(mask.sum()):
+            raise ValueError(f"{path} is corrupt: {name} has {None if values is None else values.numel()} stored "
+                             f"values, its mask keeps {int(mask.sum())}.")
+        dense = torch.zeros(mask.shape, dtype=values.dtype)
+        dense[mask] = values
+        state[name] = dense
+    state.update(tensors)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    by_storage = defaultdict(list)
+    for name, tensor in model.state_dict().items():
+        by_storage[tensor.data_ptr()].append(name)
+    tied = {name for names in by_storage.values() if len(names) > 1 for name in names}
+    missing = [name for name in missing if name not in tied]
+    if missing or unexpected:
+        raise ValueError(f"{path} does not match {model_class.__name__}: missing {missing}, unexpected {unexpected}.")
+    dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+    return model.to(dtype) if isinstance(dtype, torch.dtype) else model

@@ -1,0 +1,141 @@
+"""`Pruner`: owns the masks of a model's targeted weights and keeps them applied. Works without a Trainer."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import PruningConfig
+from .criteria import CRITERIA
+from .masks import update_masks_
+from .schedules import SparsitySchedule
+from .targets import find_targets
+
+
+class Pruner:
+    """Masks for `model` under `config`, updated on a schedule and applied in place.
+
+    Masks are `torch.bool` tensors (True = kept) keyed by parameter name; the weights stay ordinary parameters
+    under their own names, so `save_pretrained` / `from_pretrained` see a normal model whose pruned entries are
+    zeros. In a custom training loop:
+
+    ```python
+    pruner = Pruner(model, PruningConfig(final_sparsity=0.8, schedule="cubic", end_step=1000))
+    pruner.update(0)
+    for step, batch in enumerate(loader, start=1):
+        model(**batch).loss.backward()
+        pruner.mask_gradients_()
+        optimizer.step()
+        pruner.apply_()
+        optimizer.zero_grad()
+        pruner.update(step, optimizer)
+    ```
+
+    Args:
+        model (`nn.Module`): the model to prune (not a DDP/compiled wrapper: the module that owns the weights).
+        config (`PruningConfig`): what to prune and when.
+        max_steps (`int`, *optional*): the run's number of optimizer steps, used for `end_step` defaults.
+    """
+
+    def __init__(self, model: nn.Module, config: PruningConfig, max_steps: int | None = None) -> None:
+        self.config = config
+        self.schedule = SparsitySchedule.from_config(config, max_steps)
+        targets = find_targets(model, config)
+        params = dict(model.named_parameters())
+        self.params: dict[str, nn.Parameter] = {t.name: params[t.name] for t in targets}
+        self.classes: dict[str, str] = {t.name: t.weight_class for t in targets}
+        self.masks: dict[str, torch.Tensor] = {
+            name: torch.ones_like(p, dtype=torch.bool) for name, p in self.params.items()
+        }
+        self.criterion = CRITERIA[config.criterion]()
+        self.target_sparsity = 0.0
+        self.thresholds: dict[str, float] = {}
+
+    def update(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> bool:
+        """Prunes to the schedule's target at `step` if it is above the current one; returns whether it did.
+
+        With an `optimizer`, its per-weight state (Adam's moments, momentum) is cleared at the newly pruned
+        positions, so no stale momentum pushes a pruned weight off zero.
+        """
+        target = self.schedule(step)
+        if target <= self.target_sparsity:
+            return False
+        self.prune_to(target, optimizer)
+        return True
+
+    def prune_to(self, sparsity: float, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Prunes the targeted weights to `sparsity` now, whatever the schedule says."""
+        self.thresholds = update_masks_(self.params, self.masks, self.classes, self.criterion, sparsity,
+                                        self.config.scheme)
+        self.target_sparsity = sparsity
+        self.apply_()
+        if optimizer is not None:
+            self.mask_optimizer_state_(optimizer)
+
+    @torch.no_grad()
+    def apply_(self) -> None:
+        """Sets the pruned weights to exactly zero, in place."""
+        for name, param in self.params.items():
+            param.mul_(self.masks[name])
+
+    @torch.no_grad()
+    def mask_gradients_(self) -> None:
+        """Zeroes the gradients of pruned weights (call before `optimizer.step()`)."""
+        for name, param in self.params.items():
+            if param.grad is not None:
+                param.grad.mul_(self.masks[name])
+
+    @torch.no_grad()
+    def mask_optimizer_state_(self, optimizer: torch.optim.Optimizer) -> None:
+        """Zeroes every per-weight optimizer buffer (same shape as the weight) at the pruned positions."""
+        for name, param in self.params.items():
+            for value in optimizer.state.get(param, {}).values():
+                if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                    value.mul_(self.masks[name])
+
+    def sparsity(self) -> float:
+        """Fraction of the targeted weights that are pruned."""
+        total = sum(mask.numel() for mask in self.masks.values())
+        return 1.0 - sum(int(mask.sum()) for mask in self.masks.values()) / total
+
+    def sparsity_by_class(self) -> dict[str, float]:
+        """Fraction pruned in each weight class."""
+        kept: dict[str, int] = defaultdict(int)
+        total: dict[str, int] = defaultdict(int)
+        for name, mask in self.masks.items():
+            kept[self.classes[name]] += int(mask.sum())
+            total[self.classes[name]] += mask.numel()
+        return {cls: 1.0 - kept[cls] / total[cls] for cls in total}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Masks and schedule position (for `accelerate`'s `register_for_checkpointing` or a custom loop)."""
+        return {"masks": dict(self.masks), "target_sparsity": self.target_sparsity}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restores `state_dict()` output and re-applies the masks to the weights."""
+        self.load_masks(state["masks"])
+        self.target_sparsity = float(state["target_sparsity"])
+
+    def load_masks(self, masks: Mapping[str, torch.Tensor]) -> None:
+        """Replaces the masks (names and shapes must match the targets exactly) and applies them."""
+        check_masks_match(masks, {name: tuple(p.shape) for name, p in self.params.items()})
+        for name, mask in masks.items():
+            self.masks[name] = mask.to(device=self.params[name].device, dtype=torch.bool).clone()
+        self.apply_()
+
+
+def check_masks_match(masks: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]],
+                      complete: bool = True) -> None:
+    """Raises `ValueError` naming every mask that is unexpected, of the wrong shape or (when `complete`: every
+    weight in `shapes` needs a mask) missing."""
+    problems = [f"missing mask for {n}" for n in shapes if n not in masks] if complete else []
+    problems += [f"unexpected mask {n} (no such {'targeted ' if complete else ''}weight)"
+                 for n in masks if n not in shapes]
+    problems += [f"mask {n} has shape {tuple(m.shape)}, weight has {shapes[n]}"
+                 for n, m in masks.items() if n in shapes and tuple(m.shape) != tuple(shapes[n])]
+    if problems:
+        raise ValueError("Masks do not match the model: " + "; ".join(problems) + ".")

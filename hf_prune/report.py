@@ -1,0 +1,95 @@
+"""Sparsity tables: per layer, per weight class and overall."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import PruningConfig
+from .targets import find_targets, weight_class
+
+
+@dataclass(frozen=True)
+class LayerSparsity:
+    """One targeted weight: its name, class, shape and how many of its entries are pruned."""
+
+    name: str
+    weight_class: str
+    shape: tuple[int, ...]
+    numel: int
+    pruned: int
+
+    @property
+    def sparsity(self) -> float:
+        return self.pruned / self.numel
+
+
+@dataclass(frozen=True)
+class SparsityReport:
+    """Per-layer sparsity of the targeted weights; `str(report)` is a terminal table."""
+
+    layers: tuple[LayerSparsity, ...]
+
+    @property
+    def overall(self) -> float:
+        """Pruned fraction of all targeted weights (embeddings never count)."""
+        return sum(r.pruned for r in self.layers) / max(1, sum(r.numel for r in self.layers))
+
+    def by_class(self) -> dict[str, float]:
+        """Pruned fraction of each weight class."""
+        pruned: dict[str, int] = defaultdict(int)
+        total: dict[str, int] = defaultdict(int)
+        for row in self.layers:
+            pruned[row.weight_class] += row.pruned
+            total[row.weight_class] += row.numel
+        return {cls: pruned[cls] / total[cls] for cls in total}
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-serialisable summary: overall, per class and per layer."""
+        return {"overall": self.overall, "by_class": self.by_class(),
+                "by_layer": {row.name: row.sparsity for row in self.layers}}
+
+    def rows(self) -> list[tuple[str, str, str, str]]:
+        """(name, shape, non-zero / total, sparsity) per layer, then a row per class and the total."""
+        table = [(r.name, "x".join(map(str, r.shape)), f"{r.numel - r.pruned:,} / {r.numel:,}",
+                  f"{r.sparsity:.2%}") for r in self.layers]
+        table += [(f"class {cls}", "", "", f"{value:.2%}") for cls, value in self.by_class().items()]
+        total = sum(r.numel for r in self.layers)
+        kept = total - sum(r.pruned for r in self.layers)
+        table.append(("total (targeted weights)", "", f"{kept:,} / {total:,}", f"{self.overall:.2%}"))
+        return table
+
+    def to_markdown(self) -> str:
+        lines = ["| weight | shape | non-zero / total | sparsity |", "|---|---|---|---|"]
+        lines += [f"| {' | '.join(row)} |" for row in self.rows()]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        header = ("weight", "shape", "non-zero / total", "sparsity")
+        table = [header, *self.rows()]
+        widths = [max(len(row[i]) for row in table) for i in range(4)]
+        return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                                   for i, (cell, w) in enumerate(zip(row, widths))) for row in table)
+
+
+def sparsity_report(model: nn.Module, masks: Mapping[str, torch.Tensor] | None = None,
+                    config: PruningConfig | None = None) -> SparsityReport:
+    """Per-layer sparsity of `model`'s targeted weights.
+
+    With `masks`, the masked weights are reported (pruned = mask False); without, the weights `config` targets
+    (default: the Linear layers inside the Transformer blocks) and their zeros.
+    """
+    config = config or PruningConfig()
+    params = dict(model.named_parameters())
+    if masks is not None:
+        rows = [LayerSparsity(name, weight_class(name.removesuffix(".weight"), config.class_granularity),
+                              tuple(mask.shape), mask.numel(), mask.numel() - int(mask.sum()))
+                for name, mask in masks.items()]
+    else:
+        rows = [LayerSparsity(t.name, t.weight_class, tuple(params[t.name].shape), params[t.name].numel(),
+                              int((params[t.name] == 0).sum())) for t in find_targets(model, config)]
+    return SparsityReport(tuple(rows))

@@ -1,0 +1,79 @@
+"""Which parameters are pruned, and the weight class each belongs to."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .config import PruningConfig
+
+
+PRUNABLE_MODULES = (nn.Linear, Conv1D)
+_BLOCK_INDEX = re.compile(r"(^|\.)\d+(?=\.|$)")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One prunable weight: its parameter name, its module's name and its weight class."""
+
+    name: str
+    module_name: str
+    weight_class: str
+
+
+def _matches(module_name: str, patterns: str | Sequence[str]) -> bool:
+    """peft's rule: a string is a regex on the full name, a list matches exact names or dotted suffixes."""
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, module_name) is not None
+    return any(module_name == p or module_name.endswith("." + p) for p in patterns)
+
+
+def weight_class(module_name: str, granularity: str = "role") -> str:
+    """`"bert.encoder.layer.3.attention.self.query"` -> `"bert.encoder.layer.*.attention.self.query"` for
+    `granularity="role"`; the module name itself for `"tensor"`."""
+    if granularity == "tensor":
+        return module_name
+    return _BLOCK_INDEX.sub(r"\1*", module_name)
+
+
+def find_targets(model: nn.Module, config: PruningConfig) -> list[Target]:
+    """The weights `config` prunes in `model`, in `named_modules` order.
+
+    By default: the weights of the `nn.Linear` / GPT-2 `Conv1D` layers inside the Transformer blocks (modules
+    under an indexed `ModuleList`, such as `encoder.layer.3`), so embeddings, LayerNorms, biases, the pooler
+    and the task head are left alone. `prune_head=True` adds the Linear layers outside the blocks. A weight
+    shared with an embedding (a tied LM head) is never a target. `target_modules` replaces the default
+    selection and `exclude_modules` removes modules from it.
+
+    Raises:
+        ValueError: when `target_modules` or `exclude_modules` matches no prunable module, or nothing is left.
+    """
+    embedding_storage = {m.weight.data_ptr() for m in model.modules() if isinstance(m, nn.Embedding)}
+    candidates = [(name, module) for name, module in model.named_modules()
+                  if isinstance(module, PRUNABLE_MODULES) and module.weight.data_ptr() not in embedding_storage]
+    if not candidates:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear or Conv1D layers (other than tied embeddings) "
+                         "to prune.")
+    names = [name for name, _ in candidates]
+    if config.target_modules is not None:
+        selected = [n for n in names if _matches(n, config.target_modules)]
+        if not selected:
+            raise ValueError(f"`target_modules` {config.target_modules!r} matches no Linear/Conv1D module of "
+                             f"{type(model).__name__}; candidates include {names[:6]}.")
+    else:
+        selected = [n for n in names if config.prune_head or _BLOCK_INDEX.search(n)]
+    if config.exclude_modules is not None:
+        excluded = [n for n in names if _matches(n, config.exclude_modules)]
+        if not excluded:
+            raise ValueError(f"`exclude_modules` {config.exclude_modules!r} matches no Linear/Conv1D module of "
+                             f"{type(model).__name__}; candidates include {names[:6]}.")
+        selected = [n for n in selected if n not in set(excluded)]
+    if not selected:
+        raise ValueError(f"No weights of {type(model).__name__} are left to prune with target_modules="
+                         f"{config.target_modules!r}, exclude_modules={config.exclude_modules!r}, prune_head="
+                         f"{config.prune_head} (no Linear layer sits inside an indexed block); set `target_modules`.")
+    return [Target(f"{n}.weight", n, weight_class(n, config.class_granularity)) for n in selected]
