@@ -1,0 +1,61 @@
+import pytest
+import torch
+from conftest import TinyClassificationDataset, tiny_bert
+
+from hf_prune import Pruner, PruningConfig
+
+
+def test_custom_training_loop_keeps_pruned_weights_at_zero():
+    model = tiny_bert()
+    pruner = Pruner(model, PruningConfig(initial_sparsity=0.2, final_sparsity=0.8, schedule="iterative",
+                                         end_step=8, pruning_frequency=2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    loader = torch.utils.data.DataLoader(TinyClassificationDataset(80), batch_size=8)
+    pruner.update(0, optimizer)
+    assert pruner.sparsity() == pytest.approx(0.2, abs=1e-4)
+    seen = []
+    for step, batch in enumerate(loader, start=1):
+        model(**batch).loss.backward()
+        pruner.mask_gradients_()
+        optimizer.step()
+        pruner.apply_()
+        optimizer.zero_grad()
+        pruner.update(step, optimizer)
+        seen.append(round(pruner.sparsity(), 3))
+        params = dict(model.named_parameters())
+        for name, mask in pruner.masks.items():
+            assert (params[name][~mask] == 0).all()
+    assert seen == sorted(seen) and seen[-1] == pytest.approx(0.8, abs=1e-3)
+
+
+def test_optimizer_moments_are_cleared_at_newly_pruned_positions():
+    model = tiny_bert()
+    pruner = Pruner(model, PruningConfig(final_sparsity=0.5, schedule="oneshot", start_step=1))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    batch = TinyClassificationDataset(8)[0]
+    model(**{k: v[None] for k, v in batch.items()}).loss.backward()
+    optimizer.step()
+    assert pruner.update(1, optimizer)
+    for name, param in pruner.params.items():
+        state = optimizer.state[param]
+        assert (state["exp_avg"][~pruner.masks[name]] == 0).all()
+        assert (state["exp_avg_sq"][~pruner.masks[name]] == 0).all()
+
+
+def test_state_dict_round_trip_and_mismatch_errors():
+    model = tiny_bert()
+    pruner = Pruner(model, PruningConfig(final_sparsity=0.7, schedule="oneshot"))
+    pruner.update(0)
+    state = pruner.state_dict()
+    fresh = Pruner(tiny_bert(), PruningConfig(final_sparsity=0.7, schedule="oneshot"))
+    fresh.load_state_dict(state)
+    assert fresh.target_sparsity == 0.7
+    assert all(torch.equal(fresh.masks[n], m) for n, m in pruner.masks.items())
+    assert fresh.sparsity() == pytest.approx(0.7, abs=1e-4)
+    (name, mask), *_ = state["masks"].items()
+    with pytest.raises(ValueError, match="missing mask for"):
+        fresh.load_masks({n: m for n, m in state["masks"].items() if n != name})
+    with pytest.raises(ValueError, match=f"mask {name} has shape"):
+        fresh.load_masks({**state["masks"], name: mask[:, :3]})
+    with pytest.raises(ValueError, match="unexpected mask"):
+        fresh.load_masks({**state["masks"], "classifier.weight": torch.ones(2, 32, dtype=torch.bool)})

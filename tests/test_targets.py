@@ -1,0 +1,90 @@
+import pytest
+import torch
+from conftest import TINY_MODELS, tiny_bert, tiny_gpt2
+
+from hf_prune import PruningConfig
+from hf_prune.targets import find_targets, weight_class
+
+
+EXPECTED_ROLES = {
+    "bert": {"attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+             "intermediate.dense", "output.dense"},
+    "gpt2": {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"},
+    "t5": {"SelfAttention.q", "SelfAttention.k", "SelfAttention.v", "SelfAttention.o", "EncDecAttention.q",
+           "EncDecAttention.k", "EncDecAttention.v", "EncDecAttention.o", "DenseReluDense.wi", "DenseReluDense.wo"},
+    "bart": {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "encoder_attn.q_proj",
+             "encoder_attn.k_proj", "encoder_attn.v_proj", "encoder_attn.out_proj", "fc1", "fc2"},
+    "llama": {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+              "mlp.up_proj", "mlp.down_proj"},
+}
+EXPECTED_COUNT = {"bert": 12, "gpt2": 8, "t5": 2 * 6 + 2 * 10, "bart": 2 * 6 + 2 * 10, "llama": 14}
+
+
+@pytest.mark.parametrize("kind", sorted(TINY_MODELS))
+def test_default_targets_are_the_block_linears_only(kind):
+    model = TINY_MODELS[kind]()
+    targets = find_targets(model, PruningConfig())
+    names = {t.name for t in targets}
+    roles = {t.weight_class.split("*.")[-1] for t in targets}
+    assert roles == EXPECTED_ROLES[kind]
+    embedding_ptrs = {m.weight.data_ptr() for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    params = dict(model.named_parameters())
+    for name in names:
+        assert name.endswith(".weight") and params[name].dim() == 2
+        assert params[name].data_ptr() not in embedding_ptrs
+        assert "embed" not in name and "norm" not in name and "lm_head" not in name
+    # every role in each of the 2 layers (T5/BART: encoder without cross-attention, decoder with it)
+    assert len(names) == EXPECTED_COUNT[kind]
+
+
+def test_weight_class_removes_layer_indices():
+    assert weight_class("bert.encoder.layer.3.attention.self.query") == "bert.encoder.layer.*.attention.self.query"
+    assert weight_class("encoder.block.1.layer.0.SelfAttention.q") == "encoder.block.*.layer.*.SelfAttention.q"
+    assert weight_class("bert.encoder.layer.3.attention.self.query", "tensor") == \
+        "bert.encoder.layer.3.attention.self.query"
+
+
+def test_head_is_configurable():
+    model = tiny_bert()
+    default = {t.module_name for t in find_targets(model, PruningConfig())}
+    with_head = {t.module_name for t in find_targets(model, PruningConfig(prune_head=True))}
+    assert with_head - default == {"bert.pooler.dense", "classifier"}
+
+
+def test_tied_lm_head_is_never_a_target():
+    model = tiny_gpt2()
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+    names = {t.name for t in find_targets(model, PruningConfig(prune_head=True))}
+    assert "lm_head.weight" not in names
+
+
+def test_target_and_exclude_modules_follow_peft_matching():
+    model = tiny_bert()
+    suffixes = find_targets(model, PruningConfig(target_modules=["query", "value"]))
+    assert [t.module_name.split(".")[-1] for t in suffixes] == ["query", "value"] * 2
+    regex = find_targets(model, PruningConfig(target_modules=r".*layer\.1\..*dense"))
+    assert {t.module_name for t in regex} == {"bert.encoder.layer.1.attention.output.dense",
+                                              "bert.encoder.layer.1.intermediate.dense",
+                                              "bert.encoder.layer.1.output.dense"}
+    excluded = find_targets(model, PruningConfig(exclude_modules=["intermediate.dense", "output.dense"]))
+    assert {t.module_name.split("layer.")[1][2:] for t in excluded} == {"attention.self.query",
+                                                                       "attention.self.key",
+                                                                       "attention.self.value"}
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [({"target_modules": ["no_such_layer"]}, "target_modules"),
+     ({"target_modules": r"embeddings\..*"}, "target_modules"),
+     ({"exclude_modules": "nothing"}, "exclude_modules")],
+)
+def test_patterns_that_match_nothing_are_errors(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        find_targets(tiny_bert(), PruningConfig(**kwargs))
+
+
+def test_model_without_blocks_is_an_error():
+    model = torch.nn.Sequential()
+    model.add_module("fc", torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="No weights"):
+        find_targets(model, PruningConfig())
