@@ -11,13 +11,13 @@ from typing import Any
 import torch
 import transformers
 from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub.errors import EntryNotFoundError
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from . import __version__
 from .config import PruningConfig, resolve_file
 from .constants import COMPRESSED_FORMAT, COMPRESSED_WEIGHTS_NAME, MASKS_NAME
-from .pruner import check_masks_match
 from .report import SparsityReport, sparsity_report
 from .serialization import atomic_save_safetensors, atomic_write_text, load_masks, save_masks
 from .targets import find_targets
@@ -54,9 +54,10 @@ class PrunedModel(nn.Module):
         super().__init__()
         self.model = model
         self.pruning_config = pruning_config or PruningConfig()
+        self._param_names = _parameter_names(model, masks)
         params = dict(model.named_parameters())
-        check_masks_match(masks, {n: tuple(p.shape) for n, p in params.items()}, complete=False)
-        self.masks = {name: mask.to(device=params[name].device, dtype=torch.bool) for name, mask in masks.items()}
+        self.masks = {name: mask.to(device=params[self._param_names[name]].device, dtype=torch.bool)
+                      for name, mask in masks.items()}
         self.apply_masks_()
 
     def __getattr__(self, name: str) -> Any:
@@ -78,7 +79,7 @@ class PrunedModel(nn.Module):
         """Sets every pruned weight to exactly zero."""
         params = dict(self.model.named_parameters())
         for name, mask in self.masks.items():
-            params[name].mul_(mask)
+            params[self._param_names[name]].mul_(mask)
 
     def sparsity_report(self) -> SparsityReport:
         """Per-layer, per-class and overall sparsity of the masked weights."""
@@ -96,15 +97,12 @@ class PrunedModel(nn.Module):
         return cls(trainer.model, callbacks[0].masks, callbacks[0].config)
 
     def merge_and_unload(self) -> PrunedModel:
-        """Merges peft adapters (LoRA, ...) into the base weights and re-applies the masks to the result.
+        """Merges the adapters of a wrapped `PeftModel` (LoRA, ...) into the base weights and re-applies the masks.
 
         Merging a dense LoRA update would otherwise fill every pruned position; here the update is kept only
         where the weight is kept, so the merged model has exactly the pruned model's sparsity.
         """
-        merged = self.model.merge_and_unload()
-        prefix = "base_model.model."
-        masks = {name.removeprefix(prefix).replace(".base_layer.", "."): mask for name, mask in self.masks.items()}
-        return PrunedModel(merged, masks, self.pruning_config)
+        return PrunedModel(self.model.merge_and_unload(), self.masks, self.pruning_config)
 
     # ----------------------------------------------------------------------------------------------- saving
     def save_pretrained(self, save_directory: str | os.PathLike, compressed: bool = False,
@@ -128,6 +126,7 @@ class PrunedModel(nn.Module):
         os.makedirs(save_directory, exist_ok=True)
         model = self.model
         if compressed:
+            model.config.architectures = [type(model).__name__]  # as transformers' save_pretrained does
             model.config.save_pretrained(save_directory)
             if getattr(model, "generation_config", None) is not None and model.can_generate():
                 model.generation_config.save_pretrained(save_directory)
@@ -225,13 +224,33 @@ class PrunedModel(nn.Module):
             model = _load_compressed(model_class, config, compressed_file, masks, kwargs)
         else:
             model = model_class.from_pretrained(path, **kwargs)
+        _parameter_names(model, masks)
         params = dict(model.named_parameters())
-        check_masks_match(masks, {n: tuple(p.shape) for n, p in params.items()}, complete=False)
         revived = [n for n, mask in masks.items() if bool(params[n].detach()[~mask.to(params[n].device)].any())]
         if revived and not reapply_masks:
             raise ValueError(f"Weights pruned by {masks_file} are non-zero in the loaded model: {revived}. The "
                              "weights and masks come from different saves; pass reapply_masks=True to zero them.")
         return cls(model, masks, pruning_config)
+
+
+def _parameter_names(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """Maps each mask's plain transformers parameter name to the model's own name for it (the same, or the
+    one inside a peft wrapper: `base_model.model.<name>`, with `.base_layer` for adapted layers); checks shapes."""
+    params = dict(model.named_parameters())
+    names, problems = {}, []
+    for name, mask in masks.items():
+        module, _, leaf = name.rpartition(".")
+        candidates = (name, f"base_model.model.{name}", f"base_model.model.{module}.base_layer.{leaf}")
+        found = next((c for c in candidates if c in params), None)
+        if found is None:
+            problems.append(f"unexpected mask {name} (no such weight)")
+        elif tuple(params[found].shape) != tuple(mask.shape):
+            problems.append(f"mask {name} has shape {tuple(mask.shape)}, weight has {tuple(params[found].shape)}")
+        else:
+            names[name] = found
+    if problems:
+        raise ValueError("Masks do not match the model: " + "; ".join(problems) + ".")
+    return names
 
 
 def _model_class(config: transformers.PretrainedConfig) -> type:
@@ -246,11 +265,10 @@ def _optional_file(path: str | os.PathLike, filename: str, hub_kwargs: dict[str,
     if os.path.isdir(path):
         local = os.path.join(path, filename)
         return local if os.path.isfile(local) else None
-    from huggingface_hub import file_exists
-
-    if not file_exists(str(path), filename, revision=hub_kwargs.get("revision"), token=hub_kwargs.get("token")):
+    try:
+        return resolve_file(path, filename, **hub_kwargs)
+    except EntryNotFoundError:
         return None
-    return resolve_file(path, filename, **hub_kwargs)
 
 
 def _load_compressed(model_class: type, config: transformers.PretrainedConfig, path: str,

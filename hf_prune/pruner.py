@@ -128,13 +128,10 @@ class Pruner:
         self.apply_()
 
 
-def check_masks_match(masks: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]],
-                      complete: bool = True) -> None:
-    """Raises `ValueError` naming every mask that is unexpected, of the wrong shape or (when `complete`: every
-    weight in `shapes` needs a mask) missing."""
-    problems = [f"missing mask for {n}" for n in shapes if n not in masks] if complete else []
-    problems += [f"unexpected mask {n} (no such {'targeted ' if complete else ''}weight)"
-                 for n in masks if n not in shapes]
+def check_masks_match(masks: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Raises `ValueError` naming every mask that is missing, unexpected or of the wrong shape."""
+    problems = [f"missing mask for {n}" for n in shapes if n not in masks]
+    problems += [f"unexpected mask {n} (not a targeted weight)" for n in masks if n not in shapes]
     problems += [f"mask {n} has shape {tuple(m.shape)}, weight has {shapes[n]}"
                  for n, m in masks.items() if n in shapes and tuple(m.shape) != tuple(shapes[n])]
     if problems:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
-from transformers import (
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers / huggingface_hub read it
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
@@ -18,7 +21,6 @@ from transformers import (
 )
 
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 VOCAB = 99
