@@ -80,13 +80,23 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
                        **kwargs: Any) -> None:
-        self.pruner = Pruner(extract_model_from_parallel(model), self.config, max_steps=state.max_steps)
+        self.pruner = self.make_pruner(extract_model_from_parallel(model), state.max_steps)
         if state.global_step > 0:
             self._restore_from_checkpoint(args, state)
         elif self._initial_masks is not None:
             self.pruner.load_masks(self._initial_masks)
             self.pruner.target_sparsity = self._initial_target
         self.pruner.update(state.global_step, optimizer)
+
+    def make_pruner(self, model: torch.nn.Module, max_steps: int | None) -> Pruner:
+        """The `Pruner` this callback drives; subclasses with their own pruning event return a subclass."""
+        return Pruner(model, self.config, max_steps=max_steps)
+
+    def log_entries(self, state: TrainerState) -> dict[str, float]:
+        """What `on_log` adds to the Trainer's logs: overall and per-class sparsity."""
+        entries = {"sparsity": self.pruner.sparsity()}
+        entries.update({f"sparsity/{cls}": value for cls, value in self.pruner.sparsity_by_class().items()})
+        return entries
 
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                               **kwargs: Any) -> None:
@@ -106,8 +116,7 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
                logs: dict[str, float] | None = None, **kwargs: Any) -> None:
         if self.pruner is None or logs is None:
             return
-        entries = {"sparsity": self.pruner.sparsity()}
-        entries.update({f"sparsity/{cls}": value for cls, value in self.pruner.sparsity_by_class().items()})
+        entries = self.log_entries(state)
         logs.update(entries)
         if state.log_history:
             state.log_history[-1].update(entries)

@@ -22,7 +22,7 @@ CRITERIA = ("magnitude",)
 CLASS_GRANULARITIES = ("role", "tensor")
 
 
-def _check_choice(name: str, value: Any, accepted: tuple[str, ...]) -> None:
+def check_choice(name: str, value: Any, accepted: tuple[str, ...]) -> None:
     if value not in accepted:
         raise ValueError(f"`{name}` must be one of {', '.join(repr(a) for a in accepted)}; got {value!r}.")
 
@@ -114,10 +114,10 @@ class PruningConfig:
             raise ValueError(
                 f"`final_sparsity` ({self.final_sparsity}) must be >= `initial_sparsity` ({self.initial_sparsity})."
             )
-        _check_choice("schedule", self.schedule, SCHEDULES)
-        _check_choice("scheme", self.scheme, SCHEMES)
-        _check_choice("criterion", self.criterion, CRITERIA)
-        _check_choice("class_granularity", self.class_granularity, CLASS_GRANULARITIES)
+        check_choice("schedule", self.schedule, SCHEDULES)
+        check_choice("scheme", self.scheme, SCHEMES)
+        check_choice("criterion", self.criterion, CRITERIA)
+        check_choice("class_granularity", self.class_granularity, CLASS_GRANULARITIES)
         for name in ("start_step", "end_step", "pruning_frequency"):
             value = getattr(self, name)
             if value is None and name != "start_step":

@@ -17,12 +17,14 @@ from torch import nn
 
 from . import __version__
 from .config import PruningConfig, resolve_file
-from .constants import COMPRESSED_FORMAT, COMPRESSED_WEIGHTS_NAME, MASKS_NAME
+from .compression import check_bits, dequantize, quantize_weights, read_deep_compressed, save_deep_compressed
+from .constants import COMPRESSED_FORMAT, COMPRESSED_WEIGHTS_NAME, DEEP_COMPRESSED_WEIGHTS_NAME, MASKS_NAME
 from .report import SparsityReport, sparsity_report
 from .serialization import atomic_save_safetensors, atomic_write_text, load_masks, save_masks
 from .targets import find_targets
 
 
+COMPRESSIONS = (None, "sparse", "deep")
 #: `from_pretrained` keyword arguments that also apply to downloading hf_prune's own files.
 HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "force_download", "subfolder")
 
@@ -106,18 +108,31 @@ class PrunedModel(nn.Module):
 
     # ----------------------------------------------------------------------------------------------- saving
     def save_pretrained(self, save_directory: str | os.PathLike, compressed: bool = False,
+                        compression: str | None = None, bits: int = 4, processing_class: Any = None,
                         is_main_process: bool = True, **kwargs: Any) -> None:
         """Writes the model, `pruning_masks.safetensors`, `pruning_config.json` and a model card README.md.
 
         Args:
             save_directory (`str`): the folder (created if needed).
-            compressed (`bool`, *optional*, defaults to `False`): store the targeted weights sparsely (the
-                bitmask plus the kept values in the weights' dtype, in `pruned_weights.safetensors`) instead of
-                the dense `model.safetensors`. Loads back bit-exact through `PrunedModel.from_pretrained`; a plain
-                transformers `from_pretrained` cannot read it.
+            compressed (`bool`, *optional*, defaults to `False`): shorthand for `compression="sparse"`.
+            compression (`str`, *optional*): how the weights are stored. `None`: the model's own dense
+                `model.safetensors` (pruned entries are zeros; any transformers user can load it). `"sparse"`: the
+                targeted weights as their kept values only, in their dtype, in `pruned_weights.safetensors`
+                (loads back bit-exact). `"deep"`: Deep Compression (Han et al. 2016), the kept weights of each
+                layer clustered into `2**bits` shared values, their cluster indices and the gaps between kept
+                positions Huffman coded, in `deep_compressed_weights.safetensors`; exact after training with
+                `QuantizationCallback` at the same `bits`, a post-training quantization otherwise. The compressed
+                folders load through `PrunedModel.from_pretrained` only.
+            bits (`int`, *optional*, defaults to 4): bits per cluster index for `compression="deep"` (1..8).
+            processing_class (*optional*): a tokenizer / processor saved into the same folder.
             is_main_process (`bool`, *optional*, defaults to `True`): only the main process writes.
             kwargs: forwarded to the model's `save_pretrained` (`max_shard_size`, ...).
         """
+        compression = "sparse" if compressed and compression is None else compression
+        if compression not in COMPRESSIONS:
+            raise ValueError(f"`compression` must be one of {COMPRESSIONS}; got {compression!r}.")
+        if compression == "deep":
+            check_bits(bits)
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory must be a folder, {save_directory} is a file.")
         self.apply_masks_()
@@ -125,14 +140,16 @@ class PrunedModel(nn.Module):
             return
         os.makedirs(save_directory, exist_ok=True)
         model = self.model
-        if compressed:
+        if compression is None:
+            model.save_pretrained(save_directory, **kwargs)
+        else:
             model.config.architectures = [type(model).__name__]  # as transformers' save_pretrained does
             model.config.save_pretrained(save_directory)
             if getattr(model, "generation_config", None) is not None and model.can_generate():
                 model.generation_config.save_pretrained(save_directory)
-            self._save_compressed(os.path.join(save_directory, COMPRESSED_WEIGHTS_NAME))
-        else:
-            model.save_pretrained(save_directory, **kwargs)
+            self._save_compressed(save_directory, compression, bits)
+        if processing_class is not None:
+            processing_class.save_pretrained(save_directory)
         report = self.sparsity_report()
         save_masks(self.masks, os.path.join(save_directory, MASKS_NAME), {"target_sparsity": report.overall})
         config = self.pruning_config
@@ -143,18 +160,22 @@ class PrunedModel(nn.Module):
                                sparsity_by_class=report.by_class())
         atomic_write_text(os.path.join(save_directory, "README.md"), self._model_card(report, config))
 
-    def _save_compressed(self, path: str) -> None:
-        state = {}
-        seen: dict[int, str] = {}
+    def _save_compressed(self, save_directory: str | os.PathLike, compression: str, bits: int) -> None:
+        """Targeted weights in the chosen compressed form; every other tensor as it is (tied copies dropped)."""
+        others, targeted, seen = {}, {}, set()
         for name, tensor in self.model.state_dict().items():
             if tensor.data_ptr() in seen:  # tied weight, restored by tie_weights() on load
                 continue
-            seen[tensor.data_ptr()] = name
-            if name in self.masks:
-                state[f"{name}.values"] = tensor[self.masks[name]].contiguous()
-            else:
-                state[name] = tensor.contiguous()
-        atomic_save_safetensors(state, path, {"format": COMPRESSED_FORMAT, "hf_prune_version": __version__})
+            seen.add(tensor.data_ptr())
+            (targeted if name in self.masks else others)[name] = tensor.contiguous()
+        if compression == "deep":
+            quantized = quantize_weights(targeted, self.masks, bits)
+            save_deep_compressed(os.path.join(save_directory, DEEP_COMPRESSED_WEIGHTS_NAME), quantized, others,
+                                 {"bits": bits})
+            return
+        values = {f"{name}.values": tensor[self.masks[name]] for name, tensor in targeted.items()}
+        atomic_save_safetensors({**values, **others}, os.path.join(save_directory, COMPRESSED_WEIGHTS_NAME),
+                                {"format": COMPRESSED_FORMAT, "hf_prune_version": __version__})
 
     def _model_card(self, report: SparsityReport, config: PruningConfig) -> str:
         data = ModelCardData(library_name="transformers", base_model=config.base_model_name_or_path,
@@ -174,12 +195,13 @@ class PrunedModel(nn.Module):
 
     def push_to_hub(self, repo_id: str, *, commit_message: str = "Upload pruned model with hf_prune",
                     private: bool | None = None, token: str | None = None, revision: str | None = None,
-                    create_pr: bool = False, compressed: bool = False) -> Any:
-        """Saves to a temporary folder with `save_pretrained` and uploads it as one commit to `repo_id`."""
+                    create_pr: bool = False, **save_kwargs: Any) -> Any:
+        """Saves to a temporary folder with `save_pretrained(folder, **save_kwargs)` (`compression`, `bits`,
+        `processing_class`, ...) and uploads the folder as one commit to `repo_id`; returns the commit info."""
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder, compressed=compressed)
+            self.save_pretrained(folder, **save_kwargs)
             return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message,
                                      revision=revision, create_pr=create_pr)
 
@@ -208,8 +230,7 @@ class PrunedModel(nn.Module):
         path = pretrained_model_name_or_path
         hub_kwargs = {k: v for k, v in kwargs.items() if k in HUB_KWARGS}
         config = transformers.AutoConfig.from_pretrained(path, **hub_kwargs)
-        model_class = model_class or _model_class(config)
-        compressed_file = _optional_file(path, COMPRESSED_WEIGHTS_NAME, hub_kwargs)
+        model_class = model_class or auto_model_class(config)
         if masks_from_zeros:
             pruning_config = pruning_config or PruningConfig()
             model = model_class.from_pretrained(path, **kwargs)
@@ -220,8 +241,12 @@ class PrunedModel(nn.Module):
         masks_file = resolve_file(path, MASKS_NAME, **hub_kwargs)
         masks = load_masks(masks_file)
         pruning_config = pruning_config or PruningConfig.from_pretrained(path, **hub_kwargs)
-        if compressed_file is not None:
-            model = _load_compressed(model_class, config, compressed_file, masks, kwargs)
+        sparse_file = _optional_file(path, COMPRESSED_WEIGHTS_NAME, hub_kwargs)
+        deep_file = _optional_file(path, DEEP_COMPRESSED_WEIGHTS_NAME, hub_kwargs)
+        if sparse_file is not None:
+            model = _build_model(model_class, config, _read_sparse(sparse_file, masks), sparse_file, kwargs)
+        elif deep_file is not None:
+            model = _build_model(model_class, config, _read_deep(deep_file, masks), deep_file, kwargs)
         else:
             model = model_class.from_pretrained(path, **kwargs)
         _parameter_names(model, masks)
@@ -253,7 +278,8 @@ def _parameter_names(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dic
     return names
 
 
-def _model_class(config: transformers.PretrainedConfig) -> type:
+def auto_model_class(config: transformers.PretrainedConfig) -> type:
+    """The transformers class named in `config.architectures`, else `AutoModel`."""
     architectures = getattr(config, "architectures", None) or []
     for name in architectures:
         if hasattr(transformers, name):
@@ -271,8 +297,8 @@ def _optional_file(path: str | os.PathLike, filename: str, hub_kwargs: dict[str,
         return None
 
 
-def _load_compressed(model_class: type, config: transformers.PretrainedConfig, path: str,
-                     masks: Mapping[str, torch.Tensor], kwargs: Mapping[str, Any]) -> nn.Module:
+def _read_sparse(path: str, masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict stored by `save_pretrained(compression="sparse")`, targeted weights made dense again."""
     try:
         with safe_open(path, framework="pt") as f:
             header = f.metadata() or {}
@@ -281,17 +307,30 @@ def _load_compressed(model_class: type, config: transformers.PretrainedConfig, p
         raise ValueError(f"{path} is not a readable compressed checkpoint: {err}") from None
     if header.get("format") != COMPRESSED_FORMAT:
         raise ValueError(f"{path} has format {header.get('format')!r}, expected {COMPRESSED_FORMAT!r}.")
-    model = model_class(config) if model_class is not transformers.AutoModel else model_class.from_config(config)
-    state = {}
     for name, mask in masks.items():
         values = tensors.pop(f"{name}.values", None)
         if values is None or values.numel() != int(mask.sum()):
             raise ValueError(f"{path} is corrupt: {name} has {None if values is None else values.numel()} stored "
                              f"values, its mask keeps {int(mask.sum())}.")
-        dense = torch.zeros(mask.shape, dtype=values.dtype)
-        dense[mask] = values
-        state[name] = dense
-    state.update(tensors)
+        tensors[name] = torch.zeros(mask.shape, dtype=values.dtype)
+        tensors[name][mask] = values
+    return tensors
+
+
+def _read_deep(path: str, masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict stored by `save_pretrained(compression="deep")`, quantized weights dequantized."""
+    quantized, others, _ = read_deep_compressed(path)
+    mismatched = sorted(n for n in masks.keys() | quantized.keys()
+                        if n not in quantized or n not in masks or not torch.equal(quantized[n].mask, masks[n]))
+    if mismatched:
+        raise ValueError(f"{path} does not match {MASKS_NAME}: the masks of {mismatched} differ.")
+    return {**{name: dequantize(q) for name, q in quantized.items()}, **others}
+
+
+def _build_model(model_class: type, config: transformers.PretrainedConfig, state: dict[str, torch.Tensor],
+                 path: str, kwargs: Mapping[str, Any]) -> nn.Module:
+    """A `model_class` built from `config` with `state` loaded; tied weights re-tied, every other key checked."""
+    model = model_class(config) if model_class is not transformers.AutoModel else model_class.from_config(config)
     missing, unexpected = model.load_state_dict(state, strict=False)
     model.tie_weights()
     by_storage = defaultdict(list)

@@ -48,6 +48,13 @@ class SparsityReport:
             total[row.weight_class] += row.numel
         return {cls: pruned[cls] / total[cls] for cls in total}
 
+    @classmethod
+    def from_masks(cls, masks: Mapping[str, torch.Tensor], class_granularity: str = "role") -> SparsityReport:
+        """The report of `masks` alone (pruned = mask False), with weight classes from the parameter names."""
+        return cls(tuple(LayerSparsity(name, weight_class(name.removesuffix(".weight"), class_granularity),
+                                       tuple(mask.shape), mask.numel(), mask.numel() - int(mask.sum()))
+                         for name, mask in masks.items()))
+
     def to_dict(self) -> dict[str, object]:
         """JSON-serialisable summary: overall, per class and per layer."""
         return {"overall": self.overall, "by_class": self.by_class(),
@@ -84,12 +91,9 @@ def sparsity_report(model: nn.Module, masks: Mapping[str, torch.Tensor] | None =
     (default: the Linear layers inside the Transformer blocks) and their zeros.
     """
     config = config or PruningConfig()
-    params = dict(model.named_parameters())
     if masks is not None:
-        rows = [LayerSparsity(name, weight_class(name.removesuffix(".weight"), config.class_granularity),
-                              tuple(mask.shape), mask.numel(), mask.numel() - int(mask.sum()))
-                for name, mask in masks.items()]
-    else:
-        rows = [LayerSparsity(t.name, t.weight_class, tuple(params[t.name].shape), params[t.name].numel(),
-                              int((params[t.name] == 0).sum())) for t in find_targets(model, config)]
-    return SparsityReport(tuple(rows))
+        return SparsityReport.from_masks(masks, config.class_granularity)
+    params = dict(model.named_parameters())
+    return SparsityReport(tuple(LayerSparsity(t.name, t.weight_class, tuple(params[t.name].shape),
+                                              params[t.name].numel(), int((params[t.name] == 0).sum()))
+                                for t in find_targets(model, config)))

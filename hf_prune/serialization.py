@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from .constants import MASK_FORMAT
 
 
-def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Calls `write(tmp_path)` on a temp file in the target's folder, then renames it over `path`."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
@@ -38,13 +38,13 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
                             metadata: Mapping[str, str]) -> None:
     """`safetensors.torch.save_file`, written to a temp file and renamed into place."""
-    _atomic_write(path, lambda tmp: save_file(dict(tensors), tmp, metadata=dict(metadata)))
+    atomic_write(path, lambda tmp: save_file(dict(tensors), tmp, metadata=dict(metadata)))
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:

@@ -222,3 +222,31 @@ def test_from_trainer_needs_a_pruning_callback(tmp_path):
     trainer = Trainer(model=tiny_bert(), args=args)
     with pytest.raises(ValueError, match="exactly one pruning callback"):
         PrunedModel.from_trainer(trainer)
+
+
+def test_deep_compression_round_trip(tmp_path):
+    from hf_prune import dequantize, quantize_weights
+
+    model = pruned("bert", 0.9)
+    params = dict(model.model.named_parameters())
+    expected = {n: dequantize(q) for n, q in quantize_weights({n: params[n] for n in model.masks}, model.masks,
+                                                             bits=4).items()}
+    model.save_pretrained(tmp_path, compression="deep", bits=4)
+    assert "deep_compressed_weights.safetensors" in os.listdir(tmp_path)
+    loaded = PrunedModel.from_pretrained(tmp_path)
+    loaded_params = dict(loaded.model.named_parameters())
+    for name, weight in expected.items():
+        assert torch.equal(loaded_params[name], weight)
+        assert loaded_params[name].unique().numel() <= 2 ** 4 + 1  # 16 shared values and the zeros
+    for name, tensor in model.model.state_dict().items():  # everything else is stored as it is
+        if name not in expected:
+            assert torch.equal(loaded.model.state_dict()[name], tensor), name
+    assert torch.equal(loaded.masks[next(iter(expected))], model.masks[next(iter(expected))])
+
+
+@pytest.mark.parametrize("kwargs, field", [({"compression": "zip"}, "compression"),
+                                           ({"compression": "deep", "bits": 9}, "bits")])
+def test_bad_save_arguments_fail_before_writing(tmp_path, kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        pruned("bert").save_pretrained(tmp_path / "out", **kwargs)
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,149 @@
+"""The `hf-prune` command: sparsity reports of saved models and curves of pruning runs.
+
+```
+hf-prune report out/pruned --png sparsity.png    # per-layer table of a PrunedModel.save_pretrained folder
+hf-prune report bert-base-uncased                 # zeros of a plain transformers model (folder or Hub repo)
+hf-prune plot out/run --metric eval_accuracy      # sparsity / loss / metric curves from trainer_state.json
+```
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+)
+from transformers import AutoConfig
+from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import CONFIG_NAME as MODEL_CONFIG_NAME
+
+from . import plots
+from .config import PruningConfig
+from .constants import CONFIG_NAME, MASKS_NAME
+from .modeling import auto_model_class
+from .report import SparsityReport, sparsity_report
+from .serialization import load_masks
+
+
+TRAINER_STATE_NAME = "trainer_state.json"
+CURVES_NAME = "pruning_curves.png"
+
+
+def _fetch(path_or_repo: str, filename: str) -> str | None:
+    """Local path of `filename` from a folder or a Hub repo id; `None` when the folder or repo lacks it.
+
+    Raises:
+        FileNotFoundError: when `path_or_repo` is neither a folder nor a reachable Hub repo.
+    """
+    if os.path.isdir(path_or_repo):
+        local = os.path.join(path_or_repo, filename)
+        return local if os.path.isfile(local) else None
+    if os.path.exists(path_or_repo):
+        raise FileNotFoundError(f"{path_or_repo} is a file; expected a model folder or a Hub repo id.")
+    try:
+        return hf_hub_download(path_or_repo, filename)
+    except HFValidationError:
+        raise FileNotFoundError(f"No such folder: {path_or_repo}") from None
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(f"{path_or_repo} is neither a folder nor a Hub model repo.") from None
+    except LocalEntryNotFoundError:
+        raise FileNotFoundError(f"{path_or_repo} is not a folder, and as a Hub repo id it cannot be fetched: the Hub "
+                                "is unreachable (offline?) and the cache does not have it.") from None
+    except EntryNotFoundError:
+        return None
+
+
+def load_report(path_or_repo: str) -> tuple[SparsityReport, str]:
+    """The sparsity report of a saved model and where its numbers come from.
+
+    From `pruning_masks.safetensors` when the folder or repo has one (the weights are not loaded), else from
+    the zeros of the model loaded as the class its `config.json` names (else `AutoModel`), so the weight names
+    match those of the masks.
+
+    Raises:
+        FileNotFoundError: when `path_or_repo` is neither a model folder nor a reachable Hub repo.
+    """
+    masks_file = _fetch(path_or_repo, MASKS_NAME)
+    if masks_file is None:
+        if _fetch(path_or_repo, MODEL_CONFIG_NAME) is None:
+            raise FileNotFoundError(f"{path_or_repo} has neither {MASKS_NAME} nor a transformers {MODEL_CONFIG_NAME}.")
+        model_class = auto_model_class(AutoConfig.from_pretrained(path_or_repo))
+        return sparsity_report(model_class.from_pretrained(path_or_repo)), "zero weights"
+    config = PruningConfig.from_pretrained(path_or_repo) if _fetch(path_or_repo, CONFIG_NAME) else PruningConfig()
+    return SparsityReport.from_masks(load_masks(masks_file), config.class_granularity), MASKS_NAME
+
+
+def find_trainer_state(output_dir: str) -> str:
+    """`output_dir/trainer_state.json`, else the one of the latest `checkpoint-*` folder in `output_dir`."""
+    if not os.path.isdir(output_dir):
+        raise FileNotFoundError(f"No such folder: {output_dir}")
+    candidates = [output_dir, get_last_checkpoint(output_dir)]
+    found = [os.path.join(c, TRAINER_STATE_NAME) for c in candidates
+             if c is not None and os.path.isfile(os.path.join(c, TRAINER_STATE_NAME))]
+    if not found:
+        raise FileNotFoundError(f"No {TRAINER_STATE_NAME} in {output_dir} nor in its latest checkpoint-* folder.")
+    return found[0]
+
+
+def _report(args: argparse.Namespace) -> None:
+    report, source = load_report(args.path)
+    print(report.to_markdown() if args.markdown else report)
+    if args.png:
+        plots.plot_sparsity_heatmap(report, args.png, title=f"{args.path}: sparsity from {source} "
+                                                            f"(overall {report.overall:.1%})")
+        print(f"Wrote {args.png}", file=sys.stderr)
+
+
+def _plot(args: argparse.Namespace) -> None:
+    state_file = find_trainer_state(args.output_dir)
+    with open(state_file, encoding="utf-8") as f:
+        log_history = json.load(f).get("log_history")
+    if not isinstance(log_history, list):
+        raise ValueError(f"{state_file} has no `log_history` list.")
+    out = args.out or os.path.join(args.output_dir, CURVES_NAME)
+    try:
+        plots.plot_training_curves(log_history, out, args.metric, title=f"Pruning run {state_file}")
+    except ValueError as err:
+        raise ValueError(f"{state_file}: {err}") from None
+    print(f"Wrote {out}", file=sys.stderr)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-prune", description="Inspect models pruned with hf_prune.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    report = commands.add_parser("report", help="Per-layer sparsity table (and heatmap) of a saved model.")
+    report.add_argument("path", metavar="PATH_OR_REPO", help="A save_pretrained folder or a Hub model repo id.")
+    report.add_argument("--png", metavar="FILE", help="Also write a heatmap of sparsity by layer and role.")
+    report.add_argument("--markdown", action="store_true", help="Print the table as Markdown.")
+    report.set_defaults(run=_report)
+    plot = commands.add_parser("plot", help="Plot sparsity, loss and eval metrics of a Trainer run.")
+    plot.add_argument("output_dir", metavar="OUTPUT_DIR",
+                      help=f"The Trainer's output_dir (or a checkpoint) with {TRAINER_STATE_NAME}.")
+    plot.add_argument("--out", metavar="FILE", help=f"PNG to write (default: OUTPUT_DIR/{CURVES_NAME}).")
+    plot.add_argument("--metric", action="append",
+                      help="Eval metric to plot, e.g. eval_accuracy (repeatable; default: every eval_* metric).")
+    plot.set_defaults(run=_plot)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `hf-prune`; returns the exit status (2 on an error, with a one-line message on stderr)."""
+    args = _parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (OSError, ValueError, ImportError) as err:
+        print(f"hf-prune: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

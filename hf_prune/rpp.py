@@ -1,0 +1,264 @@
+"""Reweighted Proximal Pruning (Guo et al. 2019, "Reweighted Proximal Pruning for Large-Scale Language
+Representation"): `RPPConfig`, the reweighted-L1 proximal operator and `RPPCallback`.
+
+The optimizer minimises the task loss only. After each optimizer step, a proximal operator applies the reweighted
+L1 penalty `λ Σ_i α_i |w_i|` to the targeted weights, with `α_i = 1 / (|w_i| + ε)` refreshed every few steps:
+small weights are driven to exactly zero while large ones are barely touched (reweighted L1 approximates L0,
+Candès et al. 2008). At `end_step` a hard magnitude prune sets `final_sparsity` exactly and the masks are fixed
+from then on, with the same mask machinery as `MagnitudePruningCallback`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import TrainerControl, TrainerState, TrainingArguments
+
+from .callbacks import MagnitudePruningCallback
+from .pruner import Pruner
+from .config import PruningConfig, check_choice
+from .schedules import SparsitySchedule
+
+
+logger = logging.getLogger(__name__)
+
+PENALTY_SCHEDULES = ("constant", "linear")
+#: α is stored in bfloat16: 2 bytes per targeted weight, the exponent range of float32 (float16 would overflow
+#: to inf at α = 1/ε for ε < 1.5e-5) and a 0.4% relative error on each weight's penalty.
+ALPHA_DTYPE = torch.bfloat16
+
+
+@dataclass
+class RPPConfig(PruningConfig):
+    """Configuration of Reweighted Proximal Pruning; the fields of `PruningConfig` keep their meaning.
+
+    The proximal operator runs on optimizer steps `start_step + 1 ... end_step` (counted like
+    `TrainerState.global_step` after the step). Right after step `end_step`, a one-shot magnitude prune (under
+    `scheme`) sets exactly `final_sparsity`, and the masks stay fixed until the end of training.
+
+    Choosing `penalty`: with `α` refreshed continuously and no gradient, the operator moves a weight as
+    `d(|w|²/2 + ε|w|) = -λ·lr` per step, so it zeroes the weights with `|w₀|²/2 + ε|w₀| < λ·Σ lr_t` over the
+    window. A `λ` of `(w*²/2 + ε·w*) / Σ lr_t`, with `w*` the magnitude at the target quantile of the initial
+    weights, aims the proximal phase at the target; the task gradient holds up the weights that matter.
+    `ε` bounds `α ≤ 1/ε`: once α is refreshed, a zeroed weight is thresholded at `lr·λ/ε` per step while Adam
+    moves a coordinate by about `lr` (`|m̂|/√v̂` is typically ≤ 1), so with `λ` well above `ε` zeros stay zero.
+
+    Args:
+        penalty (`float`, *optional*, defaults to `0.01`):
+            λ ≥ 0, the strength of the reweighted L1 penalty (0 turns the proximal operator off: the run is then
+            dense fine-tuning with a one-shot prune at `end_step`).
+        penalty_schedule (`str`, *optional*, defaults to `"constant"`):
+            `"constant"`: λ on every step of the window; `"linear"`: warm-up `λ·(step - start_step) /
+            (end_step - start_step)`, reaching λ on step `end_step`.
+        epsilon (`float`, *optional*, defaults to `1e-3`):
+            ε > 0 in `α_i = 1 / (|w_i| + ε)`; bounds the penalty of weights at or near zero.
+        reweight_every (`int`, *optional*, defaults to `10`):
+            α is recomputed from the current weights on the first step of the window and every `reweight_every`
+            steps after it.
+        schedule (`str`, *optional*, defaults to `"oneshot"`):
+            Must be `"oneshot"`: the masks are set once, at `end_step`. `initial_sparsity` must stay 0 and
+            `pruning_frequency` unset.
+    """
+
+    schedule: str = field(default="oneshot", metadata={"help": "Must be 'oneshot': masks are set at end_step."})
+    penalty: float = field(default=0.01, metadata={"help": "λ >= 0, reweighted L1 penalty strength."})
+    penalty_schedule: str = field(default="constant", metadata={"help": f"One of {PENALTY_SCHEDULES}."})
+    epsilon: float = field(default=1e-3, metadata={"help": "ε > 0 in α = 1 / (|w| + ε)."})
+    reweight_every: int = field(default=10, metadata={"help": "Optimizer steps between refreshes of α (>= 1)."})
+
+    def validate(self) -> None:
+        """`PruningConfig.validate()`, then the RPP fields; raises `ValueError` naming field, value and range."""
+        super().validate()
+        check_choice("schedule", self.schedule, ("oneshot",))
+        if self.initial_sparsity != 0.0:
+            raise ValueError(f"`initial_sparsity` must be 0.0 for RPP (it prunes once, at end_step); "
+                             f"got {self.initial_sparsity!r}.")
+        if self.pruning_frequency is not None:
+            raise ValueError(f"`pruning_frequency` must be None for RPP (it prunes once, at end_step); "
+                             f"got {self.pruning_frequency!r}.")
+        if self.end_step is not None and self.end_step <= self.start_step:
+            raise ValueError(f"`end_step` ({self.end_step}) must be greater than `start_step` ({self.start_step}).")
+        if not _is_number(self.penalty) or self.penalty < 0:
+            raise ValueError(f"`penalty` must be a finite number >= 0; got {self.penalty!r}.")
+        check_choice("penalty_schedule", self.penalty_schedule, PENALTY_SCHEDULES)
+        if not _is_number(self.epsilon) or self.epsilon <= 0:
+            raise ValueError(f"`epsilon` must be a finite number > 0; got {self.epsilon!r}.")
+        if isinstance(self.reweight_every, bool) or not isinstance(self.reweight_every, int) \
+                or self.reweight_every < 1:
+            raise ValueError(f"`reweight_every` must be an integer >= 1; got {self.reweight_every!r}.")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class PenaltySchedule:
+    """λ and the α refreshes as functions of the optimizer step `step` (1-based: `global_step` after the step).
+
+    The proximal window is `start < step <= end`; outside it λ is 0 and nothing is refreshed.
+    """
+
+    kind: str
+    penalty: float
+    start: int
+    end: int
+    reweight_every: int
+
+    @classmethod
+    def from_config(cls, config: RPPConfig, max_steps: int | None = None) -> PenaltySchedule:
+        """Resolves the window with the core's `end_step` default and checks (`SparsitySchedule.from_config`)."""
+        window = SparsitySchedule.from_config(
+            PruningConfig(schedule="iterative", start_step=config.start_step, end_step=config.end_step), max_steps)
+        return cls(config.penalty_schedule, config.penalty, window.start, window.end, config.reweight_every)
+
+    def active(self, step: int) -> bool:
+        return self.start < step <= self.end
+
+    def __call__(self, step: int) -> float:
+        if not self.active(step):
+            return 0.0
+        if self.kind == "linear":
+            return self.penalty * (step - self.start) / (self.end - self.start)
+        return self.penalty
+
+    def reweights_at(self, step: int) -> bool:
+        return self.active(step) and (step - self.start - 1) % self.reweight_every == 0
+
+
+@torch.no_grad()
+def reweight(weights: Mapping[str, torch.Tensor], epsilon: float) -> dict[str, torch.Tensor]:
+    """`α_i = 1 / (|w_i| + ε)` for every weight, stored in `ALPHA_DTYPE` (bfloat16)."""
+    return {name: w.detach().abs().float().add_(epsilon).reciprocal_().to(ALPHA_DTYPE)
+            for name, w in weights.items()}
+
+
+@torch.no_grad()
+def soft_threshold_(weight: torch.Tensor, alpha: torch.Tensor | float, scale: float = 1.0) -> torch.Tensor:
+    """`w ← sign(w) · max(|w| - scale·α, 0)`, in place: the proximal operator of `scale · Σ α_i |w_i|`.
+
+    Entries with `|w_i| <= scale·α_i` become exactly 0; the others move towards 0 without crossing it, so no
+    entry ever changes sign. Returns `weight`.
+    """
+    magnitude = weight.abs().sub_(alpha, alpha=scale).clamp_(min=0)
+    return weight.copy_(magnitude.mul_(weight.sign()))
+
+
+def learning_rates(optimizer: torch.optim.Optimizer, params: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """The current learning rate of each parameter's optimizer group; 0.0 for parameters it does not update."""
+    by_param = {id(p): float(group["lr"]) for group in optimizer.param_groups for p in group["params"]}
+    return {name: by_param.get(id(p), 0.0) for name, p in params.items()}
+
+
+@torch.no_grad()
+def proximal_step_(weights: Mapping[str, torch.Tensor], alphas: Mapping[str, torch.Tensor],
+                   lrs: Mapping[str, float], penalty: float) -> torch.Tensor:
+    """One reweighted-L1 proximal step on `weights`, in place; returns the number of exact zeros (a tensor).
+
+    Each weight is soft-thresholded at `lr · λ · α_i`, with `lr` the current learning rate of its optimizer group
+    (the one the optimizer step just used), not Adam's per-coordinate step size `lr / (√v̂_i + eps)`. This is
+    the decoupled form, as AdamW decouples weight decay (Loshchilov & Hutter 2019). The proximal-gradient step
+    in Adam's diagonal metric would threshold coordinate `i` at `lr · λ · α_i / (√v̂_i + eps)`: the penalty would
+    be rescaled by the gradient statistics, `1 / (√v̂_i + eps)` times larger on coordinates with small gradients
+    (up to `1/eps` where the gradient is zero) and changing whenever the gradient scale does. Decoupled, the
+    shrink per step is exactly `lr · λ · α_i`, the same for every coordinate with the same `α_i`, whatever its
+    gradients, and it follows the learning-rate schedule.
+    """
+    counts = [soft_threshold_(weight, alphas[name], lrs[name] * penalty).eq(0).sum()
+              for name, weight in weights.items()]
+    return torch.stack([count.to(counts[0].device) for count in counts]).sum()  # no host sync
+
+
+def hard_prune_config(config: RPPConfig, end_step: int) -> PruningConfig:
+    """The `PruningConfig` the `Pruner` of an RPP run follows: one-shot to `final_sparsity` at `end_step`."""
+    base = {f.name: getattr(config, f.name) for f in dataclasses.fields(PruningConfig)}
+    return PruningConfig(**{**base, "schedule": "oneshot", "start_step": end_step, "end_step": None})
+
+
+class RPPCallback(MagnitudePruningCallback):
+    """Reweighted Proximal Pruning during `Trainer.train()`.
+
+    On each optimizer step of the window `(start_step, end_step]` (`on_optimizer_step`, after the optimizer's
+    update, with the learning rate that update used), `proximal_step_` soft-thresholds the targeted weights at
+    `lr · λ · α_i`. α (`reweight`) is refreshed from the weights just updated by the optimizer on the first step
+    of the window and every `reweight_every` steps after it; it costs 2 bytes per targeted weight (bfloat16) and
+    is freed after the window. At the end of step `end_step` the inherited machinery prunes to
+    `final_sparsity` by magnitude (the proximal zeros go first), clears the optimizer moments there, and keeps
+    the pruned weights exactly zero from then on; checkpoints, resume, logs and `PrunedModel.from_trainer` work
+    as for `MagnitudePruningCallback`. The logs also get `rpp_penalty` (λ of the step just taken, 0 outside the
+    window) and `rpp_zero_fraction` (exact zeros among the targeted weights after the latest proximal step,
+    frozen at its value before the hard prune).
+
+    Resume: α is not saved; after `resume_from_checkpoint` it is recomputed from the restored weights on the
+    first step of the window that follows. A checkpoint at a step where `(step - start_step) % reweight_every
+    == 0` (e.g. `save_steps` a multiple of `reweight_every`, `start_step` 0) therefore resumes exactly as the
+    uninterrupted run; otherwise α is refreshed early, from the checkpoint's weights.
+
+    ```python
+    from hf_prune.rpp import RPPCallback, RPPConfig
+
+    callback = RPPCallback(RPPConfig(final_sparsity=0.9, penalty=0.1, end_step=3000))
+    trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[callback])
+    trainer.train()
+    ```
+
+    Args:
+        config (`RPPConfig` or `dict`, *optional*): the RPP configuration (a dict is `RPPConfig.to_dict()`
+            output). Defaults to `RPPConfig()`.
+    """
+
+    def __init__(self, config: RPPConfig | dict[str, Any] | None = None) -> None:
+        super().__init__(config if config is not None else RPPConfig())
+        if not isinstance(self.config, RPPConfig):
+            raise ValueError(f"`config` must be an RPPConfig (or its to_dict()); got {type(self.config).__name__}.")
+        self.penalty_schedule: PenaltySchedule | None = None
+        self.alphas: dict[str, torch.Tensor] | None = None
+        self._zeros: torch.Tensor | None = None
+
+    def proximal_zero_fraction(self) -> float | None:
+        """Exact zeros among the targeted weights after the latest proximal step (None before the first one)."""
+        if self._zeros is None:
+            return None
+        return int(self._zeros) / sum(p.numel() for p in self.pruner.params.values())
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       **kwargs: Any) -> None:
+        self.penalty_schedule = PenaltySchedule.from_config(self.config, state.max_steps)
+        self.alphas = None
+        super().on_train_begin(args, state, control, **kwargs)
+        step = state.global_step + 1
+        if state.global_step > 0 and self.penalty_schedule.active(step) \
+                and not self.penalty_schedule.reweights_at(step):
+            logger.warning("Resuming RPP at step %d, between two refreshes of α (every %d steps from step %d): α is "
+                           "recomputed from the checkpoint's weights, so the run differs slightly from an "
+                           "uninterrupted one. Save at multiples of reweight_every to resume exactly.",
+                           state.global_step, self.config.reweight_every, self.penalty_schedule.start)
+
+    def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                          optimizer: torch.optim.Optimizer | None = None, **kwargs: Any) -> None:
+        step = state.global_step + 1
+        if not self.penalty_schedule.active(step):
+            self.alphas = None
+        else:
+            if self.alphas is None or self.penalty_schedule.reweights_at(step):
+                self.alphas = reweight(self.pruner.params, self.config.epsilon)
+            self._zeros = proximal_step_(self.pruner.params, self.alphas,
+                                         learning_rates(optimizer, self.pruner.params), self.penalty_schedule(step))
+        super().on_optimizer_step(args, state, control, optimizer=optimizer, **kwargs)
+
+    def make_pruner(self, model: torch.nn.Module, max_steps: int | None) -> Pruner:
+        # The Pruner follows the hard prune at end_step, not the proximal window of self.config.
+        return Pruner(model, hard_prune_config(self.config, self.penalty_schedule.end), max_steps=max_steps)
+
+    def log_entries(self, state: TrainerState) -> dict[str, float]:
+        entries = {**super().log_entries(state), "rpp_penalty": self.penalty_schedule(state.global_step)}
+        zero_fraction = self.proximal_zero_fraction()
+        if zero_fraction is not None:
+            entries["rpp_zero_fraction"] = zero_fraction
+        return entries

@@ -1,0 +1,167 @@
+"""The `hf-prune` command line: `report` (table and heatmap) and `plot` (curves of a Trainer run)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import huggingface_hub.constants
+import numpy as np
+import pytest
+from conftest import TinyClassificationDataset, tiny_bert
+from transformers import EvalPrediction, Trainer, TrainingArguments
+
+from hf_prune import MagnitudePruningCallback, PrunedModel, Pruner, PruningConfig
+from hf_prune.cli import find_trainer_state, main
+from hf_prune.plots import plot_sparsity_heatmap, short_labels, sparsity_grid
+
+
+mpimg = pytest.importorskip("matplotlib.image")
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_png(path: str | os.PathLike, min_height: int = 200, min_width: int = 300) -> None:
+    """`path` is a PNG of at least the given size that is not one flat colour."""
+    with open(path, "rb") as f:
+        assert f.read(8) == PNG_SIGNATURE
+    image = mpimg.imread(path)
+    assert image.ndim == 3 and image.shape[0] >= min_height and image.shape[1] >= min_width, image.shape
+    assert image[..., :3].std() > 0.05
+
+
+def total_line(text: str) -> str:
+    return next(line for line in text.splitlines() if "total (targeted weights)" in line)
+
+
+@pytest.fixture(scope="module")
+def pruned_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict]:
+    """A tiny BERT pruned to 60% and saved with `PrunedModel.save_pretrained`, and its masks."""
+    model = tiny_bert()
+    config = PruningConfig(final_sparsity=0.6, schedule="oneshot")
+    pruner = Pruner(model, config)
+    pruner.prune_to(0.6)
+    folder = str(tmp_path_factory.mktemp("pruned"))
+    PrunedModel(model, pruner.masks, config).save_pretrained(folder)
+    return folder, pruner.masks
+
+
+@pytest.fixture(scope="module")
+def trainer_run(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The output_dir of a 6-step Trainer run with cubic pruning, evaluation every 2 steps, checkpoints at 3, 6."""
+    output_dir = str(tmp_path_factory.mktemp("run"))
+    args = TrainingArguments(output_dir=output_dir, max_steps=6, per_device_train_batch_size=8, learning_rate=1e-3,
+                             logging_steps=1, eval_strategy="steps", eval_steps=2, save_steps=3,
+                             save_only_model=True, report_to="none", use_cpu=True, disable_tqdm=True)
+    callback = MagnitudePruningCallback(PruningConfig(final_sparsity=0.6, schedule="cubic", end_step=4,
+                                                      pruning_frequency=1))
+
+    def accuracy(prediction: EvalPrediction) -> dict[str, float]:
+        return {"accuracy": float((np.argmax(prediction.predictions, -1) == prediction.label_ids).mean())}
+
+    Trainer(model=tiny_bert(), args=args, train_dataset=TinyClassificationDataset(),
+            eval_dataset=TinyClassificationDataset(16, seed=1), compute_metrics=accuracy,
+            callbacks=[callback]).train()
+    return output_dir
+
+
+# ---------------------------------------------------------------------------------------------------- report
+def test_report_of_pruned_folder_prints_table_and_writes_heatmap(pruned_folder, tmp_path, capsys):
+    folder, masks = pruned_folder
+    png = tmp_path / "sparsity.png"
+    assert main(["report", folder, "--png", str(png)]) == 0
+    out = capsys.readouterr().out
+    for name in masks:
+        assert name in out
+    pruned = sum(int((~mask).sum()) for mask in masks.values())
+    total = sum(mask.numel() for mask in masks.values())
+    assert pruned / total == pytest.approx(0.6, abs=1e-3)
+    assert total_line(out).split()[-1] == f"{pruned / total:.2%}"
+    assert f"{total - pruned:,} / {total:,}" in total_line(out)
+    assert_png(png, min_height=300, min_width=600)
+
+
+def test_report_markdown(pruned_folder, capsys):
+    assert main(["report", pruned_folder[0], "--markdown"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:2] == ["| weight | shape | non-zero / total | sparsity |", "|---|---|---|---|"]
+    assert lines[-1].startswith("| total (targeted weights) |") and lines[-1].endswith("| 60.00% |")
+
+
+def test_report_of_plain_transformers_folder_reports_zeros(tmp_path, capsys):
+    tiny_bert().save_pretrained(tmp_path)
+    assert main(["report", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "bert.encoder.layer.1.output.dense.weight" in out
+    assert total_line(out).split()[-1] == "0.00%"
+
+
+def test_sparsity_grid_has_a_row_per_layer_and_a_column_per_role(pruned_folder):
+    folder, masks = pruned_folder
+    report = PrunedModel.from_pretrained(folder).sparsity_report()
+    rows, classes, values = sparsity_grid(report)
+    assert rows == ["0", "1"]
+    assert classes == list(report.by_class())
+    by_name = {row.name: row.sparsity for row in report.layers}
+    assert values[1, 0] == pytest.approx(by_name["bert.encoder.layer.1.attention.self.query.weight"])
+    assert values[0, 5] == pytest.approx(by_name["bert.encoder.layer.0.output.dense.weight"])
+    assert short_labels(classes)[:2] == ["attention.self.query", "attention.self.key"]
+
+
+def test_short_labels_name_the_stack_of_encoder_decoder_models():
+    t5 = ["encoder.block.*.layer.*.SelfAttention.q", "decoder.block.*.layer.*.EncDecAttention.q",
+          "decoder.block.*.layer.*.DenseReluDense.wi", "lm_head"]
+    assert short_labels(t5) == ["encoder: SelfAttention.q", "decoder: EncDecAttention.q",
+                                "decoder: DenseReluDense.wi", "lm_head"]
+    bart = ["model.encoder.layers.*.self_attn.q_proj", "model.decoder.layers.*.encoder_attn.q_proj"]
+    assert short_labels(bart) == ["encoder: self_attn.q_proj", "decoder: encoder_attn.q_proj"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["report", "{tmp}/missing"], "No such folder"),
+    (["report", "{tmp}"], "neither pruning_masks.safetensors nor a transformers config.json"),
+    (["report", "someone/some-model"], "Hub is unreachable"),
+    (["plot", "{tmp}/missing"], "No such folder"),
+    (["plot", "{tmp}"], "No trainer_state.json"),
+])
+def test_errors_exit_2_with_one_line(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert main([arg.format(tmp=tmp_path) for arg in argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("hf-prune: error: ") and err.count("\n") == 1
+
+
+def test_missing_matplotlib_is_a_clear_error(pruned_folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
+    report = PrunedModel.from_pretrained(pruned_folder[0]).sparsity_report()
+    with pytest.raises(ImportError, match="pip install matplotlib"):
+        plot_sparsity_heatmap(report, tmp_path / "x.png")
+    assert main(["report", pruned_folder[0], "--png", str(tmp_path / "x.png")]) == 2
+    assert "pip install matplotlib" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_import_does_not_need_matplotlib():
+    code = "import sys, hf_prune, hf_prune.cli, hf_prune.plots; assert 'matplotlib' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+# ------------------------------------------------------------------------------------------------------ plot
+def test_plot_of_trainer_run(trainer_run, tmp_path):
+    assert find_trainer_state(trainer_run) == os.path.join(trainer_run, "checkpoint-6", "trainer_state.json")
+    assert main(["plot", trainer_run]) == 0
+    assert_png(os.path.join(trainer_run, "pruning_curves.png"), min_height=600, min_width=700)
+    assert main(["plot", trainer_run, "--metric", "accuracy", "--out", str(tmp_path / "accuracy.png")]) == 0
+    assert_png(tmp_path / "accuracy.png", min_height=600, min_width=700)
+
+
+def test_plot_errors_on_unknown_metric_and_missing_sparsity(trainer_run, tmp_path, capsys):
+    assert main(["plot", trainer_run, "--metric", "f1", "--out", str(tmp_path / "f1.png")]) == 2
+    assert "No f1 in the logs; the logged eval metrics are eval_accuracy, eval_loss." in capsys.readouterr().err
+    assert not (tmp_path / "f1.png").exists()
+    state = {"log_history": [{"step": 1, "loss": 0.7}, {"step": 2, "loss": 0.6}]}
+    (tmp_path / "trainer_state.json").write_text(json.dumps(state))
+    assert main(["plot", str(tmp_path)]) == 2
+    assert "No `sparsity` in the logs" in capsys.readouterr().err

