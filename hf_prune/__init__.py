@@ -5,6 +5,15 @@ __version__ = "0.1.0"
 from .callbacks import MagnitudePruningCallback
 from .compression import QuantizationCallback, deep_compression_sizes, dequantize, quantize_weights
 from .config import PruningConfig
+from .han import (
+    HanConfig,
+    HanPruner,
+    HanPruningCallback,
+    RegularizationCallback,
+    apply_dropout_adjustment,
+    get_see_retraining_schedule,
+    see_retraining_arguments,
+)
 from .modeling import PrunedModel
 from .obs import OBSPruner, OBSPruningCallback, obs_prune
 from .pruner import Pruner
@@ -15,6 +24,9 @@ from .schedules import SparsitySchedule
 
 __all__ = [
     "__version__",
+    "HanConfig",
+    "HanPruner",
+    "HanPruningCallback",
     "MagnitudePruningCallback",
     "OBSPruner",
     "OBSPruningCallback",
@@ -26,9 +38,13 @@ __all__ = [
     "RPPConfig",
     "SparsityReport",
     "SparsitySchedule",
+    "RegularizationCallback",
+    "apply_dropout_adjustment",
     "deep_compression_sizes",
     "dequantize",
+    "get_see_retraining_schedule",
     "obs_prune",
     "quantize_weights",
+    "see_retraining_arguments",
     "sparsity_report",
 ]

@@ -52,6 +52,7 @@ class PruningArguments:
                                     "fraction per weight class (class-uniform) or |w| < lambda * std per class "
                                     "(class-distribution).", choices=SCHEMES)
     criterion: str = _option("criterion", choices=CRITERIA)
+    fisher_steps: int = _option("fisher_steps")
     class_granularity: str = _option("class_granularity", choices=CLASS_GRANULARITIES)
     target_modules: list[str] | None = _option(
         "target_modules", "Module names or dotted name suffixes to prune instead of the default (the Linear layers "

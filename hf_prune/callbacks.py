@@ -14,6 +14,7 @@ from transformers.trainer_callback import ExportableState
 
 from .config import PruningConfig, resolve_file
 from .constants import MASKS_NAME
+from .distributed import check_ranks_agree
 from .pruner import Pruner
 from .serialization import load_masks, read_masks_metadata, save_masks
 
@@ -87,6 +88,7 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
             self.pruner.load_masks(self._initial_masks)
             self.pruner.target_sparsity = self._initial_target
         self.pruner.update(state.global_step, optimizer)
+        check_ranks_agree(self.pruner.masks, state.global_step)
 
     def make_pruner(self, model: torch.nn.Module, max_steps: int | None) -> Pruner:
         """The `Pruner` this callback drives; subclasses with their own pruning event return a subclass."""
@@ -100,6 +102,11 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
 
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                               **kwargs: Any) -> None:
+        # OBD's Fisher sees the gradients the optimizer gets: accumulated over the micro-batches of the step and
+        # already clipped. Clipping scales a whole step by one factor: the ranking within the step is unchanged
+        # and a step with outlying gradients weighs no more than one at max_grad_norm. They are recorded before
+        # the pruned entries are zeroed (those have w = 0, hence saliency 0, and stay pruned anyway).
+        self.pruner.observe_gradients_(state.global_step + 1)
         self.pruner.mask_gradients_()
 
     def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
@@ -109,6 +116,7 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     optimizer: torch.optim.Optimizer | None = None, **kwargs: Any) -> None:
         if self.pruner.update(state.global_step, optimizer):
+            check_ranks_agree(self.pruner.masks, state.global_step)
             logger.info("Step %d: pruned to %.4f sparsity (%s).", state.global_step, self.pruner.target_sparsity,
                         ", ".join(f"{k}={v:.4g}" for k, v in self.pruner.thresholds.items()))
 

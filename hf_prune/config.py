@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 SCHEDULES = ("oneshot", "iterative", "cubic")
 SCHEMES = ("class-blind", "class-uniform", "class-distribution")
-CRITERIA = ("magnitude",)
+CRITERIA = ("magnitude", "obd")
 CLASS_GRANULARITIES = ("role", "tensor")
 
 
@@ -67,7 +67,14 @@ class PruningConfig:
             same fraction of every weight class, `"class-distribution"` prunes `|w| < λ·σ_c` in each class `c`
             with λ solved so the total hits the target.
         criterion (`str`, *optional*, defaults to `"magnitude"`):
-            The score weights are ranked by; the lowest are pruned.
+            The score weights are ranked by; the lowest are pruned. `"magnitude"`: |w|. `"obd"`: Optimal Brain
+            Damage, ½·F_ii·w_i² with F the mean squared gradient of the `fisher_steps` optimizer steps before each
+            pruning event: set `start_step >= fisher_steps` so the first event has a full window (an event
+            with no gradients before it, e.g. at step 0, is an error; see `hf_prune.criteria.OBDCriterion`).
+        fisher_steps (`int`, *optional*, defaults to `100`):
+            With `criterion="obd"`: how many optimizer steps of gradients each pruning event's Fisher estimate
+            averages (steps `e - fisher_steps + 1 ... e` for the event at step `e`). Its float32 accumulators exist
+            only during those steps.
         class_granularity (`str`, *optional*, defaults to `"role"`):
             What a weight class is: `"role"` groups one role across layers (every layer's attention query),
             `"tensor"` makes each weight matrix its own class.
@@ -91,6 +98,8 @@ class PruningConfig:
     pruning_frequency: int | None = field(default=None, metadata={"help": "Optimizer steps between events."})
     scheme: str = field(default="class-blind", metadata={"help": f"One of {SCHEMES}."})
     criterion: str = field(default="magnitude", metadata={"help": f"One of {CRITERIA}."})
+    fisher_steps: int = field(default=100, metadata={"help": "criterion='obd': optimizer steps of squared "
+                                                             "gradients averaged before each pruning event."})
     class_granularity: str = field(default="role", metadata={"help": f"One of {CLASS_GRANULARITIES}."})
     target_modules: list[str] | str | None = field(default=None, metadata={"help": "Modules to prune."})
     exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Modules never pruned."})
@@ -117,6 +126,8 @@ class PruningConfig:
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("scheme", self.scheme, SCHEMES)
         check_choice("criterion", self.criterion, CRITERIA)
+        if isinstance(self.fisher_steps, bool) or not isinstance(self.fisher_steps, int) or self.fisher_steps < 1:
+            raise ValueError(f"`fisher_steps` must be an integer >= 1; got {self.fisher_steps!r}.")
         check_choice("class_granularity", self.class_granularity, CLASS_GRANULARITIES)
         for name in ("start_step", "end_step", "pruning_frequency"):
             value = getattr(self, name)

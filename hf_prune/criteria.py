@@ -2,24 +2,98 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
+
+
+ALL_ROWS = slice(None)
 
 
 class Criterion:
     """Base class of the scores masks are computed from.
 
-    `score(name, weight)` returns a fresh, non-negative float32 tensor of the weight's shape.
+    `score(name, weight, rows)` returns a fresh, non-negative float32 tensor shaped like `weight[rows]` (the
+    mask code scores a block of rows at a time, to bound its temporaries whatever the layer size). A criterion that
+    ranks by gradient statistics sets `needs_gradients = True`: the `Pruner` then passes it the gradients of the
+    optimizer steps before each pruning event (`observe_gradients`) and calls `reset()` after every event.
     """
 
-    def score(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+    needs_gradients: bool = False
+
+    def score(self, name: str, weight: torch.Tensor, rows: slice = ALL_ROWS) -> torch.Tensor:
         raise NotImplementedError
+
+    def observe_gradients(self, gradients: Mapping[str, torch.Tensor]) -> None:
+        """Records one observation of the targeted weights' gradients (parameter name -> gradient); by default,
+        nothing (the criterion does not use gradients)."""
+
+    def reset(self) -> None:
+        """Frees whatever was recorded for the pruning event that just happened; by default, nothing."""
 
 
 class MagnitudeCriterion(Criterion):
     """|w|: the magnitude criterion of Han et al. 2015, See et al. 2016 and Zhu & Gupta 2017."""
 
-    def score(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        return weight.detach().abs().float()
+    def score(self, name: str, weight: torch.Tensor, rows: slice = ALL_ROWS) -> torch.Tensor:
+        return weight.detach()[rows].abs().float()
 
 
-CRITERIA: dict[str, type[Criterion]] = {"magnitude": MagnitudeCriterion}
+class OBDCriterion(Criterion):
+    """½·F_ii·w_i²: Optimal Brain Damage (LeCun et al. 1989) with the empirical Fisher diagonal as the Hessian's.
+
+    OBD ranks a weight by the loss increase its removal alone causes under a quadratic model of the loss around a
+    minimum with a diagonal Hessian, `½·h_ii·w_i²`. `h_ii` is estimated by `F_ii`, the mean of `g_i²` over the
+    observed gradients `g` (the empirical Fisher diagonal; for a negative log-likelihood, the Fisher equals the
+    expected Hessian when the data follow the model). During training the observations are the gradients of the
+    `fisher_steps` optimizer steps before each pruning event as the optimizer gets them (accumulated over the
+    micro-batches, clipped): mini-batch gradients, not per-example ones, so near a minimum `F` is about the
+    per-example Fisher divided by the batch size, the same factor for every weight. The steps are weighted
+    equally whatever the learning rate. `Pruner.estimate_fisher` records them from data without training, for
+    one-shot pruning. An event with fewer observations than `fisher_steps` (`start_step < fisher_steps`, or a run
+    resumed inside a window: the statistics are not checkpointed) uses those it has; one with none is an error.
+
+    Memory: one float32 accumulator per targeted weight, allocated at the first observation and freed by
+    `reset()` (right after each pruning event). A non-finite statistic (an fp16 step with overflowing gradients
+    that the grad scaler skips) makes the weight's score the float32 maximum, so that weight is kept.
+    """
+
+    needs_gradients = True
+
+    def __init__(self) -> None:
+        self.squared_gradients: dict[str, torch.Tensor] = {}
+        self.observations = 0
+
+    @torch.no_grad()
+    def observe_gradients(self, gradients: Mapping[str, torch.Tensor]) -> None:
+        """Adds `g²` of every gradient to its float32 accumulator; gradients of frozen weights are absent."""
+        if not gradients:
+            return
+        for name, gradient in gradients.items():
+            if name not in self.squared_gradients:
+                self.squared_gradients[name] = torch.zeros_like(gradient, dtype=torch.float32)
+            self.squared_gradients[name].addcmul_(gradient, gradient)
+        self.observations += 1
+
+    def reset(self) -> None:
+        self.squared_gradients = {}
+        self.observations = 0
+
+    @torch.no_grad()
+    def score(self, name: str, weight: torch.Tensor, rows: slice = ALL_ROWS) -> torch.Tensor:
+        if not self.observations:
+            raise ValueError(
+                "criterion 'obd' has no gradient statistics for this pruning event. During training it records the "
+                "gradients of the `fisher_steps` optimizer steps before each event (`Pruner.observe_gradients_`, "
+                "called by the callbacks), so the first event needs `start_step` >= `fisher_steps` (an event at "
+                "step 0 has no gradients) and the targeted weights must receive gradients (not frozen); for "
+                "one-shot pruning call `Pruner.estimate_fisher` first."
+            )
+        saliency = weight.detach()[rows].float().square()
+        if name not in self.squared_gradients:  # no gradient reached this weight: removing it costs nothing
+            return saliency.zero_()
+        saliency.mul_(self.squared_gradients[name][rows]).mul_(0.5 / self.observations)
+        return saliency.nan_to_num_(nan=torch.finfo(torch.float32).max)
+
+
+CRITERIA: dict[str, type[Criterion]] = {"magnitude": MagnitudeCriterion, "obd": OBDCriterion}

@@ -18,6 +18,7 @@ from torch import nn
 from . import __version__
 from .config import PruningConfig, resolve_file
 from .compression import check_bits, dequantize, quantize_weights, read_deep_compressed, save_deep_compressed
+from .han import HanConfig, apply_dropout_adjustment
 from .constants import COMPRESSED_FORMAT, COMPRESSED_WEIGHTS_NAME, DEEP_COMPRESSED_WEIGHTS_NAME, MASKS_NAME
 from .report import SparsityReport, sparsity_report
 from .serialization import atomic_save_safetensors, atomic_write_text, load_masks, save_masks
@@ -236,7 +237,7 @@ class PrunedModel(nn.Module):
             model = model_class.from_pretrained(path, **kwargs)
             params = dict(model.named_parameters())
             masks = {t.name: params[t.name] != 0 for t in find_targets(model, pruning_config)}
-            return cls(model, masks, pruning_config)
+            return cls(model, _restore_dropout(model, masks, pruning_config), pruning_config)
 
         masks_file = resolve_file(path, MASKS_NAME, **hub_kwargs)
         masks = load_masks(masks_file)
@@ -255,7 +256,15 @@ class PrunedModel(nn.Module):
         if revived and not reapply_masks:
             raise ValueError(f"Weights pruned by {masks_file} are non-zero in the loaded model: {revived}. The "
                              "weights and masks come from different saves; pass reapply_masks=True to zero them.")
-        return cls(model, masks, pruning_config)
+        return cls(model, _restore_dropout(model, masks, pruning_config), pruning_config)
+
+
+def _restore_dropout(model: nn.Module, masks: Mapping[str, torch.Tensor],
+                     config: PruningConfig) -> Mapping[str, torch.Tensor]:
+    """Re-applies Han et al.'s dropout adjustment to a loaded model when its config asks for it; returns `masks`."""
+    if isinstance(config, HanConfig) and config.adjust_dropout:
+        apply_dropout_adjustment(model, masks)
+    return masks
 
 
 def _parameter_names(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[str, str]:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ class Pruner:
     pruner.update(0)
     for step, batch in enumerate(loader, start=1):
         model(**batch).loss.backward()
+        pruner.observe_gradients_(step)  # only does something for criterion="obd"
         pruner.mask_gradients_()
         optimizer.step()
         pruner.apply_()
@@ -68,9 +70,13 @@ class Pruner:
         return True
 
     def prune_to(self, sparsity: float, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Prunes the targeted weights to `sparsity` now, whatever the schedule says."""
+        """Prunes the targeted weights to `sparsity` now, whatever the schedule says.
+
+        A criterion's gradient statistics ("obd") are used and then freed.
+        """
         self.thresholds = update_masks_(self.params, self.masks, self.classes, self.criterion, sparsity,
                                         self.config.scheme)
+        self.criterion.reset()
         self.target_sparsity = sparsity
         self.apply_()
         if optimizer is not None:
@@ -81,6 +87,66 @@ class Pruner:
         """Sets the pruned weights to exactly zero, in place."""
         for name, param in self.params.items():
             param.mul_(self.masks[name])
+
+    def observe_gradients_(self, step: int) -> bool:
+        """Passes the targeted weights' gradients to a criterion that ranks by them ("obd") when an event is near.
+
+        Call after `backward()` and before `mask_gradients_()`, with the `step` that `update(step)` gets after
+        this optimizer step (`TrainerState.global_step + 1` during the step). The gradients are recorded only if
+        a pruning event falls on one of the steps `step ... step + fisher_steps - 1`: the event at step `e` sees
+        those of steps `e - fisher_steps + 1 ... e`, and between these windows the criterion holds no statistics
+        and no memory. Returns whether the gradients were recorded.
+        """
+        window_end = step + self.config.fisher_steps - 1
+        if not self.criterion.needs_gradients or self.schedule(window_end) <= self.target_sparsity:
+            return False
+        self.criterion.observe_gradients({name: p.grad for name, p in self.params.items() if p.grad is not None})
+        return True
+
+    def estimate_fisher(self, model: nn.Module, dataloader: Iterable[Mapping[str, Any]],
+                        num_batches: int | None = None) -> None:
+        """Records the gradient statistics of `criterion="obd"` from data, without training (one-shot pruning).
+
+        Each batch is one observation: the gradient of `model(**batch).loss` with respect to the targeted weights,
+        taken with `torch.autograd.grad` (no `.grad` is touched, no weight changes) in eval mode (no dropout; the
+        model gets its mode back). With one example per batch the statistics are the per-example empirical
+        Fisher; batches of B examples give mean squared batch gradients, about that Fisher / B near a minimum.
+        The next `prune_to` uses them and frees them.
+
+        ```python
+        pruner = Pruner(model, PruningConfig(schedule="oneshot", final_sparsity=0.5, criterion="obd"))
+        pruner.estimate_fisher(model, DataLoader(train_examples[:128], batch_size=1, collate_fn=collator))
+        pruner.prune_to(0.5)
+        ```
+
+        Args:
+            model (`nn.Module`): the model this pruner was built for.
+            dataloader (`Iterable`): dicts of keyword arguments of `model`'s forward, labels included.
+            num_batches (`int`, *optional*): how many batches to use; all by default.
+
+        Raises:
+            ValueError: when the criterion does not use gradients, `num_batches` is not a positive integer, or a
+                batch is not a dict or gives no loss.
+        """
+        if not self.criterion.needs_gradients:
+            accepted = ", ".join(repr(name) for name, cls in CRITERIA.items() if cls.needs_gradients)
+            raise ValueError(f"`criterion` {self.config.criterion!r} does not use gradients; estimate_fisher is for "
+                             f"{accepted}.")
+        if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int)
+                                        or num_batches < 1):
+            raise ValueError(f"`num_batches` must be None or an integer >= 1; got {num_batches!r}.")
+        params = {name: p for name, p in self.params.items() if p.requires_grad}
+        device = next(iter(self.params.values())).device
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.enable_grad():
+                for batch in itertools.islice(dataloader, num_batches):
+                    loss = _batch_loss(model, batch, device)
+                    gradients = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+                    self.criterion.observe_gradients({n: g for n, g in zip(params, gradients) if g is not None})
+        finally:
+            model.train(was_training)
 
     @torch.no_grad()
     def mask_gradients_(self) -> None:
@@ -126,6 +192,17 @@ class Pruner:
         for name, mask in masks.items():
             self.masks[name] = mask.to(device=self.params[name].device, dtype=torch.bool).clone()
         self.apply_()
+
+
+def _batch_loss(model: nn.Module, batch: Any, device: torch.device) -> torch.Tensor:
+    if not isinstance(batch, Mapping):
+        raise ValueError(f"`dataloader` must yield dicts of keyword arguments of the model's forward (labels "
+                         f"included); got a {type(batch).__name__}.")
+    loss = model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}).loss
+    if loss is None:
+        raise ValueError(f"{type(model).__name__} returned no loss for a batch of `dataloader`: its batches must "
+                         "include labels.")
+    return loss
 
 
 def check_masks_match(masks: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]]) -> None:

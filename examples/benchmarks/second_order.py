@@ -1,4 +1,4 @@
-"""One-shot pruning without retraining on SST-2: magnitude vs second-order OBS (SparseGPT) on all-MiniLM-L6-v2.
+"""One-shot pruning without retraining on SST-2: magnitude vs second-order OBD and OBS (SparseGPT) on all-MiniLM-L6-v2.
 
 all-MiniLM-L6-v2 is fine-tuned dense on `--max_train_samples` rows of SST-2's train.tsv (sampled with `--seed`), then
 pruned one-shot, with no retraining, to each of `--sparsities` (unstructured) and `--patterns` (N:M, e.g. 2:4, N of
@@ -10,7 +10,10 @@ every M consecutive input weights kept), and each pruned copy is scored on dev.t
   every group of M: the same sparsity in every layer as OBS, so only the choice of weights differs.
 - OBS: `hf_prune.obs.obs_prune` (SparseGPT's solver, per-layer input Hessians from `--calibration_samples` training
   rows, OBS update of the kept weights).
-- OBD: only if `hf_prune.criteria.CRITERIA` has an "obd" criterion (skipped otherwise, with a note).
+- OBD: `Pruner` with `criterion="obd"` (saliency ½·F_ii·w_i², Optimal Brain Damage with the empirical Fisher
+  diagonal), F estimated by `Pruner.estimate_fisher` from the gradients of the same calibration rows, one row per
+  gradient (the per-example empirical Fisher); ranked class-blind like magnitude (global), since saliencies are loss
+  increases comparable across layers; for N:M, the N highest saliencies of every group of M.
 
 Sparsity is over the encoder's Linear weights (hf_prune's default targets). Each pruning runs in a fresh Python
 process that loads the fine-tuned model, so its cost is measured alone: wall time of the pruning call (calibration
@@ -47,12 +50,11 @@ from transformers import (
 )
 
 from hf_prune import Pruner, PruningConfig
-from hf_prune.criteria import CRITERIA
 from hf_prune.obs import nm_mask, obs_prune, parse_pattern
 from hf_prune.targets import find_targets
 
 
-METHODS = ("magnitude (global)", "magnitude (per layer)", "OBS")
+METHODS = ("magnitude (global)", "magnitude (per layer)", "OBD", "OBS")
 
 
 def parse_args() -> argparse.Namespace:
@@ -146,10 +148,14 @@ def prune(model: torch.nn.Module, method: str, level: str, calibration: DataLoad
     per_layer = method == "magnitude (per layer)"
     config = PruningConfig(schedule="oneshot", final_sparsity=sparsity or (nm[1] - nm[0]) / nm[1],
                            scheme="class-uniform" if per_layer else "class-blind",
-                           class_granularity="tensor" if per_layer else "role")
+                           class_granularity="tensor" if per_layer else "role",
+                           criterion="obd" if method == "OBD" else "magnitude")
     pruner = Pruner(model, config)
+    if method == "OBD":
+        pruner.estimate_fisher(model, DataLoader(calibration.dataset, batch_size=1, collate_fn=calibration.collate_fn))
     if nm:
-        pruner.load_masks({name: nm_mask(param.detach().abs(), *nm) for name, param in pruner.params.items()})
+        pruner.load_masks({name: nm_mask(pruner.criterion.score(name, param), *nm)
+                           for name, param in pruner.params.items()})
     else:
         pruner.prune_to(sparsity)
 
@@ -229,8 +235,6 @@ def main() -> None:
     print(f"SST-2: {len(train_set)} training rows (sampled with seed {args.seed}), {len(dev_set)} dev rows, "
           f"{len(calibration)} calibration rows; {args.max_steps} steps x batch {args.batch_size}, seq len "
           f"{args.max_seq_length}, lr {args.learning_rate}")
-    notes = [] if "obd" in CRITERIA else ["OBD: skipped, `hf_prune.criteria.CRITERIA` has no \"obd\" criterion."]
-
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as workdir:
         model_dir = os.path.join(workdir, "dense")
@@ -248,10 +252,11 @@ def main() -> None:
     header = (f"all-MiniLM-L6-v2 fine-tuned on {len(train_set)} SST-2 training rows ({args.max_steps} steps, batch "
               f"{args.batch_size}, seq len {args.max_seq_length}, lr {args.learning_rate}, seed {args.seed}; "
               f"{fine_tune_seconds:.0f} s), then pruned one-shot without retraining; {len(dev_set)} dev rows. OBS "
-              f"calibrates on {len(calibration)} training rows (block {args.block_size}, dampening "
+              f"calibrates on {len(calibration)} training rows, OBD takes its Fisher diagonal from their per-row "
+              f"gradients (OBS block {args.block_size}, dampening "
               f"{args.dampening}). Wall time and peak RSS growth are of the pruning call alone, each in a fresh "
               f"process, with {torch.get_num_threads()} thread(s); {time.perf_counter() - start:.0f} s in all.\n\n")
-    text = header + table(results) + "".join(f"\n\n{note}" for note in notes)
+    text = header + table(results)
     print("\n" + text)
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:

@@ -1,0 +1,125 @@
+"""Accuracy against sparsity on SST-2: all-MiniLM-L6-v2 pruned while it fine-tunes, and Zhu & Gupta's
+large-sparse vs small-dense comparison.
+
+Every run fine-tunes the pretrained model from scratch with the same settings (`--max_steps` optimizer steps on a
+`--max_train_samples`-row subsample of SST-2 train, evaluated on the whole dev set), once dense and then with
+`MagnitudePruningCallback` (class-blind magnitude) to each `--sparsities` value under two schedules:
+- iterative (Cheong & Daniel 2019): X = Y/2 at step 0, then (Y - X)/9 more every `end/9` steps, Y at 70% of the run;
+- cubic (Zhu & Gupta 2017): 0 at step 0 to Y at 70% of the run, an event every `max_steps/25` steps.
+Zhu & Gupta: a small dense model (the first k of MiniLM's 6 layers, `--small_dense_layers`) against the large model
+pruned (cubic) to the same number of non-zero encoder Linear weights, sparsity 1 - k/6 (every layer has the same
+Linear shapes, so the counts match exactly).
+
+    python examples/benchmarks/glue_sparsity.py --output glue_sparsity.md --plot glue_sparsity.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from common import accuracy, add_common_arguments, default_model_path, encoder_sparsity, fine_tune, load_model, load_sst2
+from transformers import AutoTokenizer, DataCollatorWithPadding
+
+from hf_prune import MagnitudePruningCallback, PruningConfig
+
+
+LAYERS = 6  # all-MiniLM-L6-v2
+
+
+def pruning_config(schedule: str, sparsity: float, max_steps: int) -> PruningConfig:
+    end = int(0.7 * max_steps)
+    if schedule == "iterative":
+        return PruningConfig(initial_sparsity=sparsity / 2, final_sparsity=sparsity, schedule="iterative",
+                             start_step=0, end_step=end, pruning_frequency=max(1, end // 9))
+    return PruningConfig(final_sparsity=sparsity, schedule="cubic", start_step=0, end_step=end,
+                         pruning_frequency=max(1, max_steps // 25))
+
+
+def plot(results: list[dict], dense: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for schedule, marker in (("iterative", "s"), ("cubic", "o")):
+        rows = sorted((r for r in results if r["kind"] == schedule), key=lambda r: r["sparsity"])
+        left.plot([100 * r["sparsity"] for r in rows], [100 * r["accuracy"] for r in rows], marker=marker,
+                  label=f"{schedule} schedule")
+    left.axhline(100 * dense, color="grey", linestyle="--", label="dense")
+    left.set(xlabel="encoder Linear sparsity (%)", ylabel="SST-2 dev accuracy (%)", title="Accuracy vs sparsity")
+    left.legend()
+    small = sorted((r for r in results if r["kind"] == "small-dense"), key=lambda r: r["nonzero"])
+    sparse = sorted((r for r in results if r["kind"] == "cubic"), key=lambda r: r["nonzero"])
+    right.plot([r["nonzero"] / 1e6 for r in sparse], [100 * r["accuracy"] for r in sparse], marker="o",
+               label="large-sparse (6 layers, pruned)")
+    right.plot([r["nonzero"] / 1e6 for r in small], [100 * r["accuracy"] for r in small], marker="^",
+               label="small-dense (fewer layers)")
+    right.set(xlabel="non-zero encoder Linear weights (millions)", ylabel="SST-2 dev accuracy (%)",
+              title="Zhu & Gupta: large-sparse vs small-dense")
+    right.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_arguments(parser)
+    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9])
+    parser.add_argument("--small_dense_layers", type=int, nargs="*", default=[1, 2])
+    parser.add_argument("--plot", type=Path, default=None, help="Write the accuracy plots to this PNG.")
+    args = parser.parse_args()
+    model_path = args.model or default_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    collator = DataCollatorWithPadding(tokenizer)
+    train, dev = load_sst2(args, tokenizer)
+    matched = [round(1 - k / LAYERS, 4) for k in args.small_dense_layers]
+    runs = [("dense", 0.0, None)]
+    runs += [("iterative", s, None) for s in args.sparsities]
+    runs += [("cubic", s, None) for s in sorted(set(args.sparsities) | set(matched))]
+    runs += [("small-dense", 0.0, k) for k in args.small_dense_layers]
+
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind, sparsity, layers in runs:
+            start = time.perf_counter()
+            overrides = {"num_hidden_layers": layers} if layers else {}
+            model = load_model(model_path, args.seed, **overrides)
+            callbacks = None
+            if kind in ("iterative", "cubic"):
+                callbacks = [MagnitudePruningCallback(pruning_config(kind, sparsity, args.max_steps))]
+            trainer = fine_tune(args, model, train, collator, tmp, callbacks)
+            achieved = encoder_sparsity(trainer.model)
+            linear = sum(p.numel() for n, p in trainer.model.named_parameters()
+                         if ".encoder.layer." in n and n.endswith(".weight") and p.dim() == 2)
+            results.append({"kind": kind, "sparsity": achieved, "layers": layers or LAYERS,
+                            "nonzero": round(linear * (1 - achieved)),
+                            "accuracy": accuracy(trainer.model, dev, collator),
+                            "seconds": time.perf_counter() - start})
+            print(f"{kind} {sparsity:.3f} layers={layers or LAYERS}: {results[-1]}", flush=True)
+
+    dense = results[0]["accuracy"]
+    lines = [f"SST-2: {len(train)} training rows (random subsample, seed 0), {len(dev)} dev rows; "
+             f"{args.max_steps} steps x batch {args.batch_size}, lr {args.learning_rate}, max length "
+             f"{args.max_seq_length}; all-MiniLM-L6-v2, class-blind magnitude pruning of the encoder's Linear "
+             "weights (embeddings excluded)", "",
+             "| model | schedule | encoder sparsity | non-zero encoder Linear weights | dev accuracy | vs dense | time |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        model = "MiniLM-L6" if r["layers"] == LAYERS else f"MiniLM, first {r['layers']} layer(s)"
+        schedule = {"dense": "-", "small-dense": "- (small dense)"}.get(r["kind"], r["kind"])
+        lines.append(f"| {model} | {schedule} | {r['sparsity']:.2%} | {r['nonzero'] / 1e6:.2f}M | "
+                     f"{r['accuracy']:.2%} | {100 * (r['accuracy'] - dense):+.2f} pt | {r['seconds']:.0f} s |")
+    text = "\n".join(lines)
+    print(text)
+    if args.output:
+        args.output.write_text(text + "\n")
+    if args.plot:
+        plot(results, dense, args.plot)
+
+
+if __name__ == "__main__":
+    main()

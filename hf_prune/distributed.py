@@ -1,0 +1,120 @@
+"""Multi-process pruning: every rank must hold the same masks (DDP), and sharded weights rank their rows together.
+
+Under DDP (`torchrun`, `accelerate launch`) every rank holds the full weights, identical after each step, so the
+deterministic radix select of `hf_prune.masks` gives identical masks everywhere. `check_ranks_agree` verifies it
+after every pruning event with two small all-reduces, so a divergence stops training instead of being silently
+trained on. `ProcessGroupReduce` is the `ShardReduce` of `hf_prune.masks` for sharded weights (FSDP2 `fully_shard`,
+ZeRO-3), where each rank scores only its own rows.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping
+
+import torch
+import torch.distributed as dist
+
+
+_HASH_MULTIPLIER = 0x9E3779B1  # Knuth's multiplicative hash: 2**32 / golden ratio
+_NAMED_IN_ERRORS = 8
+
+
+def is_distributed(group: dist.ProcessGroup | None = None) -> bool:
+    """Whether `torch.distributed` is initialised with more than one process (in `group`, default: the world)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def _collective_device(group: dist.ProcessGroup | None) -> torch.device:
+    """CPU for gloo and MPI, else the current accelerator (NCCL and its kind only reduce device tensors)."""
+    backend = dist.get_backend(group)
+    if "gloo" in backend or backend == "mpi":
+        return torch.device("cpu")
+    if hasattr(torch, "accelerator"):  # torch >= 2.6
+        return torch.device(torch.accelerator.current_accelerator().type, torch.accelerator.current_device_index())
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def masks_fingerprint(masks: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """An int64 CPU tensor of shape `(len(masks), 3)`: per mask, the CRC32 of its name, its number of kept entries
+    and a checksum of the kept positions (the sum over kept row-major indices `i` of `(i * 0x9E3779B1) mod 2**31`).
+
+    Two sets of masks with equal fingerprints are equal but for a hash collision; computing it holds the kept
+    indices of one mask at a time.
+    """
+    rows = []
+    for name, mask in masks.items():
+        kept = mask.reshape(-1).nonzero().view(-1)
+        checksum = int(((kept * _HASH_MULTIPLIER) & 0x7FFFFFFF).sum())
+        rows.append([zlib.crc32(name.encode()), kept.numel(), checksum])
+    return torch.tensor(rows, dtype=torch.int64).view(-1, 3)
+
+
+def _max_and_min(values: torch.Tensor, group: dist.ProcessGroup | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Elementwise maximum and minimum of `values` over the ranks of `group`, in one all-reduce."""
+    both = torch.cat([values, -values]).to(_collective_device(group))
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    high, negated_low = both.cpu().chunk(2)
+    return high, -negated_low
+
+
+def check_ranks_agree(masks: Mapping[str, torch.Tensor], step: int, group: dist.ProcessGroup | None = None) -> None:
+    """Raises `RuntimeError` on every rank when the ranks of `group` do not hold the same masks; a no-op outside
+    multi-process runs. Every rank of `group` must call it at the same point (it runs two small all-reduces).
+
+    Args:
+        masks (`dict[str, torch.Tensor]`): this rank's masks, keyed by parameter name.
+        step (`int`): the optimizer step of the pruning event, named in the error.
+        group (`ProcessGroup`, *optional*): the ranks that must agree (default: all of them).
+    """
+    if not is_distributed(group):
+        return
+    most, fewest = _max_and_min(torch.tensor([len(masks)]), group)
+    if int(most) != int(fewest):
+        raise RuntimeError(f"Pruning masks differ across ranks at step {step}: ranks hold between {int(fewest)} and "
+                           f"{int(most)} masks. Every rank must build the same model and pruning config.")
+    high, low = _max_and_min(masks_fingerprint(masks), group)
+    differing = [(name, int(low[i, 1]), int(high[i, 1])) for i, name in enumerate(masks)
+                 if not torch.equal(high[i], low[i])]
+    if differing:
+        named = ", ".join(f"{name} (kept {fewest}..{most})" for name, fewest, most in differing[:_NAMED_IN_ERRORS])
+        more = f" and {len(differing) - _NAMED_IN_ERRORS} more" if len(differing) > _NAMED_IN_ERRORS else ""
+        raise RuntimeError(
+            f"Pruning masks differ across ranks at step {step} in {len(differing)} of {len(masks)} tensors: "
+            f"{named}{more}. Refusing to train on different masks. Under DDP every rank must hold the same weights: "
+            "check that all ranks start from the same checkpoint, that nothing rank-specific changes the weights, "
+            "and that the model is not sharded (FSDP / ZeRO-3 are not supported by the pruning callbacks)."
+        )
+
+
+class ProcessGroupReduce:
+    """The `hf_prune.masks.ShardReduce` of a `torch.distributed` process group: rank `r` of `group` holds the `r`-th
+    block of rows of every scored tensor (`torch.chunk(weight, world_size)[r]`, FSDP2's `Shard(0)` local tensor).
+
+    ```python
+    from hf_prune.distributed import ProcessGroupReduce
+    from hf_prune.masks import update_masks_
+
+    # on every rank, with this rank's row blocks of the weights and masks
+    update_masks_(local_weights, local_masks, classes, MagnitudeCriterion(), 0.5, "class-blind", ProcessGroupReduce())
+    ```
+
+    Args:
+        group (`ProcessGroup`, *optional*): the ranks sharing the weights (default: all of them).
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+        self.group = group
+        self.device = _collective_device(group)
+
+    def sum(self, counts: torch.Tensor) -> torch.Tensor:
+        total = counts.to(self.device, copy=True)
+        dist.all_reduce(total, group=self.group)
+        return total.to(counts.device)
+
+    def sum_and_preceding(self, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        local = counts.to(self.device)
+        gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(gathered, local, group=self.group)
+        stacked = torch.stack(gathered).to(counts.device)
+        return stacked.sum(0), stacked[:dist.get_rank(self.group)].sum(0)

@@ -1,0 +1,83 @@
+"""Launched by tests/test_distributed.py under `torchrun --nproc_per_node 2` on CPU (gloo).
+
+Trains the tiny BERT of conftest.py with `MagnitudePruningCallback` for 6 steps under DDP, then every rank writes
+`rank<r>.safetensors` into `--output_dir` (its masks, its targeted weights, and in the metadata the world size and
+what the `pruned` folder held right after this rank's own `save_pretrained` call). The ranks call
+`PrunedModel.save_pretrained(..., is_main_process=trainer.is_world_process_zero())` one after the other, the main
+process last, so any file written by another rank would show in that rank's listing.
+
+With `--skew_rank r`, rank `r` prunes one extra weight at every event after the first, as any rank-specific
+divergence would: training must stop at step 2 with the rank-agreement error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from conftest import TinyClassificationDataset, tiny_bert  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from transformers import Trainer, TrainingArguments  # noqa: E402
+
+from hf_prune import MagnitudePruningCallback, PrunedModel, Pruner, PruningConfig  # noqa: E402
+
+
+CONFIG = PruningConfig(initial_sparsity=0.2, final_sparsity=0.7, schedule="cubic", start_step=0, end_step=4,
+                       pruning_frequency=2)
+MAX_STEPS = 6
+
+
+class SkewedPruner(Pruner):
+    """Prunes one more weight than asked at every event after the first one."""
+
+    def prune_to(self, sparsity: float, optimizer=None) -> None:
+        super().prune_to(sparsity, optimizer)
+        if sparsity > self.config.initial_sparsity:
+            mask = next(iter(self.masks.values())).view(-1)
+            mask[mask.nonzero()[0]] = False
+
+
+class SkewedCallback(MagnitudePruningCallback):
+    def make_pruner(self, model, max_steps: int | None) -> Pruner:
+        return SkewedPruner(model, self.config, max_steps=max_steps)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--skew_rank", type=int, default=None)
+    cli = parser.parse_args()
+    output_dir = cli.output_dir
+
+    skewed = cli.skew_rank == int(os.environ.get("RANK", 0))
+    callback = (SkewedCallback if skewed else MagnitudePruningCallback)(CONFIG)
+    args = TrainingArguments(output_dir=os.path.join(output_dir, "trainer"), max_steps=MAX_STEPS,
+                             per_device_train_batch_size=4, learning_rate=5e-3, save_strategy="steps",
+                             save_steps=MAX_STEPS, report_to="none", use_cpu=True, seed=0, disable_tqdm=True)
+    trainer = Trainer(model=tiny_bert(), args=args, train_dataset=TinyClassificationDataset(64), callbacks=[callback])
+    trainer.train()
+
+    rank, folder = trainer.args.process_index, os.path.join(output_dir, "pruned")
+    pruned = PrunedModel.from_trainer(trainer)
+    seen_after_own_save: list[str] = []
+    for writer in reversed(range(trainer.args.world_size)):
+        if rank == writer:
+            pruned.save_pretrained(folder, is_main_process=trainer.is_world_process_zero())
+            seen_after_own_save = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+        trainer.accelerator.wait_for_everyone()
+
+    params = dict(trainer.model.named_parameters())
+    tensors = {f"mask/{name}": mask.contiguous() for name, mask in callback.masks.items()}
+    tensors.update({f"weight/{name}": params[name].detach().contiguous() for name in callback.masks})
+    metadata = {"world_size": str(trainer.args.world_size), "seen_after_own_save": json.dumps(seen_after_own_save),
+                "parallel_mode": str(trainer.args.parallel_mode)}
+    save_file(tensors, os.path.join(output_dir, f"rank{rank}.safetensors"), metadata=metadata)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""Multi-process pruning on CPU with gloo: DDP training through torchrun, the rank-agreement check, and the radix
+select over row-sharded weights (plain row blocks and FSDP2 `fully_shard` local shards)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import TinyClassificationDataset, tiny_bert
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from hf_prune import Pruner, PrunedModel, PruningConfig
+from hf_prune.constants import MASKS_NAME
+from hf_prune.criteria import MagnitudeCriterion
+from hf_prune.distributed import ProcessGroupReduce, check_ranks_agree, is_distributed, masks_fingerprint
+from hf_prune.masks import update_masks_
+from hf_prune.serialization import load_masks
+from hf_prune.targets import find_targets
+
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="torch.distributed with the gloo backend is not available")
+
+WORLD_SIZE = 2
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = Path(__file__).with_name("distributed_script.py")
+SAVED_FILES = ["README.md", "config.json", "model.safetensors", "pruning_config.json", MASKS_NAME]
+SHARDED_EVENTS = {"class-blind": (0.3, 0.6), "class-uniform": (0.5,), "class-distribution": (0.55,)}
+
+
+def single_process_env() -> dict[str, str]:
+    pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONPATH": pythonpath}
+
+
+def read_rank(folder: Path, rank: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, str]]:
+    """Masks, targeted weights and metadata that distributed_script.py wrote for `rank`."""
+    path = folder / f"rank{rank}.safetensors"
+    tensors = load_file(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    masks = {k.removeprefix("mask/"): v for k, v in tensors.items() if k.startswith("mask/")}
+    weights = {k.removeprefix("weight/"): v for k, v in tensors.items() if k.startswith("weight/")}
+    return masks, weights, metadata
+
+
+def torchrun(folder: Path, *script_args: str) -> subprocess.CompletedProcess:
+    """distributed_script.py under `torchrun --standalone --nproc_per_node 2` (CPU, gloo)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD_SIZE}",
+               str(SCRIPT), "--output_dir", str(folder), *script_args]
+    return subprocess.run(command, env=single_process_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("ddp")
+    result = torchrun(folder)
+    assert result.returncode == 0, f"torchrun failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
+    return folder
+
+
+def test_ddp_ranks_train_on_identical_sparse_masks(ddp_run):
+    (masks0, weights0, meta0), (masks1, weights1, meta1) = (read_rank(ddp_run, r) for r in range(WORLD_SIZE))
+    assert meta0["world_size"] == meta1["world_size"] == str(WORLD_SIZE)
+    assert meta0["parallel_mode"] == "ParallelMode.DISTRIBUTED"
+    assert masks0.keys() == masks1.keys() and masks0
+    for name, mask in masks0.items():
+        assert torch.equal(mask, masks1[name]), name
+        assert torch.equal(weights0[name], weights1[name]), name
+        assert (weights0[name][~mask] == 0).all(), name
+    total = sum(m.numel() for m in masks0.values())
+    assert sum(int((~m).sum()) for m in masks0.values()) == round(0.7 * total)
+
+
+def test_ddp_pruned_model_and_checkpoint_are_written_by_the_main_process_only(ddp_run):
+    masks, weights, meta0 = read_rank(ddp_run, 0)
+    _, _, meta1 = read_rank(ddp_run, 1)
+    folder = ddp_run / "pruned"
+    assert json.loads(meta1["seen_after_own_save"]) == []  # rank 1 saved first and wrote nothing
+    assert json.loads(meta0["seen_after_own_save"]) == sorted(SAVED_FILES) == sorted(os.listdir(folder))
+    loaded = PrunedModel.from_pretrained(folder)
+    params = dict(loaded.model.named_parameters())
+    for name, mask in masks.items():
+        assert torch.equal(loaded.masks[name], mask) and torch.equal(params[name], weights[name]), name
+    checkpoint_masks = load_masks(ddp_run / "trainer" / "checkpoint-6" / MASKS_NAME)
+    assert all(torch.equal(checkpoint_masks[name], mask) for name, mask in masks.items())
+
+
+def test_ddp_training_stops_when_one_rank_prunes_differently(tmp_path):
+    result = torchrun(tmp_path, "--skew_rank", "1")
+    assert result.returncode != 0
+    assert "RuntimeError: Pruning masks differ across ranks at step 2 in 1 of" in result.stdout + result.stderr
+    assert not list(tmp_path.glob("rank*.safetensors"))  # no rank got past training
+
+
+def integer_weights() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The targeted weights of the tiny BERT rounded to integers (|w| <= ~8: thousands of exact ties, many zeros),
+    and their weight classes."""
+    model = tiny_bert()
+    params = dict(model.named_parameters())
+    targets = find_targets(model, PruningConfig())
+    weights = {t.name: torch.round(params[t.name].detach() * 100) for t in targets}
+    return weights, {t.name: t.weight_class for t in targets}
+
+
+def prune_events(weights: dict[str, torch.Tensor], classes: dict[str, str], reduce=None) -> dict[str, torch.Tensor]:
+    """Masks after each scheme's events of SHARDED_EVENTS, keyed `<scheme>/<name>`."""
+    out = {}
+    for scheme, sparsities in SHARDED_EVENTS.items():
+        masks = {n: torch.ones_like(w, dtype=torch.bool) for n, w in weights.items()}
+        for sparsity in sparsities:
+            update_masks_(weights, masks, classes, MagnitudeCriterion(), sparsity, scheme, reduce)
+        out.update({f"{scheme}/{n}": m for n, m in masks.items()})
+    return out
+
+
+def check_agreement(rank: int, folder: str) -> None:
+    """Identical masks pass; a moved pruned entry, a different count or a missing mask on rank 1 raise."""
+    pruner = Pruner(tiny_bert(), PruningConfig(final_sparsity=0.5, schedule="oneshot"))
+    pruner.update(0)
+    check_ranks_agree(pruner.masks, step=0)
+    name = next(iter(pruner.masks))
+    errors = {}
+    for case in ("moved", "count", "missing"):
+        masks = {n: m.clone() for n, m in pruner.masks.items()}
+        flat = masks[name].view(-1)
+        if rank == 1 and case == "moved":  # same number kept, one pruned position elsewhere
+            first_pruned, first_kept = int((~flat).nonzero()[0]), int(flat.nonzero()[0])
+            flat[first_pruned], flat[first_kept] = True, False
+        elif rank == 1 and case == "count":
+            flat[flat.nonzero()[0]] = False
+        elif rank == 1:
+            del masks[name]
+        try:
+            check_ranks_agree(masks, step=7)
+        except RuntimeError as err:
+            errors[case] = str(err)
+    Path(folder, f"agreement{rank}.json").write_text(json.dumps(
+        {"errors": errors, "fingerprint": masks_fingerprint(pruner.masks).tolist(), "name": name}))
+
+
+def prune_row_shards(rank: int, folder: str) -> None:
+    """Each rank keeps only its block of rows of every weight and prunes it with the others."""
+    weights, classes = integer_weights()
+    shards = {n: w.chunk(WORLD_SIZE)[rank].clone() for n, w in weights.items()}
+    del weights
+    save_file(prune_events(shards, classes, ProcessGroupReduce()), os.path.join(folder, f"shards{rank}.safetensors"))
+
+
+def prune_fsdp2(rank: int, folder: str) -> None:
+    """FSDP2 `fully_shard` on CPU: masks from the local shards, applied to them, then one masked training step."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = tiny_bert()
+    targets = find_targets(model, PruningConfig())
+    mesh = init_device_mesh("cpu", (WORLD_SIZE,))
+    for layer in model.bert.encoder.layer:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    params = dict(model.named_parameters())
+    local = {t.name: params[t.name].to_local() for t in targets}
+    masks = {n: torch.ones_like(w, dtype=torch.bool) for n, w in local.items()}
+    update_masks_(local, masks, {t.name: t.weight_class for t in targets}, MagnitudeCriterion(), 0.6, "class-blind",
+                  ProcessGroupReduce(mesh.get_group()))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    dataset = TinyClassificationDataset(8)
+    batch = {key: torch.stack([dataset[i][key] for i in range(4)]) for key in dataset[0]}
+    with torch.no_grad():
+        for name, mask in masks.items():
+            local[name].mul_(mask)
+    model(**batch).loss.backward()
+    for name, mask in masks.items():
+        params[name].grad.to_local().mul_(mask)
+    optimizer.step()
+    full = {f"weight/{n}": params[n].full_tensor().detach() for n in masks}
+    save_file({**full, **{f"mask/{n}": m for n, m in masks.items()}}, os.path.join(folder, f"fsdp{rank}.safetensors"))
+
+
+def worker(rank: int, init_file: str, folder: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
+    try:
+        assert is_distributed()
+        check_agreement(rank, folder)
+        prune_row_shards(rank, folder)
+        prune_fsdp2(rank, folder)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory) -> Path:
+    """`worker` run once on 2 processes in a gloo group (torch.multiprocessing.spawn)."""
+    folder = tmp_path_factory.mktemp("spawned")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")  # inherited by the spawned processes
+        mp.spawn(worker, args=(str(folder / "init"), str(folder)), nprocs=WORLD_SIZE)
+    return folder
+
+
+def test_check_ranks_agree_raises_naming_the_step_and_tensor(spawned):
+    results = [json.loads((spawned / f"agreement{r}.json").read_text()) for r in range(WORLD_SIZE)]
+    assert results[0]["fingerprint"] == results[1]["fingerprint"]  # same model, same masks: the check passed
+    name = results[0]["name"]
+    for result in results:  # every rank raises, none goes on training
+        errors = result["errors"]
+        assert errors.keys() == {"moved", "count", "missing"}
+        assert "step 7 in 1 of" in errors["moved"] and f"{name} (kept " in errors["moved"]
+        assert f"{name} (kept " in errors["count"]
+        assert "step 7" in errors["missing"] and "masks" in errors["missing"]
+
+
+def test_check_ranks_agree_is_a_no_op_in_one_process():
+    assert not is_distributed()
+    check_ranks_agree({"w": torch.ones(3, dtype=torch.bool)}, step=0)
+
+
+def test_row_sharded_select_equals_the_single_process_masks_with_ties(spawned):
+    weights, classes = integer_weights()
+    total = sum(w.numel() for w in weights.values())
+    assert len(torch.cat([w.abs().flatten() for w in weights.values()]).unique()) < 20  # ties everywhere
+    expected = prune_events(weights, classes)
+    shards = [load_file(str(spawned / f"shards{r}.safetensors")) for r in range(WORLD_SIZE)]
+    for key, mask in expected.items():
+        assert torch.equal(torch.cat([shard[key] for shard in shards]), mask), key
+    blind = [m for k, m in expected.items() if k.startswith("class-blind/")]
+    assert sum(int((~m).sum()) for m in blind) == round(0.6 * total)
+
+
+def test_fsdp2_local_shards_give_the_single_process_masks(spawned):
+    model = tiny_bert()
+    reference = Pruner(model, PruningConfig(final_sparsity=0.6, schedule="oneshot"))
+    reference.update(0)
+    ranks = [load_file(str(spawned / f"fsdp{r}.safetensors")) for r in range(WORLD_SIZE)]
+    for name, mask in reference.masks.items():
+        assert torch.equal(torch.cat([r[f"mask/{name}"] for r in ranks]), mask), name
+        weight = ranks[0][f"weight/{name}"]
+        assert torch.equal(weight, ranks[1][f"weight/{name}"]) and (weight[~mask] == 0).all(), name
+        assert not torch.equal(weight, reference.params[name].detach()), name  # the training step moved it
