@@ -9,7 +9,16 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
-from transformers import AutoModelForSequenceClassification, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
 
 from hf_prune import PruningConfig
 from hf_prune.targets import find_targets
@@ -57,6 +66,15 @@ def load_sst2(args: argparse.Namespace, tokenizer) -> tuple[list[dict], list[dic
     train = [train[i] for i in order[:args.max_train_samples]]
     dev = read_tsv(Path(args.data_dir) / "dev.tsv")[:args.max_eval_samples]
     return encode(tokenizer, train, args.max_seq_length), encode(tokenizer, dev, args.max_seq_length)
+
+
+def setup_sst2(args: argparse.Namespace) -> tuple[PreTrainedTokenizerBase, DataCollatorWithPadding, list, list]:
+    """`--model`'s tokenizer, a padding collator and `load_sst2`'s train and dev rows; sets `args.model` to
+    `default_model_path()` when it was not given."""
+    args.model = args.model or default_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    train, dev = load_sst2(args, tokenizer)
+    return tokenizer, DataCollatorWithPadding(tokenizer), train, dev
 
 
 def encode(tokenizer, rows: list[tuple[str, int]], max_length: int) -> list[dict]:

