@@ -67,7 +67,7 @@ def _keys(score: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor
     if score.dtype != torch.float32:
         raise TypeError(f"scores must be float32, got {score.dtype}")
     keys = score.contiguous().view(torch.int32).clamp_(min=0)
-    return keys.mul_(mask) if mask is not None else keys
+    return keys.mul_(mask.view(torch.uint8)) if mask is not None else keys
 
 
 def _kth_key(scores: Sequence[ScoreFn], masks: Sequence[torch.Tensor], k: int,

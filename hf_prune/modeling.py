@@ -20,6 +20,7 @@ from .config import PruningConfig, resolve_file
 from .compression import check_bits, dequantize, quantize_weights, read_deep_compressed, save_deep_compressed
 from .han import HanConfig, apply_dropout_adjustment
 from .constants import COMPRESSED_FORMAT, COMPRESSED_WEIGHTS_NAME, DEEP_COMPRESSED_WEIGHTS_NAME, MASKS_NAME
+from .pruner import zero_pruned_
 from .report import SparsityReport, sparsity_report
 from .serialization import atomic_save_safetensors, atomic_write_text, load_masks, save_masks
 from .targets import find_targets
@@ -82,7 +83,7 @@ class PrunedModel(nn.Module):
         """Sets every pruned weight to exactly zero."""
         params = dict(self.model.named_parameters())
         for name, mask in self.masks.items():
-            params[self._param_names[name]].mul_(mask)
+            zero_pruned_(params[self._param_names[name]], mask)
 
     def sparsity_report(self) -> SparsityReport:
         """Per-layer, per-class and overall sparsity of the masked weights."""
