@@ -6,7 +6,6 @@ import logging
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -15,7 +14,6 @@ from typing import Any, NoReturn
 
 import datasets
 import transformers
-from huggingface_hub import HfApi
 from transformers import AutoTokenizer, HfArgumentParser, PreTrainedTokenizerBase, Trainer, TrainingArguments
 
 from hf_prune import MagnitudePruningCallback, PrunedModel
@@ -210,21 +208,11 @@ def train_evaluate_save(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, sc
         return results
     pruned = PrunedModel.from_trainer(trainer)
     if trainer.is_world_process_zero():
-        pruned.save_pretrained(args.output_dir)
-        tokenizer.save_pretrained(args.output_dir)
+        pruned.save_pretrained(args.output_dir, processing_class=tokenizer)
         logger.info("Saved the pruned model to %s:\n%s", args.output_dir, pruned.sparsity_report())
         if script_args.push_to_hub:
-            push_to_hub(pruned, tokenizer, args)
+            repo_id = args.hub_model_id or Path(args.output_dir).absolute().name
+            commit = pruned.push_to_hub(repo_id, private=args.hub_private_repo, token=args.hub_token,
+                                        processing_class=tokenizer)
+            logger.info("Pushed the pruned model and its tokenizer to %s", commit.repo_url)
     return results
-
-
-def push_to_hub(pruned: PrunedModel, tokenizer: PreTrainedTokenizerBase, args: TrainingArguments) -> None:
-    """Uploads the pruned model (`PrunedModel.push_to_hub`), then the tokenizer, to `--hub_model_id` (default:
-    the name of `output_dir`)."""
-    repo_id = args.hub_model_id or Path(args.output_dir).absolute().name
-    commit = pruned.push_to_hub(repo_id, private=args.hub_private_repo, token=args.hub_token)
-    with tempfile.TemporaryDirectory() as folder:
-        tokenizer.save_pretrained(folder)
-        HfApi(token=args.hub_token).upload_folder(repo_id=commit.repo_url.repo_id, folder_path=folder,
-                                                  commit_message="Upload tokenizer")
-    logger.info("Pushed the pruned model and its tokenizer to %s", commit.repo_url)

@@ -125,10 +125,10 @@ def test_run_glue_cola_headerless_tsv_and_push_to_hub(tiny_model: str, tmp_path:
     check_saved_pruned_model(out, AutoModelForSequenceClassification, 0.5)
     create.assert_called_once()
     assert create.call_args.args[0] == "me/tiny-cola"
-    (model_repo, model_files), (tokenizer_repo, tokenizer_files) = uploads
-    assert model_repo == tokenizer_repo == "me/tiny-cola"
-    assert {"model.safetensors", MASKS_NAME, CONFIG_NAME, "config.json", "README.md"} <= set(model_files)
-    assert {"tokenizer.json", "tokenizer_config.json"} <= set(tokenizer_files)
+    [(repo, files)] = uploads  # one commit: model, masks, pruning config, card and tokenizer
+    assert repo == "me/tiny-cola"
+    assert {"model.safetensors", MASKS_NAME, CONFIG_NAME, "config.json", "README.md", "tokenizer.json",
+            "tokenizer_config.json"} <= set(files)
 
 
 def write_mrpc_tsv(path: Path, rows: int) -> Path:
