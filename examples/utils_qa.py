@@ -16,6 +16,7 @@ from transformers import Trainer
 _PUNCTUATION = frozenset(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
+
 # ------------------------------------------------------------------------------------------- post-processing
 def postprocess_qa_predictions(examples: datasets.Dataset, features: datasets.Dataset,
                                predictions: tuple[np.ndarray, np.ndarray], n_best_size: int = 20,

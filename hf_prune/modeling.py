@@ -16,10 +16,10 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from . import __version__
-from .config import PruningConfig, resolve_file
 from .compression import check_bits, dequantize, quantize_weights, read_deep_compressed, save_deep_compressed
-from .han import HanConfig, apply_dropout_adjustment
+from .config import PruningConfig, resolve_file
 from .constants import COMPRESSED_FORMAT, COMPRESSED_WEIGHTS_NAME, DEEP_COMPRESSED_WEIGHTS_NAME, MASKS_NAME
+from .han import HanConfig, apply_dropout_adjustment
 from .pruner import zero_pruned_
 from .report import SparsityReport, sparsity_report
 from .serialization import atomic_save_safetensors, atomic_write_text, load_masks, save_masks

@@ -21,8 +21,8 @@ import torch
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from .callbacks import MagnitudePruningCallback
-from .pruner import Pruner
 from .config import PruningConfig, check_choice
+from .pruner import Pruner
 from .schedules import SparsitySchedule
 
 

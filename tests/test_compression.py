@@ -11,9 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
 
-from hf_prune import MagnitudePruningCallback, Pruner, PruningConfig
-from hf_prune import compression
-from hf_prune.constants import QUANTIZATION_STATE_NAME
+from hf_prune import MagnitudePruningCallback, Pruner, PruningConfig, compression
 from hf_prune.compression import (
     BLOCK_SIZE,
     GAP_LIMIT,
@@ -34,6 +32,7 @@ from hf_prune.compression import (
     read_deep_compressed,
     save_deep_compressed,
 )
+from hf_prune.constants import QUANTIZATION_STATE_NAME
 
 
 DTYPES = {np.uint8: 255, np.uint16: 65535, np.uint32: 2**32 - 1}

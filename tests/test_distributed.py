@@ -15,7 +15,7 @@ from conftest import TinyClassificationDataset, tiny_bert
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from hf_prune import Pruner, PrunedModel, PruningConfig
+from hf_prune import PrunedModel, Pruner, PruningConfig
 from hf_prune.constants import MASKS_NAME
 from hf_prune.criteria import MagnitudeCriterion
 from hf_prune.distributed import ProcessGroupReduce, check_ranks_agree, is_distributed, masks_fingerprint

@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from torch.nn.utils import prune
 
 from hf_prune import Pruner, PruningConfig
-from hf_prune.criteria import MagnitudeCriterion
 from hf_prune import masks as masks_module
+from hf_prune.criteria import MagnitudeCriterion
 from hf_prune.masks import prune_lowest_, update_masks_
 
 

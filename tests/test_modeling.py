@@ -7,7 +7,13 @@ import pytest
 import torch
 from conftest import TINY_MODELS, TinyClassificationDataset, tiny_bert
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification, Trainer, TrainingArguments
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    Trainer,
+    TrainingArguments,
+)
 
 from hf_prune import MagnitudePruningCallback, PrunedModel, Pruner, PruningConfig
 from hf_prune.constants import COMPRESSED_WEIGHTS_NAME, CONFIG_NAME, MASKS_NAME

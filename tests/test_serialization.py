@@ -5,7 +5,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hf_prune.serialization import atomic_write_text, load_masks, pack_mask, read_masks_metadata, save_masks, unpack_mask
+from hf_prune.serialization import (
+    atomic_write_text,
+    load_masks,
+    pack_mask,
+    read_masks_metadata,
+    save_masks,
+    unpack_mask,
+)
 
 
 @settings(max_examples=50, deadline=None)

@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForSequenceClassification
 
-from hf_prune import Pruner, PrunedModel, PruningConfig, deep_compression_sizes, dequantize, quantize_weights
+from hf_prune import PrunedModel, Pruner, PruningConfig, deep_compression_sizes, dequantize, quantize_weights
 from hf_prune.constants import COMPRESSED_WEIGHTS_NAME, DEEP_COMPRESSED_WEIGHTS_NAME, MASKS_NAME
 
 

@@ -20,8 +20,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import (accuracy, add_common_arguments, default_model_path, encoder_sparsity, fine_tune, load_model,
-                    load_sst2)
+from common import (
+    accuracy,
+    add_common_arguments,
+    default_model_path,
+    encoder_sparsity,
+    fine_tune,
+    load_model,
+    load_sst2,
+)
 from transformers import AutoTokenizer, DataCollatorWithPadding
 
 from hf_prune import MagnitudePruningCallback, PruningConfig
