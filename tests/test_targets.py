@@ -88,3 +88,21 @@ def test_model_without_blocks_is_an_error():
     model.add_module("fc", torch.nn.Linear(4, 4))
     with pytest.raises(ValueError, match="No weights"):
         find_targets(model, PruningConfig())
+
+
+@pytest.mark.parametrize("config_cls, roles", [
+    ("RobertaConfig", EXPECTED_ROLES["bert"]),
+    ("DistilBertConfig", {"attention.q_lin", "attention.k_lin", "attention.v_lin", "attention.out_lin", "ffn.lin1",
+                          "ffn.lin2"}),
+])
+def test_roberta_and_distilbert_targets(config_cls, roles):
+    import transformers
+
+    kwargs = {"vocab_size": 99, "max_position_embeddings": 64}
+    if config_cls == "DistilBertConfig":
+        kwargs.update(dim=32, n_layers=2, n_heads=4, hidden_dim=37)
+    else:
+        kwargs.update(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
+    model = transformers.AutoModelForSequenceClassification.from_config(getattr(transformers, config_cls)(**kwargs))
+    targets = find_targets(model, PruningConfig())
+    assert {t.weight_class.split("*.")[-1] for t in targets} == roles and len(targets) == 2 * len(roles)
