@@ -256,3 +256,11 @@ def test_bad_save_arguments_fail_before_writing(tmp_path, kwargs, field):
     with pytest.raises(ValueError, match=field):
         pruned("bert").save_pretrained(tmp_path / "out", **kwargs)
     assert not (tmp_path / "out").exists()
+
+
+def test_sharded_checkpoint_round_trip(tmp_path):
+    original = pruned("bert", 0.8)
+    original.save_pretrained(tmp_path, max_shard_size="30KB")
+    shards = [name for name in os.listdir(tmp_path) if name.startswith("model-") and name.endswith(".safetensors")]
+    assert len(shards) > 1 and "model.safetensors.index.json" in os.listdir(tmp_path)
+    assert_same(original, PrunedModel.from_pretrained(tmp_path))
