@@ -36,7 +36,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from . import __version__
 from .constants import DEEP_COMPRESSED_FORMAT, QUANTIZATION_STATE_NAME
 from .pruner import check_masks_match
-from .serialization import atomic_save_safetensors
+from .serialization import atomic_save_safetensors, read_tagged_safetensors
 
 
 logger = logging.getLogger(__name__)
@@ -623,14 +623,7 @@ def save_deep_compressed(path: str | os.PathLike, quantized: Mapping[str, Quanti
 
 def _read_checked(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
     """The layer entries, metadata and tensors of a deep-compressed file, every checksum verified."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{path} is not a readable safetensors file: {err}") from None
-    if header.get("format") != DEEP_COMPRESSED_FORMAT:
-        raise ValueError(f"{path} has format {header.get('format')!r}, expected {DEEP_COMPRESSED_FORMAT!r}.")
+    header, tensors = read_tagged_safetensors(path, DEEP_COMPRESSED_FORMAT, "deep-compressed checkpoint")
     if header.get("header_sha256") != _header_digest(header):
         raise ValueError(f"{path} is corrupt: its header does not match its checksum.")
     try:

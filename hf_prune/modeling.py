@@ -12,7 +12,6 @@ import torch
 import transformers
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import EntryNotFoundError
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from . import __version__
@@ -22,7 +21,7 @@ from .constants import COMPRESSED_FORMAT, COMPRESSED_WEIGHTS_NAME, DEEP_COMPRESS
 from .han import HanConfig, apply_dropout_adjustment
 from .pruner import zero_pruned_
 from .report import SparsityReport, sparsity_report
-from .serialization import atomic_save_safetensors, atomic_write_text, load_masks, save_masks
+from .serialization import atomic_save_safetensors, atomic_write_text, load_masks, read_tagged_safetensors, save_masks
 from .targets import find_targets
 
 
@@ -309,14 +308,7 @@ def _optional_file(path: str | os.PathLike, filename: str, hub_kwargs: dict[str,
 
 def _read_sparse(path: str, masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The state dict stored by `save_pretrained(compression="sparse")`, targeted weights made dense again."""
-    try:
-        with safe_open(path, framework="pt") as f:
-            header = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{path} is not a readable compressed checkpoint: {err}") from None
-    if header.get("format") != COMPRESSED_FORMAT:
-        raise ValueError(f"{path} has format {header.get('format')!r}, expected {COMPRESSED_FORMAT!r}.")
+    _, tensors = read_tagged_safetensors(path, COMPRESSED_FORMAT, "compressed checkpoint")
     for name, mask in masks.items():
         values = tensors.pop(f"{name}.values", None)
         if values is None or values.numel() != int(mask.sum()):

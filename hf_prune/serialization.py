@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .constants import MASK_FORMAT
 
@@ -80,17 +80,29 @@ def read_masks_metadata(path: str | os.PathLike) -> dict[str, object]:
         return json.loads((f.metadata() or {}).get("metadata", "{}"))
 
 
-def load_masks(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Reads a file written by `save_masks`; raises `ValueError` on a corrupt or foreign file."""
+def read_tagged_safetensors(path: str | os.PathLike, expected_format: str,
+                            what: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """Header and tensors of a safetensors file hf_prune wrote with `format` tag `expected_format`.
+
+    Raises:
+        ValueError: when the file is unreadable (truncated, not safetensors) or carries another format tag;
+            `what` names the kind of file in the message.
+    """
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
-        packed = load_file(str(path))
-    except (SafetensorError, OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path} is not a readable hf_prune masks file: {err}") from None
-    if header.get("format") != MASK_FORMAT:
-        raise ValueError(f"{path} is not an hf_prune masks file (format {header.get('format')!r}, "
-                         f"expected {MASK_FORMAT!r}).")
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path} is not a readable {what}: {err}") from None
+    if header.get("format") != expected_format:
+        raise ValueError(f"{path} has format {header.get('format')!r}, expected {expected_format!r} "
+                         f"(an {what}).")
+    return header, tensors
+
+
+def load_masks(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Reads a file written by `save_masks`; raises `ValueError` on a corrupt or foreign file."""
+    header, packed = read_tagged_safetensors(path, MASK_FORMAT, "hf_prune masks file")
     shapes = json.loads(header["shapes"])
     if set(shapes) != set(packed):
         raise ValueError(f"{path} is corrupt: masks {sorted(set(packed) ^ set(shapes))} lack a shape or data.")

@@ -45,7 +45,7 @@ def test_corrupt_and_foreign_files_are_clear_errors(tmp_path):
     from safetensors.torch import save_file
 
     save_file({"a.weight": torch.ones(3)}, str(path))
-    with pytest.raises(ValueError, match="not an hf_prune masks file"):
+    with pytest.raises(ValueError, match="has format None, expected 'hf_prune.bitmask.v1'"):
         load_masks(path)
 
 
