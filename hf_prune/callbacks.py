@@ -14,7 +14,6 @@ from transformers.trainer_callback import ExportableState
 
 from .config import PruningConfig, resolve_file
 from .constants import MASKS_NAME
-from .distributed import check_ranks_agree
 from .pruner import Pruner
 from .serialization import load_masks, read_masks_metadata, save_masks
 
@@ -88,7 +87,7 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
             self.pruner.load_masks(self._initial_masks)
             self.pruner.target_sparsity = self._initial_target
         self.pruner.update(state.global_step, optimizer)
-        check_ranks_agree(self.pruner.masks, state.global_step)
+        self.pruner.check_ranks_agree(state.global_step)
 
     def make_pruner(self, model: torch.nn.Module, max_steps: int | None) -> Pruner:
         """The `Pruner` this callback drives; subclasses with their own pruning event return a subclass."""
@@ -116,7 +115,7 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     optimizer: torch.optim.Optimizer | None = None, **kwargs: Any) -> None:
         if self.pruner.update(state.global_step, optimizer):
-            check_ranks_agree(self.pruner.masks, state.global_step)
+            self.pruner.check_ranks_agree(state.global_step)
             logger.info("Step %d: pruned to %.4f sparsity (%s).", state.global_step, self.pruner.target_sparsity,
                         ", ".join(f"{k}={v:.4g}" for k, v in self.pruner.thresholds.items()))
 
@@ -131,11 +130,14 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                 **kwargs: Any) -> None:
-        if self.pruner is None or not state.is_world_process_zero:
+        if self.pruner is None:
+            return
+        masks = self.pruner.full_masks()  # collective when the weights are sharded
+        if not state.is_world_process_zero:
             return
         checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         os.makedirs(checkpoint, exist_ok=True)
-        save_masks(self.pruner.masks, os.path.join(checkpoint, MASKS_NAME),
+        save_masks(masks, os.path.join(checkpoint, MASKS_NAME),
                    {"global_step": state.global_step, "target_sparsity": self.pruner.target_sparsity})
 
     def state(self) -> dict[str, Any]:

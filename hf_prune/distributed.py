@@ -3,8 +3,14 @@
 Under DDP (`torchrun`, `accelerate launch`) every rank holds the full weights, identical after each step, so the
 deterministic radix select of `hf_prune.masks` gives identical masks everywhere. `check_ranks_agree` verifies it
 after every pruning event with two small all-reduces, so a divergence stops training instead of being silently
-trained on. `ProcessGroupReduce` is the `ShardReduce` of `hf_prune.masks` for sharded weights (FSDP2 `fully_shard`,
-ZeRO-3), where each rank scores only its own rows.
+trained on.
+
+With sharded weights (FSDP2 `fully_shard`: DTensors placed `Shard(0)` on a 1-D mesh) each rank holds a block of rows
+of every weight and the mask of that block only. `ProcessGroupReduce` is the `ShardReduce` of `hf_prune.masks`
+that finds the global threshold from the shards with collectives (no rank gathers the model), `gather_rows` builds a
+full mask for saving the way transformers gathers a sharded state dict (`DTensor.full_tensor()`), `local_rows`
+takes a rank's block of a full mask (so mask files load under any world size), and `check_thresholds_agree` is the
+rank-agreement check of sharded runs.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Shard
 
 
 _HASH_MULTIPLIER = 0x9E3779B1  # Knuth's multiplicative hash: 2**32 / golden ratio
@@ -83,8 +90,76 @@ def check_ranks_agree(masks: Mapping[str, torch.Tensor], step: int, group: dist.
             f"Pruning masks differ across ranks at step {step} in {len(differing)} of {len(masks)} tensors: "
             f"{named}{more}. Refusing to train on different masks. Under DDP every rank must hold the same weights: "
             "check that all ranks start from the same checkpoint, that nothing rank-specific changes the weights, "
-            "and that the model is not sharded (FSDP / ZeRO-3 are not supported by the pruning callbacks)."
+            "and that the model is not wrapped differently on some ranks."
         )
+
+
+def check_thresholds_agree(thresholds: Mapping[str, float], step: int, group: dist.ProcessGroup | None = None) -> None:
+    """The rank-agreement check of sharded weights, whose masks differ by design: raises `RuntimeError` on every rank
+    when the ranks of `group` did not prune with the same thresholds (same keys, same values); a no-op outside
+    multi-process runs. Collective: every rank of `group` calls it at the same point."""
+    if not is_distributed(group):
+        return
+    keys = ",".join(sorted(thresholds))
+    local = torch.tensor([zlib.crc32(keys.encode()), *(thresholds[k] for k in sorted(thresholds))],
+                         dtype=torch.float64)
+    sizes_high, sizes_low = _max_and_min(torch.tensor([local.numel()]), group)
+    if int(sizes_high) == int(sizes_low):
+        high, low = _max_and_min(local, group)
+        if torch.equal(high, low):
+            return
+    raise RuntimeError(f"Pruning thresholds differ across ranks at step {step} (this rank: {dict(thresholds)}). "
+                       "Refusing to train on inconsistent masks: every rank must build the same model, the same "
+                       "pruning config and the same sharding.")
+
+
+def shard_group(params: Mapping[str, torch.Tensor]) -> dist.ProcessGroup | None:
+    """The process group over which `params` are row-sharded, or None when none of them is a DTensor.
+
+    Raises:
+        ValueError: when only some are DTensors, or a DTensor is not placed `Shard(0)` on a 1-D mesh shared by all
+            (FSDP2's default; HSDP and tensor parallelism are not supported), or a weight is a DeepSpeed ZeRO-3
+            partition (not supported yet).
+    """
+    zero3 = [name for name, p in params.items() if hasattr(p, "ds_tensor")]
+    if zero3:
+        raise ValueError(f"{zero3[0]} and {len(zero3) - 1} more targeted weights are DeepSpeed ZeRO-3 partitions, "
+                         "which hf_prune cannot prune yet (their flat partitions are not row blocks); shard with "
+                         "FSDP2 (TrainingArguments(fsdp=True, fsdp_config={'fsdp_version': 2})) or use ZeRO-1/2.")
+    sharded = {name: p for name, p in params.items() if isinstance(p, DTensor)}
+    if not sharded:
+        return None
+    mesh = next(iter(sharded.values())).device_mesh
+    problems = [f"{name} is not a DTensor" for name in params if name not in sharded]
+    problems += [f"{name} is placed {tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh"
+                 for name, p in sharded.items()
+                 if p.device_mesh != mesh or p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),)]
+    if problems:
+        shown = "; ".join(problems[:_NAMED_IN_ERRORS]) + ("; ..." if len(problems) > _NAMED_IN_ERRORS else "")
+        raise ValueError(f"Sharded pruning needs every targeted weight row-sharded (DTensor placed (Shard(dim=0),) on "
+                         f"one 1-D device mesh, as FSDP2's fully_shard does): {shown}.")
+    return mesh.get_group()
+
+
+def local_view(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a view: in-place changes reach the parameter), else `tensor` itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def gather_rows(local: torch.Tensor, like: DTensor) -> torch.Tensor:
+    """The full tensor whose rows `local` holds on this rank, sharded like `like`, on CPU (collective)."""
+    as_bytes = local.view(torch.uint8) if local.dtype == torch.bool else local
+    full = DTensor.from_local(as_bytes, like.device_mesh, like.placements, run_check=False, shape=like.shape,
+                              stride=like.stride()).full_tensor().cpu()
+    return full.view(torch.bool) if local.dtype == torch.bool else full
+
+
+def local_rows(full: torch.Tensor, like: DTensor) -> torch.Tensor:
+    """This rank's block of rows of `full`, sharded like `like` (`torch.chunk` along dim 0, as `Shard(0)` does)."""
+    mesh = like.device_mesh
+    chunks = full.chunk(mesh.size(), dim=0)
+    rank = mesh.get_local_rank()
+    return chunks[rank] if rank < len(chunks) else full[:0]
 
 
 class ProcessGroupReduce:

@@ -349,6 +349,7 @@ class HanPruner(Pruner):
 
     def __init__(self, model: nn.Module, config: HanConfig, max_steps: int | None = None) -> None:
         super().__init__(model, config, max_steps)
+        self.require_unsharded("HanPruner")
         self.model = model
         self.events = event_steps(config, max_steps)
         self.iteration = 0

@@ -90,14 +90,23 @@ class PrunedModel(nn.Module):
 
     @classmethod
     def from_trainer(cls, trainer: transformers.Trainer) -> PrunedModel:
-        """The model a `Trainer` trained with a `MagnitudePruningCallback` (or subclass), with its masks."""
+        """The model a `Trainer` trained with a `MagnitudePruningCallback` (or subclass), with its masks.
+
+        With sharded weights (FSDP2) every rank must call it: the weights and masks are gathered to full size on
+        the CPU of the main process, as `Trainer.save_model` gathers a full state dict, into an unsharded copy of
+        the model. The other ranks get the model on the meta device: pass `is_main_process` to `save_pretrained`.
+        """
         from .callbacks import MagnitudePruningCallback
 
         callbacks = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, MagnitudePruningCallback)]
         if len(callbacks) != 1 or not callbacks[0].masks:
             raise ValueError(f"from_trainer needs exactly one pruning callback that has run; found {len(callbacks)}"
                              f"{' (not trained yet)' if callbacks and not callbacks[0].masks else ''}.")
-        return cls(trainer.model, callbacks[0].masks, callbacks[0].config)
+        pruner = callbacks[0].pruner
+        if pruner.group is None:
+            return cls(trainer.model, pruner.masks, callbacks[0].config)
+        masks = pruner.full_masks()
+        return cls(_gather_unsharded(trainer.model, trainer.is_world_process_zero()), masks, callbacks[0].config)
 
     def merge_and_unload(self) -> PrunedModel:
         """Merges the adapters of a wrapped `PeftModel` (LoRA, ...) into the base weights and re-applies the masks.
@@ -257,6 +266,23 @@ class PrunedModel(nn.Module):
             raise ValueError(f"Weights pruned by {masks_file} are non-zero in the loaded model: {revived}. The "
                              "weights and masks come from different saves; pass reapply_masks=True to zero them.")
         return cls(model, _restore_dropout(model, masks, pruning_config), pruning_config)
+
+
+def _gather_unsharded(model: nn.Module, is_main_process: bool) -> nn.Module:
+    """An unsharded copy of an FSDP2 model: full weights on CPU on the main process, on the meta device elsewhere.
+
+    Collective: the full state dict is gathered as accelerate does for FSDP2 (`get_model_state_dict` with
+    `full_state_dict=True, cpu_offload=True`: only the main process receives the tensors).
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import FSDPModule
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    model_class = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+    if not is_main_process:
+        with torch.device("meta"):
+            return model_class(model.config)
+    return model_class.from_pretrained(None, config=model.config, state_dict=state)
 
 
 def _restore_dropout(model: nn.Module, masks: Mapping[str, torch.Tensor],

@@ -337,6 +337,7 @@ class OBSPruner(Pruner):
     def __init__(self, model: nn.Module, config: PruningConfig, calibration_dataloader: Iterable[Any],
                  pattern: str | None = None, max_steps: int | None = None) -> None:
         super().__init__(model, config, max_steps)
+        self.require_unsharded("OBSPruner")
         self.model = model
         self.calibration_dataloader = calibration_dataloader
         self.pattern = pattern

@@ -12,6 +12,15 @@ from torch import nn
 
 from .config import PruningConfig
 from .criteria import CRITERIA
+from .distributed import (
+    ProcessGroupReduce,
+    check_ranks_agree,
+    check_thresholds_agree,
+    gather_rows,
+    local_rows,
+    local_view,
+    shard_group,
+)
 from .masks import update_masks_
 from .schedules import SparsitySchedule
 from .targets import find_targets
@@ -37,6 +46,12 @@ class Pruner:
         pruner.update(step, optimizer)
     ```
 
+    Sharded weights (FSDP2 `fully_shard`, DTensors placed `Shard(0)`) are pruned where they live: each rank's
+    `masks` cover its own rows, the global threshold comes from all-reduced histograms (no rank gathers the
+    model), and `full_masks()` / `load_masks()` / `state_dict()` speak full-size masks, so a mask file loads under
+    any world size. Under sharding every rank must call `update`, `prune_to`, `sparsity*`, `full_masks`,
+    `state_dict` and `check_ranks_agree` together (they are collectives).
+
     Args:
         model (`nn.Module`): the model to prune (not a DDP/compiled wrapper: the module that owns the weights).
         config (`PruningConfig`): what to prune and when.
@@ -50,12 +65,20 @@ class Pruner:
         params = dict(model.named_parameters())
         self.params: dict[str, nn.Parameter] = {t.name: params[t.name] for t in targets}
         self.classes: dict[str, str] = {t.name: t.weight_class for t in targets}
+        self.group = shard_group(self.params)
+        self._reduce = ProcessGroupReduce(self.group) if self.group is not None else None
         self.masks: dict[str, torch.Tensor] = {
-            name: torch.ones_like(p, dtype=torch.bool) for name, p in self.params.items()
+            name: torch.ones_like(local_view(p), dtype=torch.bool) for name, p in self.params.items()
         }
         self.criterion = CRITERIA[config.criterion]()
         self.target_sparsity = 0.0
         self.thresholds: dict[str, float] = {}
+
+    def require_unsharded(self, method: str) -> None:
+        """Raises `ValueError` for a method that does not support sharded weights yet."""
+        if self.group is not None:
+            raise ValueError(f"{method} does not support sharded weights (FSDP2 / ZeRO-3) yet; use "
+                             "MagnitudePruningCallback (criterion 'magnitude' or 'obd') or train unsharded (DDP).")
 
     def update(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> bool:
         """Prunes to the schedule's target at `step` if it is above the current one; returns whether it did.
@@ -74,8 +97,9 @@ class Pruner:
 
         A criterion's gradient statistics ("obd") are used and then freed.
         """
-        self.thresholds = update_masks_(self.params, self.masks, self.classes, self.criterion, sparsity,
-                                        self.config.scheme)
+        weights = {name: local_view(p) for name, p in self.params.items()}
+        self.thresholds = update_masks_(weights, self.masks, self.classes, self.criterion, sparsity,
+                                        self.config.scheme, self._reduce)
         self.criterion.reset()
         self.target_sparsity = sparsity
         self.apply_()
@@ -86,7 +110,15 @@ class Pruner:
     def apply_(self) -> None:
         """Sets the pruned weights to exactly zero, in place."""
         for name, param in self.params.items():
-            zero_pruned_(param, self.masks[name])
+            zero_pruned_(local_view(param), self.masks[name])
+
+    def check_ranks_agree(self, step: int) -> None:
+        """Raises `RuntimeError` on every rank when the ranks prune differently (see `hf_prune.distributed`):
+        unsharded, all must hold the same masks; sharded, all must have used the same thresholds."""
+        if self.group is None:
+            check_ranks_agree(self.masks, step)
+        else:
+            check_thresholds_agree(self.thresholds, step, self.group)
 
     def observe_gradients_(self, step: int) -> bool:
         """Passes the targeted weights' gradients to a criterion that ranks by them ("obd") when an event is near.
@@ -100,7 +132,8 @@ class Pruner:
         window_end = step + self.config.fisher_steps - 1
         if not self.criterion.needs_gradients or self.schedule(window_end) <= self.target_sparsity:
             return False
-        self.criterion.observe_gradients({name: p.grad for name, p in self.params.items() if p.grad is not None})
+        self.criterion.observe_gradients({name: local_view(p.grad) for name, p in self.params.items()
+                                          if p.grad is not None})
         return True
 
     def estimate_fisher(self, model: nn.Module, dataloader: Iterable[Mapping[str, Any]],
@@ -144,7 +177,8 @@ class Pruner:
                 for batch in itertools.islice(dataloader, num_batches):
                     loss = _batch_loss(model, batch, device)
                     gradients = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-                    self.criterion.observe_gradients({n: g for n, g in zip(params, gradients) if g is not None})
+                    self.criterion.observe_gradients({n: local_view(g) for n, g in zip(params, gradients)
+                                                      if g is not None})
         finally:
             model.train(was_training)
 
@@ -153,7 +187,7 @@ class Pruner:
         """Zeroes the gradients of pruned weights (call before `optimizer.step()`)."""
         for name, param in self.params.items():
             if param.grad is not None:
-                zero_pruned_(param.grad, self.masks[name])
+                zero_pruned_(local_view(param.grad), self.masks[name])
 
     @torch.no_grad()
     def mask_optimizer_state_(self, optimizer: torch.optim.Optimizer) -> None:
@@ -161,25 +195,39 @@ class Pruner:
         for name, param in self.params.items():
             for value in optimizer.state.get(param, {}).values():
                 if isinstance(value, torch.Tensor) and value.shape == param.shape:
-                    zero_pruned_(value, self.masks[name])
+                    zero_pruned_(local_view(value), self.masks[name])
 
     def sparsity(self) -> float:
-        """Fraction of the targeted weights that are pruned."""
-        total = sum(mask.numel() for mask in self.masks.values())
-        return 1.0 - sum(int(mask.sum()) for mask in self.masks.values()) / total
+        """Fraction of the targeted weights that are pruned (over all shards)."""
+        kept, total = self._kept_and_total(lambda name: "")
+        return 1.0 - kept[""] / total[""]
 
     def sparsity_by_class(self) -> dict[str, float]:
-        """Fraction pruned in each weight class."""
-        kept: dict[str, int] = defaultdict(int)
-        total: dict[str, int] = defaultdict(int)
-        for name, mask in self.masks.items():
-            kept[self.classes[name]] += int(mask.sum())
-            total[self.classes[name]] += mask.numel()
+        """Fraction pruned in each weight class (over all shards)."""
+        kept, total = self._kept_and_total(self.classes.__getitem__)
         return {cls: 1.0 - kept[cls] / total[cls] for cls in total}
 
+    def _kept_and_total(self, key: Any) -> tuple[dict[str, int], dict[str, int]]:
+        """Kept and total entries of the masks grouped by `key(name)`, summed over the shards."""
+        counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        for name, mask in self.masks.items():
+            counts[key(name)][0] += int(mask.sum())
+            counts[key(name)][1] += mask.numel()
+        if self._reduce is not None:
+            summed = self._reduce.sum(torch.tensor(list(counts.values()), dtype=torch.int64)).tolist()
+            counts = dict(zip(counts, summed))
+        return {k: c[0] for k, c in counts.items()}, {k: c[1] for k, c in counts.items()}
+
+    def full_masks(self) -> dict[str, torch.Tensor]:
+        """The masks at the weights' full shapes: `masks` itself unsharded, else gathered from every rank (CPU)."""
+        if self.group is None:
+            return self.masks
+        return {name: gather_rows(mask, self.params[name]) for name, mask in self.masks.items()}
+
     def state_dict(self) -> dict[str, Any]:
-        """Masks and schedule position (for `accelerate`'s `register_for_checkpointing` or a custom loop)."""
-        return {"masks": dict(self.masks), "target_sparsity": self.target_sparsity}
+        """Full-size masks and schedule position (for `accelerate`'s `register_for_checkpointing` or a custom
+        loop)."""
+        return {"masks": dict(self.full_masks()), "target_sparsity": self.target_sparsity}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restores `state_dict()` output and re-applies the masks to the weights."""
@@ -187,10 +235,13 @@ class Pruner:
         self.target_sparsity = float(state["target_sparsity"])
 
     def load_masks(self, masks: Mapping[str, torch.Tensor]) -> None:
-        """Replaces the masks (names and shapes must match the targets exactly) and applies them."""
+        """Replaces the masks by full-size ones (names and shapes must match the targets exactly; sharded, each
+        rank keeps its rows) and applies them."""
         check_masks_match(masks, {name: tuple(p.shape) for name, p in self.params.items()})
         for name, mask in masks.items():
-            self.masks[name] = mask.to(device=self.params[name].device, dtype=torch.bool).clone()
+            param = self.params[name]
+            rows = mask if self.group is None else local_rows(mask, param)
+            self.masks[name] = rows.to(device=local_view(param).device, dtype=torch.bool).clone()
         self.apply_()
 
 

@@ -254,7 +254,9 @@ class RPPCallback(MagnitudePruningCallback):
 
     def make_pruner(self, model: torch.nn.Module, max_steps: int | None) -> Pruner:
         # The Pruner follows the hard prune at end_step, not the proximal window of self.config.
-        return Pruner(model, hard_prune_config(self.config, self.penalty_schedule.end), max_steps=max_steps)
+        pruner = Pruner(model, hard_prune_config(self.config, self.penalty_schedule.end), max_steps=max_steps)
+        pruner.require_unsharded("RPPCallback")
+        return pruner
 
     def log_entries(self, state: TrainerState) -> dict[str, float]:
         entries = {**super().log_entries(state), "rpp_penalty": self.penalty_schedule(state.global_step)}

@@ -6,7 +6,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers.pytorch_utils import Conv1D
 
 from .config import PruningConfig
@@ -40,6 +42,11 @@ def weight_class(module_name: str, granularity: str = "role") -> str:
     return _BLOCK_INDEX.sub(r"\1*", module_name)
 
 
+def _storage(weight: torch.Tensor) -> int:
+    """What tied weights share: their storage, or for a sharded DTensor (whose `data_ptr()` is 0) the parameter."""
+    return id(weight) if isinstance(weight, DTensor) else weight.data_ptr()
+
+
 def find_targets(model: nn.Module, config: PruningConfig) -> list[Target]:
     """The weights `config` prunes in `model`, in `named_modules` order.
 
@@ -52,9 +59,9 @@ def find_targets(model: nn.Module, config: PruningConfig) -> list[Target]:
     Raises:
         ValueError: when `target_modules` or `exclude_modules` matches no prunable module, or nothing is left.
     """
-    embedding_storage = {m.weight.data_ptr() for m in model.modules() if isinstance(m, nn.Embedding)}
+    embedding_storage = {_storage(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     candidates = [(name, module) for name, module in model.named_modules()
-                  if isinstance(module, PRUNABLE_MODULES) and module.weight.data_ptr() not in embedding_storage]
+                  if isinstance(module, PRUNABLE_MODULES) and _storage(module.weight) not in embedding_storage]
     if not candidates:
         raise ValueError(f"{type(model).__name__} has no nn.Linear or Conv1D layers (other than tied embeddings) "
                          "to prune.")

@@ -8,6 +8,9 @@ process last, so any file written by another rank would show in that rank's list
 
 With `--skew_rank r`, rank `r` prunes one extra weight at every event after the first, as any rank-specific
 divergence would: training must stop at step 2 with the rank-agreement error.
+
+With `--fsdp2` the Trainer shards the model with FSDP2 (accelerate enables FSDP on accelerators only: this needs
+2 GPUs); the masks and weights written per rank are then the gathered full ones.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from hf_prune import MagnitudePruningCallback, PrunedModel, Pruner, PruningConfi
 CONFIG = PruningConfig(initial_sparsity=0.2, final_sparsity=0.7, schedule="cubic", start_step=0, end_step=4,
                        pruning_frequency=2)
 MAX_STEPS = 6
+FSDP2_ARGS = {"fsdp": True, "fsdp_config": {"fsdp_version": 2, "reshard_after_forward": True,
+                                            "transformer_layer_cls_to_wrap": ["BertLayer"]}}
 
 
 class SkewedPruner(Pruner):
@@ -51,6 +56,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--skew_rank", type=int, default=None)
+    parser.add_argument("--fsdp2", action="store_true")
     cli = parser.parse_args()
     output_dir = cli.output_dir
 
@@ -58,7 +64,8 @@ def main() -> None:
     callback = (SkewedCallback if skewed else MagnitudePruningCallback)(CONFIG)
     args = TrainingArguments(output_dir=os.path.join(output_dir, "trainer"), max_steps=MAX_STEPS,
                              per_device_train_batch_size=4, learning_rate=5e-3, save_strategy="steps",
-                             save_steps=MAX_STEPS, report_to="none", use_cpu=True, seed=0, disable_tqdm=True)
+                             save_steps=MAX_STEPS, report_to="none", use_cpu=not cli.fsdp2, seed=0, disable_tqdm=True,
+                             **FSDP2_ARGS if cli.fsdp2 else {})
     trainer = Trainer(model=tiny_bert(), args=args, train_dataset=TinyClassificationDataset(64), callbacks=[callback])
     trainer.train()
 
@@ -71,11 +78,12 @@ def main() -> None:
             seen_after_own_save = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
         trainer.accelerator.wait_for_everyone()
 
-    params = dict(trainer.model.named_parameters())
-    tensors = {f"mask/{name}": mask.contiguous() for name, mask in callback.masks.items()}
-    tensors.update({f"weight/{name}": params[name].detach().contiguous() for name in callback.masks})
+    params = {name: getattr(p, "full_tensor", lambda p=p: p)().detach().cpu()  # gathered when sharded
+              for name, p in trainer.model.named_parameters() if name in callback.masks}
+    tensors = {f"mask/{name}": mask.contiguous() for name, mask in callback.pruner.full_masks().items()}
+    tensors.update({f"weight/{name}": weight.contiguous() for name, weight in params.items()})
     metadata = {"world_size": str(trainer.args.world_size), "seen_after_own_save": json.dumps(seen_after_own_save),
-                "parallel_mode": str(trainer.args.parallel_mode)}
+                "parallel_mode": str(trainer.args.parallel_mode), "fsdp": str(trainer.is_fsdp_enabled)}
     save_file(tensors, os.path.join(output_dir, f"rank{rank}.safetensors"), metadata=metadata)
 
 

@@ -1,11 +1,12 @@
 """Multi-process pruning on CPU with gloo: DDP training through torchrun, the rank-agreement check, and the radix
-select over row-sharded weights (plain row blocks and FSDP2 `fully_shard` local shards)."""
+select over row-sharded weights (plain row blocks), and `MagnitudePruningCallback` on FSDP2 `fully_shard` shards."""
 
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,10 +16,16 @@ from conftest import TinyClassificationDataset, tiny_bert
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from hf_prune import PrunedModel, Pruner, PruningConfig
+from hf_prune import MagnitudePruningCallback, PrunedModel, Pruner, PruningConfig
 from hf_prune.constants import MASKS_NAME
 from hf_prune.criteria import MagnitudeCriterion
-from hf_prune.distributed import ProcessGroupReduce, check_ranks_agree, is_distributed, masks_fingerprint
+from hf_prune.distributed import (
+    ProcessGroupReduce,
+    check_ranks_agree,
+    check_thresholds_agree,
+    is_distributed,
+    masks_fingerprint,
+)
 from hf_prune.masks import update_masks_
 from hf_prune.serialization import load_masks
 from hf_prune.targets import find_targets
@@ -93,6 +100,25 @@ def test_ddp_pruned_model_and_checkpoint_are_written_by_the_main_process_only(dd
     assert all(torch.equal(checkpoint_masks[name], mask) for name, mask in masks.items())
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < WORLD_SIZE,
+                    reason="the Trainer shards with FSDP only on accelerators: needs 2 GPUs")
+def test_trainer_under_fsdp2_prunes_shards_and_saves_full_masks(tmp_path):
+    result = torchrun(tmp_path, "--fsdp2")
+    assert result.returncode == 0, f"torchrun failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
+    (masks0, weights0, meta0), (masks1, weights1, _) = (read_rank(tmp_path, r) for r in range(WORLD_SIZE))
+    assert meta0["fsdp"] == "True"
+    total = sum(m.numel() for m in masks0.values())
+    assert sum(int((~m).sum()) for m in masks0.values()) == round(0.7 * total)
+    loaded = PrunedModel.from_pretrained(tmp_path / "pruned")
+    params = dict(loaded.model.named_parameters())
+    for name, mask in masks0.items():
+        assert torch.equal(mask, masks1[name]) and torch.equal(weights0[name], weights1[name]), name
+        assert (weights0[name][~mask] == 0).all() and torch.equal(loaded.masks[name], mask), name
+        assert torch.equal(params[name], weights0[name]), name
+    checkpoint_masks = load_masks(tmp_path / "trainer" / "checkpoint-6" / MASKS_NAME)
+    assert all(torch.equal(mask, masks0[name]) for name, mask in checkpoint_masks.items())
+
+
 def test_ddp_training_stops_when_one_rank_prunes_differently(tmp_path):
     result = torchrun(tmp_path, "--skew_rank", "1")
     assert result.returncode != 0
@@ -154,34 +180,71 @@ def prune_row_shards(rank: int, folder: str) -> None:
     save_file(prune_events(shards, classes, ProcessGroupReduce()), os.path.join(folder, f"shards{rank}.safetensors"))
 
 
-def prune_fsdp2(rank: int, folder: str) -> None:
-    """FSDP2 `fully_shard` on CPU: masks from the local shards, applied to them, then one masked training step."""
-    from torch.distributed.device_mesh import init_device_mesh
+FSDP2_CONFIG = PruningConfig(initial_sparsity=0.2, final_sparsity=0.7, schedule="cubic", start_step=0, end_step=4,
+                             pruning_frequency=2)
+FSDP2_STEPS = 6
+
+
+def sharded_tiny_bert(mesh) -> torch.nn.Module:
+    """The tiny BERT under FSDP2 `fully_shard` per layer and at the root (intermediate size 37: uneven shards)."""
     from torch.distributed.fsdp import fully_shard
 
     model = tiny_bert()
-    targets = find_targets(model, PruningConfig())
-    mesh = init_device_mesh("cpu", (WORLD_SIZE,))
     for layer in model.bert.encoder.layer:
         fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    params = dict(model.named_parameters())
-    local = {t.name: params[t.name].to_local() for t in targets}
-    masks = {n: torch.ones_like(w, dtype=torch.bool) for n, w in local.items()}
-    update_masks_(local, masks, {t.name: t.weight_class for t in targets}, MagnitudeCriterion(), 0.6, "class-blind",
-                  ProcessGroupReduce(mesh.get_group()))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    dataset = TinyClassificationDataset(8)
-    batch = {key: torch.stack([dataset[i][key] for i in range(4)]) for key in dataset[0]}
-    with torch.no_grad():
-        for name, mask in masks.items():
-            local[name].mul_(mask)
-    model(**batch).loss.backward()
-    for name, mask in masks.items():
-        params[name].grad.to_local().mul_(mask)
-    optimizer.step()
-    full = {f"weight/{n}": params[n].full_tensor().detach() for n in masks}
-    save_file({**full, **{f"mask/{n}": m for n, m in masks.items()}}, os.path.join(folder, f"fsdp{rank}.safetensors"))
+    return fully_shard(model, mesh=mesh)
+
+
+def fsdp2_training(rank: int, folder: str) -> None:
+    """Drives `MagnitudePruningCallback` through the Trainer's events on an FSDP2 model, one batch per rank (the
+    Trainer cannot shard on CPU: accelerate enables FSDP on accelerators only), then saves a checkpoint, gathers a
+    `PrunedModel`, resumes from the checkpoint into a fresh sharded model, and checks a threshold disagreement."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from transformers import TrainerControl, TrainerState
+
+    mesh = init_device_mesh("cpu", (WORLD_SIZE,))
+    model = sharded_tiny_bert(mesh)
+    args = SimpleNamespace(output_dir=os.path.join(folder, "fsdp2_trainer"), resume_from_checkpoint=None)
+    state, control = TrainerState(max_steps=FSDP2_STEPS, is_world_process_zero=rank == 0), TrainerControl()
+    callback = MagnitudePruningCallback(FSDP2_CONFIG)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    callback.on_train_begin(args, state, control, model=model, optimizer=optimizer)
+    first_event = {f"first/{n}": m for n, m in callback.pruner.full_masks().items()}
+    dataset = TinyClassificationDataset(4 * WORLD_SIZE)
+    batch = {key: torch.stack([dataset[i][key] for i in range(4 * rank, 4 * rank + 4)]) for key in dataset[0]}
+    for _ in range(FSDP2_STEPS):
+        model(**batch).loss.backward()
+        callback.on_pre_optimizer_step(args, state, control)
+        optimizer.step()
+        callback.on_optimizer_step(args, state, control)
+        optimizer.zero_grad()
+        state.global_step += 1
+        callback.on_step_end(args, state, control, optimizer=optimizer)
+    logs: dict[str, float] = {}
+    callback.on_log(args, state, control, logs=logs)
+    callback.on_save(args, state, control)
+
+    trainer = SimpleNamespace(callback_handler=SimpleNamespace(callbacks=[callback]), model=model,
+                              is_world_process_zero=lambda: rank == 0)
+    PrunedModel.from_trainer(trainer).save_pretrained(os.path.join(folder, "fsdp2_pruned"), is_main_process=rank == 0)
+
+    resumed_model = sharded_tiny_bert(mesh)
+    resumed = MagnitudePruningCallback(FSDP2_CONFIG)
+    resumed_state = TrainerState(max_steps=FSDP2_STEPS, global_step=FSDP2_STEPS, is_world_process_zero=rank == 0)
+    resumed.on_train_begin(args, resumed_state, control, model=resumed_model, optimizer=None)
+
+    try:
+        check_thresholds_agree({"threshold": 0.5 + rank}, step=3)
+        disagreement = ""
+    except RuntimeError as error:
+        disagreement = str(error)
+    params, resumed_params = dict(model.named_parameters()), dict(resumed_model.named_parameters())
+    tensors = {**first_event, **{f"local/{n}": m for n, m in callback.masks.items()}}
+    tensors.update({f"weight/{n}": params[n].full_tensor().detach() for n in callback.masks})
+    tensors.update({f"resumed_local/{n}": m for n, m in resumed.masks.items()})
+    tensors.update({f"resumed_weight/{n}": resumed_params[n].full_tensor().detach() for n in resumed.masks})
+    metadata = {"logs": json.dumps(logs), "disagreement": disagreement}
+    save_file(tensors, os.path.join(folder, f"fsdp2_rank{rank}.safetensors"), metadata=metadata)
 
 
 def worker(rank: int, init_file: str, folder: str) -> None:
@@ -191,7 +254,7 @@ def worker(rank: int, init_file: str, folder: str) -> None:
         assert is_distributed()
         check_agreement(rank, folder)
         prune_row_shards(rank, folder)
-        prune_fsdp2(rank, folder)
+        fsdp2_training(rank, folder)
     finally:
         dist.destroy_process_group()
 
@@ -235,13 +298,81 @@ def test_row_sharded_select_equals_the_single_process_masks_with_ties(spawned):
     assert sum(int((~m).sum()) for m in blind) == round(0.6 * total)
 
 
-def test_fsdp2_local_shards_give_the_single_process_masks(spawned):
-    model = tiny_bert()
-    reference = Pruner(model, PruningConfig(final_sparsity=0.6, schedule="oneshot"))
+def read_fsdp2_rank(folder: Path, rank: int) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]:
+    """fsdp2_rank<r>.safetensors as {kind: {parameter name: tensor}} and its metadata."""
+    path = str(folder / f"fsdp2_rank{rank}.safetensors")
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in load_file(path).items():
+        kind, _, name = key.partition("/")
+        grouped.setdefault(kind, {})[name] = tensor
+    with safe_open(path, "pt") as f:
+        return grouped, f.metadata()
+
+
+def test_fsdp2_first_event_on_shards_equals_the_single_process_masks(spawned):
+    reference = Pruner(tiny_bert(), FSDP2_CONFIG, max_steps=FSDP2_STEPS)
     reference.update(0)
-    ranks = [load_file(str(spawned / f"fsdp{r}.safetensors")) for r in range(WORLD_SIZE)]
-    for name, mask in reference.masks.items():
-        assert torch.equal(torch.cat([r[f"mask/{name}"] for r in ranks]), mask), name
-        weight = ranks[0][f"weight/{name}"]
-        assert torch.equal(weight, ranks[1][f"weight/{name}"]) and (weight[~mask] == 0).all(), name
-        assert not torch.equal(weight, reference.params[name].detach()), name  # the training step moved it
+    for rank in range(WORLD_SIZE):
+        first = read_fsdp2_rank(spawned, rank)[0]["first"]
+        assert first.keys() == reference.masks.keys()
+        for name, mask in reference.masks.items():
+            assert torch.equal(first[name], mask), name
+
+
+def test_fsdp2_training_keeps_shard_masks_exact_and_saves_them_gathered(spawned):
+    ranks = [read_fsdp2_rank(spawned, r) for r in range(WORLD_SIZE)]
+    saved = load_masks(spawned / "fsdp2_trainer" / f"checkpoint-{FSDP2_STEPS}" / MASKS_NAME)
+    uneven = "bert.encoder.layer.0.intermediate.dense.weight"
+    assert [r[0]["local"][uneven].shape[0] for r in ranks] == [19, 18]  # torch.chunk of 37 rows
+    total = sum(m.numel() for m in saved.values())
+    assert sum(int((~m).sum()) for m in saved.values()) == round(0.7 * total)  # the exact global target
+    for name, mask in saved.items():
+        assert torch.equal(torch.cat([r[0]["local"][name] for r in ranks]), mask), name
+        weight = ranks[0][0]["weight"][name]
+        assert (weight[~mask] == 0).all() and (weight[mask] != 0).all(), name
+    for _, metadata in ranks:  # every rank logs the global sparsity, not its shard's
+        assert json.loads(metadata["logs"])["sparsity"] == pytest.approx(1 - sum(int(m.sum()) for m in saved.values())
+                                                                         / total)
+
+
+def test_fsdp2_resume_loads_the_gathered_masks_into_fresh_shards(spawned):
+    saved = load_masks(spawned / "fsdp2_trainer" / f"checkpoint-{FSDP2_STEPS}" / MASKS_NAME)
+    ranks = [read_fsdp2_rank(spawned, r)[0] for r in range(WORLD_SIZE)]
+    fresh = dict(tiny_bert().named_parameters())
+    for name, mask in saved.items():
+        assert torch.equal(torch.cat([r["resumed_local"][name] for r in ranks]), mask), name
+        weight = ranks[0]["resumed_weight"][name]
+        assert torch.equal(weight, fresh[name].detach() * mask), name  # the fresh weights, masked
+
+
+def test_fsdp2_mask_file_loads_in_one_process(spawned):
+    """A mask file written by a 2-rank sharded run loads under another world size (here: 1, unsharded)."""
+    saved = load_masks(spawned / "fsdp2_trainer" / f"checkpoint-{FSDP2_STEPS}" / MASKS_NAME)
+    pruner = Pruner(tiny_bert(), FSDP2_CONFIG)
+    pruner.load_masks(saved)
+    assert pruner.sparsity() == pytest.approx(0.7, abs=1e-3)
+
+
+def test_fsdp2_pruned_model_is_gathered_and_written_by_the_main_process(spawned):
+    folder = spawned / "fsdp2_pruned"
+    assert sorted(os.listdir(folder)) == sorted(SAVED_FILES)
+    pruned = PrunedModel.from_pretrained(folder)
+    trained = read_fsdp2_rank(spawned, 0)[0]["weight"]
+    params = dict(pruned.model.named_parameters())
+    assert pruned.masks.keys() == trained.keys()
+    for name, weight in trained.items():
+        assert torch.equal(params[name].detach(), weight), name
+        assert torch.equal(pruned.masks[name], weight != 0), name
+
+
+def test_sharded_ranks_that_disagree_on_the_threshold_raise(spawned):
+    for rank in range(WORLD_SIZE):
+        message = read_fsdp2_rank(spawned, rank)[1]["disagreement"]
+        assert "thresholds differ across ranks at step 3" in message
+
+
+def test_deepspeed_zero3_partitions_are_refused_before_training():
+    model = tiny_bert()
+    model.bert.encoder.layer[1].output.dense.weight.ds_tensor = torch.zeros(0)  # what ZeRO-3 attaches
+    with pytest.raises(ValueError, match="bert.encoder.layer.1.output.dense.weight and 0 more .*ZeRO-3.*FSDP2"):
+        Pruner(model, PruningConfig(schedule="oneshot"))

@@ -77,6 +77,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_arguments(parser)
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9])
+    parser.add_argument("--schedules", nargs="+", choices=["iterative", "cubic"], default=["iterative", "cubic"])
     parser.add_argument("--small_dense_layers", type=int, nargs="*", default=[1, 2])
     parser.add_argument("--plot", type=Path, default=None, help="Write the accuracy plots to this PNG.")
     args = parser.parse_args()
@@ -86,8 +87,10 @@ def main() -> None:
     train, dev = load_sst2(args, tokenizer)
     matched = [round(1 - k / LAYERS, 4) for k in args.small_dense_layers]
     runs = [("dense", 0.0, None)]
-    runs += [("iterative", s, None) for s in args.sparsities]
-    runs += [("cubic", s, None) for s in sorted(set(args.sparsities) | set(matched))]
+    if "iterative" in args.schedules:
+        runs += [("iterative", s, None) for s in args.sparsities]
+    if "cubic" in args.schedules:
+        runs += [("cubic", s, None) for s in sorted(set(args.sparsities) | set(matched))]
     runs += [("small-dense", 0.0, k) for k in args.small_dense_layers]
 
     results = []
