@@ -154,7 +154,7 @@ def main() -> None:
     if "parameters" in first:
         print(f"{first['parameters'] / 1e9:.3f}B parameters, {first['targeted'] / 1e9:.3f}B targeted; "
               f"RSS before the event {first['before_gib']:.2f} GiB")
-    print("| method | time (s) | peak RSS (GiB) | above the model (GiB) | status |\n|---|---|---|---|---|")
+    print("| method | time (s) | peak RSS (GiB) | above model + masks (GiB) | status |\n|---|---|---|---|---|")
     for method, result in results.items():
         if "seconds" in result:
             print(f"| {method} | {result['seconds']:.2f} | {result['peak_gib']:.2f} | "
