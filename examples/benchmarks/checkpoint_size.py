@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from common import print_and_write
 from safetensors import safe_open
 from transformers import AutoModelForSequenceClassification
 
@@ -76,9 +77,7 @@ def main() -> None:
                             f"{folder_bytes(folder) / 2**20:.1f} MiB | {'yes' if exact else 'NO'} |")
             lines += rows
     text = "\n".join(["all-MiniLM-L6-v2, encoder Linear weights (10.6M) pruned one-shot by magnitude", "", *lines])
-    print(text)
-    if args.output:
-        args.output.write_text(text + "\n")
+    print_and_write(text, args.output)
 
 
 if __name__ == "__main__":

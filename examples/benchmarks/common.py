@@ -52,6 +52,13 @@ def add_common_arguments(parser: argparse.ArgumentParser, max_train_samples: int
     parser.add_argument("--output", type=Path, default=None, help="Also write the Markdown table to this file.")
 
 
+def print_and_write(text: str, output: Path | None) -> None:
+    """Prints a result table and, with `--output`, writes it to that file as well."""
+    print("\n" + text)
+    if output:
+        Path(output).write_text(text + "\n", encoding="utf-8")
+
+
 def read_tsv(path: str | Path) -> list[tuple[str, int]]:
     """GLUE SST-2 rows `(sentence, label)` (header line skipped)."""
     with open(path, encoding="utf-8", newline="") as f:

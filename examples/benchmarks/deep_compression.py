@@ -29,7 +29,7 @@ import time
 from collections.abc import Sequence
 
 import torch
-from common import accuracy, add_common_arguments, fine_tune, load_model, setup_sst2
+from common import accuracy, add_common_arguments, fine_tune, load_model, print_and_write, setup_sst2
 from safetensors import safe_open
 from transformers import AutoModelForSequenceClassification
 
@@ -148,10 +148,7 @@ def run(args: argparse.Namespace, command: str, work: str) -> str:
                      sizes.compressed_bytes, folder_bytes(folder)))
 
     report = render(args, command, rows, dense_bytes, timings, checks, len(train_set), len(dev_set))
-    print(report)
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.write(report + "\n")
+    print_and_write(report, args.output)
     return report
 
 

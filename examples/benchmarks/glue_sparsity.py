@@ -28,6 +28,7 @@ from common import (
     fine_tune,
     load_model,
     load_sst2,
+    print_and_write,
 )
 from transformers import AutoTokenizer, DataCollatorWithPadding
 
@@ -124,10 +125,7 @@ def main() -> None:
         schedule = {"dense": "-", "small-dense": "- (small dense)"}.get(r["kind"], r["kind"])
         lines.append(f"| {model} | {schedule} | {r['sparsity']:.2%} | {r['nonzero'] / 1e6:.2f}M | "
                      f"{r['accuracy']:.2%} | {100 * (r['accuracy'] - dense):+.2f} pt | {r['seconds']:.0f} s |")
-    text = "\n".join(lines)
-    print(text)
-    if args.output:
-        args.output.write_text(text + "\n")
+    print_and_write("\n".join(lines), args.output)
     if args.plot:
         plot(results, dense, args.plot)
 

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import print_and_write
 from transformers import AutoModelForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
 
 from hf_prune import MagnitudePruningCallback, Pruner, PruningConfig
@@ -167,10 +168,7 @@ def main() -> None:
     ratio = events["hf_prune"]["extra_peak_bytes"] / events["hf_prune"]["mask_bytes"]
     lines += ["", f"hf_prune is {speedup:.1f}x faster than torch.nn.utils.prune; its event's extra peak memory is "
               f"{ratio:.2f}x the bytes of its bool masks."]
-    text = "\n".join(lines)
-    print(text)
-    if args.output:
-        args.output.write_text(text + "\n")
+    print_and_write("\n".join(lines), args.output)
 
 
 if __name__ == "__main__":

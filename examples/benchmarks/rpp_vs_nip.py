@@ -23,7 +23,16 @@ import tempfile
 import time
 
 import torch
-from common import accuracy, add_common_arguments, encoder_sparsity, fine_tune, load_model, setup_sst2, training_args
+from common import (
+    accuracy,
+    add_common_arguments,
+    encoder_sparsity,
+    fine_tune,
+    load_model,
+    print_and_write,
+    setup_sst2,
+    training_args,
+)
 from transformers import TrainingArguments, get_scheduler
 
 from hf_prune import MagnitudePruningCallback, Pruner, PruningConfig
@@ -109,10 +118,7 @@ def main() -> None:
               f"{args.max_steps} steps, batch {args.batch_size}, seq len {args.max_seq_length}, "
               f"lr {args.learning_rate}, warm-up {args.warmup_ratio}, weight decay {args.weight_decay}, "
               f"seed {args.seed}; pruning ends at 75% of the run ({time.perf_counter() - start:.0f} s in all).\n\n")
-    print("\n" + header + table)
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.write(header + table + "\n")
+    print_and_write(header + table, args.output)
 
 
 if __name__ == "__main__":

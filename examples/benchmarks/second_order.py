@@ -44,6 +44,7 @@ from common import (
     encoder_sparsity,
     fine_tune,
     load_model,
+    print_and_write,
     proc_status_bytes,
     reset_peak_rss,
     setup_sst2,
@@ -186,11 +187,7 @@ def main() -> None:
               f"gradients (OBS block {args.block_size}, dampening "
               f"{args.dampening}). Wall time and peak RSS growth are of the pruning call alone, each in a fresh "
               f"process, with {torch.get_num_threads()} thread(s); {time.perf_counter() - start:.0f} s in all.\n\n")
-    text = header + table(results)
-    print("\n" + text)
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
+    print_and_write(header + table(results), args.output)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import SHARED_SST2, default_model_path
+from common import SHARED_SST2, default_model_path, print_and_write
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/, for run_squad
@@ -60,10 +60,7 @@ def main() -> None:
              f"max length {args.max_seq_length}, stride {args.doc_stride}, lr {args.learning_rate}; all-MiniLM-L6-v2",
              "", "| encoder sparsity | exact match | F1 | time |", "|---|---|---|---|"]
     lines += [f"| {s:.0%} | {m['eval_exact_match']:.2f} | {m['eval_f1']:.2f} | {t:.0f} s |" for s, m, t in rows]
-    text = "\n".join(lines)
-    print(text)
-    if args.output:
-        args.output.write_text(text + "\n")
+    print_and_write("\n".join(lines), args.output)
 
 
 if __name__ == "__main__":
