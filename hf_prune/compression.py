@@ -35,6 +35,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from . import __version__
 from .constants import DEEP_COMPRESSED_FORMAT, QUANTIZATION_STATE_NAME
+from .distributed import refuse_sharded
 from .pruner import check_masks_match
 from .serialization import atomic_save_safetensors, read_tagged_safetensors
 
@@ -265,6 +266,7 @@ class QuantizationCallback(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model: torch.nn.Module | None = None, **kwargs: Any) -> None:
         self.params = dict(extract_model_from_parallel(model).named_parameters())
+        refuse_sharded(self.params.values(), "QuantizationCallback")
         if state.global_step > 0:
             self.quantized = self._restore_from_checkpoint(args, state)
         else:

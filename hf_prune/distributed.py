@@ -16,7 +16,7 @@ rank-agreement check of sharded runs.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -139,6 +139,14 @@ def shard_group(params: Mapping[str, torch.Tensor]) -> dist.ProcessGroup | None:
         raise ValueError(f"Sharded pruning needs every targeted weight row-sharded (DTensor placed (Shard(dim=0),) on "
                          f"one 1-D device mesh, as FSDP2's fully_shard does): {shown}.")
     return mesh.get_group()
+
+
+def refuse_sharded(params: Iterable[torch.Tensor], method: str) -> None:
+    """Raises `ValueError` when a weight is sharded (FSDP2 DTensor, DeepSpeed ZeRO-3 partition), for a method that
+    does not support sharded weights yet."""
+    if any(isinstance(p, DTensor) or hasattr(p, "ds_tensor") for p in params):
+        raise ValueError(f"{method} does not support sharded weights (FSDP2 / ZeRO-3) yet; train unsharded (DDP), or "
+                         "use MagnitudePruningCallback (criterion 'magnitude' or 'obd'), which supports FSDP2.")
 
 
 def local_view(tensor: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from .callbacks import MagnitudePruningCallback
 from .config import PruningConfig, check_choice
+from .distributed import refuse_sharded
 from .pruner import Pruner
 from .targets import find_targets
 
@@ -115,6 +116,7 @@ class RegularizationCallback(TrainerCallback):
         model = extract_model_from_parallel(model)
         params = dict(model.named_parameters())
         self.params = {t.name: params[t.name] for t in find_targets(model, self.config)}
+        refuse_sharded(self.params.values(), "RegularizationCallback")
 
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                               **kwargs: Any) -> None:
@@ -349,7 +351,7 @@ class HanPruner(Pruner):
 
     def __init__(self, model: nn.Module, config: HanConfig, max_steps: int | None = None) -> None:
         super().__init__(model, config, max_steps)
-        self.require_unsharded("HanPruner")
+        refuse_sharded(self.params.values(), "HanPruner")
         self.model = model
         self.events = event_steps(config, max_steps)
         self.iteration = 0

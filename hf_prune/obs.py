@@ -25,6 +25,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .callbacks import MagnitudePruningCallback
 from .config import PruningConfig
+from .distributed import refuse_sharded
 from .pruner import Pruner
 from .targets import Target, find_targets
 
@@ -337,7 +338,7 @@ class OBSPruner(Pruner):
     def __init__(self, model: nn.Module, config: PruningConfig, calibration_dataloader: Iterable[Any],
                  pattern: str | None = None, max_steps: int | None = None) -> None:
         super().__init__(model, config, max_steps)
-        self.require_unsharded("OBSPruner")
+        refuse_sharded(self.params.values(), "OBSPruner")
         self.model = model
         self.calibration_dataloader = calibration_dataloader
         self.pattern = pattern

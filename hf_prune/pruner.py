@@ -74,12 +74,6 @@ class Pruner:
         self.target_sparsity = 0.0
         self.thresholds: dict[str, float] = {}
 
-    def require_unsharded(self, method: str) -> None:
-        """Raises `ValueError` for a method that does not support sharded weights yet."""
-        if self.group is not None:
-            raise ValueError(f"{method} does not support sharded weights (FSDP2 / ZeRO-3) yet; use "
-                             "MagnitudePruningCallback (criterion 'magnitude' or 'obd') or train unsharded (DDP).")
-
     def update(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> bool:
         """Prunes to the schedule's target at `step` if it is above the current one; returns whether it did.
 

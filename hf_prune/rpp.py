@@ -22,6 +22,7 @@ from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from .callbacks import MagnitudePruningCallback
 from .config import PruningConfig, check_choice
+from .distributed import refuse_sharded
 from .pruner import Pruner
 from .schedules import SparsitySchedule
 
@@ -255,7 +256,7 @@ class RPPCallback(MagnitudePruningCallback):
     def make_pruner(self, model: torch.nn.Module, max_steps: int | None) -> Pruner:
         # The Pruner follows the hard prune at end_step, not the proximal window of self.config.
         pruner = Pruner(model, hard_prune_config(self.config, self.penalty_schedule.end), max_steps=max_steps)
-        pruner.require_unsharded("RPPCallback")
+        refuse_sharded(pruner.params.values(), "RPPCallback")
         return pruner
 
     def log_entries(self, state: TrainerState) -> dict[str, float]:

@@ -26,7 +26,9 @@ from hf_prune.distributed import (
     is_distributed,
     masks_fingerprint,
 )
+from hf_prune.han import RegularizationCallback
 from hf_prune.masks import update_masks_
+from hf_prune.rpp import RPPCallback, RPPConfig
 from hf_prune.serialization import load_masks
 from hf_prune.targets import find_targets
 
@@ -233,6 +235,12 @@ def fsdp2_training(rank: int, folder: str) -> None:
     resumed_state = TrainerState(max_steps=FSDP2_STEPS, global_step=FSDP2_STEPS, is_world_process_zero=rank == 0)
     resumed.on_train_begin(args, resumed_state, control, model=resumed_model, optimizer=None)
 
+    refused = {}
+    for unsupported in (RPPCallback(RPPConfig(final_sparsity=0.5)), RegularizationCallback("l1")):
+        try:
+            unsupported.on_train_begin(args, TrainerState(max_steps=FSDP2_STEPS), control, model=resumed_model)
+        except ValueError as error:
+            refused[type(unsupported).__name__] = str(error)
     try:
         check_thresholds_agree({"threshold": 0.5 + rank}, step=3)
         disagreement = ""
@@ -243,7 +251,7 @@ def fsdp2_training(rank: int, folder: str) -> None:
     tensors.update({f"weight/{n}": params[n].full_tensor().detach() for n in callback.masks})
     tensors.update({f"resumed_local/{n}": m for n, m in resumed.masks.items()})
     tensors.update({f"resumed_weight/{n}": resumed_params[n].full_tensor().detach() for n in resumed.masks})
-    metadata = {"logs": json.dumps(logs), "disagreement": disagreement}
+    metadata = {"logs": json.dumps(logs), "disagreement": disagreement, "refused": json.dumps(refused)}
     save_file(tensors, os.path.join(folder, f"fsdp2_rank{rank}.safetensors"), metadata=metadata)
 
 
@@ -376,3 +384,9 @@ def test_deepspeed_zero3_partitions_are_refused_before_training():
     model.bert.encoder.layer[1].output.dense.weight.ds_tensor = torch.zeros(0)  # what ZeRO-3 attaches
     with pytest.raises(ValueError, match="bert.encoder.layer.1.output.dense.weight and 0 more .*ZeRO-3.*FSDP2"):
         Pruner(model, PruningConfig(schedule="oneshot"))
+
+
+def test_methods_without_sharding_support_refuse_fsdp2_weights(spawned):
+    refused = json.loads(read_fsdp2_rank(spawned, 0)[1]["refused"])
+    assert refused.keys() == {"RPPCallback", "RegularizationCallback"}
+    assert all("does not support sharded weights" in message for message in refused.values())
