@@ -381,5 +381,14 @@ class OBSPruningCallback(MagnitudePruningCallback):
         self.calibration_dataloader = calibration_dataloader
         self.pattern = pattern
 
+    @classmethod
+    def from_pretrained(cls, pretrained_path: Any, config: PruningConfig | None = None,
+                        **hub_kwargs: Any) -> MagnitudePruningCallback:
+        """Not for this class: a saved OBS-pruned model keeps training with its masks fixed through
+        `MagnitudePruningCallback.from_pretrained(path)`; raises `ValueError` saying so."""
+        raise ValueError("OBSPruningCallback prunes once from calibration data and cannot start from saved masks; to "
+                         f"keep training {pretrained_path} with its masks, use "
+                         "MagnitudePruningCallback.from_pretrained(path).")
+
     def make_pruner(self, model: nn.Module, max_steps: int | None) -> Pruner:
         return OBSPruner(model, self.config, self.calibration_dataloader, self.pattern, max_steps=max_steps)

@@ -245,3 +245,8 @@ def test_one_shot_generator_and_singular_hessian_raise():
 def test_callback_rejects_bad_arguments(config, pattern, loader, message):
     with pytest.raises(ValueError, match=message):
         OBSPruningCallback(config, loader, pattern=pattern)
+
+
+def test_obs_callback_from_pretrained_points_to_the_magnitude_callback(tmp_path):
+    with pytest.raises(ValueError, match=r"MagnitudePruningCallback\.from_pretrained"):
+        OBSPruningCallback.from_pretrained(tmp_path)
