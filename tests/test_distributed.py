@@ -1,6 +1,7 @@
 """Multi-process pruning on CPU with gloo: DDP training through torchrun, the rank-agreement check, and the radix
 select over row-sharded weights (plain row blocks), and `MagnitudePruningCallback` on FSDP2 `fully_shard` shards."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ import torch.multiprocessing as mp
 from conftest import TinyClassificationDataset, tiny_bert
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from transformers import TrainerState
 
 from hf_prune import MagnitudePruningCallback, PrunedModel, Pruner, PruningConfig
 from hf_prune.constants import MASKS_NAME
@@ -185,6 +187,8 @@ def prune_row_shards(rank: int, folder: str) -> None:
 FSDP2_CONFIG = PruningConfig(initial_sparsity=0.2, final_sparsity=0.7, schedule="cubic", start_step=0, end_step=4,
                              pruning_frequency=2)
 FSDP2_STEPS = 6
+OBD_CONFIG = PruningConfig(final_sparsity=0.6, schedule="cubic", start_step=0, end_step=4, pruning_frequency=2,
+                           criterion="obd", fisher_steps=2)
 
 
 def sharded_tiny_bert(mesh) -> torch.nn.Module:
@@ -197,24 +201,22 @@ def sharded_tiny_bert(mesh) -> torch.nn.Module:
     return fully_shard(model, mesh=mesh)
 
 
-def fsdp2_training(rank: int, folder: str) -> None:
-    """Drives `MagnitudePruningCallback` through the Trainer's events on an FSDP2 model, one batch per rank (the
-    Trainer cannot shard on CPU: accelerate enables FSDP on accelerators only), then saves a checkpoint, gathers a
-    `PrunedModel`, resumes from the checkpoint into a fresh sharded model, and checks a threshold disagreement."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from transformers import TrainerControl, TrainerState
+def rows(start: int, count: int) -> dict[str, torch.Tensor]:
+    """Rows `start ... start + count - 1` of the tiny classification dataset as one batch."""
+    dataset = TinyClassificationDataset(start + count)
+    return {key: torch.stack([dataset[i][key] for i in range(start, start + count)]) for key in dataset[0]}
 
-    mesh = init_device_mesh("cpu", (WORLD_SIZE,))
-    model = sharded_tiny_bert(mesh)
-    args = SimpleNamespace(output_dir=os.path.join(folder, "fsdp2_trainer"), resume_from_checkpoint=None)
-    state, control = TrainerState(max_steps=FSDP2_STEPS, is_world_process_zero=rank == 0), TrainerControl()
-    callback = MagnitudePruningCallback(FSDP2_CONFIG)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
+
+def drive_callback(callback: MagnitudePruningCallback, model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                   args: SimpleNamespace, state) -> dict[str, torch.Tensor]:
+    """Calls `callback`'s events in the order `Trainer.train()` does, for `state.max_steps` AdamW steps on `batch`;
+    returns the full-size masks of the first event (at train begin)."""
+    from transformers import TrainerControl
+
+    control, optimizer = TrainerControl(), torch.optim.AdamW(model.parameters(), lr=5e-3)
     callback.on_train_begin(args, state, control, model=model, optimizer=optimizer)
-    first_event = {f"first/{n}": m for n, m in callback.pruner.full_masks().items()}
-    dataset = TinyClassificationDataset(4 * WORLD_SIZE)
-    batch = {key: torch.stack([dataset[i][key] for i in range(4 * rank, 4 * rank + 4)]) for key in dataset[0]}
-    for _ in range(FSDP2_STEPS):
+    first_event = callback.pruner.full_masks()
+    for _ in range(state.max_steps):
         model(**batch).loss.backward()
         callback.on_pre_optimizer_step(args, state, control)
         optimizer.step()
@@ -222,6 +224,23 @@ def fsdp2_training(rank: int, folder: str) -> None:
         optimizer.zero_grad()
         state.global_step += 1
         callback.on_step_end(args, state, control, optimizer=optimizer)
+    return first_event
+
+
+def fsdp2_training(rank: int, folder: str) -> None:
+    """Drives `MagnitudePruningCallback` through the Trainer's events on an FSDP2 model, one batch per rank (the
+    Trainer cannot shard on CPU: accelerate enables FSDP on accelerators only), then saves a checkpoint, gathers a
+    `PrunedModel`, resumes from the checkpoint into a fresh sharded model, checks a threshold disagreement and the
+    methods that refuse shards, and trains with `criterion="obd"` on the same batch on both ranks."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from transformers import TrainerControl
+
+    mesh = init_device_mesh("cpu", (WORLD_SIZE,))
+    model = sharded_tiny_bert(mesh)
+    args = SimpleNamespace(output_dir=os.path.join(folder, "fsdp2_trainer"), resume_from_checkpoint=None)
+    state, control = TrainerState(max_steps=FSDP2_STEPS, is_world_process_zero=rank == 0), TrainerControl()
+    callback = MagnitudePruningCallback(FSDP2_CONFIG)
+    first_event = drive_callback(callback, model, rows(4 * rank, 4), args, state)
     logs: dict[str, float] = {}
     callback.on_log(args, state, control, logs=logs)
     callback.on_save(args, state, control)
@@ -247,7 +266,11 @@ def fsdp2_training(rank: int, folder: str) -> None:
     except RuntimeError as error:
         disagreement = str(error)
     params, resumed_params = dict(model.named_parameters()), dict(resumed_model.named_parameters())
-    tensors = {**first_event, **{f"local/{n}": m for n, m in callback.masks.items()}}
+    obd = MagnitudePruningCallback(OBD_CONFIG)
+    drive_callback(obd, sharded_tiny_bert(mesh), rows(0, 4), args, TrainerState(max_steps=FSDP2_STEPS))
+    tensors = {f"first/{n}": m for n, m in first_event.items()}
+    tensors.update({f"local/{n}": m for n, m in callback.masks.items()})
+    tensors.update({f"obd/{n}": m for n, m in obd.pruner.full_masks().items()})
     tensors.update({f"weight/{n}": params[n].full_tensor().detach() for n in callback.masks})
     tensors.update({f"resumed_local/{n}": m for n, m in resumed.masks.items()})
     tensors.update({f"resumed_weight/{n}": resumed_params[n].full_tensor().detach() for n in resumed.masks})
@@ -390,3 +413,19 @@ def test_methods_without_sharding_support_refuse_fsdp2_weights(spawned):
     refused = json.loads(read_fsdp2_rank(spawned, 0)[1]["refused"])
     assert refused.keys() == {"RPPCallback", "RegularizationCallback"}
     assert all("does not support sharded weights" in message for message in refused.values())
+
+
+def test_fsdp2_obd_on_shards_equals_the_unsharded_run(spawned):
+    """Both ranks train on the same batch, so FSDP2's averaged gradients are the single process's, and OBD's
+    Fisher statistics gathered per shard rank the weights exactly as unsharded."""
+    reference = MagnitudePruningCallback(OBD_CONFIG)
+    args = SimpleNamespace(output_dir=str(spawned / "unused"), resume_from_checkpoint=None)
+    drive_callback(reference, tiny_bert(), rows(0, 4), args, TrainerState(max_steps=FSDP2_STEPS))
+    magnitude = MagnitudePruningCallback(dataclasses.replace(OBD_CONFIG, criterion="magnitude"))
+    drive_callback(magnitude, tiny_bert(), rows(0, 4), args, TrainerState(max_steps=FSDP2_STEPS))
+    assert any(not torch.equal(m, magnitude.masks[n]) for n, m in reference.masks.items())  # OBD ranks differently
+    for rank in range(WORLD_SIZE):
+        obd = read_fsdp2_rank(spawned, rank)[0]["obd"]
+        assert obd.keys() == reference.masks.keys()
+        for name, mask in reference.masks.items():
+            assert torch.equal(obd[name], mask), name
