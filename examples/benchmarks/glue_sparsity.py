@@ -16,6 +16,7 @@ Linear shapes, so the counts match exactly).
 from __future__ import annotations
 
 import argparse
+import itertools
 import tempfile
 import time
 from pathlib import Path
@@ -33,18 +34,24 @@ from common import (
 from transformers import AutoTokenizer, DataCollatorWithPadding
 
 from hf_prune import MagnitudePruningCallback, PruningConfig
+from hf_prune.config import SCHEMES
+from hf_prune.criteria import CRITERIA
 
 
 LAYERS = 6  # all-MiniLM-L6-v2
+DEFAULT_VARIANT = ("class-blind", "magnitude")  # (scheme, criterion) of the plotted runs
 
 
-def pruning_config(schedule: str, sparsity: float, max_steps: int) -> PruningConfig:
+def pruning_config(schedule: str, sparsity: float, max_steps: int, scheme: str = "class-blind",
+                   criterion: str = "magnitude") -> PruningConfig:
     end = int(0.7 * max_steps)
     if schedule == "iterative":
         return PruningConfig(initial_sparsity=sparsity / 2, final_sparsity=sparsity, schedule="iterative",
-                             start_step=0, end_step=end, pruning_frequency=max(1, end // 9))
+                             start_step=0, end_step=end, pruning_frequency=max(1, end // 9), scheme=scheme,
+                             criterion=criterion, fisher_steps=max(1, end // 9))
+    frequency = max(1, max_steps // 25)  # OBD's Fisher: the gradients of the steps since the previous event
     return PruningConfig(final_sparsity=sparsity, schedule="cubic", start_step=0, end_step=end,
-                         pruning_frequency=max(1, max_steps // 25))
+                         pruning_frequency=frequency, scheme=scheme, criterion=criterion, fisher_steps=frequency)
 
 
 def plot(results: list[dict], dense: float, path: Path) -> None:
@@ -79,6 +86,8 @@ def main() -> None:
     add_common_arguments(parser)
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9])
     parser.add_argument("--schedules", nargs="+", choices=["iterative", "cubic"], default=["iterative", "cubic"])
+    parser.add_argument("--schemes", nargs="+", choices=SCHEMES, default=["class-blind"])
+    parser.add_argument("--criteria", nargs="+", choices=sorted(CRITERIA), default=["magnitude"])
     parser.add_argument("--small_dense_layers", type=int, nargs="*", default=[1, 2])
     parser.add_argument("--plot", type=Path, default=None, help="Write the accuracy plots to this PNG.")
     args = parser.parse_args()
@@ -87,27 +96,28 @@ def main() -> None:
     collator = DataCollatorWithPadding(tokenizer)
     train, dev = load_sst2(args, tokenizer)
     matched = [round(1 - k / LAYERS, 4) for k in args.small_dense_layers]
-    runs = [("dense", 0.0, None)]
+    variants = list(itertools.product(args.schemes, args.criteria))
+    runs = [("dense", 0.0, None, None)]
     if "iterative" in args.schedules:
-        runs += [("iterative", s, None) for s in args.sparsities]
+        runs += [("iterative", s, None, v) for v in variants for s in args.sparsities]
     if "cubic" in args.schedules:
-        runs += [("cubic", s, None) for s in sorted(set(args.sparsities) | set(matched))]
-    runs += [("small-dense", 0.0, k) for k in args.small_dense_layers]
+        runs += [("cubic", s, None, v) for v in variants for s in sorted(set(args.sparsities) | set(matched))]
+    runs += [("small-dense", 0.0, k, None) for k in args.small_dense_layers]
 
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for kind, sparsity, layers in runs:
+        for kind, sparsity, layers, variant in runs:
             start = time.perf_counter()
             overrides = {"num_hidden_layers": layers} if layers else {}
             model = load_model(model_path, args.seed, **overrides)
             callbacks = None
             if kind in ("iterative", "cubic"):
-                callbacks = [MagnitudePruningCallback(pruning_config(kind, sparsity, args.max_steps))]
+                callbacks = [MagnitudePruningCallback(pruning_config(kind, sparsity, args.max_steps, *variant))]
             trainer = fine_tune(args, model, train, collator, tmp, callbacks)
             achieved = encoder_sparsity(trainer.model)
             linear = sum(p.numel() for n, p in trainer.model.named_parameters()
                          if ".encoder.layer." in n and n.endswith(".weight") and p.dim() == 2)
-            results.append({"kind": kind, "sparsity": achieved, "layers": layers or LAYERS,
+            results.append({"kind": kind, "variant": variant, "sparsity": achieved, "layers": layers or LAYERS,
                             "nonzero": round(linear * (1 - achieved)),
                             "accuracy": accuracy(trainer.model, dev, collator),
                             "seconds": time.perf_counter() - start})
@@ -116,18 +126,18 @@ def main() -> None:
     dense = results[0]["accuracy"]
     lines = [f"SST-2: {len(train)} training rows (random subsample, seed 0), {len(dev)} dev rows; "
              f"{args.max_steps} steps x batch {args.batch_size}, lr {args.learning_rate}, max length "
-             f"{args.max_seq_length}; all-MiniLM-L6-v2, class-blind magnitude pruning of the encoder's Linear "
-             "weights (embeddings excluded)", "",
-             "| model | schedule | encoder sparsity | non-zero encoder Linear weights | dev accuracy | vs dense | time |",
+             f"{args.max_seq_length}; all-MiniLM-L6-v2, pruning of the encoder's Linear weights (embeddings "
+             "excluded)", "",
+             "| model | schedule, scheme, criterion | encoder sparsity | non-zero encoder Linear weights | dev accuracy | vs dense | time |",
              "|---|---|---|---|---|---|---|"]
     for r in results:
         model = "MiniLM-L6" if r["layers"] == LAYERS else f"MiniLM, first {r['layers']} layer(s)"
-        schedule = {"dense": "-", "small-dense": "- (small dense)"}.get(r["kind"], r["kind"])
+        schedule = ", ".join([r["kind"], *r["variant"]]) if r["variant"] else {"dense": "-"}.get(r["kind"], "- (small dense)")
         lines.append(f"| {model} | {schedule} | {r['sparsity']:.2%} | {r['nonzero'] / 1e6:.2f}M | "
                      f"{r['accuracy']:.2%} | {100 * (r['accuracy'] - dense):+.2f} pt | {r['seconds']:.0f} s |")
     print_and_write("\n".join(lines), args.output)
     if args.plot:
-        plot(results, dense, args.plot)
+        plot([r for r in results if r["variant"] in (None, DEFAULT_VARIANT)], dense, args.plot)
 
 
 if __name__ == "__main__":
