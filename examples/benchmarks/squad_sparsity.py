@@ -36,13 +36,17 @@ def main() -> None:
     parser.add_argument("--max_seq_length", type=int, default=192)
     parser.add_argument("--doc_stride", type=int, default=64)
     parser.add_argument("--learning_rate", type=float, default=1e-4)
+    parser.add_argument("--criterion", choices=["magnitude", "obd"], default="magnitude",
+                        help="Pruning criterion; obd uses the gradients of the steps since the previous event.")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for sparsity in [0.0, *args.sparsities]:
+            frequency = str(max(1, args.max_steps // 20))
             pruning = ["--final_sparsity", str(sparsity), "--schedule", "cubic", "--end_step",
-                       str(int(0.7 * args.max_steps)), "--pruning_frequency", str(max(1, args.max_steps // 20))]
+                       str(int(0.7 * args.max_steps)), "--pruning_frequency", frequency,
+                       "--criterion", args.criterion, "--fisher_steps", frequency]
             argv = ["--model_name_or_path", args.model or default_model_path(), "--train_file", args.squad_file,
                     "--train_articles", "38", "--do_train", "--do_eval", "--max_seq_length", str(args.max_seq_length),
                     "--doc_stride", str(args.doc_stride), "--max_train_samples", str(args.max_train_samples),
@@ -57,7 +61,8 @@ def main() -> None:
             print(f"sparsity {sparsity}: {metrics}", flush=True)
     lines = [f"SQuAD v1.1 dev split by article (38 train / 10 eval); {args.max_train_samples} training questions, "
              f"{args.max_eval_samples} evaluation questions; {args.max_steps} steps x batch {args.batch_size}, "
-             f"max length {args.max_seq_length}, stride {args.doc_stride}, lr {args.learning_rate}; all-MiniLM-L6-v2",
+             f"max length {args.max_seq_length}, stride {args.doc_stride}, lr {args.learning_rate}; all-MiniLM-L6-v2, "
+             f"cubic {args.criterion} pruning",
              "", "| encoder sparsity | exact match | F1 | time |", "|---|---|---|---|"]
     lines += [f"| {s:.0%} | {m['eval_exact_match']:.2f} | {m['eval_f1']:.2f} | {t:.0f} s |" for s, m, t in rows]
     print_and_write("\n".join(lines), args.output)
