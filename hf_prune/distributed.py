@@ -7,7 +7,7 @@ trained on.
 
 With sharded weights (FSDP2 `fully_shard`: DTensors placed `Shard(0)` on a 1-D mesh) each rank holds a block of rows
 of every weight and the mask of that block only. `ProcessGroupReduce` is the `ShardReduce` of `hf_prune.masks`
-that finds the global threshold from the shards with collectives (no rank gathers the model), `gather_rows` builds a
+that finds the global threshold from the shards with collectives (no rank gathers the model), `gather_mask` builds a
 full mask for saving the way transformers gathers a sharded state dict (`DTensor.full_tensor()`), `local_rows`
 takes a rank's block of a full mask (so mask files load under any world size), and `check_thresholds_agree` is the
 rank-agreement check of sharded runs.
@@ -154,12 +154,12 @@ def local_view(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
-def gather_rows(local: torch.Tensor, like: DTensor) -> torch.Tensor:
-    """The full tensor whose rows `local` holds on this rank, sharded like `like`, on CPU (collective)."""
-    as_bytes = local.view(torch.uint8) if local.dtype == torch.bool else local
-    full = DTensor.from_local(as_bytes, like.device_mesh, like.placements, run_check=False, shape=like.shape,
-                              stride=like.stride()).full_tensor().cpu()
-    return full.view(torch.bool) if local.dtype == torch.bool else full
+def gather_mask(local: torch.Tensor, like: DTensor) -> torch.Tensor:
+    """The full bool mask whose rows `local` holds on this rank, sharded like `like`, on CPU (collective; sent as
+    bytes, which every backend can all-gather)."""
+    full = DTensor.from_local(local.view(torch.uint8), like.device_mesh, like.placements, run_check=False,
+                              shape=like.shape, stride=like.stride()).full_tensor()
+    return full.cpu().view(torch.bool)
 
 
 def local_rows(full: torch.Tensor, like: DTensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from .distributed import (
     ProcessGroupReduce,
     check_ranks_agree,
     check_thresholds_agree,
-    gather_rows,
+    gather_mask,
     local_rows,
     local_view,
     shard_group,
@@ -193,30 +193,29 @@ class Pruner:
 
     def sparsity(self) -> float:
         """Fraction of the targeted weights that are pruned (over all shards)."""
-        kept, total = self._kept_and_total(lambda name: "")
-        return 1.0 - kept[""] / total[""]
+        counts = self._kept_and_total_by_class().values()
+        return 1.0 - sum(kept for kept, _ in counts) / sum(total for _, total in counts)
 
     def sparsity_by_class(self) -> dict[str, float]:
         """Fraction pruned in each weight class (over all shards)."""
-        kept, total = self._kept_and_total(self.classes.__getitem__)
-        return {cls: 1.0 - kept[cls] / total[cls] for cls in total}
+        return {cls: 1.0 - kept / total for cls, (kept, total) in self._kept_and_total_by_class().items()}
 
-    def _kept_and_total(self, key: Any) -> tuple[dict[str, int], dict[str, int]]:
-        """Kept and total entries of the masks grouped by `key(name)`, summed over the shards."""
+    def _kept_and_total_by_class(self) -> dict[str, list[int]]:
+        """`[kept, total]` entries of the masks of each weight class, summed over the shards."""
         counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
         for name, mask in self.masks.items():
-            counts[key(name)][0] += int(mask.sum())
-            counts[key(name)][1] += mask.numel()
+            counts[self.classes[name]][0] += int(mask.sum())
+            counts[self.classes[name]][1] += mask.numel()
         if self._reduce is not None:
             summed = self._reduce.sum(torch.tensor(list(counts.values()), dtype=torch.int64)).tolist()
             counts = dict(zip(counts, summed))
-        return {k: c[0] for k, c in counts.items()}, {k: c[1] for k, c in counts.items()}
+        return counts
 
     def full_masks(self) -> dict[str, torch.Tensor]:
         """The masks at the weights' full shapes: `masks` itself unsharded, else gathered from every rank (CPU)."""
         if self.group is None:
             return self.masks
-        return {name: gather_rows(mask, self.params[name]) for name, mask in self.masks.items()}
+        return {name: gather_mask(mask, self.params[name]) for name, mask in self.masks.items()}
 
     def state_dict(self) -> dict[str, Any]:
         """Full-size masks and schedule position (for `accelerate`'s `register_for_checkpointing` or a custom
