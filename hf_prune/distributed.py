@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
 
+from .masks import zero_pruned_
+
 
 _HASH_MULTIPLIER = 0x9E3779B1  # Knuth's multiplicative hash: 2**32 / golden ratio
 _NAMED_IN_ERRORS = 8
@@ -113,32 +115,34 @@ def check_thresholds_agree(thresholds: Mapping[str, float], step: int, group: di
                        "pruning config and the same sharding.")
 
 
-def shard_group(params: Mapping[str, torch.Tensor]) -> dist.ProcessGroup | None:
-    """The process group over which `params` are row-sharded, or None when none of them is a DTensor.
+def layout_of(params: Mapping[str, torch.Tensor]) -> Replicated | RowShards | FlatPartitions:
+    """How `params` are laid out across processes: `FlatPartitions` for DeepSpeed ZeRO-3 partitions, `RowShards`
+    for FSDP2 DTensors, `Replicated` for whole tensors (one process, DDP).
 
     Raises:
-        ValueError: when only some are DTensors, or a DTensor is not placed `Shard(0)` on a 1-D mesh shared by all
-            (FSDP2's default; HSDP and tensor parallelism are not supported), or a weight is a DeepSpeed ZeRO-3
-            partition (not supported yet).
+        ValueError: when the weights mix layouts, or a DTensor is not placed `Shard(0)` on a 1-D mesh shared by all
+            (FSDP2's default; HSDP and tensor parallelism are not supported).
     """
-    zero3 = [name for name, p in params.items() if hasattr(p, "ds_tensor")]
-    if zero3:
-        raise ValueError(f"{zero3[0]} and {len(zero3) - 1} more targeted weights are DeepSpeed ZeRO-3 partitions, "
-                         "which hf_prune cannot prune yet (their flat partitions are not row blocks); shard with "
-                         "FSDP2 (TrainingArguments(fsdp=True, fsdp_config={'fsdp_version': 2})) or use ZeRO-1/2.")
-    sharded = {name: p for name, p in params.items() if isinstance(p, DTensor)}
-    if not sharded:
-        return None
-    mesh = next(iter(sharded.values())).device_mesh
-    problems = [f"{name} is not a DTensor" for name in params if name not in sharded]
-    problems += [f"{name} is placed {tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh"
-                 for name, p in sharded.items()
-                 if p.device_mesh != mesh or p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),)]
+    kinds = {"ZeRO-3": [n for n, p in params.items() if hasattr(p, "ds_tensor")],
+             "DTensor": [n for n, p in params.items() if isinstance(p, DTensor)]}
+    for kind, names in kinds.items():
+        if names and len(names) < len(params):
+            other = next(n for n in params if n not in set(names))
+            raise ValueError(f"Sharded pruning needs every targeted weight laid out alike: {names[0]} is a {kind} "
+                             f"shard but {other} is not.")
+    if kinds["ZeRO-3"]:
+        return FlatPartitions(next(iter(params.values())).ds_process_group)
+    if not kinds["DTensor"]:
+        return Replicated()
+    mesh = next(iter(params.values())).device_mesh
+    problems = [f"{name} is placed {tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh"
+                for name, p in params.items()
+                if p.device_mesh != mesh or p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),)]
     if problems:
         shown = "; ".join(problems[:_NAMED_IN_ERRORS]) + ("; ..." if len(problems) > _NAMED_IN_ERRORS else "")
         raise ValueError(f"Sharded pruning needs every targeted weight row-sharded (DTensor placed (Shard(dim=0),) on "
                          f"one 1-D device mesh, as FSDP2's fully_shard does): {shown}.")
-    return mesh.get_group()
+    return RowShards(mesh.get_group())
 
 
 def refuse_sharded(params: Iterable[torch.Tensor], method: str) -> None:
@@ -146,28 +150,121 @@ def refuse_sharded(params: Iterable[torch.Tensor], method: str) -> None:
     does not support sharded weights yet."""
     if any(isinstance(p, DTensor) or hasattr(p, "ds_tensor") for p in params):
         raise ValueError(f"{method} does not support sharded weights (FSDP2 / ZeRO-3) yet; train unsharded (DDP), or "
-                         "use MagnitudePruningCallback (criterion 'magnitude' or 'obd'), which supports FSDP2.")
+                         "use MagnitudePruningCallback, which supports FSDP2 (criterion 'magnitude' or 'obd') and "
+                         "ZeRO-3 ('magnitude').")
 
 
-def local_view(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor (a view: in-place changes reach the parameter), else `tensor` itself."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+class Replicated:
+    """Every process holds whole tensors (one process, or DDP): a weight's local entries are the weight itself."""
+
+    group: dist.ProcessGroup | None = None
+    reduce: ProcessGroupReduce | None = None
+
+    def local(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This process's entries of a weight, of its gradient or of a same-shaped optimizer state (a view)."""
+        return tensor
+
+    def full_shape(self, param: torch.Tensor) -> tuple[int, ...]:
+        """The unsharded shape of `param`."""
+        return tuple(param.shape)
+
+    def gather(self, mask: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+        """The full-size mask of `param` from this process's part `mask` (collective when sharded)."""
+        return mask
+
+    def scatter(self, full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+        """This process's part of the full-size mask `full` of `param`."""
+        return full
+
+    def zero_pruned_(self, params: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> None:
+        """Sets the pruned entries of every copy of the weights this process holds to exactly zero."""
+        for name, param in params.items():
+            zero_pruned_(self.local(param), masks[name])
 
 
-def gather_mask(local: torch.Tensor, like: DTensor) -> torch.Tensor:
-    """The full bool mask whose rows `local` holds on this rank, sharded like `like`, on CPU (collective; sent as
-    bytes, which every backend can all-gather)."""
-    full = DTensor.from_local(local.view(torch.uint8), like.device_mesh, like.placements, run_check=False,
-                              shape=like.shape, stride=like.stride()).full_tensor()
-    return full.cpu().view(torch.bool)
+class RowShards(Replicated):
+    """FSDP2 `fully_shard`: each weight is a DTensor placed `Shard(0)` on a 1-D mesh, so rank `r` holds the `r`-th
+    block of rows (`torch.chunk` along dim 0), and so do its gradient and optimizer states. Masks are those
+    blocks; they are gathered to full size the way transformers gathers a sharded state dict
+    (`DTensor.full_tensor()`)."""
+
+    def __init__(self, group: dist.ProcessGroup) -> None:
+        self.group = group
+        self.reduce = ProcessGroupReduce(group)
+
+    def local(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+    def gather(self, mask: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+        # sent as bytes, which every backend can all-gather
+        full = DTensor.from_local(mask.view(torch.uint8), param.device_mesh, param.placements, run_check=False,
+                                  shape=param.shape, stride=param.stride()).full_tensor()
+        return full.cpu().view(torch.bool)
+
+    def scatter(self, full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+        mesh = param.device_mesh
+        chunks = full.chunk(mesh.size(), dim=0)
+        rank = mesh.get_local_rank()
+        return chunks[rank] if rank < len(chunks) else full[:0]
 
 
-def local_rows(full: torch.Tensor, like: DTensor) -> torch.Tensor:
-    """This rank's block of rows of `full`, sharded like `like` (`torch.chunk` along dim 0, as `Shard(0)` does)."""
-    mesh = like.device_mesh
-    chunks = full.chunk(mesh.size(), dim=0)
-    rank = mesh.get_local_rank()
-    return chunks[rank] if rank < len(chunks) else full[:0]
+class FlatPartitions(Replicated):
+    """DeepSpeed ZeRO-3: each weight is flattened (row-major) and cut into equal partitions, the last one padded;
+    rank `r` holds entries `r·P ... r·P + P - 1` in `param.ds_tensor` (`P = param.partition_numel()`) and the
+    optimizer an fp32 master copy of the same entries. Masks are 1-D, over the unpadded entries of the partition.
+
+    Pruning zeroes the partition, the fp32 master copy (else the next step would restore the weights) and, for
+    the weights that are gathered at that moment (the small ones ZeRO-3 keeps gathered between steps,
+    `ds_persist`), re-gathers the full tensor from the zeroed partitions. The
+    gradients live in the optimizer's flat buffers, not in `param.grad`, so they are not masked: a pruned weight
+    gets an update and is set back to zero right after the step, before any forward sees it.
+    """
+
+    def __init__(self, group: dist.ProcessGroup) -> None:
+        self.group = group
+        self.reduce = ProcessGroupReduce(group)
+        self.rank = dist.get_rank(group)
+
+    def _entries(self, param: torch.Tensor) -> tuple[int, int, int]:
+        """`(start, length, partition size)`: where this rank's unpadded entries sit in the flattened weight."""
+        size = param.partition_numel()
+        start = self.rank * size
+        return start, max(0, min(size, param.ds_numel - start)), size
+
+    def local(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.ds_tensor.view(-1).narrow(0, 0, self._entries(tensor)[1])
+
+    def full_shape(self, param: torch.Tensor) -> tuple[int, ...]:
+        return tuple(param.ds_shape)
+
+    def gather(self, mask: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+        _, length, size = self._entries(param)
+        device = _collective_device(self.group)
+        padded = torch.zeros(size, dtype=torch.uint8, device=device)
+        padded[:length] = mask.view(torch.uint8)
+        parts = [torch.empty_like(padded) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(parts, padded, group=self.group)
+        return torch.cat(parts)[:param.ds_numel].cpu().view(torch.bool).view(param.ds_shape)
+
+    def scatter(self, full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+        start, length, _ = self._entries(param)
+        return full.reshape(-1).narrow(0, start, length)
+
+    def zero_pruned_(self, params: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> None:
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+        from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+
+        super().zero_pruned_(params, masks)
+        for name, param in params.items():
+            if getattr(param, "_z3_optimizer", None) is None or not param.requires_grad:
+                continue  # not under a ZeRO-3 optimizer: the partition is the only copy
+            master = safe_get_local_fp32_param(param)  # a view, or a copy when the optimizer is offloaded
+            zero_pruned_(master.narrow(0, 0, masks[name].numel()), masks[name].to(master.device))
+            safe_set_local_fp32_param(param, master)
+        gathered = [p for p in params.values() if p.ds_status == ZeroParamStatus.AVAILABLE]
+        if gathered:  # re-gather from the zeroed partitions: all_gather alone skips parameters already available
+            gathered[0].partition(param_list=gathered)
+            gathered[0].all_gather(param_list=gathered)
 
 
 class ProcessGroupReduce:

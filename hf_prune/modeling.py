@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ from .compression import check_bits, dequantize, quantize_weights, read_deep_com
 from .config import PruningConfig, resolve_file
 from .constants import COMPRESSED_FORMAT, COMPRESSED_WEIGHTS_NAME, DEEP_COMPRESSED_WEIGHTS_NAME, MASKS_NAME
 from .han import HanConfig, apply_dropout_adjustment
-from .pruner import zero_pruned_
+from .masks import zero_pruned_
 from .report import SparsityReport, sparsity_report
 from .serialization import atomic_save_safetensors, atomic_write_text, load_masks, read_tagged_safetensors, save_masks
 from .targets import find_targets
@@ -92,9 +93,10 @@ class PrunedModel(nn.Module):
     def from_trainer(cls, trainer: transformers.Trainer) -> PrunedModel:
         """The model a `Trainer` trained with a `MagnitudePruningCallback` (or subclass), with its masks.
 
-        With sharded weights (FSDP2) every rank must call it: the weights and masks are gathered to full size on
-        the CPU of the main process, as `Trainer.save_model` gathers a full state dict, into an unsharded copy of
-        the model. The other ranks get the model on the meta device: pass `is_main_process` to `save_pretrained`.
+        With sharded weights (FSDP2, DeepSpeed ZeRO-3) every rank must call it: the weights and masks are gathered
+        to full size on the CPU of the main process, as `Trainer.save_model` gathers a full state dict, into an
+        unsharded copy of the model. The other ranks get the model on the meta device: pass `is_main_process` to
+        `save_pretrained`.
         """
         from .callbacks import MagnitudePruningCallback
 
@@ -269,20 +271,47 @@ class PrunedModel(nn.Module):
 
 
 def _gather_unsharded(model: nn.Module, is_main_process: bool) -> nn.Module:
-    """An unsharded copy of an FSDP2 model: full weights on CPU on the main process, on the meta device elsewhere.
+    """An unsharded copy of an FSDP2 or ZeRO-3 model: full weights on CPU on the main process, on the meta device
+    elsewhere.
 
-    Collective: the full state dict is gathered as accelerate does for FSDP2 (`get_model_state_dict` with
-    `full_state_dict=True, cpu_offload=True`: only the main process receives the tensors).
+    Collective. FSDP2: the full state dict is gathered as accelerate does (`get_model_state_dict` with
+    `full_state_dict=True, cpu_offload=True`: only the main process receives the tensors). ZeRO-3: one parameter
+    at a time is gathered (`deepspeed.zero.GatheredParameters`) and copied to CPU on the main process.
     """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import FSDPModule
 
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     model_class = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
-    if not is_main_process:
-        with torch.device("meta"):
-            return model_class(model.config)
-    return model_class.from_pretrained(None, config=model.config, state_dict=state)
+    if any(hasattr(p, "ds_tensor") for p in model.parameters()):
+        import deepspeed
+
+        state = dict(model.named_buffers())
+        for name, param in model.named_parameters():
+            with deepspeed.zero.GatheredParameters([param]):
+                if is_main_process:
+                    state[name] = param.detach().cpu().clone()
+    else:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    with _without_zero3_init():
+        if not is_main_process:
+            with torch.device("meta"):
+                return model_class(model.config)
+        return model_class.from_pretrained(None, config=model.config, state_dict=state)
+
+
+@contextlib.contextmanager
+def _without_zero3_init() -> Iterator[None]:
+    """While a ZeRO-3 Trainer lives, transformers partitions every model it builds (`deepspeed.zero.Init`); the
+    unsharded copy must stay whole, so the Trainer's DeepSpeed config is hidden from transformers meanwhile."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 def _restore_dropout(model: nn.Module, masks: Mapping[str, torch.Tensor],

@@ -12,16 +12,8 @@ from torch import nn
 
 from .config import PruningConfig
 from .criteria import CRITERIA
-from .distributed import (
-    ProcessGroupReduce,
-    check_ranks_agree,
-    check_thresholds_agree,
-    gather_mask,
-    local_rows,
-    local_view,
-    shard_group,
-)
-from .masks import update_masks_
+from .distributed import FlatPartitions, check_ranks_agree, check_thresholds_agree, layout_of
+from .masks import update_masks_, zero_pruned_
 from .schedules import SparsitySchedule
 from .targets import find_targets
 
@@ -46,10 +38,10 @@ class Pruner:
         pruner.update(step, optimizer)
     ```
 
-    Sharded weights (FSDP2 `fully_shard`, DTensors placed `Shard(0)`) are pruned where they live: each rank's
-    `masks` cover its own rows, the global threshold comes from all-reduced histograms (no rank gathers the
-    model), and `full_masks()` / `load_masks()` / `state_dict()` speak full-size masks, so a mask file loads under
-    any world size. Under sharding every rank must call `update`, `prune_to`, `sparsity*`, `full_masks`,
+    Sharded weights (FSDP2 `fully_shard`, DTensors placed `Shard(0)`; DeepSpeed ZeRO-3 partitions) are pruned
+    where they live: each rank's `masks` cover its own rows (FSDP2) or flat partition (ZeRO-3, 1-D masks), the
+    global threshold comes from all-reduced histograms (no rank gathers the model), and `full_masks()` /
+    `load_masks()` / `state_dict()` speak full-size masks, so a mask file loads under any world size. Under sharding every rank must call `update`, `prune_to`, `sparsity*`, `full_masks`,
     `state_dict` and `check_ranks_agree` together (they are collectives).
 
     Args:
@@ -65,12 +57,16 @@ class Pruner:
         params = dict(model.named_parameters())
         self.params: dict[str, nn.Parameter] = {t.name: params[t.name] for t in targets}
         self.classes: dict[str, str] = {t.name: t.weight_class for t in targets}
-        self.group = shard_group(self.params)
-        self._reduce = ProcessGroupReduce(self.group) if self.group is not None else None
+        self.layout = layout_of(self.params)
+        self.group = self.layout.group
         self.masks: dict[str, torch.Tensor] = {
-            name: torch.ones_like(local_view(p), dtype=torch.bool) for name, p in self.params.items()
+            name: torch.ones_like(self.layout.local(p), dtype=torch.bool) for name, p in self.params.items()
         }
         self.criterion = CRITERIA[config.criterion]()
+        if self.criterion.needs_gradients and isinstance(self.layout, FlatPartitions):
+            raise ValueError(f"`criterion` {config.criterion!r} needs each weight's gradient, which DeepSpeed ZeRO-3 "
+                             "keeps in its optimizer's flat buffers; use criterion='magnitude' under ZeRO-3, or "
+                             "shard with FSDP2.")
         self.target_sparsity = 0.0
         self.thresholds: dict[str, float] = {}
 
@@ -91,9 +87,9 @@ class Pruner:
 
         A criterion's gradient statistics ("obd") are used and then freed.
         """
-        weights = {name: local_view(p) for name, p in self.params.items()}
+        weights = {name: self.layout.local(p) for name, p in self.params.items()}
         self.thresholds = update_masks_(weights, self.masks, self.classes, self.criterion, sparsity,
-                                        self.config.scheme, self._reduce)
+                                        self.config.scheme, self.layout.reduce)
         self.criterion.reset()
         self.target_sparsity = sparsity
         self.apply_()
@@ -102,9 +98,8 @@ class Pruner:
 
     @torch.no_grad()
     def apply_(self) -> None:
-        """Sets the pruned weights to exactly zero, in place."""
-        for name, param in self.params.items():
-            zero_pruned_(local_view(param), self.masks[name])
+        """Sets the pruned weights to exactly zero, in place (under ZeRO-3, the optimizer's fp32 copy too)."""
+        self.layout.zero_pruned_(self.params, self.masks)
 
     def check_ranks_agree(self, step: int) -> None:
         """Raises `RuntimeError` on every rank when the ranks prune differently (see `hf_prune.distributed`):
@@ -126,7 +121,7 @@ class Pruner:
         window_end = step + self.config.fisher_steps - 1
         if not self.criterion.needs_gradients or self.schedule(window_end) <= self.target_sparsity:
             return False
-        self.criterion.observe_gradients({name: local_view(p.grad) for name, p in self.params.items()
+        self.criterion.observe_gradients({name: self.layout.local(p.grad) for name, p in self.params.items()
                                           if p.grad is not None})
         return True
 
@@ -171,7 +166,7 @@ class Pruner:
                 for batch in itertools.islice(dataloader, num_batches):
                     loss = _batch_loss(model, batch, device)
                     gradients = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-                    self.criterion.observe_gradients({n: local_view(g) for n, g in zip(params, gradients)
+                    self.criterion.observe_gradients({n: self.layout.local(g) for n, g in zip(params, gradients)
                                                       if g is not None})
         finally:
             model.train(was_training)
@@ -181,7 +176,7 @@ class Pruner:
         """Zeroes the gradients of pruned weights (call before `optimizer.step()`)."""
         for name, param in self.params.items():
             if param.grad is not None:
-                zero_pruned_(local_view(param.grad), self.masks[name])
+                zero_pruned_(self.layout.local(param.grad), self.masks[name])
 
     @torch.no_grad()
     def mask_optimizer_state_(self, optimizer: torch.optim.Optimizer) -> None:
@@ -189,7 +184,7 @@ class Pruner:
         for name, param in self.params.items():
             for value in optimizer.state.get(param, {}).values():
                 if isinstance(value, torch.Tensor) and value.shape == param.shape:
-                    zero_pruned_(local_view(value), self.masks[name])
+                    zero_pruned_(self.layout.local(value), self.masks[name])
 
     def sparsity(self) -> float:
         """Fraction of the targeted weights that are pruned (over all shards)."""
@@ -206,16 +201,14 @@ class Pruner:
         for name, mask in self.masks.items():
             counts[self.classes[name]][0] += int(mask.sum())
             counts[self.classes[name]][1] += mask.numel()
-        if self._reduce is not None:
-            summed = self._reduce.sum(torch.tensor(list(counts.values()), dtype=torch.int64)).tolist()
+        if self.layout.reduce is not None:
+            summed = self.layout.reduce.sum(torch.tensor(list(counts.values()), dtype=torch.int64)).tolist()
             counts = dict(zip(counts, summed))
         return counts
 
     def full_masks(self) -> dict[str, torch.Tensor]:
         """The masks at the weights' full shapes: `masks` itself unsharded, else gathered from every rank (CPU)."""
-        if self.group is None:
-            return self.masks
-        return {name: gather_mask(mask, self.params[name]) for name, mask in self.masks.items()}
+        return {name: self.layout.gather(mask, self.params[name]) for name, mask in self.masks.items()}
 
     def state_dict(self) -> dict[str, Any]:
         """Full-size masks and schedule position (for `accelerate`'s `register_for_checkpointing` or a custom
@@ -230,11 +223,10 @@ class Pruner:
     def load_masks(self, masks: Mapping[str, torch.Tensor]) -> None:
         """Replaces the masks by full-size ones (names and shapes must match the targets exactly; sharded, each
         rank keeps its rows) and applies them."""
-        check_masks_match(masks, {name: tuple(p.shape) for name, p in self.params.items()})
+        check_masks_match(masks, {name: self.layout.full_shape(p) for name, p in self.params.items()})
         for name, mask in masks.items():
-            param = self.params[name]
-            rows = mask if self.group is None else local_rows(mask, param)
-            self.masks[name] = rows.to(device=local_view(param).device, dtype=torch.bool).clone()
+            local = self.layout.scatter(mask, self.params[name])
+            self.masks[name] = local.to(device=self.masks[name].device, dtype=torch.bool).clone()
         self.apply_()
 
 
@@ -247,12 +239,6 @@ def _batch_loss(model: nn.Module, batch: Any, device: torch.device) -> torch.Ten
         raise ValueError(f"{type(model).__name__} returned no loss for a batch of `dataloader`: its batches must "
                          "include labels.")
     return loss
-
-
-def zero_pruned_(tensor: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """`tensor *= mask` in place. Multiplying by the mask's bytes (`uint8` view of the bool) is the same product and
-    runs ~2x faster on CPU than by the bool itself; this is the per-step hot path."""
-    return tensor.mul_(mask.view(torch.uint8))
 
 
 def check_masks_match(masks: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]]) -> None:

@@ -43,8 +43,9 @@ def weight_class(module_name: str, granularity: str = "role") -> str:
 
 
 def _storage(weight: torch.Tensor) -> int:
-    """What tied weights share: their storage, or for a sharded DTensor (whose `data_ptr()` is 0) the parameter."""
-    return id(weight) if isinstance(weight, DTensor) else weight.data_ptr()
+    """What tied weights share: their storage, or for a sharded weight (an FSDP2 DTensor or a ZeRO-3 partition, whose
+    `data_ptr()` is 0) the parameter itself."""
+    return id(weight) if isinstance(weight, DTensor) or hasattr(weight, "ds_tensor") else weight.data_ptr()
 
 
 def find_targets(model: nn.Module, config: PruningConfig) -> list[Target]:

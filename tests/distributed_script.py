@@ -9,8 +9,9 @@ process last, so any file written by another rank would show in that rank's list
 With `--skew_rank r`, rank `r` prunes one extra weight at every event after the first, as any rank-specific
 divergence would: training must stop at step 2 with the rank-agreement error.
 
-With `--fsdp2` the Trainer shards the model with FSDP2 (accelerate enables FSDP on accelerators only: this needs
-2 GPUs); the masks and weights written per rank are then the gathered full ones.
+With `--sharding fsdp2` the Trainer shards the model with FSDP2, with `--sharding zero3` with DeepSpeed ZeRO-3
+(accelerate enables both on accelerators only: these need GPUs); the masks and weights written per rank are then the
+gathered full ones.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import torch  # noqa: E402
 from conftest import TinyClassificationDataset, tiny_bert  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
@@ -33,8 +35,15 @@ from hf_prune import MagnitudePruningCallback, PrunedModel, Pruner, PruningConfi
 CONFIG = PruningConfig(initial_sparsity=0.2, final_sparsity=0.7, schedule="cubic", start_step=0, end_step=4,
                        pruning_frequency=2)
 MAX_STEPS = 6
-FSDP2_ARGS = {"fsdp": True, "fsdp_config": {"fsdp_version": 2, "reshard_after_forward": True,
-                                            "transformer_layer_cls_to_wrap": ["BertLayer"]}}
+SHARDING_ARGS = {
+    "fsdp2": {"fsdp": True, "fsdp_config": {"fsdp_version": 2, "reshard_after_forward": True,
+                                            "transformer_layer_cls_to_wrap": ["BertLayer"]}},
+    # the 32x32 attention weights stay gathered between steps (ds_persist), the 37x32 feed-forward ones do not
+    "zero3": {"deepspeed": {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+                            "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+                            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 1100,
+                                                  "stage3_gather_16bit_weights_on_model_save": True}}},
+}
 
 
 class SkewedPruner(Pruner):
@@ -52,11 +61,21 @@ class SkewedCallback(MagnitudePruningCallback):
         return SkewedPruner(model, self.config, max_steps=max_steps)
 
 
+def full_weight(param: torch.Tensor) -> torch.Tensor:
+    """The whole weight on CPU: gathered from FSDP2 or ZeRO-3 shards (collective) when sharded."""
+    if hasattr(param, "ds_tensor"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param]):
+            return param.detach().cpu().clone()
+    return getattr(param, "full_tensor", lambda: param)().detach().cpu()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--skew_rank", type=int, default=None)
-    parser.add_argument("--fsdp2", action="store_true")
+    parser.add_argument("--sharding", choices=sorted(SHARDING_ARGS), default=None)
     cli = parser.parse_args()
     output_dir = cli.output_dir
 
@@ -64,8 +83,8 @@ def main() -> None:
     callback = (SkewedCallback if skewed else MagnitudePruningCallback)(CONFIG)
     args = TrainingArguments(output_dir=os.path.join(output_dir, "trainer"), max_steps=MAX_STEPS,
                              per_device_train_batch_size=4, learning_rate=5e-3, save_strategy="steps",
-                             save_steps=MAX_STEPS, report_to="none", use_cpu=not cli.fsdp2, seed=0, disable_tqdm=True,
-                             **FSDP2_ARGS if cli.fsdp2 else {})
+                             save_steps=MAX_STEPS, report_to="none", use_cpu=cli.sharding is None, seed=0,
+                             disable_tqdm=True, **SHARDING_ARGS.get(cli.sharding, {}))
     trainer = Trainer(model=tiny_bert(), args=args, train_dataset=TinyClassificationDataset(64), callbacks=[callback])
     trainer.train()
 
@@ -78,12 +97,13 @@ def main() -> None:
             seen_after_own_save = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
         trainer.accelerator.wait_for_everyone()
 
-    params = {name: getattr(p, "full_tensor", lambda p=p: p)().detach().cpu()  # gathered when sharded
-              for name, p in trainer.model.named_parameters() if name in callback.masks}
+    params = {name: full_weight(p) for name, p in trainer.model.named_parameters() if name in callback.masks}
     tensors = {f"mask/{name}": mask.contiguous() for name, mask in callback.pruner.full_masks().items()}
     tensors.update({f"weight/{name}": weight.contiguous() for name, weight in params.items()})
     metadata = {"world_size": str(trainer.args.world_size), "seen_after_own_save": json.dumps(seen_after_own_save),
-                "parallel_mode": str(trainer.args.parallel_mode), "fsdp": str(trainer.is_fsdp_enabled)}
+                "parallel_mode": str(trainer.args.parallel_mode), "fsdp": str(trainer.is_fsdp_enabled),
+                "deepspeed": str(trainer.is_deepspeed_enabled),
+                "mask_shapes": json.dumps({n: list(m.shape) for n, m in callback.masks.items()})}
     save_file(tensors, os.path.join(output_dir, f"rank{rank}.safetensors"), metadata=metadata)
 
 

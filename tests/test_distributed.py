@@ -62,9 +62,9 @@ def read_rank(folder: Path, rank: int) -> tuple[dict[str, torch.Tensor], dict[st
     return masks, weights, metadata
 
 
-def torchrun(folder: Path, *script_args: str) -> subprocess.CompletedProcess:
-    """distributed_script.py under `torchrun --standalone --nproc_per_node 2` (CPU, gloo)."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD_SIZE}",
+def torchrun(folder: Path, *script_args: str, nproc: int = WORLD_SIZE) -> subprocess.CompletedProcess:
+    """distributed_script.py under `torchrun --standalone --nproc_per_node 2` (CPU, gloo, unless sharded)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                str(SCRIPT), "--output_dir", str(folder), *script_args]
     return subprocess.run(command, env=single_process_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
 
@@ -104,19 +104,27 @@ def test_ddp_pruned_model_and_checkpoint_are_written_by_the_main_process_only(dd
     assert all(torch.equal(checkpoint_masks[name], mask) for name, mask in masks.items())
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < WORLD_SIZE,
-                    reason="the Trainer shards with FSDP only on accelerators: needs 2 GPUs")
-def test_trainer_under_fsdp2_prunes_shards_and_saves_full_masks(tmp_path):
-    result = torchrun(tmp_path, "--fsdp2")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Trainer shards (FSDP, DeepSpeed) only on accelerators")
+@pytest.mark.parametrize("sharding", ["fsdp2", "zero3"])
+def test_trainer_with_sharded_weights_prunes_shards_and_saves_full_masks(tmp_path, sharding):
+    """The real Trainer under FSDP2 or DeepSpeed ZeRO-3, on up to 2 GPUs (one process per GPU)."""
+    if sharding == "zero3":
+        pytest.importorskip("deepspeed", reason="DeepSpeed is not installed")
+    world_size = min(WORLD_SIZE, torch.cuda.device_count())
+    result = torchrun(tmp_path, "--sharding", sharding, nproc=world_size)
     assert result.returncode == 0, f"torchrun failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
-    (masks0, weights0, meta0), (masks1, weights1, _) = (read_rank(tmp_path, r) for r in range(WORLD_SIZE))
-    assert meta0["fsdp"] == "True"
+    (masks0, weights0, meta0), *others = (read_rank(tmp_path, r) for r in range(world_size))
+    assert meta0[{"fsdp2": "fsdp", "zero3": "deepspeed"}[sharding]] == "True"
+    local_shapes = json.loads(meta0["mask_shapes"])
+    if sharding == "zero3":  # flat partitions: 1-D masks of ceil(numel / world size) entries at most
+        assert all(len(shape) == 1 for shape in local_shapes.values())
     total = sum(m.numel() for m in masks0.values())
     assert sum(int((~m).sum()) for m in masks0.values()) == round(0.7 * total)
     loaded = PrunedModel.from_pretrained(tmp_path / "pruned")
     params = dict(loaded.model.named_parameters())
     for name, mask in masks0.items():
-        assert torch.equal(mask, masks1[name]) and torch.equal(weights0[name], weights1[name]), name
+        assert all(torch.equal(mask, masks[name]) and torch.equal(weights0[name], weights[name])
+                   for masks, weights, _ in others), name
         assert (weights0[name][~mask] == 0).all() and torch.equal(loaded.masks[name], mask), name
         assert torch.equal(params[name], weights0[name]), name
     checkpoint_masks = load_masks(tmp_path / "trainer" / "checkpoint-6" / MASKS_NAME)
@@ -329,9 +337,10 @@ def test_row_sharded_select_equals_the_single_process_masks_with_ties(spawned):
     assert sum(int((~m).sum()) for m in blind) == round(0.6 * total)
 
 
-def read_fsdp2_rank(folder: Path, rank: int) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]:
-    """fsdp2_rank<r>.safetensors as {kind: {parameter name: tensor}} and its metadata."""
-    path = str(folder / f"fsdp2_rank{rank}.safetensors")
+def read_fsdp2_rank(folder: Path, rank: int,
+                    prefix: str = "fsdp2") -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]:
+    """<prefix>_rank<r>.safetensors as {kind: {parameter name: tensor}} and its metadata."""
+    path = str(folder / f"{prefix}_rank{rank}.safetensors")
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in load_file(path).items():
         kind, _, name = key.partition("/")
@@ -402,10 +411,11 @@ def test_sharded_ranks_that_disagree_on_the_threshold_raise(spawned):
         assert "thresholds differ across ranks at step 3" in message
 
 
-def test_deepspeed_zero3_partitions_are_refused_before_training():
+def test_weights_partly_sharded_are_refused_before_training():
     model = tiny_bert()
     model.bert.encoder.layer[1].output.dense.weight.ds_tensor = torch.zeros(0)  # what ZeRO-3 attaches
-    with pytest.raises(ValueError, match="bert.encoder.layer.1.output.dense.weight and 0 more .*ZeRO-3.*FSDP2"):
+    with pytest.raises(ValueError, match="laid out alike: bert.encoder.layer.1.output.dense.weight is a ZeRO-3 shard "
+                                         "but bert.encoder.layer.0.attention.self.query.weight is not"):
         Pruner(model, PruningConfig(schedule="oneshot"))
 
 
@@ -429,3 +439,165 @@ def test_fsdp2_obd_on_shards_equals_the_unsharded_run(spawned):
         assert obd.keys() == reference.masks.keys()
         for name, mask in reference.masks.items():
             assert torch.equal(obd[name], mask), name
+
+
+ZERO3_CONFIG = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
+                "optimizer": {"type": "AdamW", "params": {"lr": 5e-3, "torch_adam": True}},
+                # 32x32 attention weights (1024 entries) stay gathered between steps, 37x32 feed-forward ones do not
+                "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 1100}}
+PERSISTENT = "bert.encoder.layer.0.attention.self.query.weight"
+PARTITIONED = "bert.encoder.layer.0.intermediate.dense.weight"
+
+
+def zero3_engine(model: torch.nn.Module):
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(model=model, config=ZERO3_CONFIG, model_parameters=model.parameters())
+    return engine
+
+
+def gathered(model: torch.nn.Module, names) -> dict[str, torch.Tensor]:
+    """The full weights `names` of a ZeRO-3 model (what a forward uses) and the full fp32 master copies."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    params, out = dict(model.named_parameters()), {}
+    for name in names:
+        with deepspeed.zero.GatheredParameters([params[name]]):
+            out[f"weight/{name}"] = params[name].detach().cpu().clone()
+        out[f"master/{name}"] = safe_get_full_fp32_param(params[name]).detach().cpu().clone()
+    return out
+
+
+def zero3_training(rank: int, folder: str) -> None:
+    """`MagnitudePruningCallback` on a DeepSpeed ZeRO-3 engine, driven in accelerate's event order (the engine steps
+    inside `accelerator.backward`, before the Trainer's optimizer-step events), one batch per rank; then a
+    checkpoint, `PrunedModel.from_trainer`, a resume into a fresh engine, and the refusal of OBD."""
+    from transformers import TrainerControl
+
+    model = tiny_bert()
+    engine = zero3_engine(model)
+    args = SimpleNamespace(output_dir=os.path.join(folder, "zero3_trainer"), resume_from_checkpoint=None)
+    state, control = TrainerState(max_steps=FSDP2_STEPS, is_world_process_zero=rank == 0), TrainerControl()
+    callback = MagnitudePruningCallback(FSDP2_CONFIG)
+    callback.on_train_begin(args, state, control, model=model, optimizer=engine.optimizer)
+    first_event = callback.pruner.full_masks()
+    batch = rows(4 * rank, 4)
+    for _ in range(FSDP2_STEPS):
+        engine.backward(engine(**batch).loss)
+        engine.step()
+        callback.on_pre_optimizer_step(args, state, control)
+        callback.on_optimizer_step(args, state, control)
+        state.global_step += 1
+        callback.on_step_end(args, state, control, optimizer=engine.optimizer)
+    # what the next forward uses of the weights ZeRO-3 keeps gathered between steps (the others come from the
+    # partitions, checked below)
+    persistent = {n: p.data.clone() for n, p in model.named_parameters() if n in callback.masks and p.ds_persist}
+    logs: dict[str, float] = {}
+    callback.on_log(args, state, control, logs=logs)
+    callback.on_save(args, state, control)
+    trainer = SimpleNamespace(callback_handler=SimpleNamespace(callbacks=[callback]), model=model,
+                              is_world_process_zero=lambda: rank == 0)
+    PrunedModel.from_trainer(trainer).save_pretrained(os.path.join(folder, "zero3_pruned"), is_main_process=rank == 0)
+
+    resumed_model = tiny_bert()
+    zero3_engine(resumed_model)
+    resumed = MagnitudePruningCallback(FSDP2_CONFIG)
+    resumed_state = TrainerState(max_steps=FSDP2_STEPS, global_step=FSDP2_STEPS, is_world_process_zero=rank == 0)
+    resumed.on_train_begin(args, resumed_state, control, model=resumed_model, optimizer=None)
+    try:
+        Pruner(resumed_model, OBD_CONFIG)
+        obd_refusal = ""
+    except ValueError as error:
+        obd_refusal = str(error)
+
+    tensors = {f"first/{n}": m for n, m in first_event.items()}
+    tensors.update({f"local/{n}": m for n, m in callback.masks.items()})
+    tensors.update({f"trained_{k}": v for k, v in gathered(model, callback.masks).items()})
+    tensors.update({f"persistent/{n}": w for n, w in persistent.items()})
+    tensors.update({f"resumed_local/{n}": m for n, m in resumed.masks.items()})
+    tensors.update({f"resumed_{k}": v for k, v in gathered(resumed_model, resumed.masks).items()})
+    metadata = {"logs": json.dumps(logs), "obd_refusal": obd_refusal,
+                "persist": json.dumps({n: bool(p.ds_persist) for n, p in model.named_parameters()})}
+    save_file(tensors, os.path.join(folder, f"zero3_rank{rank}.safetensors"), metadata=metadata)
+
+
+def zero3_worker(rank: int, init_file: str, folder: str) -> None:
+    import deepspeed
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE))  # what launchers set
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
+    try:
+        deepspeed.init_distributed(dist_backend="gloo")
+        zero3_training(rank, folder)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def zero3_spawned(tmp_path_factory) -> Path:
+    """`zero3_worker` on 2 processes in a gloo group, DeepSpeed on its CPU accelerator."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed")
+    folder = tmp_path_factory.mktemp("zero3")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        patch.setenv("DS_ACCELERATOR", "cpu")
+        mp.spawn(zero3_worker, args=(str(folder / "init"), str(folder)), nprocs=WORLD_SIZE)
+    return folder
+
+
+def read_zero3_rank(folder: Path, rank: int) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]:
+    return read_fsdp2_rank(folder, rank, prefix="zero3")
+
+
+def test_zero3_first_event_on_partitions_equals_the_single_process_masks(zero3_spawned):
+    reference = Pruner(tiny_bert(), FSDP2_CONFIG, max_steps=FSDP2_STEPS)
+    reference.update(0)
+    for rank in range(WORLD_SIZE):
+        first = read_zero3_rank(zero3_spawned, rank)[0]["first"]
+        assert first.keys() == reference.masks.keys()
+        for name, mask in reference.masks.items():
+            assert torch.equal(first[name], mask), name
+
+
+def test_zero3_training_zeroes_weights_and_fp32_masters_and_saves_gathered_masks(zero3_spawned):
+    ranks = [read_zero3_rank(zero3_spawned, r) for r in range(WORLD_SIZE)]
+    persist = json.loads(ranks[0][1]["persist"])
+    assert persist[PERSISTENT] and not persist[PARTITIONED]  # both kinds of ZeRO-3 parameter are covered
+    saved = load_masks(zero3_spawned / "zero3_trainer" / f"checkpoint-{FSDP2_STEPS}" / MASKS_NAME)
+    assert [r[0]["local"][PARTITIONED].shape for r in ranks] == [(592,), (592,)]  # 1-D halves of 37x32
+    total = sum(m.numel() for m in saved.values())
+    assert sum(int((~m).sum()) for m in saved.values()) == round(0.7 * total)
+    for name, mask in saved.items():
+        assert torch.equal(torch.cat([r[0]["local"][name] for r in ranks]).view(mask.shape), mask), name
+        for kind in ("trained_weight", "trained_master"):
+            weight = ranks[0][0][kind][name]
+            assert (weight[~mask] == 0).all() and (weight[mask] != 0).all(), (kind, name)
+    assert PERSISTENT in ranks[0][0]["persistent"] and PARTITIONED not in ranks[0][0]["persistent"]
+    for rank, _ in ranks:
+        for name, weight in rank["persistent"].items():
+            assert torch.equal(weight, rank["trained_weight"][name]), name
+    for _, metadata in ranks:
+        assert json.loads(metadata["logs"])["sparsity"] == pytest.approx(1 - sum(int(m.sum()) for m in saved.values())
+                                                                         / total)
+
+
+def test_zero3_pruned_model_is_gathered_once_and_resume_scatters_the_masks(zero3_spawned):
+    ranks = [read_zero3_rank(zero3_spawned, r)[0] for r in range(WORLD_SIZE)]
+    folder = zero3_spawned / "zero3_pruned"
+    assert sorted(os.listdir(folder)) == sorted(SAVED_FILES)
+    pruned = PrunedModel.from_pretrained(folder)
+    params = dict(pruned.model.named_parameters())
+    saved = load_masks(zero3_spawned / "zero3_trainer" / f"checkpoint-{FSDP2_STEPS}" / MASKS_NAME)
+    fresh = dict(tiny_bert().named_parameters())
+    for name, mask in saved.items():
+        assert torch.equal(pruned.masks[name], mask) and torch.equal(params[name], ranks[0]["trained_weight"][name])
+        assert torch.equal(torch.cat([r["resumed_local"][name] for r in ranks]).view(mask.shape), mask), name
+        for kind in ("resumed_weight", "resumed_master"):
+            assert torch.equal(ranks[0][kind][name], fresh[name].detach() * mask), (kind, name)
+
+
+def test_zero3_refuses_gradient_criteria(zero3_spawned):
+    message = read_zero3_rank(zero3_spawned, 0)[1]["obd_refusal"]
+    assert "`criterion` 'obd' needs each weight's gradient" in message and "ZeRO-3" in message

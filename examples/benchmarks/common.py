@@ -49,6 +49,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, max_train_samples: int
     parser.add_argument("--warmup_ratio", type=float, default=0.1)
     parser.add_argument("--weight_decay", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--gpu", action="store_true", help="Train and evaluate on the GPU (default: the CPU).")
     parser.add_argument("--output", type=Path, default=None, help="Also write the Markdown table to this file.")
 
 
@@ -100,7 +101,7 @@ def training_args(args: argparse.Namespace, output_dir: str, max_steps: int | No
     return TrainingArguments(output_dir=output_dir, max_steps=steps, per_device_train_batch_size=args.batch_size,
                              learning_rate=args.learning_rate, warmup_steps=args.warmup_ratio,
                              weight_decay=args.weight_decay, logging_steps=max(1, steps // 10), save_strategy="no",
-                             report_to="none", use_cpu=True, seed=args.seed, disable_tqdm=True)
+                             report_to="none", use_cpu=not args.gpu, seed=args.seed, disable_tqdm=True)
 
 
 def fine_tune(args: argparse.Namespace, model: torch.nn.Module, train_set: list[dict], collator, output_dir: str,
@@ -116,8 +117,8 @@ def accuracy(model: torch.nn.Module, dataset: list[dict], collator, batch_size: 
     model.eval()
     correct = 0
     for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collator):
-        labels = batch.pop("labels")
-        correct += int((model(**batch).logits.argmax(-1) == labels).sum())
+        labels = batch.pop("labels").to(model.device)
+        correct += int((model(**batch.to(model.device)).logits.argmax(-1) == labels).sum())
     return correct / len(dataset)
 
 

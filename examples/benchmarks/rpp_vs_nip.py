@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import tempfile
 import time
 
@@ -45,6 +46,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.8, 0.9])
     parser.add_argument("--nip_schedule", choices=["cubic", "iterative"], default="cubic")
     parser.add_argument("--rpp_penalty", type=float, default=None, help="λ; default: calibrated per target.")
+    parser.add_argument("--rpp_penalty_scales", type=float, nargs="+", default=[1.0],
+                        help="Runs RPP once per factor, with λ times that factor.")
+    parser.add_argument("--rpp_criteria", nargs="+", choices=["magnitude", "obd"], default=["magnitude"],
+                        help="Criterion of RPP's hard prune at the end of the window: 'magnitude' (Guo et al.) or "
+                             "'obd' (OBD saliency from the gradients of the window's last --rpp_fisher_steps steps).")
+    parser.add_argument("--rpp_fisher_steps", type=int, default=100)
+    parser.add_argument("--skip_nip", action="store_true", help="Runs dense, one-shot and RPP only.")
     parser.add_argument("--rpp_epsilon", type=float, default=1e-3)
     parser.add_argument("--rpp_reweight_every", type=int, default=10)
     return parser.parse_args()
@@ -97,27 +105,31 @@ def main() -> None:
             pruned = copy.deepcopy(dense)
             Pruner(pruned, PruningConfig(final_sparsity=sparsity, schedule="oneshot")).prune_to(sparsity)
             record("one-shot magnitude", pruned)
-        for sparsity in args.sparsities:
+        for sparsity in [] if args.skip_nip else args.sparsities:
             nip = MagnitudePruningCallback(PruningConfig(final_sparsity=sparsity, schedule=args.nip_schedule))
             record(f"NIP ({args.nip_schedule})", train(output_dir, nip))
-        for sparsity in args.sparsities:
+        for sparsity, scale, criterion in itertools.product(args.sparsities, args.rpp_penalty_scales,
+                                                             args.rpp_criteria):
             penalty = args.rpp_penalty
             if penalty is None:
                 end = PenaltySchedule.from_config(RPPConfig(final_sparsity=sparsity), args.max_steps).end
                 summed_lr = summed_learning_rate(training_args(args, output_dir), end)
                 penalty = calibrated_penalty(load_model(args.model, args.seed), sparsity, args.rpp_epsilon, summed_lr)
-            rpp = RPPCallback(RPPConfig(final_sparsity=sparsity, penalty=penalty, epsilon=args.rpp_epsilon,
-                                        reweight_every=args.rpp_reweight_every))
+            rpp = RPPCallback(RPPConfig(final_sparsity=sparsity, penalty=scale * penalty, epsilon=args.rpp_epsilon,
+                                        reweight_every=args.rpp_reweight_every, criterion=criterion,
+                                        fisher_steps=args.rpp_fisher_steps))
             model = train(output_dir, rpp)
-            record("RPP", model, f"λ = {penalty:.3g}; proximal zeros before the hard prune: "
-                                 f"{rpp.proximal_zero_fraction():.2%}")
+            record("RPP" if criterion == "magnitude" else f"RPP, {criterion} hard prune", model,
+                   f"λ = {scale * penalty:.3g}; proximal zeros before the hard prune: "
+                   f"{rpp.proximal_zero_fraction():.2%}")
 
     table = ("| method | encoder sparsity | SST-2 dev accuracy | notes |\n|---|---|---|---|\n"
              + "\n".join(f"| {m} | {s:.2%} | {a:.2%} | {n} |" for m, s, a, n in results))
     header = (f"all-MiniLM-L6-v2 on SST-2: {len(train_set)} training rows, {len(dev_set)} dev rows, "
               f"{args.max_steps} steps, batch {args.batch_size}, seq len {args.max_seq_length}, "
               f"lr {args.learning_rate}, warm-up {args.warmup_ratio}, weight decay {args.weight_decay}, "
-              f"seed {args.seed}; pruning ends at 75% of the run ({time.perf_counter() - start:.0f} s in all).\n\n")
+              f"seed {args.seed}; pruning ends at 75% of the run; {'GPU' if args.gpu else 'CPU'} "
+              f"({time.perf_counter() - start:.0f} s in all).\n\n")
     print_and_write(header + table, args.output)
 
 
