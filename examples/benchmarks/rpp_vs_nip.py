@@ -52,7 +52,9 @@ def parse_args() -> argparse.Namespace:
                         help="Criterion of RPP's hard prune at the end of the window: 'magnitude' (Guo et al.) or "
                              "'obd' (OBD saliency from the gradients of the window's last --rpp_fisher_steps steps).")
     parser.add_argument("--rpp_fisher_steps", type=int, default=100)
-    parser.add_argument("--skip_nip", action="store_true", help="Runs dense, one-shot and RPP only.")
+    parser.add_argument("--skip_nip", action="store_true", help="Runs no NIP fine-tuning.")
+    parser.add_argument("--skip_dense", action="store_true",
+                        help="Runs no dense fine-tuning (nor the one-shot prunes of it): to add RPP rows to a table.")
     parser.add_argument("--rpp_epsilon", type=float, default=1e-3)
     parser.add_argument("--rpp_reweight_every", type=int, default=10)
     return parser.parse_args()
@@ -99,12 +101,13 @@ def main() -> None:
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as output_dir:
-        dense = train(output_dir)
-        record("dense fine-tuned", dense)
-        for sparsity in args.sparsities:
-            pruned = copy.deepcopy(dense)
-            Pruner(pruned, PruningConfig(final_sparsity=sparsity, schedule="oneshot")).prune_to(sparsity)
-            record("one-shot magnitude", pruned)
+        if not args.skip_dense:
+            dense = train(output_dir)
+            record("dense fine-tuned", dense)
+            for sparsity in args.sparsities:
+                pruned = copy.deepcopy(dense)
+                Pruner(pruned, PruningConfig(final_sparsity=sparsity, schedule="oneshot")).prune_to(sparsity)
+                record("one-shot magnitude", pruned)
         for sparsity in [] if args.skip_nip else args.sparsities:
             nip = MagnitudePruningCallback(PruningConfig(final_sparsity=sparsity, schedule=args.nip_schedule))
             record(f"NIP ({args.nip_schedule})", train(output_dir, nip))
