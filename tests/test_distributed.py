@@ -216,23 +216,46 @@ def rows(start: int, count: int) -> dict[str, torch.Tensor]:
 
 
 def drive_callback(callback: MagnitudePruningCallback, model: torch.nn.Module, batch: dict[str, torch.Tensor],
-                   args: SimpleNamespace, state) -> dict[str, torch.Tensor]:
+                   args: SimpleNamespace, state, engine=None) -> dict[str, torch.Tensor]:
     """Calls `callback`'s events in the order `Trainer.train()` does, for `state.max_steps` AdamW steps on `batch`;
-    returns the full-size masks of the first event (at train begin)."""
+    returns the full-size masks of the first event (at train begin). With a DeepSpeed `engine`, in accelerate's
+    order: the engine steps inside `accelerator.backward`, before the Trainer's optimizer-step events."""
     from transformers import TrainerControl
 
-    control, optimizer = TrainerControl(), torch.optim.AdamW(model.parameters(), lr=5e-3)
+    control = TrainerControl()
+    optimizer = engine.optimizer if engine else torch.optim.AdamW(model.parameters(), lr=5e-3)
     callback.on_train_begin(args, state, control, model=model, optimizer=optimizer)
     first_event = callback.pruner.full_masks()
     for _ in range(state.max_steps):
-        model(**batch).loss.backward()
+        if engine is not None:
+            engine.backward(engine(**batch).loss)
+            engine.step()
+        else:
+            model(**batch).loss.backward()
         callback.on_pre_optimizer_step(args, state, control)
-        optimizer.step()
+        if engine is None:
+            optimizer.step()
         callback.on_optimizer_step(args, state, control)
-        optimizer.zero_grad()
+        if engine is None:
+            optimizer.zero_grad()
         state.global_step += 1
         callback.on_step_end(args, state, control, optimizer=optimizer)
     return first_event
+
+
+def log_and_save(callback: MagnitudePruningCallback, model: torch.nn.Module, args: SimpleNamespace, state,
+                 pruned_folder: str) -> dict[str, float]:
+    """What the Trainer does after training with the callback: a log (returned), a checkpoint, and the script's
+    `PrunedModel.from_trainer(trainer).save_pretrained(pruned_folder)` on every rank."""
+    from transformers import TrainerControl
+
+    logs: dict[str, float] = {}
+    callback.on_log(args, state, TrainerControl(), logs=logs)
+    callback.on_save(args, state, TrainerControl())
+    trainer = SimpleNamespace(callback_handler=SimpleNamespace(callbacks=[callback]), model=model,
+                              is_world_process_zero=lambda: state.is_world_process_zero)
+    PrunedModel.from_trainer(trainer).save_pretrained(pruned_folder, is_main_process=state.is_world_process_zero)
+    return logs
 
 
 def fsdp2_training(rank: int, folder: str) -> None:
@@ -249,13 +272,7 @@ def fsdp2_training(rank: int, folder: str) -> None:
     state, control = TrainerState(max_steps=FSDP2_STEPS, is_world_process_zero=rank == 0), TrainerControl()
     callback = MagnitudePruningCallback(FSDP2_CONFIG)
     first_event = drive_callback(callback, model, rows(4 * rank, 4), args, state)
-    logs: dict[str, float] = {}
-    callback.on_log(args, state, control, logs=logs)
-    callback.on_save(args, state, control)
-
-    trainer = SimpleNamespace(callback_handler=SimpleNamespace(callbacks=[callback]), model=model,
-                              is_world_process_zero=lambda: rank == 0)
-    PrunedModel.from_trainer(trainer).save_pretrained(os.path.join(folder, "fsdp2_pruned"), is_main_process=rank == 0)
+    logs = log_and_save(callback, model, args, state, os.path.join(folder, "fsdp2_pruned"))
 
     resumed_model = sharded_tiny_bert(mesh)
     resumed = MagnitudePruningCallback(FSDP2_CONFIG)
@@ -337,8 +354,8 @@ def test_row_sharded_select_equals_the_single_process_masks_with_ties(spawned):
     assert sum(int((~m).sum()) for m in blind) == round(0.6 * total)
 
 
-def read_fsdp2_rank(folder: Path, rank: int,
-                    prefix: str = "fsdp2") -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]:
+def read_sharded_rank(folder: Path, rank: int,
+                      prefix: str = "fsdp2") -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]:
     """<prefix>_rank<r>.safetensors as {kind: {parameter name: tensor}} and its metadata."""
     path = str(folder / f"{prefix}_rank{rank}.safetensors")
     grouped: dict[str, dict[str, torch.Tensor]] = {}
@@ -349,18 +366,33 @@ def read_fsdp2_rank(folder: Path, rank: int,
         return grouped, f.metadata()
 
 
-def test_fsdp2_first_event_on_shards_equals_the_single_process_masks(spawned):
+SPAWNED = {"fsdp2": "spawned", "zero3": "zero3_spawned"}  # the fixture that ran each sharding's worker
+
+
+@pytest.mark.parametrize("sharding", sorted(SPAWNED))
+def test_first_event_on_shards_equals_the_single_process_masks(request, sharding):
+    folder = request.getfixturevalue(SPAWNED[sharding])
     reference = Pruner(tiny_bert(), FSDP2_CONFIG, max_steps=FSDP2_STEPS)
     reference.update(0)
     for rank in range(WORLD_SIZE):
-        first = read_fsdp2_rank(spawned, rank)[0]["first"]
+        first = read_sharded_rank(folder, rank, sharding)[0]["first"]
         assert first.keys() == reference.masks.keys()
         for name, mask in reference.masks.items():
             assert torch.equal(first[name], mask), name
 
 
+@pytest.mark.parametrize("sharding", sorted(SPAWNED))
+def test_mask_file_of_a_sharded_run_loads_in_one_process(request, sharding):
+    """A mask file written by a 2-rank sharded run loads under another world size (here: 1, unsharded)."""
+    folder = request.getfixturevalue(SPAWNED[sharding])
+    saved = load_masks(folder / f"{sharding}_trainer" / f"checkpoint-{FSDP2_STEPS}" / MASKS_NAME)
+    pruner = Pruner(tiny_bert(), FSDP2_CONFIG)
+    pruner.load_masks(saved)
+    assert pruner.sparsity() == pytest.approx(0.7, abs=1e-3)
+
+
 def test_fsdp2_training_keeps_shard_masks_exact_and_saves_them_gathered(spawned):
-    ranks = [read_fsdp2_rank(spawned, r) for r in range(WORLD_SIZE)]
+    ranks = [read_sharded_rank(spawned, r) for r in range(WORLD_SIZE)]
     saved = load_masks(spawned / "fsdp2_trainer" / f"checkpoint-{FSDP2_STEPS}" / MASKS_NAME)
     uneven = "bert.encoder.layer.0.intermediate.dense.weight"
     assert [r[0]["local"][uneven].shape[0] for r in ranks] == [19, 18]  # torch.chunk of 37 rows
@@ -377,7 +409,7 @@ def test_fsdp2_training_keeps_shard_masks_exact_and_saves_them_gathered(spawned)
 
 def test_fsdp2_resume_loads_the_gathered_masks_into_fresh_shards(spawned):
     saved = load_masks(spawned / "fsdp2_trainer" / f"checkpoint-{FSDP2_STEPS}" / MASKS_NAME)
-    ranks = [read_fsdp2_rank(spawned, r)[0] for r in range(WORLD_SIZE)]
+    ranks = [read_sharded_rank(spawned, r)[0] for r in range(WORLD_SIZE)]
     fresh = dict(tiny_bert().named_parameters())
     for name, mask in saved.items():
         assert torch.equal(torch.cat([r["resumed_local"][name] for r in ranks]), mask), name
@@ -385,19 +417,11 @@ def test_fsdp2_resume_loads_the_gathered_masks_into_fresh_shards(spawned):
         assert torch.equal(weight, fresh[name].detach() * mask), name  # the fresh weights, masked
 
 
-def test_fsdp2_mask_file_loads_in_one_process(spawned):
-    """A mask file written by a 2-rank sharded run loads under another world size (here: 1, unsharded)."""
-    saved = load_masks(spawned / "fsdp2_trainer" / f"checkpoint-{FSDP2_STEPS}" / MASKS_NAME)
-    pruner = Pruner(tiny_bert(), FSDP2_CONFIG)
-    pruner.load_masks(saved)
-    assert pruner.sparsity() == pytest.approx(0.7, abs=1e-3)
-
-
 def test_fsdp2_pruned_model_is_gathered_and_written_by_the_main_process(spawned):
     folder = spawned / "fsdp2_pruned"
     assert sorted(os.listdir(folder)) == sorted(SAVED_FILES)
     pruned = PrunedModel.from_pretrained(folder)
-    trained = read_fsdp2_rank(spawned, 0)[0]["weight"]
+    trained = read_sharded_rank(spawned, 0)[0]["weight"]
     params = dict(pruned.model.named_parameters())
     assert pruned.masks.keys() == trained.keys()
     for name, weight in trained.items():
@@ -407,7 +431,7 @@ def test_fsdp2_pruned_model_is_gathered_and_written_by_the_main_process(spawned)
 
 def test_sharded_ranks_that_disagree_on_the_threshold_raise(spawned):
     for rank in range(WORLD_SIZE):
-        message = read_fsdp2_rank(spawned, rank)[1]["disagreement"]
+        message = read_sharded_rank(spawned, rank)[1]["disagreement"]
         assert "thresholds differ across ranks at step 3" in message
 
 
@@ -420,7 +444,7 @@ def test_weights_partly_sharded_are_refused_before_training():
 
 
 def test_methods_without_sharding_support_refuse_fsdp2_weights(spawned):
-    refused = json.loads(read_fsdp2_rank(spawned, 0)[1]["refused"])
+    refused = json.loads(read_sharded_rank(spawned, 0)[1]["refused"])
     assert refused.keys() == {"RPPCallback", "RegularizationCallback"}
     assert all("does not support sharded weights" in message for message in refused.values())
 
@@ -435,7 +459,7 @@ def test_fsdp2_obd_on_shards_equals_the_unsharded_run(spawned):
     drive_callback(magnitude, tiny_bert(), rows(0, 4), args, TrainerState(max_steps=FSDP2_STEPS))
     assert any(not torch.equal(m, magnitude.masks[n]) for n, m in reference.masks.items())  # OBD ranks differently
     for rank in range(WORLD_SIZE):
-        obd = read_fsdp2_rank(spawned, rank)[0]["obd"]
+        obd = read_sharded_rank(spawned, rank)[0]["obd"]
         assert obd.keys() == reference.masks.keys()
         for name, mask in reference.masks.items():
             assert torch.equal(obd[name], mask), name
@@ -480,25 +504,11 @@ def zero3_training(rank: int, folder: str) -> None:
     args = SimpleNamespace(output_dir=os.path.join(folder, "zero3_trainer"), resume_from_checkpoint=None)
     state, control = TrainerState(max_steps=FSDP2_STEPS, is_world_process_zero=rank == 0), TrainerControl()
     callback = MagnitudePruningCallback(FSDP2_CONFIG)
-    callback.on_train_begin(args, state, control, model=model, optimizer=engine.optimizer)
-    first_event = callback.pruner.full_masks()
-    batch = rows(4 * rank, 4)
-    for _ in range(FSDP2_STEPS):
-        engine.backward(engine(**batch).loss)
-        engine.step()
-        callback.on_pre_optimizer_step(args, state, control)
-        callback.on_optimizer_step(args, state, control)
-        state.global_step += 1
-        callback.on_step_end(args, state, control, optimizer=engine.optimizer)
+    first_event = drive_callback(callback, model, rows(4 * rank, 4), args, state, engine)
     # what the next forward uses of the weights ZeRO-3 keeps gathered between steps (the others come from the
     # partitions, checked below)
     persistent = {n: p.data.clone() for n, p in model.named_parameters() if n in callback.masks and p.ds_persist}
-    logs: dict[str, float] = {}
-    callback.on_log(args, state, control, logs=logs)
-    callback.on_save(args, state, control)
-    trainer = SimpleNamespace(callback_handler=SimpleNamespace(callbacks=[callback]), model=model,
-                              is_world_process_zero=lambda: rank == 0)
-    PrunedModel.from_trainer(trainer).save_pretrained(os.path.join(folder, "zero3_pruned"), is_main_process=rank == 0)
+    logs = log_and_save(callback, model, args, state, os.path.join(folder, "zero3_pruned"))
 
     resumed_model = tiny_bert()
     zero3_engine(resumed_model)
@@ -547,22 +557,8 @@ def zero3_spawned(tmp_path_factory) -> Path:
     return folder
 
 
-def read_zero3_rank(folder: Path, rank: int) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]:
-    return read_fsdp2_rank(folder, rank, prefix="zero3")
-
-
-def test_zero3_first_event_on_partitions_equals_the_single_process_masks(zero3_spawned):
-    reference = Pruner(tiny_bert(), FSDP2_CONFIG, max_steps=FSDP2_STEPS)
-    reference.update(0)
-    for rank in range(WORLD_SIZE):
-        first = read_zero3_rank(zero3_spawned, rank)[0]["first"]
-        assert first.keys() == reference.masks.keys()
-        for name, mask in reference.masks.items():
-            assert torch.equal(first[name], mask), name
-
-
 def test_zero3_training_zeroes_weights_and_fp32_masters_and_saves_gathered_masks(zero3_spawned):
-    ranks = [read_zero3_rank(zero3_spawned, r) for r in range(WORLD_SIZE)]
+    ranks = [read_sharded_rank(zero3_spawned, r, "zero3") for r in range(WORLD_SIZE)]
     persist = json.loads(ranks[0][1]["persist"])
     assert persist[PERSISTENT] and not persist[PARTITIONED]  # both kinds of ZeRO-3 parameter are covered
     saved = load_masks(zero3_spawned / "zero3_trainer" / f"checkpoint-{FSDP2_STEPS}" / MASKS_NAME)
@@ -584,7 +580,7 @@ def test_zero3_training_zeroes_weights_and_fp32_masters_and_saves_gathered_masks
 
 
 def test_zero3_pruned_model_is_gathered_once_and_resume_scatters_the_masks(zero3_spawned):
-    ranks = [read_zero3_rank(zero3_spawned, r)[0] for r in range(WORLD_SIZE)]
+    ranks = [read_sharded_rank(zero3_spawned, r, "zero3")[0] for r in range(WORLD_SIZE)]
     folder = zero3_spawned / "zero3_pruned"
     assert sorted(os.listdir(folder)) == sorted(SAVED_FILES)
     pruned = PrunedModel.from_pretrained(folder)
@@ -599,5 +595,5 @@ def test_zero3_pruned_model_is_gathered_once_and_resume_scatters_the_masks(zero3
 
 
 def test_zero3_refuses_gradient_criteria(zero3_spawned):
-    message = read_zero3_rank(zero3_spawned, 0)[1]["obd_refusal"]
+    message = read_sharded_rank(zero3_spawned, 0, "zero3")[1]["obd_refusal"]
     assert "`criterion` 'obd' needs each weight's gradient" in message and "ZeRO-3" in message
