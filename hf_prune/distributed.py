@@ -1,16 +1,18 @@
-"""Multi-process pruning: every rank must hold the same masks (DDP), and sharded weights rank their rows together.
+"""Multi-process pruning: every rank must hold the same masks (DDP), and sharded weights rank their entries together.
 
 Under DDP (`torchrun`, `accelerate launch`) every rank holds the full weights, identical after each step, so the
 deterministic radix select of `hf_prune.masks` gives identical masks everywhere. `check_ranks_agree` verifies it
 after every pruning event with two small all-reduces, so a divergence stops training instead of being silently
 trained on.
 
-With sharded weights (FSDP2 `fully_shard`: DTensors placed `Shard(0)` on a 1-D mesh) each rank holds a block of rows
-of every weight and the mask of that block only. `ProcessGroupReduce` is the `ShardReduce` of `hf_prune.masks`
-that finds the global threshold from the shards with collectives (no rank gathers the model), `gather_mask` builds a
-full mask for saving the way transformers gathers a sharded state dict (`DTensor.full_tensor()`), `local_rows`
-takes a rank's block of a full mask (so mask files load under any world size), and `check_thresholds_agree` is the
-rank-agreement check of sharded runs.
+Sharded weights are pruned where they live, each rank holding the masks of its own entries only. `layout_of` tells
+the layouts apart: `RowShards` (FSDP2 `fully_shard`, DTensors placed `Shard(0)` on a 1-D mesh: a block of rows per
+rank) and `FlatPartitions` (DeepSpeed ZeRO-3: a slice of the flattened weight per rank), next to `Replicated` (whole
+tensors). Each says which entries a rank holds (`local`), gathers a full-size mask for saving the way transformers
+gathers a sharded state dict (`gather`), takes a rank's part of a full mask so mask files load under any world size
+(`scatter`), and zeroes every copy of the pruned weights (`zero_pruned_`). `ProcessGroupReduce` is the
+`ShardReduce` of `hf_prune.masks` that finds the global threshold from the shards with collectives (no rank gathers
+the model), and `check_thresholds_agree` is the rank-agreement check of sharded runs.
 """
 
 from __future__ import annotations
@@ -213,11 +215,11 @@ class FlatPartitions(Replicated):
     rank `r` holds entries `r·P ... r·P + P - 1` in `param.ds_tensor` (`P = param.partition_numel()`) and the
     optimizer an fp32 master copy of the same entries. Masks are 1-D, over the unpadded entries of the partition.
 
-    Pruning zeroes the partition, the fp32 master copy (else the next step would restore the weights) and, for
-    the weights that are gathered at that moment (the small ones ZeRO-3 keeps gathered between steps,
-    `ds_persist`), re-gathers the full tensor from the zeroed partitions. The
-    gradients live in the optimizer's flat buffers, not in `param.grad`, so they are not masked: a pruned weight
-    gets an update and is set back to zero right after the step, before any forward sees it.
+    Pruning zeroes the partition, the fp32 master copy (else the next step would restore the weights) and, for the
+    weights gathered at that moment (the small ones ZeRO-3 keeps gathered between steps, `ds_persist`), re-gathers
+    the full tensor from the zeroed partitions. The gradients and optimizer moments live in the optimizer's flat
+    buffers, not in `param.grad` or `optimizer.state[param]`, so they are not masked: a pruned weight gets an update
+    and is set back to zero right after the step, before any forward sees it.
     """
 
     def __init__(self, group: dist.ProcessGroup) -> None:

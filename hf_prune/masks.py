@@ -38,8 +38,9 @@ def _row_blocks(mask: torch.Tensor) -> list[slice]:
 class ShardReduce(Protocol):
     """How processes that each hold a shard of every scored tensor combine their counts (sharded weights).
 
-    A shard is a block of consecutive rows (`torch.chunk` along dim 0, like FSDP2's `Shard(0)`), shards ordered
-    by rank, so the unsharded order is: target, then rank, then row-major index inside the shard. Only histograms
+    A shard is a block of consecutive rows (`torch.chunk` along dim 0, like FSDP2's `Shard(0)`) or of consecutive
+    entries of the flattened tensor (a 1-D shard, like a ZeRO-3 partition), shards ordered by rank, so the
+    unsharded order is: target, then rank, then row-major index inside the shard. Only histograms
     (a few hundred kB) and per-tensor tie counts are exchanged. `hf_prune.distributed.ProcessGroupReduce`
     implements it over a `torch.distributed` process group.
     """
