@@ -8,7 +8,6 @@ import os
 from typing import Any
 
 import torch
-from accelerate.utils import extract_model_from_parallel
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
@@ -80,7 +79,7 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
                        **kwargs: Any) -> None:
-        self.pruner = self.make_pruner(extract_model_from_parallel(model), state.max_steps)
+        self.pruner = self.make_pruner(model, state.max_steps)
         if state.global_step > 0:
             self._restore_from_checkpoint(args, state)
         elif self._initial_masks is not None:

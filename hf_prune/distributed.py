@@ -7,8 +7,8 @@ trained on.
 
 Sharded weights are pruned where they live, each rank holding the masks of its own entries only. `layout_of` tells
 the layouts apart: `RowShards` (FSDP2 `fully_shard`, DTensors placed `Shard(0)` on a 1-D mesh: a block of rows per
-rank) and `FlatPartitions` (DeepSpeed ZeRO-3: a slice of the flattened weight per rank), next to `Replicated` (whole
-tensors). Each says which entries a rank holds (`local`), gathers a full-size mask for saving the way transformers
+rank), `FlatShards` (FSDP1: a run of the flattened weight per rank) and `ZeroPartitions` (DeepSpeed ZeRO-3: likewise),
+next to `Replicated` (whole tensors). Each says which entries a rank holds (`local`), gathers a full-size mask for saving the way transformers
 gathers a sharded state dict (`gather`), takes a rank's part of a full mask so mask files load under any world size
 (`scatter`), and zeroes every copy of the pruned weights (`zero_pruned_`). `ProcessGroupReduce` is the
 `ShardReduce` of `hf_prune.masks` that finds the global threshold from the shards with collectives (no rank gathers
@@ -17,11 +17,13 @@ the model), and `check_thresholds_agree` is the rank-agreement check of sharded 
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Iterable, Mapping
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
 from .masks import zero_pruned_
@@ -117,23 +119,29 @@ def check_thresholds_agree(thresholds: Mapping[str, float], step: int, group: di
                        "pruning config and the same sharding.")
 
 
-def layout_of(params: Mapping[str, torch.Tensor]) -> Replicated | RowShards | FlatPartitions:
-    """How `params` are laid out across processes: `FlatPartitions` for DeepSpeed ZeRO-3 partitions, `RowShards`
-    for FSDP2 DTensors, `Replicated` for whole tensors (one process, DDP).
+def layout_of(params: Mapping[str, torch.Tensor], model: nn.Module) -> Replicated:
+    """How `params` (weights of `model`, or of the module an FSDP1 `model` wraps) are laid out across processes:
+    `ZeroPartitions` for DeepSpeed ZeRO-3, `RowShards` for FSDP2 DTensors, `FlatShards` for FSDP1 with
+    `use_orig_params=True`, `Replicated` for whole tensors (one process, DDP, FSDP1's `NO_SHARD`).
 
     Raises:
-        ValueError: when the weights mix layouts, or a DTensor is not placed `Shard(0)` on a 1-D mesh shared by all
-            (FSDP2's default; HSDP and tensor parallelism are not supported).
+        ValueError: when the weights mix layouts, a DTensor is not placed `Shard(0)` on a 1-D mesh shared by all
+            (FSDP2's default; HSDP and tensor parallelism are not supported), or FSDP1 hides the weights
+            (`use_orig_params=False`) or shards them in a hybrid way.
     """
+    fsdp1 = _fsdp1_runs(model)
     kinds = {"ZeRO-3": [n for n, p in params.items() if hasattr(p, "ds_tensor")],
-             "DTensor": [n for n, p in params.items() if isinstance(p, DTensor)]}
+             "DTensor": [n for n, p in params.items() if isinstance(p, DTensor)],
+             "FSDP1": [n for n, p in params.items() if id(p) in fsdp1.runs]}
     for kind, names in kinds.items():
         if names and len(names) < len(params):
             other = next(n for n in params if n not in set(names))
             raise ValueError(f"Sharded pruning needs every targeted weight laid out alike: {names[0]} is a {kind} "
                              f"shard but {other} is not.")
     if kinds["ZeRO-3"]:
-        return FlatPartitions(next(iter(params.values())).ds_process_group)
+        return ZeroPartitions(next(iter(params.values())).ds_process_group)
+    if kinds["FSDP1"]:
+        return fsdp1
     if not kinds["DTensor"]:
         return Replicated()
     mesh = next(iter(params.values())).device_mesh
@@ -147,13 +155,38 @@ def layout_of(params: Mapping[str, torch.Tensor]) -> Replicated | RowShards | Fl
     return RowShards(mesh.get_group())
 
 
+def _fsdp1_runs(model: nn.Module) -> FlatShards:
+    """The `FlatShards` of the parameters that FSDP1 units of `model` shard (none when there are none)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+
+    runs: dict[int, tuple[tuple[int, ...], int, int]] = {}
+    group = None
+    for unit in FullyShardedDataParallel.fsdp_modules(model):
+        handle = unit._handle
+        if handle is None or unit.sharding_strategy == ShardingStrategy.NO_SHARD:
+            continue  # no parameters, or every rank holds them whole
+        if unit.sharding_strategy not in (ShardingStrategy.FULL_SHARD, ShardingStrategy.SHARD_GRAD_OP):
+            raise ValueError(f"FSDP1 sharding strategy {unit.sharding_strategy.name} is not supported by hf_prune; "
+                             "use FULL_SHARD or SHARD_GRAD_OP, or FSDP2.")
+        flat = handle.flat_param
+        if flat._params is None:
+            raise ValueError("FSDP1 with use_orig_params=False hides the weights in flat parameters; set "
+                             "fsdp_config={'use_orig_params': True}, or use FSDP2 ({'fsdp_version': 2}).")
+        group = unit.process_group
+        for param, shape, info in zip(flat._params, flat._shapes, flat._shard_param_infos, strict=True):
+            start, length = (info.intra_param_start_idx, info.numel_in_shard) if info.in_shard else (0, 0)
+            runs[id(param)] = (tuple(shape), start, length)
+    return FlatShards(group, runs)
+
+
 def refuse_sharded(params: Iterable[torch.Tensor], method: str) -> None:
-    """Raises `ValueError` when a weight is sharded (FSDP2 DTensor, DeepSpeed ZeRO-3 partition), for a method that
-    does not support sharded weights yet."""
-    if any(isinstance(p, DTensor) or hasattr(p, "ds_tensor") for p in params):
-        raise ValueError(f"{method} does not support sharded weights (FSDP2 / ZeRO-3) yet; train unsharded (DDP), or "
-                         "use MagnitudePruningCallback, which supports FSDP2 (criterion 'magnitude' or 'obd') and "
-                         "ZeRO-3 ('magnitude').")
+    """Raises `ValueError` when a weight is sharded (FSDP1 or FSDP2, DeepSpeed ZeRO-3), for a method that does not
+    support sharded weights yet."""
+    if any(isinstance(p, DTensor) or hasattr(p, "ds_tensor") or getattr(p, "_fsdp_flattened", False)
+           for p in params):
+        raise ValueError(f"{method} does not support sharded weights (FSDP / ZeRO-3) yet; train unsharded (DDP), or "
+                         "use MagnitudePruningCallback, which supports FSDP1, FSDP2 (criterion 'magnitude' or 'obd') "
+                         "and ZeRO-3 ('magnitude').")
 
 
 class Replicated:
@@ -210,10 +243,55 @@ class RowShards(Replicated):
         return chunks[rank] if rank < len(chunks) else full[:0]
 
 
-class FlatPartitions(Replicated):
-    """DeepSpeed ZeRO-3: each weight is flattened (row-major) and cut into equal partitions, the last one padded;
-    rank `r` holds entries `r·P ... r·P + P - 1` in `param.ds_tensor` (`P = param.partition_numel()`) and the
-    optimizer an fp32 master copy of the same entries. Masks are 1-D, over the unpadded entries of the partition.
+class FlatShards(Replicated):
+    """Each weight is flattened (row-major) and rank `r` holds one run of consecutive entries of it, the runs in
+    rank order; masks are 1-D, over those entries. FSDP1 with `use_orig_params=True` lays its weights out this way
+    (each parameter is a 1-D view of the rank's part of a `FlatParameter`, possibly empty), and so do their
+    gradients and optimizer states.
+
+    Args:
+        group (`ProcessGroup`): the ranks sharing the weights.
+        runs (`dict[int, tuple]`): `id(param)` -> `(full shape, start, length)` of this rank's run.
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None,
+                 runs: Mapping[int, tuple[tuple[int, ...], int, int]] | None = None) -> None:
+        self.group = group
+        self.reduce = ProcessGroupReduce(group) if group is not None else None
+        self.runs = dict(runs or {})
+
+    def _run(self, param: torch.Tensor) -> tuple[tuple[int, ...], int, int]:
+        """`(full shape, start, length)`: where this rank's entries sit in the flattened weight."""
+        return self.runs[id(param)]
+
+    def full_shape(self, param: torch.Tensor) -> tuple[int, ...]:
+        return self._run(param)[0]
+
+    def gather(self, mask: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+        shape, start, length = self._run(param)
+        device = _collective_device(self.group)
+        world_size = dist.get_world_size(self.group)
+        places = [torch.empty(2, dtype=torch.int64, device=device) for _ in range(world_size)]
+        dist.all_gather(places, torch.tensor([start, length], device=device), group=self.group)
+        longest = max(int(place[1]) for place in places)
+        padded = torch.zeros(longest, dtype=torch.uint8, device=device)
+        padded[:length] = mask.view(torch.uint8)
+        parts = [torch.empty_like(padded) for _ in range(world_size)]
+        dist.all_gather(parts, padded, group=self.group)
+        full = torch.zeros(math.prod(shape), dtype=torch.uint8)
+        for (start, length), part in zip((place.tolist() for place in places), parts):
+            full[start:start + length] = part[:length].cpu()
+        return full.view(torch.bool).view(shape)
+
+    def scatter(self, full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+        _, start, length = self._run(param)
+        return full.reshape(-1).narrow(0, start, length)
+
+
+class ZeroPartitions(FlatShards):
+    """DeepSpeed ZeRO-3: each weight is flattened and cut into equal partitions, the last one padded; rank `r` holds
+    entries `r·P ... r·P + P - 1` in `param.ds_tensor` (`P = param.partition_numel()`) and the optimizer an fp32
+    master copy of the same entries.
 
     Pruning zeroes the partition, the fp32 master copy (else the next step would restore the weights) and, for the
     weights gathered at that moment (the small ones ZeRO-3 keeps gathered between steps, `ds_persist`), re-gathers
@@ -223,34 +301,16 @@ class FlatPartitions(Replicated):
     """
 
     def __init__(self, group: dist.ProcessGroup) -> None:
-        self.group = group
-        self.reduce = ProcessGroupReduce(group)
+        super().__init__(group)
         self.rank = dist.get_rank(group)
 
-    def _entries(self, param: torch.Tensor) -> tuple[int, int, int]:
-        """`(start, length, partition size)`: where this rank's unpadded entries sit in the flattened weight."""
+    def _run(self, param: torch.Tensor) -> tuple[tuple[int, ...], int, int]:
         size = param.partition_numel()
         start = self.rank * size
-        return start, max(0, min(size, param.ds_numel - start)), size
+        return tuple(param.ds_shape), start, max(0, min(size, param.ds_numel - start))
 
     def local(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.ds_tensor.view(-1).narrow(0, 0, self._entries(tensor)[1])
-
-    def full_shape(self, param: torch.Tensor) -> tuple[int, ...]:
-        return tuple(param.ds_shape)
-
-    def gather(self, mask: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-        _, length, size = self._entries(param)
-        device = _collective_device(self.group)
-        padded = torch.zeros(size, dtype=torch.uint8, device=device)
-        padded[:length] = mask.view(torch.uint8)
-        parts = [torch.empty_like(padded) for _ in range(dist.get_world_size(self.group))]
-        dist.all_gather(parts, padded, group=self.group)
-        return torch.cat(parts)[:param.ds_numel].cpu().view(torch.bool).view(param.ds_shape)
-
-    def scatter(self, full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-        start, length, _ = self._entries(param)
-        return full.reshape(-1).narrow(0, start, length)
+        return tensor.ds_tensor.view(-1).narrow(0, 0, self._run(tensor)[2])
 
     def zero_pruned_(self, params: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> None:
         from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus

@@ -134,8 +134,8 @@ def prune_lowest_(scores: Sequence[ScoreFn], masks: Sequence[torch.Tensor], num_
             block.logical_and_(keys >= threshold)
             if ties:
                 tied.append(((keys == threshold) & block).view(-1).nonzero().view(-1) + rows.start * block[0].numel())
-        if ties:
-            tied = torch.cat(tied)
+        if ties:  # every process gets here together (ties is global); a shard may be empty
+            tied = torch.cat(tied) if tied else torch.zeros(0, dtype=torch.int64, device=mask.device)
             everywhere, preceding = (int(n) for n in reduce.sum_and_preceding(torch.tensor([tied.numel()])))
             mask.view(-1)[tied[:max(ties - preceding, 0)]] = False
             ties = max(ties - everywhere, 0)

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 import transformers
+from accelerate.utils import extract_model_from_parallel
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import EntryNotFoundError
 from torch import nn
@@ -93,7 +94,7 @@ class PrunedModel(nn.Module):
     def from_trainer(cls, trainer: transformers.Trainer) -> PrunedModel:
         """The model a `Trainer` trained with a `MagnitudePruningCallback` (or subclass), with its masks.
 
-        With sharded weights (FSDP2, DeepSpeed ZeRO-3) every rank must call it: the weights and masks are gathered
+        With sharded weights (FSDP, DeepSpeed ZeRO-3) every rank must call it: the weights and masks are gathered
         to full size on the CPU of the main process, as `Trainer.save_model` gathers a full state dict, into an
         unsharded copy of the model. The other ranks get the model on the meta device: pass `is_main_process` to
         `save_pretrained`.
@@ -271,33 +272,37 @@ class PrunedModel(nn.Module):
 
 
 def _gather_unsharded(model: nn.Module, is_main_process: bool) -> nn.Module:
-    """An unsharded copy of an FSDP2 or ZeRO-3 model: full weights on CPU on the main process, on the meta device
-    elsewhere.
+    """An unsharded copy of an FSDP (1 or 2) or ZeRO-3 model: full weights on CPU on the main process, on the meta
+    device elsewhere.
 
-    Collective. FSDP2: the full state dict is gathered as accelerate does (`get_model_state_dict` with
-    `full_state_dict=True, cpu_offload=True`: only the main process receives the tensors). ZeRO-3: one parameter
+    Collective. FSDP: the full state dict is gathered as accelerate does (`get_model_state_dict` with
+    `full_state_dict=True, cpu_offload=True`: only the main process receives the tensors; on CPU all do). ZeRO-3: one parameter
     at a time is gathered (`deepspeed.zero.GatheredParameters`) and copied to CPU on the main process.
     """
     from torch.distributed.fsdp import FSDPModule
 
-    model_class = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
-    if any(hasattr(p, "ds_tensor") for p in model.parameters()):
+    module = extract_model_from_parallel(model)  # FSDP1 wraps the model; FSDP2 and ZeRO-3 do not
+    model_class = next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
+    if any(hasattr(p, "ds_tensor") for p in module.parameters()):
         import deepspeed
 
-        state = dict(model.named_buffers())
-        for name, param in model.named_parameters():
+        state = dict(module.named_buffers())
+        for name, param in module.named_parameters():
             with deepspeed.zero.GatheredParameters([param]):
                 if is_main_process:
                     state[name] = param.detach().cpu().clone()
     else:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # Offloading (to the main process only) is for accelerator weights: on CPU there is nothing to offload, and
+        # FSDP1's offload of CPU tensors crashes (torch 2.13), so every process gets the full state dict there.
+        on_cpu = next(module.parameters()).device.type == "cpu"
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=not on_cpu))
     with _without_zero3_init():
         if not is_main_process:
             with torch.device("meta"):
-                return model_class(model.config)
-        return model_class.from_pretrained(None, config=model.config, state_dict=state)
+                return model_class(module.config)
+        return model_class.from_pretrained(None, config=module.config, state_dict=state)
 
 
 @contextlib.contextmanager

@@ -8,14 +8,15 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from torch import nn
 
 from .config import PruningConfig
 from .criteria import CRITERIA
-from .distributed import FlatPartitions, check_ranks_agree, check_thresholds_agree, layout_of
+from .distributed import ZeroPartitions, check_ranks_agree, check_thresholds_agree, layout_of
 from .masks import update_masks_, zero_pruned_
 from .schedules import SparsitySchedule
-from .targets import find_targets
+from .targets import clean_name, find_targets
 
 
 class Pruner:
@@ -38,14 +39,15 @@ class Pruner:
         pruner.update(step, optimizer)
     ```
 
-    Sharded weights (FSDP2 `fully_shard`, DTensors placed `Shard(0)`; DeepSpeed ZeRO-3 partitions) are pruned
-    where they live: each rank's `masks` cover its own rows (FSDP2) or flat partition (ZeRO-3, 1-D masks), the
+    Sharded weights (FSDP2 `fully_shard`, DTensors placed `Shard(0)`; FSDP1 with `use_orig_params=True`; DeepSpeed
+    ZeRO-3) are pruned where they live: each rank's `masks` cover its own rows (FSDP2) or its run of the flattened
+    weight (FSDP1, ZeRO-3: 1-D masks), the
     global threshold comes from all-reduced histograms (no rank gathers the model), and `full_masks()` /
     `load_masks()` / `state_dict()` speak full-size masks, so a mask file loads under any world size. Under sharding every rank must call `update`, `prune_to`, `sparsity*`, `full_masks`,
     `state_dict` and `check_ranks_agree` together (they are collectives).
 
     Args:
-        model (`nn.Module`): the model to prune (not a DDP/compiled wrapper: the module that owns the weights).
+        model (`nn.Module`): the model to prune, or its DDP / FSDP1 wrapper.
         config (`PruningConfig`): what to prune and when.
         max_steps (`int`, *optional*): the run's number of optimizer steps, used for `end_step` defaults.
     """
@@ -53,17 +55,18 @@ class Pruner:
     def __init__(self, model: nn.Module, config: PruningConfig, max_steps: int | None = None) -> None:
         self.config = config
         self.schedule = SparsitySchedule.from_config(config, max_steps)
-        targets = find_targets(model, config)
-        params = dict(model.named_parameters())
+        module = extract_model_from_parallel(model)
+        targets = find_targets(module, config)
+        params = {clean_name(name): param for name, param in module.named_parameters()}
         self.params: dict[str, nn.Parameter] = {t.name: params[t.name] for t in targets}
         self.classes: dict[str, str] = {t.name: t.weight_class for t in targets}
-        self.layout = layout_of(self.params)
+        self.layout = layout_of(self.params, model)
         self.group = self.layout.group
         self.masks: dict[str, torch.Tensor] = {
             name: torch.ones_like(self.layout.local(p), dtype=torch.bool) for name, p in self.params.items()
         }
         self.criterion = CRITERIA[config.criterion]()
-        if self.criterion.needs_gradients and isinstance(self.layout, FlatPartitions):
+        if self.criterion.needs_gradients and isinstance(self.layout, ZeroPartitions):
             raise ValueError(f"`criterion` {config.criterion!r} needs each weight's gradient, which DeepSpeed ZeRO-3 "
                              "keeps in its optimizer's flat buffers; use criterion='magnitude' under ZeRO-3, or "
                              "shard with FSDP2.")

@@ -16,6 +16,14 @@ from .config import PruningConfig
 
 PRUNABLE_MODULES = (nn.Linear, Conv1D)
 _BLOCK_INDEX = re.compile(r"(^|\.)\d+(?=\.|$)")
+_WRAPPERS = re.compile(r"(^|\.)(_fsdp_wrapped_module|_checkpoint_wrapped_module)(?=\.|$)")
+
+
+def clean_name(name: str) -> str:
+    """A module or parameter name without the wrapper levels FSDP1 and activation checkpointing insert
+    (`encoder.layer.0._fsdp_wrapped_module.attention` -> `encoder.layer.0.attention`), as their state dicts
+    name it."""
+    return _WRAPPERS.sub("", name).lstrip(".")
 
 
 @dataclass(frozen=True)
@@ -43,9 +51,10 @@ def weight_class(module_name: str, granularity: str = "role") -> str:
 
 
 def _storage(weight: torch.Tensor) -> int:
-    """What tied weights share: their storage, or for a sharded weight (an FSDP2 DTensor or a ZeRO-3 partition, whose
-    `data_ptr()` is 0) the parameter itself."""
-    return id(weight) if isinstance(weight, DTensor) or hasattr(weight, "ds_tensor") else weight.data_ptr()
+    """What tied weights share: their storage, or for a sharded weight (an FSDP2 DTensor, an FSDP1 or ZeRO-3 shard,
+    whose local part may be empty, with `data_ptr()` 0) the parameter itself."""
+    sharded = isinstance(weight, DTensor) or hasattr(weight, "ds_tensor") or getattr(weight, "_fsdp_flattened", False)
+    return id(weight) if sharded else weight.data_ptr()
 
 
 def find_targets(model: nn.Module, config: PruningConfig) -> list[Target]:
@@ -61,7 +70,7 @@ def find_targets(model: nn.Module, config: PruningConfig) -> list[Target]:
         ValueError: when `target_modules` or `exclude_modules` matches no prunable module, or nothing is left.
     """
     embedding_storage = {_storage(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    candidates = [(name, module) for name, module in model.named_modules()
+    candidates = [(clean_name(name), module) for name, module in model.named_modules()
                   if isinstance(module, PRUNABLE_MODULES) and _storage(module.weight) not in embedding_storage]
     if not candidates:
         raise ValueError(f"{type(model).__name__} has no nn.Linear or Conv1D layers (other than tied embeddings) "

@@ -9,8 +9,8 @@ process last, so any file written by another rank would show in that rank's list
 With `--skew_rank r`, rank `r` prunes one extra weight at every event after the first, as any rank-specific
 divergence would: training must stop at step 2 with the rank-agreement error.
 
-With `--sharding fsdp2` the Trainer shards the model with FSDP2, with `--sharding zero3` with DeepSpeed ZeRO-3
-(accelerate enables both on accelerators only: these need GPUs); the masks and weights written per rank are then the
+With `--sharding fsdp1` / `fsdp2` the Trainer shards the model with FSDP1 / FSDP2, with `--sharding zero3` with
+DeepSpeed ZeRO-3 (accelerate enables them on accelerators only: these need GPUs); the masks and weights written per rank are then the
 gathered full ones.
 """
 
@@ -36,6 +36,8 @@ CONFIG = PruningConfig(initial_sparsity=0.2, final_sparsity=0.7, schedule="cubic
                        pruning_frequency=2)
 MAX_STEPS = 6
 SHARDING_ARGS = {
+    "fsdp1": {"fsdp": "full_shard auto_wrap", "fsdp_config": {"transformer_layer_cls_to_wrap": ["BertLayer"],
+                                                              "use_orig_params": True}},
     "fsdp2": {"fsdp": True, "fsdp_config": {"fsdp_version": 2, "reshard_after_forward": True,
                                             "transformer_layer_cls_to_wrap": ["BertLayer"]}},
     # the 32x32 attention weights stay gathered between steps (ds_persist), the 37x32 feed-forward ones do not
@@ -61,14 +63,25 @@ class SkewedCallback(MagnitudePruningCallback):
         return SkewedPruner(model, self.config, max_steps=max_steps)
 
 
-def full_weight(param: torch.Tensor) -> torch.Tensor:
-    """The whole weight on CPU: gathered from FSDP2 or ZeRO-3 shards (collective) when sharded."""
-    if hasattr(param, "ds_tensor"):
-        import deepspeed
+def full_weights(model: torch.nn.Module, names) -> dict[str, torch.Tensor]:
+    """The whole weights `names` on CPU, gathered (collectively) from FSDP1, FSDP2 or ZeRO-3 shards."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
 
-        with deepspeed.zero.GatheredParameters([param]):
-            return param.detach().cpu().clone()
-    return getattr(param, "full_tensor", lambda: param)().detach().cpu()
+    if isinstance(model, FullyShardedDataParallel):
+        with FullyShardedDataParallel.summon_full_params(model, writeback=False):
+            return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if n in names}
+    weights = {}
+    for name, param in model.named_parameters():
+        if name not in names:
+            continue
+        if hasattr(param, "ds_tensor"):
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([param]):
+                weights[name] = param.detach().cpu().clone()
+        else:
+            weights[name] = getattr(param, "full_tensor", lambda p=param: p)().detach().cpu()
+    return weights
 
 
 def main() -> None:
@@ -97,7 +110,7 @@ def main() -> None:
             seen_after_own_save = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
         trainer.accelerator.wait_for_everyone()
 
-    params = {name: full_weight(p) for name, p in trainer.model.named_parameters() if name in callback.masks}
+    params = full_weights(trainer.model, callback.masks)
     tensors = {f"mask/{name}": mask.contiguous() for name, mask in callback.pruner.full_masks().items()}
     tensors.update({f"weight/{name}": weight.contiguous() for name, weight in params.items()})
     metadata = {"world_size": str(trainer.args.world_size), "seen_after_own_save": json.dumps(seen_after_own_save),

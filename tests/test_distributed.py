@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from conftest import TinyClassificationDataset, tiny_bert
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import TrainerState
+from transformers import TrainerControl, TrainerState
 
 from hf_prune import MagnitudePruningCallback, PrunedModel, Pruner, PruningConfig
 from hf_prune.constants import MASKS_NAME
@@ -105,18 +105,18 @@ def test_ddp_pruned_model_and_checkpoint_are_written_by_the_main_process_only(dd
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Trainer shards (FSDP, DeepSpeed) only on accelerators")
-@pytest.mark.parametrize("sharding", ["fsdp2", "zero3"])
+@pytest.mark.parametrize("sharding", ["fsdp1", "fsdp2", "zero3"])
 def test_trainer_with_sharded_weights_prunes_shards_and_saves_full_masks(tmp_path, sharding):
-    """The real Trainer under FSDP2 or DeepSpeed ZeRO-3, on up to 2 GPUs (one process per GPU)."""
+    """The real Trainer under FSDP1, FSDP2 or DeepSpeed ZeRO-3, on up to 2 GPUs (one process per GPU)."""
     if sharding == "zero3":
         pytest.importorskip("deepspeed", reason="DeepSpeed is not installed")
     world_size = min(WORLD_SIZE, torch.cuda.device_count())
     result = torchrun(tmp_path, "--sharding", sharding, nproc=world_size)
     assert result.returncode == 0, f"torchrun failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
     (masks0, weights0, meta0), *others = (read_rank(tmp_path, r) for r in range(world_size))
-    assert meta0[{"fsdp2": "fsdp", "zero3": "deepspeed"}[sharding]] == "True"
+    assert meta0["deepspeed" if sharding == "zero3" else "fsdp"] == "True"
     local_shapes = json.loads(meta0["mask_shapes"])
-    if sharding == "zero3":  # flat partitions: 1-D masks of ceil(numel / world size) entries at most
+    if sharding != "fsdp2":  # runs of the flattened weights: 1-D masks
         assert all(len(shape) == 1 for shape in local_shapes.values())
     total = sum(m.numel() for m in masks0.values())
     assert sum(int((~m).sum()) for m in masks0.values()) == round(0.7 * total)
@@ -303,6 +303,43 @@ def fsdp2_training(rank: int, folder: str) -> None:
     save_file(tensors, os.path.join(folder, f"fsdp2_rank{rank}.safetensors"), metadata=metadata)
 
 
+def fsdp1_tiny_bert() -> torch.nn.Module:
+    """The tiny BERT under FSDP1 (`FullyShardedDataParallel`, one unit per layer and one at the root,
+    `use_orig_params=True`, on CPU): each weight becomes a 1-D run of its flattened entries, empty on some ranks."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from transformers.models.bert.modeling_bert import BertLayer
+
+    return FullyShardedDataParallel(tiny_bert(), auto_wrap_policy=ModuleWrapPolicy({BertLayer}),
+                                    use_orig_params=True, device_id=torch.device("cpu"))
+
+
+def fsdp1_training(rank: int, folder: str) -> None:
+    """`MagnitudePruningCallback` on an FSDP1 model, through the Trainer's events, one batch per rank; then a
+    checkpoint, `PrunedModel.from_trainer`, and a resume into a fresh FSDP1 model."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    model = fsdp1_tiny_bert()
+    args = SimpleNamespace(output_dir=os.path.join(folder, "fsdp1_trainer"), resume_from_checkpoint=None)
+    state = TrainerState(max_steps=FSDP2_STEPS, is_world_process_zero=rank == 0)
+    callback = MagnitudePruningCallback(FSDP2_CONFIG)
+    first_event = drive_callback(callback, model, rows(4 * rank, 4), args, state)
+    logs = log_and_save(callback, model, args, state, os.path.join(folder, "fsdp1_pruned"))
+    resumed_model = fsdp1_tiny_bert()
+    resumed = MagnitudePruningCallback(FSDP2_CONFIG)
+    resumed_state = TrainerState(max_steps=FSDP2_STEPS, global_step=FSDP2_STEPS, is_world_process_zero=rank == 0)
+    resumed.on_train_begin(args, resumed_state, TrainerControl(), model=resumed_model, optimizer=None)
+
+    tensors = {f"first/{n}": m for n, m in first_event.items()}
+    tensors.update({f"local/{n}": m for n, m in callback.masks.items()})
+    tensors.update({f"resumed_local/{n}": m for n, m in resumed.masks.items()})
+    for kind, wrapped in (("weight", model), ("resumed_weight", resumed_model)):
+        with FullyShardedDataParallel.summon_full_params(wrapped, writeback=False):
+            params = dict(wrapped.named_parameters())
+            tensors.update({f"{kind}/{n}": params[n].detach().clone() for n in callback.masks})
+    save_file(tensors, os.path.join(folder, f"fsdp1_rank{rank}.safetensors"), metadata={"logs": json.dumps(logs)})
+
+
 def worker(rank: int, init_file: str, folder: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
@@ -311,6 +348,7 @@ def worker(rank: int, init_file: str, folder: str) -> None:
         check_agreement(rank, folder)
         prune_row_shards(rank, folder)
         fsdp2_training(rank, folder)
+        fsdp1_training(rank, folder)
     finally:
         dist.destroy_process_group()
 
@@ -366,7 +404,7 @@ def read_sharded_rank(folder: Path, rank: int,
         return grouped, f.metadata()
 
 
-SPAWNED = {"fsdp2": "spawned", "zero3": "zero3_spawned"}  # the fixture that ran each sharding's worker
+SPAWNED = {"fsdp1": "spawned", "fsdp2": "spawned", "zero3": "zero3_spawned"}  # the fixture that ran each sharding's worker
 
 
 @pytest.mark.parametrize("sharding", sorted(SPAWNED))
@@ -555,6 +593,28 @@ def zero3_spawned(tmp_path_factory) -> Path:
         patch.setenv("DS_ACCELERATOR", "cpu")
         mp.spawn(zero3_worker, args=(str(folder / "init"), str(folder)), nprocs=WORLD_SIZE)
     return folder
+
+
+def test_fsdp1_training_prunes_flat_runs_and_saves_gathered_masks(spawned):
+    ranks = [read_sharded_rank(spawned, r, "fsdp1") for r in range(WORLD_SIZE)]
+    saved = load_masks(spawned / "fsdp1_trainer" / f"checkpoint-{FSDP2_STEPS}" / MASKS_NAME)
+    sizes = {name: [r[0]["local"][name].numel() for r in ranks] for name in saved}
+    assert any(0 in per_rank for per_rank in sizes.values())  # some weights lie wholly on one rank
+    total = sum(m.numel() for m in saved.values())
+    assert sum(int((~m).sum()) for m in saved.values()) == round(0.7 * total)
+    fresh = dict(tiny_bert().named_parameters())
+    for name, mask in saved.items():
+        assert torch.equal(torch.cat([r[0]["local"][name] for r in ranks]), mask.view(-1)), name
+        weight = ranks[0][0]["weight"][name]
+        assert (weight[~mask] == 0).all() and (weight[mask] != 0).all(), name
+        assert torch.equal(torch.cat([r[0]["resumed_local"][name] for r in ranks]), mask.view(-1)), name
+        assert torch.equal(ranks[0][0]["resumed_weight"][name], fresh[name].detach() * mask), name
+    pruned = PrunedModel.from_pretrained(spawned / "fsdp1_pruned")
+    params = dict(pruned.model.named_parameters())
+    for name, mask in saved.items():
+        assert torch.equal(pruned.masks[name], mask) and torch.equal(params[name], ranks[0][0]["weight"][name]), name
+    for _, metadata in ranks:
+        assert json.loads(metadata["logs"])["sparsity"] == pytest.approx(0.7, abs=1e-3)
 
 
 def test_zero3_training_zeroes_weights_and_fp32_masters_and_saves_gathered_masks(zero3_spawned):
