@@ -16,12 +16,12 @@ from .config import PruningConfig
 
 PRUNABLE_MODULES = (nn.Linear, Conv1D)
 _BLOCK_INDEX = re.compile(r"(^|\.)\d+(?=\.|$)")
-_WRAPPERS = re.compile(r"(^|\.)(_fsdp_wrapped_module|_checkpoint_wrapped_module)(?=\.|$)")
+_WRAPPERS = re.compile(r"(^|\.)(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)(?=\.|$)")
 
 
 def clean_name(name: str) -> str:
-    """A module or parameter name without the wrapper levels FSDP1 and activation checkpointing insert
-    (`encoder.layer.0._fsdp_wrapped_module.attention` -> `encoder.layer.0.attention`), as their state dicts
+    """A module or parameter name without the wrapper levels FSDP1, activation checkpointing and `torch.compile`
+    insert (`encoder.layer.0._fsdp_wrapped_module.attention` -> `encoder.layer.0.attention`), as their state dicts
     name it."""
     return _WRAPPERS.sub("", name).lstrip(".")
 

@@ -59,3 +59,12 @@ def test_state_dict_round_trip_and_mismatch_errors():
         fresh.load_masks({**state["masks"], name: mask[:, :3]})
     with pytest.raises(ValueError, match="unexpected mask"):
         fresh.load_masks({**state["masks"], "classifier.weight": torch.ones(2, 32, dtype=torch.bool)})
+
+
+def test_pruner_of_a_compiled_model_names_and_prunes_as_the_plain_model():
+    config = PruningConfig(final_sparsity=0.5, schedule="oneshot")
+    compiled, plain = Pruner(torch.compile(tiny_bert()), config), Pruner(tiny_bert(), config)
+    compiled.update(0)
+    plain.update(0)
+    assert compiled.masks.keys() == plain.masks.keys()
+    assert all(torch.equal(compiled.masks[name], mask) for name, mask in plain.masks.items())

@@ -3,7 +3,7 @@ import torch
 from conftest import TINY_MODELS, tiny_bert, tiny_gpt2
 
 from hf_prune import PruningConfig
-from hf_prune.targets import find_targets, weight_class
+from hf_prune.targets import clean_name, find_targets, weight_class
 
 
 EXPECTED_ROLES = {
@@ -106,3 +106,14 @@ def test_roberta_and_distilbert_targets(config_cls, roles):
     model = transformers.AutoModelForSequenceClassification.from_config(getattr(transformers, config_cls)(**kwargs))
     targets = find_targets(model, PruningConfig())
     assert {t.weight_class.split("*.")[-1] for t in targets} == roles and len(targets) == 2 * len(roles)
+
+
+@pytest.mark.parametrize("wrapped, plain", [
+    ("bert.encoder.layer.0._fsdp_wrapped_module.attention.self.query.weight",
+     "bert.encoder.layer.0.attention.self.query.weight"),
+    ("_fsdp_wrapped_module.bert.pooler.dense", "bert.pooler.dense"),
+    ("_orig_mod.h.1._checkpoint_wrapped_module.mlp.c_fc", "h.1.mlp.c_fc"),
+    ("bert.encoder.layer.0.my_fsdp_wrapped_module_x", "bert.encoder.layer.0.my_fsdp_wrapped_module_x"),
+])
+def test_clean_name_drops_wrapper_levels_only(wrapped, plain):
+    assert clean_name(wrapped) == plain
