@@ -37,7 +37,8 @@ from common import (
 from transformers import TrainingArguments, get_scheduler
 
 from hf_prune import MagnitudePruningCallback, Pruner, PruningConfig
-from hf_prune.rpp import PenaltySchedule, RPPCallback, RPPConfig
+from hf_prune.rpp import RPPCallback, RPPConfig
+from hf_prune.schedules import DEFAULT_END_FRACTION
 
 
 def parse_args() -> argparse.Namespace:
@@ -52,6 +53,8 @@ def parse_args() -> argparse.Namespace:
                         help="Criterion of RPP's hard prune at the end of the window: 'magnitude' (Guo et al.) or "
                              "'obd' (OBD saliency from the gradients of the window's last --rpp_fisher_steps steps).")
     parser.add_argument("--rpp_fisher_steps", type=int, default=100)
+    parser.add_argument("--rpp_end_fraction", type=float, default=DEFAULT_END_FRACTION,
+                        help="RPP's hard prune comes after this fraction of the steps (NIP keeps the default).")
     parser.add_argument("--skip_nip", action="store_true", help="Runs no NIP fine-tuning.")
     parser.add_argument("--skip_dense", action="store_true",
                         help="Runs no dense fine-tuning (nor the one-shot prunes of it): to add RPP rows to a table.")
@@ -113,12 +116,12 @@ def main() -> None:
             record(f"NIP ({args.nip_schedule})", train(output_dir, nip))
         for sparsity, scale, criterion in itertools.product(args.sparsities, args.rpp_penalty_scales,
                                                              args.rpp_criteria):
-            penalty = args.rpp_penalty
+            penalty, end = args.rpp_penalty, round(args.rpp_end_fraction * args.max_steps)
             if penalty is None:
-                end = PenaltySchedule.from_config(RPPConfig(final_sparsity=sparsity), args.max_steps).end
                 summed_lr = summed_learning_rate(training_args(args, output_dir), end)
                 penalty = calibrated_penalty(load_model(args.model, args.seed), sparsity, args.rpp_epsilon, summed_lr)
-            rpp = RPPCallback(RPPConfig(final_sparsity=sparsity, penalty=scale * penalty, epsilon=args.rpp_epsilon,
+            rpp = RPPCallback(RPPConfig(final_sparsity=sparsity, end_step=end, penalty=scale * penalty,
+                                        epsilon=args.rpp_epsilon,
                                         reweight_every=args.rpp_reweight_every, criterion=criterion,
                                         fisher_steps=args.rpp_fisher_steps))
             model = train(output_dir, rpp)
@@ -131,7 +134,8 @@ def main() -> None:
     header = (f"all-MiniLM-L6-v2 on SST-2: {len(train_set)} training rows, {len(dev_set)} dev rows, "
               f"{args.max_steps} steps, batch {args.batch_size}, seq len {args.max_seq_length}, "
               f"lr {args.learning_rate}, warm-up {args.warmup_ratio}, weight decay {args.weight_decay}, "
-              f"seed {args.seed}; pruning ends at 75% of the run; {'GPU' if args.gpu else 'CPU'} "
+              f"seed {args.seed}; NIP's pruning ends at {DEFAULT_END_FRACTION:.0%} of the run, RPP's at "
+              f"{args.rpp_end_fraction:.0%}; {'GPU' if args.gpu else 'CPU'} "
               f"({time.perf_counter() - start:.0f} s in all).\n\n")
     print_and_write(header + table, args.output)
 
