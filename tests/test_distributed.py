@@ -316,7 +316,8 @@ def fsdp1_tiny_bert() -> torch.nn.Module:
 
 def fsdp1_training(rank: int, folder: str) -> None:
     """`MagnitudePruningCallback` on an FSDP1 model, through the Trainer's events, one batch per rank; then a
-    checkpoint, `PrunedModel.from_trainer`, and a resume into a fresh FSDP1 model."""
+    checkpoint, `PrunedModel.from_trainer`, a resume into a fresh FSDP1 model, and `criterion="obd"` trained on the
+    same batch on both ranks."""
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     model = fsdp1_tiny_bert()
@@ -329,10 +330,13 @@ def fsdp1_training(rank: int, folder: str) -> None:
     resumed = MagnitudePruningCallback(FSDP2_CONFIG)
     resumed_state = TrainerState(max_steps=FSDP2_STEPS, global_step=FSDP2_STEPS, is_world_process_zero=rank == 0)
     resumed.on_train_begin(args, resumed_state, TrainerControl(), model=resumed_model, optimizer=None)
+    obd = MagnitudePruningCallback(OBD_CONFIG)
+    drive_callback(obd, fsdp1_tiny_bert(), rows(0, 4), args, TrainerState(max_steps=FSDP2_STEPS))
 
     tensors = {f"first/{n}": m for n, m in first_event.items()}
     tensors.update({f"local/{n}": m for n, m in callback.masks.items()})
     tensors.update({f"resumed_local/{n}": m for n, m in resumed.masks.items()})
+    tensors.update({f"obd/{n}": m for n, m in obd.pruner.full_masks().items()})
     for kind, wrapped in (("weight", model), ("resumed_weight", resumed_model)):
         with FullyShardedDataParallel.summon_full_params(wrapped, writeback=False):
             params = dict(wrapped.named_parameters())
@@ -487,8 +491,9 @@ def test_methods_without_sharding_support_refuse_fsdp2_weights(spawned):
     assert all("does not support sharded weights" in message for message in refused.values())
 
 
-def test_fsdp2_obd_on_shards_equals_the_unsharded_run(spawned):
-    """Both ranks train on the same batch, so FSDP2's averaged gradients are the single process's, and OBD's
+@pytest.mark.parametrize("sharding", ["fsdp1", "fsdp2"])
+def test_obd_on_shards_equals_the_unsharded_run(spawned, sharding):
+    """Both ranks train on the same batch, so FSDP's averaged gradients are the single process's, and OBD's
     Fisher statistics gathered per shard rank the weights exactly as unsharded."""
     reference = MagnitudePruningCallback(OBD_CONFIG)
     args = SimpleNamespace(output_dir=str(spawned / "unused"), resume_from_checkpoint=None)
@@ -497,7 +502,7 @@ def test_fsdp2_obd_on_shards_equals_the_unsharded_run(spawned):
     drive_callback(magnitude, tiny_bert(), rows(0, 4), args, TrainerState(max_steps=FSDP2_STEPS))
     assert any(not torch.equal(m, magnitude.masks[n]) for n, m in reference.masks.items())  # OBD ranks differently
     for rank in range(WORLD_SIZE):
-        obd = read_sharded_rank(spawned, rank)[0]["obd"]
+        obd = read_sharded_rank(spawned, rank, sharding)[0]["obd"]
         assert obd.keys() == reference.masks.keys()
         for name, mask in reference.masks.items():
             assert torch.equal(obd[name], mask), name
