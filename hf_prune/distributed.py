@@ -126,8 +126,7 @@ def layout_of(params: Mapping[str, torch.Tensor], model: nn.Module) -> Replicate
 
     Raises:
         ValueError: when the weights mix layouts, a DTensor is not placed `Shard(0)` on a 1-D mesh shared by all
-            (FSDP2's default; HSDP and tensor parallelism are not supported), or FSDP1 hides the weights
-            (`use_orig_params=False`) or shards them in a hybrid way.
+            (FSDP2's default; HSDP and tensor parallelism are not supported), or FSDP1 shards them in a hybrid way.
     """
     fsdp1 = _fsdp1_runs(model)
     kinds = {"ZeRO-3": [n for n, p in params.items() if hasattr(p, "ds_tensor")],
@@ -169,9 +168,6 @@ def _fsdp1_runs(model: nn.Module) -> FlatShards:
             raise ValueError(f"FSDP1 sharding strategy {unit.sharding_strategy.name} is not supported by hf_prune; "
                              "use FULL_SHARD or SHARD_GRAD_OP, or FSDP2.")
         flat = handle.flat_param
-        if flat._params is None:
-            raise ValueError("FSDP1 with use_orig_params=False hides the weights in flat parameters; set "
-                             "fsdp_config={'use_orig_params': True}, or use FSDP2 ({'fsdp_version': 2}).")
         group = unit.process_group
         for param, shape, info in zip(flat._params, flat._shapes, flat._shard_param_infos, strict=True):
             start, length = (info.intra_param_start_idx, info.numel_in_shard) if info.in_shard else (0, 0)

@@ -58,6 +58,11 @@ class Pruner:
         module = extract_model_from_parallel(model)
         targets = find_targets(module, config)
         params = {clean_name(name): param for name, param in module.named_parameters()}
+        hidden = [t.name for t in targets if t.name not in params]
+        if hidden:
+            raise ValueError(f"{hidden[0]} and {len(hidden) - 1} more targeted weights are not parameters of "
+                             f"{type(module).__name__}: FSDP1 with use_orig_params=False flattens them away. Set "
+                             "fsdp_config={'use_orig_params': True}, or use FSDP2 ({'fsdp_version': 2}).")
         self.params: dict[str, nn.Parameter] = {t.name: params[t.name] for t in targets}
         self.classes: dict[str, str] = {t.name: t.weight_class for t in targets}
         self.layout = layout_of(self.params, model)

@@ -332,6 +332,12 @@ def fsdp1_training(rank: int, folder: str) -> None:
     resumed.on_train_begin(args, resumed_state, TrainerControl(), model=resumed_model, optimizer=None)
     obd = MagnitudePruningCallback(OBD_CONFIG)
     drive_callback(obd, fsdp1_tiny_bert(), rows(0, 4), args, TrainerState(max_steps=FSDP2_STEPS))
+    flat_only = FullyShardedDataParallel(tiny_bert(), use_orig_params=False, device_id=torch.device("cpu"))
+    try:
+        Pruner(flat_only, FSDP2_CONFIG)
+        refusal = ""
+    except ValueError as error:
+        refusal = str(error)
 
     tensors = {f"first/{n}": m for n, m in first_event.items()}
     tensors.update({f"local/{n}": m for n, m in callback.masks.items()})
@@ -341,7 +347,8 @@ def fsdp1_training(rank: int, folder: str) -> None:
         with FullyShardedDataParallel.summon_full_params(wrapped, writeback=False):
             params = dict(wrapped.named_parameters())
             tensors.update({f"{kind}/{n}": params[n].detach().clone() for n in callback.masks})
-    save_file(tensors, os.path.join(folder, f"fsdp1_rank{rank}.safetensors"), metadata={"logs": json.dumps(logs)})
+    save_file(tensors, os.path.join(folder, f"fsdp1_rank{rank}.safetensors"),
+              metadata={"logs": json.dumps(logs), "refusal": refusal})
 
 
 def worker(rank: int, init_file: str, folder: str) -> None:
@@ -620,6 +627,12 @@ def test_fsdp1_training_prunes_flat_runs_and_saves_gathered_masks(spawned):
         assert torch.equal(pruned.masks[name], mask) and torch.equal(params[name], ranks[0][0]["weight"][name]), name
     for _, metadata in ranks:
         assert json.loads(metadata["logs"])["sparsity"] == pytest.approx(0.7, abs=1e-3)
+
+
+def test_fsdp1_without_original_parameters_is_refused(spawned):
+    message = read_sharded_rank(spawned, 0, "fsdp1")[1]["refusal"]
+    assert message.startswith("bert.encoder.layer.0.attention.self.query.weight and 11 more targeted weights are not "
+                              "parameters of BertForSequenceClassification: FSDP1 with use_orig_params=False")
 
 
 def test_zero3_training_zeroes_weights_and_fp32_masters_and_saves_gathered_masks(zero3_spawned):
