@@ -314,11 +314,13 @@ class ZeroPartitions(FlatShards):
 
         super().zero_pruned_(params, masks)
         for name, param in params.items():
-            if getattr(param, "_z3_optimizer", None) is None or not param.requires_grad:
+            optimizer = getattr(param, "_z3_optimizer", None)
+            if optimizer is None or not param.requires_grad:
                 continue  # not under a ZeRO-3 optimizer: the partition is the only copy
-            master = safe_get_local_fp32_param(param)  # a view, or a copy when the optimizer is offloaded
+            master = safe_get_local_fp32_param(param)  # a view of the optimizer's buffer unless it is offloaded
             zero_pruned_(master.narrow(0, 0, masks[name].numel()), masks[name].to(master.device))
-            safe_set_local_fp32_param(param, master)
+            if optimizer.offload_optimizer:  # then `master` was a copy: write it back
+                safe_set_local_fp32_param(param, master)
         gathered = [p for p in params.values() if p.ds_status == ZeroParamStatus.AVAILABLE]
         if gathered:  # re-gather from the zeroed partitions: all_gather alone skips parameters already available
             gathered[0].partition(param_list=gathered)

@@ -352,7 +352,6 @@ class HanPruner(Pruner):
     def __init__(self, model: nn.Module, config: HanConfig, max_steps: int | None = None) -> None:
         super().__init__(model, config, max_steps)
         refuse_sharded(self.params.values(), "HanPruner")
-        self.model = model
         self.events = event_steps(config, max_steps)
         self.iteration = 0
         self.dropout: dict[str, float] = {}
@@ -379,7 +378,7 @@ class HanPruner(Pruner):
     def adjust_dropout_(self) -> None:
         """`apply_dropout_adjustment` to the current masks, if `config.adjust_dropout`."""
         if self.config.adjust_dropout:
-            self.dropout = apply_dropout_adjustment(self.model, self.masks)
+            self.dropout = apply_dropout_adjustment(self.module, self.masks)
 
     def load_masks(self, masks: Mapping[str, torch.Tensor]) -> None:
         super().load_masks(masks)

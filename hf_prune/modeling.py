@@ -276,8 +276,9 @@ def _gather_unsharded(model: nn.Module, is_main_process: bool) -> nn.Module:
     device elsewhere.
 
     Collective. FSDP: the full state dict is gathered as accelerate does (`get_model_state_dict` with
-    `full_state_dict=True, cpu_offload=True`: only the main process receives the tensors; on CPU all do). ZeRO-3: one parameter
-    at a time is gathered (`deepspeed.zero.GatheredParameters`) and copied to CPU on the main process.
+    `full_state_dict=True, cpu_offload=True`: only the main process receives the tensors; on CPU all do).
+    ZeRO-3: one parameter at a time is gathered (`deepspeed.zero.GatheredParameters`) and copied to CPU on the main
+    process.
     """
     from torch.distributed.fsdp import FSDPModule
 

@@ -339,12 +339,11 @@ class OBSPruner(Pruner):
                  pattern: str | None = None, max_steps: int | None = None) -> None:
         super().__init__(model, config, max_steps)
         refuse_sharded(self.params.values(), "OBSPruner")
-        self.model = model
         self.calibration_dataloader = calibration_dataloader
         self.pattern = pattern
 
     def prune_to(self, sparsity: float, optimizer: torch.optim.Optimizer | None = None) -> None:
-        masks = obs_prune(self.model, self.calibration_dataloader, sparsity, self.pattern, self.config)
+        masks = obs_prune(self.module, self.calibration_dataloader, sparsity, self.pattern, self.config)
         self.load_masks(masks)
         self.target_sparsity = sparsity
         self.thresholds = {}

@@ -41,9 +41,9 @@ class Pruner:
 
     Sharded weights (FSDP2 `fully_shard`, DTensors placed `Shard(0)`; FSDP1 with `use_orig_params=True`; DeepSpeed
     ZeRO-3) are pruned where they live: each rank's `masks` cover its own rows (FSDP2) or its run of the flattened
-    weight (FSDP1, ZeRO-3: 1-D masks), the
-    global threshold comes from all-reduced histograms (no rank gathers the model), and `full_masks()` /
-    `load_masks()` / `state_dict()` speak full-size masks, so a mask file loads under any world size. Under sharding every rank must call `update`, `prune_to`, `sparsity*`, `full_masks`,
+    weight (FSDP1, ZeRO-3: 1-D masks), the global threshold comes from all-reduced histograms (no rank gathers the
+    model), and `full_masks()` / `load_masks()` / `state_dict()` speak full-size masks, so a mask file loads under
+    any world size. Under sharding every rank must call `update`, `prune_to`, `sparsity*`, `full_masks`,
     `state_dict` and `check_ranks_agree` together (they are collectives).
 
     Args:
@@ -55,7 +55,7 @@ class Pruner:
     def __init__(self, model: nn.Module, config: PruningConfig, max_steps: int | None = None) -> None:
         self.config = config
         self.schedule = SparsitySchedule.from_config(config, max_steps)
-        module = extract_model_from_parallel(model)
+        self.module = module = extract_model_from_parallel(model)  # the module that owns the weights
         targets = find_targets(module, config)
         params = {clean_name(name): param for name, param in module.named_parameters()}
         hidden = [t.name for t in targets if t.name not in params]

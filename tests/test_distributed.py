@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -220,8 +221,6 @@ def drive_callback(callback: MagnitudePruningCallback, model: torch.nn.Module, b
     """Calls `callback`'s events in the order `Trainer.train()` does, for `state.max_steps` AdamW steps on `batch`;
     returns the full-size masks of the first event (at train begin). With a DeepSpeed `engine`, in accelerate's
     order: the engine steps inside `accelerator.backward`, before the Trainer's optimizer-step events."""
-    from transformers import TrainerControl
-
     control = TrainerControl()
     optimizer = engine.optimizer if engine else torch.optim.AdamW(model.parameters(), lr=5e-3)
     callback.on_train_begin(args, state, control, model=model, optimizer=optimizer)
@@ -247,8 +246,6 @@ def log_and_save(callback: MagnitudePruningCallback, model: torch.nn.Module, arg
                  pruned_folder: str) -> dict[str, float]:
     """What the Trainer does after training with the callback: a log (returned), a checkpoint, and the script's
     `PrunedModel.from_trainer(trainer).save_pretrained(pruned_folder)` on every rank."""
-    from transformers import TrainerControl
-
     logs: dict[str, float] = {}
     callback.on_log(args, state, TrainerControl(), logs=logs)
     callback.on_save(args, state, TrainerControl())
@@ -258,14 +255,30 @@ def log_and_save(callback: MagnitudePruningCallback, model: torch.nn.Module, arg
     return logs
 
 
+def resume(model: torch.nn.Module, args: SimpleNamespace, rank: int,
+           config: PruningConfig = FSDP2_CONFIG) -> MagnitudePruningCallback:
+    """A fresh callback resumed on `model` at the end of the run whose checkpoint is under `args.output_dir`."""
+    callback = MagnitudePruningCallback(config)
+    state = TrainerState(max_steps=FSDP2_STEPS, global_step=FSDP2_STEPS, is_world_process_zero=rank == 0)
+    callback.on_train_begin(args, state, TrainerControl(), model=model, optimizer=None)
+    return callback
+
+
+def error_of(call: Callable[[], object], error: type[Exception] = ValueError) -> str:
+    """The message of the `error` that `call()` raises, "" when it raises none."""
+    try:
+        call()
+    except error as raised:
+        return str(raised)
+    return ""
+
+
 def fsdp2_training(rank: int, folder: str) -> None:
     """Drives `MagnitudePruningCallback` through the Trainer's events on an FSDP2 model, one batch per rank (the
     Trainer cannot shard on CPU: accelerate enables FSDP on accelerators only), then saves a checkpoint, gathers a
     `PrunedModel`, resumes from the checkpoint into a fresh sharded model, checks a threshold disagreement and the
     methods that refuse shards, and trains with `criterion="obd"` on the same batch on both ranks."""
     from torch.distributed.device_mesh import init_device_mesh
-    from transformers import TrainerControl
-
     mesh = init_device_mesh("cpu", (WORLD_SIZE,))
     model = sharded_tiny_bert(mesh)
     args = SimpleNamespace(output_dir=os.path.join(folder, "fsdp2_trainer"), resume_from_checkpoint=None)
@@ -275,21 +288,11 @@ def fsdp2_training(rank: int, folder: str) -> None:
     logs = log_and_save(callback, model, args, state, os.path.join(folder, "fsdp2_pruned"))
 
     resumed_model = sharded_tiny_bert(mesh)
-    resumed = MagnitudePruningCallback(FSDP2_CONFIG)
-    resumed_state = TrainerState(max_steps=FSDP2_STEPS, global_step=FSDP2_STEPS, is_world_process_zero=rank == 0)
-    resumed.on_train_begin(args, resumed_state, control, model=resumed_model, optimizer=None)
-
-    refused = {}
-    for unsupported in (RPPCallback(RPPConfig(final_sparsity=0.5)), RegularizationCallback("l1")):
-        try:
-            unsupported.on_train_begin(args, TrainerState(max_steps=FSDP2_STEPS), control, model=resumed_model)
-        except ValueError as error:
-            refused[type(unsupported).__name__] = str(error)
-    try:
-        check_thresholds_agree({"threshold": 0.5 + rank}, step=3)
-        disagreement = ""
-    except RuntimeError as error:
-        disagreement = str(error)
+    resumed = resume(resumed_model, args, rank)
+    refused = {type(unsupported).__name__: error_of(lambda u=unsupported: u.on_train_begin(
+        args, TrainerState(max_steps=FSDP2_STEPS), control, model=resumed_model))
+        for unsupported in (RPPCallback(RPPConfig(final_sparsity=0.5)), RegularizationCallback("l1"))}
+    disagreement = error_of(lambda: check_thresholds_agree({"threshold": 0.5 + rank}, step=3), RuntimeError)
     params, resumed_params = dict(model.named_parameters()), dict(resumed_model.named_parameters())
     obd = MagnitudePruningCallback(OBD_CONFIG)
     drive_callback(obd, sharded_tiny_bert(mesh), rows(0, 4), args, TrainerState(max_steps=FSDP2_STEPS))
@@ -327,17 +330,11 @@ def fsdp1_training(rank: int, folder: str) -> None:
     first_event = drive_callback(callback, model, rows(4 * rank, 4), args, state)
     logs = log_and_save(callback, model, args, state, os.path.join(folder, "fsdp1_pruned"))
     resumed_model = fsdp1_tiny_bert()
-    resumed = MagnitudePruningCallback(FSDP2_CONFIG)
-    resumed_state = TrainerState(max_steps=FSDP2_STEPS, global_step=FSDP2_STEPS, is_world_process_zero=rank == 0)
-    resumed.on_train_begin(args, resumed_state, TrainerControl(), model=resumed_model, optimizer=None)
+    resumed = resume(resumed_model, args, rank)
     obd = MagnitudePruningCallback(OBD_CONFIG)
     drive_callback(obd, fsdp1_tiny_bert(), rows(0, 4), args, TrainerState(max_steps=FSDP2_STEPS))
     flat_only = FullyShardedDataParallel(tiny_bert(), use_orig_params=False, device_id=torch.device("cpu"))
-    try:
-        Pruner(flat_only, FSDP2_CONFIG)
-        refusal = ""
-    except ValueError as error:
-        refusal = str(error)
+    refusal = error_of(lambda: Pruner(flat_only, FSDP2_CONFIG))
 
     tensors = {f"first/{n}": m for n, m in first_event.items()}
     tensors.update({f"local/{n}": m for n, m in callback.masks.items()})
@@ -547,12 +544,10 @@ def zero3_training(rank: int, folder: str) -> None:
     """`MagnitudePruningCallback` on a DeepSpeed ZeRO-3 engine, driven in accelerate's event order (the engine steps
     inside `accelerator.backward`, before the Trainer's optimizer-step events), one batch per rank; then a
     checkpoint, `PrunedModel.from_trainer`, a resume into a fresh engine, and the refusal of OBD."""
-    from transformers import TrainerControl
-
     model = tiny_bert()
     engine = zero3_engine(model)
     args = SimpleNamespace(output_dir=os.path.join(folder, "zero3_trainer"), resume_from_checkpoint=None)
-    state, control = TrainerState(max_steps=FSDP2_STEPS, is_world_process_zero=rank == 0), TrainerControl()
+    state = TrainerState(max_steps=FSDP2_STEPS, is_world_process_zero=rank == 0)
     callback = MagnitudePruningCallback(FSDP2_CONFIG)
     first_event = drive_callback(callback, model, rows(4 * rank, 4), args, state, engine)
     # what the next forward uses of the weights ZeRO-3 keeps gathered between steps (the others come from the
@@ -562,14 +557,8 @@ def zero3_training(rank: int, folder: str) -> None:
 
     resumed_model = tiny_bert()
     zero3_engine(resumed_model)
-    resumed = MagnitudePruningCallback(FSDP2_CONFIG)
-    resumed_state = TrainerState(max_steps=FSDP2_STEPS, global_step=FSDP2_STEPS, is_world_process_zero=rank == 0)
-    resumed.on_train_begin(args, resumed_state, control, model=resumed_model, optimizer=None)
-    try:
-        Pruner(resumed_model, OBD_CONFIG)
-        obd_refusal = ""
-    except ValueError as error:
-        obd_refusal = str(error)
+    resumed = resume(resumed_model, args, rank)
+    obd_refusal = error_of(lambda: Pruner(resumed_model, OBD_CONFIG))
 
     tensors = {f"first/{n}": m for n, m in first_event.items()}
     tensors.update({f"local/{n}": m for n, m in callback.masks.items()})
