@@ -4,8 +4,9 @@ Representation"): `RPPConfig`, the reweighted-L1 proximal operator and `RPPCallb
 The optimizer minimises the task loss only. After each optimizer step, a proximal operator applies the reweighted
 L1 penalty `λ Σ_i α_i |w_i|` to the targeted weights, with `α_i = 1 / (|w_i| + ε)` refreshed every few steps:
 small weights are driven to exactly zero while large ones are barely touched (reweighted L1 approximates L0,
-Candès et al. 2008). At `end_step` a hard magnitude prune sets `final_sparsity` exactly and the masks are fixed
-from then on, with the same mask machinery as `MagnitudePruningCallback`.
+Candès et al. 2008). By `end_step` the masks reach `final_sparsity` exactly and are fixed from then on, with the
+same mask machinery as `MagnitudePruningCallback`: by one hard prune at `end_step` (`schedule="oneshot"`, Guo et
+al.), or along the core's `cubic` / `iterative` schedule over the proximal window.
 """
 
 from __future__ import annotations
@@ -40,8 +41,11 @@ class RPPConfig(PruningConfig):
     """Configuration of Reweighted Proximal Pruning; the fields of `PruningConfig` keep their meaning.
 
     The proximal operator runs on optimizer steps `start_step + 1 ... end_step` (counted like
-    `TrainerState.global_step` after the step). Right after step `end_step`, a one-shot magnitude prune (under
-    `scheme`) sets exactly `final_sparsity`, and the masks stay fixed until the end of training.
+    `TrainerState.global_step` after the step). With `schedule="oneshot"` (Guo et al.), right after step
+    `end_step` one hard prune (ranked by `criterion` under `scheme`) sets exactly `final_sparsity`. With
+    `"cubic"` or `"iterative"` the masks instead grow along that schedule over the same window, as in
+    `MagnitudePruningCallback`, reaching `final_sparsity` at `end_step`; between pruning events the proximal
+    operator keeps shrinking the weights still kept. Either way the masks stay fixed after `end_step`.
 
     Choosing `penalty`: with `α` refreshed continuously and no gradient, the operator moves a weight as
     `d(|w|²/2 + ε|w|) = -λ·lr` per step, so it zeroes the weights with `|w₀|²/2 + ε|w₀| < λ·Σ lr_t` over the
@@ -63,11 +67,12 @@ class RPPConfig(PruningConfig):
             α is recomputed from the current weights on the first step of the window and every `reweight_every`
             steps after it.
         schedule (`str`, *optional*, defaults to `"oneshot"`):
-            Must be `"oneshot"`: the masks are set once, at `end_step`. `initial_sparsity` must stay 0 and
-            `pruning_frequency` unset.
+            `"oneshot"`: the masks are set once, at `end_step` (`initial_sparsity` must stay 0 and
+            `pruning_frequency` unset). `"cubic"` / `"iterative"`: the core's schedules, over the proximal window.
     """
 
-    schedule: str = field(default="oneshot", metadata={"help": "Must be 'oneshot': masks are set at end_step."})
+    schedule: str = field(default="oneshot", metadata={"help": "'oneshot' (masks set at end_step), 'cubic' or "
+                                                                "'iterative' (masks grow over the window)."})
     penalty: float = field(default=0.01, metadata={"help": "λ >= 0, reweighted L1 penalty strength."})
     penalty_schedule: str = field(default="constant", metadata={"help": f"One of {PENALTY_SCHEDULES}."})
     epsilon: float = field(default=1e-3, metadata={"help": "ε > 0 in α = 1 / (|w| + ε)."})
@@ -76,13 +81,12 @@ class RPPConfig(PruningConfig):
     def validate(self) -> None:
         """`PruningConfig.validate()`, then the RPP fields; raises `ValueError` naming field, value and range."""
         super().validate()
-        check_choice("schedule", self.schedule, ("oneshot",))
-        if self.initial_sparsity != 0.0:
-            raise ValueError(f"`initial_sparsity` must be 0.0 for RPP (it prunes once, at end_step); "
-                             f"got {self.initial_sparsity!r}.")
-        if self.pruning_frequency is not None:
-            raise ValueError(f"`pruning_frequency` must be None for RPP (it prunes once, at end_step); "
-                             f"got {self.pruning_frequency!r}.")
+        if self.schedule == "oneshot" and self.initial_sparsity != 0.0:
+            raise ValueError(f"`initial_sparsity` must be 0.0 for RPP with schedule='oneshot' (it prunes once, at "
+                             f"end_step); got {self.initial_sparsity!r}.")
+        if self.schedule == "oneshot" and self.pruning_frequency is not None:
+            raise ValueError(f"`pruning_frequency` must be None for RPP with schedule='oneshot' (it prunes once, "
+                             f"at end_step); got {self.pruning_frequency!r}.")
         if self.end_step is not None and self.end_step <= self.start_step:
             raise ValueError(f"`end_step` ({self.end_step}) must be greater than `start_step` ({self.start_step}).")
         if not _is_number(self.penalty) or self.penalty < 0:
@@ -176,10 +180,13 @@ def proximal_step_(weights: Mapping[str, torch.Tensor], alphas: Mapping[str, tor
     return torch.stack([count.to(counts[0].device) for count in counts]).sum()  # no host sync
 
 
-def hard_prune_config(config: RPPConfig, end_step: int) -> PruningConfig:
-    """The `PruningConfig` the `Pruner` of an RPP run follows: one-shot to `final_sparsity` at `end_step`."""
+def mask_config(config: RPPConfig, end_step: int) -> PruningConfig:
+    """The `PruningConfig` the `Pruner` of an RPP run follows: one-shot to `final_sparsity` at `end_step`, or
+    `config`'s cubic / iterative schedule ending at `end_step` (the proximal window's resolved end)."""
     base = {f.name: getattr(config, f.name) for f in dataclasses.fields(PruningConfig)}
-    return PruningConfig(**{**base, "schedule": "oneshot", "start_step": end_step, "end_step": None})
+    if config.schedule == "oneshot":
+        return PruningConfig(**{**base, "schedule": "oneshot", "start_step": end_step, "end_step": None})
+    return PruningConfig(**{**base, "end_step": end_step})
 
 
 class RPPCallback(MagnitudePruningCallback):
@@ -189,10 +196,10 @@ class RPPCallback(MagnitudePruningCallback):
     update, with the learning rate that update used), `proximal_step_` soft-thresholds the targeted weights at
     `lr · λ · α_i`. α (`reweight`) is refreshed from the weights just updated by the optimizer on the first step
     of the window and every `reweight_every` steps after it; it costs 2 bytes per targeted weight (bfloat16) and
-    is freed after the window. At the end of step `end_step` the inherited machinery prunes to
-    `final_sparsity` by magnitude (the proximal zeros go first), clears the optimizer moments there, and keeps
-    the pruned weights exactly zero from then on; checkpoints, resume, logs and `PrunedModel.from_trainer` work
-    as for `MagnitudePruningCallback`. The logs also get `rpp_penalty` (λ of the step just taken, 0 outside the
+    is freed after the window. The inherited machinery prunes at the end of step `end_step` (`"oneshot"`) or at
+    each event of the cubic / iterative schedule, by `criterion` (the proximal zeros go first), clears the
+    optimizer moments there, and keeps the pruned weights exactly zero from then on; checkpoints, resume, logs
+    and `PrunedModel.from_trainer` work as for `MagnitudePruningCallback`. The logs also get `rpp_penalty` (λ of the step just taken, 0 outside the
     window) and `rpp_zero_fraction` (exact zeros among the targeted weights after the latest proximal step,
     frozen at its value before the hard prune).
 
@@ -254,8 +261,8 @@ class RPPCallback(MagnitudePruningCallback):
         super().on_optimizer_step(args, state, control, optimizer=optimizer, **kwargs)
 
     def make_pruner(self, model: torch.nn.Module, max_steps: int | None) -> Pruner:
-        # The Pruner follows the hard prune at end_step, not the proximal window of self.config.
-        pruner = Pruner(model, hard_prune_config(self.config, self.penalty_schedule.end), max_steps=max_steps)
+        # A one-shot Pruner prunes at end_step, not at the start of the proximal window (self.config.start_step).
+        pruner = Pruner(model, mask_config(self.config, self.penalty_schedule.end), max_steps=max_steps)
         refuse_sharded(pruner.params.values(), "RPPCallback")
         return pruner
 

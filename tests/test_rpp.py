@@ -9,8 +9,8 @@ from hf_prune.rpp import (
     PenaltySchedule,
     RPPCallback,
     RPPConfig,
-    hard_prune_config,
     learning_rates,
+    mask_config,
     proximal_step_,
     reweight,
     soft_threshold_,
@@ -79,13 +79,22 @@ def test_penalty_schedule_defaults_end_step_like_the_core():
         PenaltySchedule.from_config(RPPConfig(end_step=120), max_steps=100)
 
 
-def test_hard_prune_config_is_a_oneshot_at_end_step():
+def test_mask_config_is_a_oneshot_at_end_step():
     config = RPPConfig(final_sparsity=0.7, scheme="class-uniform", start_step=3, end_step=20,
                        target_modules=["query", "key"])
-    hard = hard_prune_config(config, 20)
+    hard = mask_config(config, 20)
     assert type(hard) is PruningConfig
     assert (hard.schedule, hard.start_step, hard.final_sparsity, hard.scheme, hard.target_modules) == \
            ("oneshot", 20, 0.7, "class-uniform", ["query", "key"])
+
+
+def test_mask_config_keeps_a_gradual_schedule_over_the_window():
+    config = RPPConfig(initial_sparsity=0.1, final_sparsity=0.7, schedule="cubic", start_step=3,
+                       pruning_frequency=4, criterion="obd", fisher_steps=4)
+    gradual = mask_config(config, 30)
+    assert type(gradual) is PruningConfig
+    assert (gradual.schedule, gradual.initial_sparsity, gradual.start_step, gradual.end_step,
+            gradual.pruning_frequency, gradual.criterion) == ("cubic", 0.1, 3, 30, 4, "obd")
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -99,7 +108,7 @@ def test_hard_prune_config_is_a_oneshot_at_end_step():
     ("reweight_every", 0, ">= 1"),
     ("reweight_every", 2.5, ">= 1"),
     ("penalty_schedule", "cosine", "'constant', 'linear'"),
-    ("schedule", "cubic", "'oneshot'"),
+    ("schedule", "exponential", "'oneshot', 'iterative', 'cubic'"),
     ("initial_sparsity", 0.2, "0.0"),
     ("pruning_frequency", 5, "None"),
     ("end_step", 3, "greater than `start_step`"),
@@ -209,3 +218,34 @@ def test_resume_between_two_refreshes_warns_and_still_reaches_the_target(tmp_pat
     assert probe.zero_steps == [9, 10, 11, 12]
     total = sum(mask.numel() for mask in callback.masks.values())
     assert total - sum(int(mask.sum()) for mask in callback.masks.values()) == round(0.8 * total)
+
+
+def test_gradual_schedule_grows_the_masks_over_the_window_while_the_proximal_step_runs(tmp_path):
+    config = RPPConfig(**{**CONFIG, "schedule": "cubic", "pruning_frequency": 3})  # events at steps 3, 6, 9
+    callback = RPPCallback(config)
+    sparsities: dict[int, float] = {}
+
+    class Record(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            sparsities[state.global_step] = callback.pruner.sparsity()
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=8,
+                             learning_rate=5e-3, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
+                             seed=0, disable_tqdm=True)
+    trainer = Trainer(model=tiny_bert(), args=args, train_dataset=TinyClassificationDataset(96),
+                      callbacks=[callback, Record()])
+    trainer.train()
+
+    expected = {step: 0.8 * (1 - (1 - min(step // 3 * 3, 9) / 9) ** 3) for step in range(1, 13)}
+    for step, sparsity in sparsities.items():
+        assert sparsity == pytest.approx(expected[step], abs=1e-3), step
+    assert 0 < sparsities[3] < sparsities[6] < sparsities[9] == sparsities[12]
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    zeros = {entry["step"]: entry["rpp_zero_fraction"] for entry in logs}  # after the step's proximal operator
+    assert zeros[1] > 0 and zeros[2] > zeros[1], "before the first event the proximal step zeroes weights"
+    assert all(zeros[step] >= sparsities[step - 1] for step in range(2, 10)), "masked weights stay zero"
+    params = dict(trainer.model.named_parameters())
+    total = sum(mask.numel() for mask in callback.masks.values())
+    assert total - sum(int(mask.sum()) for mask in callback.masks.values()) == round(0.8 * total)
+    for name, mask in callback.masks.items():
+        assert bool((params[name].detach()[~mask] == 0).all()), name

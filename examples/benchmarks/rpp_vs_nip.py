@@ -3,8 +3,10 @@
 - dense: fine-tuned for `--max_steps`, no pruning.
 - one-shot: the dense fine-tuned model pruned by global magnitude to each sparsity, no retraining.
 - NIP (Guo et al. 2019's baseline): progressive magnitude pruning during fine-tuning, `MagnitudePruningCallback`
-  with a `cubic` (or `iterative`) schedule ending at 75% of the run.
-- RPP: `RPPCallback`, reweighted proximal L1 until 75% of the run, then a hard magnitude prune to the target.
+  with a `cubic` (or `iterative`) schedule ending at 75% of the run (`--nip_criteria obd` adds OBD-ranked runs).
+- RPP: `RPPCallback`, reweighted proximal L1 until 75% of the run, then a hard magnitude prune to the target
+  (`--rpp_schedule oneshot`, Guo et al.), or masks growing along NIP's schedule during the proximal window
+  (`--rpp_schedule cubic`); `--rpp_criteria obd` ranks the pruning by OBD saliency instead of magnitude.
 
 Every run starts from the same pre-trained weights and classifier-head seed with the same steps, batch, sequence
 length, learning rate, warm-up and weight decay. Sparsity is over the encoder's Linear weights (hf_prune's default
@@ -38,7 +40,7 @@ from transformers import TrainingArguments, get_scheduler
 
 from hf_prune import MagnitudePruningCallback, Pruner, PruningConfig
 from hf_prune.rpp import RPPCallback, RPPConfig
-from hf_prune.schedules import DEFAULT_END_FRACTION
+from hf_prune.schedules import DEFAULT_END_FRACTION, SparsitySchedule
 
 
 def parse_args() -> argparse.Namespace:
@@ -46,13 +48,21 @@ def parse_args() -> argparse.Namespace:
     add_common_arguments(parser, max_train_samples=16000, max_steps=500)
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.8, 0.9])
     parser.add_argument("--nip_schedule", choices=["cubic", "iterative"], default="cubic")
+    parser.add_argument("--nip_criteria", nargs="+", choices=["magnitude", "obd"], default=["magnitude"],
+                        help="Runs NIP once per criterion.")
+    parser.add_argument("--pruning_frequency", type=int, default=None,
+                        help="Steps between the pruning events of NIP and gradual RPP (default: the core's).")
     parser.add_argument("--rpp_penalty", type=float, default=None, help="λ; default: calibrated per target.")
     parser.add_argument("--rpp_penalty_scales", type=float, nargs="+", default=[1.0],
                         help="Runs RPP once per factor, with λ times that factor.")
+    parser.add_argument("--rpp_schedule", choices=["oneshot", "cubic", "iterative"], default="oneshot",
+                        help="'oneshot': one hard prune at the end of the proximal window (Guo et al.); 'cubic' or "
+                             "'iterative': masks grow along that schedule (NIP's events) during the window.")
     parser.add_argument("--rpp_criteria", nargs="+", choices=["magnitude", "obd"], default=["magnitude"],
-                        help="Criterion of RPP's hard prune at the end of the window: 'magnitude' (Guo et al.) or "
-                             "'obd' (OBD saliency from the gradients of the window's last --rpp_fisher_steps steps).")
-    parser.add_argument("--rpp_fisher_steps", type=int, default=100)
+                        help="Criterion of RPP's pruning: 'magnitude' (Guo et al.) or 'obd' (OBD saliency).")
+    parser.add_argument("--fisher_steps", type=int, default=None,
+                        help="OBD's gradient window before each pruning event; default: the steps since the "
+                             "previous event for gradual schedules, 100 for RPP's one-shot prune.")
     parser.add_argument("--rpp_end_fraction", type=float, default=DEFAULT_END_FRACTION,
                         help="RPP's hard prune comes after this fraction of the steps (NIP keeps the default).")
     parser.add_argument("--skip_nip", action="store_true", help="Runs no NIP fine-tuning.")
@@ -85,6 +95,16 @@ def calibrated_penalty(model: torch.nn.Module, sparsity: float, epsilon: float, 
     return (w * w / 2 + epsilon * w) / summed_lr
 
 
+def pruning_fields(args: argparse.Namespace, schedule: str, criterion: str, end: int) -> dict:
+    """Schedule and criterion fields shared by the NIP and RPP configs of a run ending its pruning at `end`."""
+    if schedule == "oneshot":
+        return {"schedule": "oneshot", "criterion": criterion, "fisher_steps": args.fisher_steps or 100}
+    frequency = SparsitySchedule.from_config(
+        PruningConfig(schedule=schedule, end_step=end, pruning_frequency=args.pruning_frequency)).frequency
+    return {"schedule": schedule, "pruning_frequency": frequency, "criterion": criterion,
+            "fisher_steps": args.fisher_steps or frequency}
+
+
 def main() -> None:
     args = parse_args()
     _, collator, train_set, dev_set = setup_sst2(args)
@@ -111,9 +131,13 @@ def main() -> None:
                 pruned = copy.deepcopy(dense)
                 Pruner(pruned, PruningConfig(final_sparsity=sparsity, schedule="oneshot")).prune_to(sparsity)
                 record("one-shot magnitude", pruned)
-        for sparsity in [] if args.skip_nip else args.sparsities:
-            nip = MagnitudePruningCallback(PruningConfig(final_sparsity=sparsity, schedule=args.nip_schedule))
-            record(f"NIP ({args.nip_schedule})", train(output_dir, nip))
+        nip_end = int(DEFAULT_END_FRACTION * args.max_steps)
+        for sparsity, criterion in itertools.product([] if args.skip_nip else args.sparsities, args.nip_criteria):
+            nip = MagnitudePruningCallback(PruningConfig(final_sparsity=sparsity, end_step=nip_end,
+                                                         **pruning_fields(args, args.nip_schedule, criterion,
+                                                                          nip_end)))
+            record(f"NIP ({args.nip_schedule}" + (f", {criterion})" if criterion != "magnitude" else ")"),
+                   train(output_dir, nip), f"pruning every {nip.config.pruning_frequency} steps")
         for sparsity, scale, criterion in itertools.product(args.sparsities, args.rpp_penalty_scales,
                                                              args.rpp_criteria):
             penalty, end = args.rpp_penalty, round(args.rpp_end_fraction * args.max_steps)
@@ -121,13 +145,16 @@ def main() -> None:
                 summed_lr = summed_learning_rate(training_args(args, output_dir), end)
                 penalty = calibrated_penalty(load_model(args.model, args.seed), sparsity, args.rpp_epsilon, summed_lr)
             rpp = RPPCallback(RPPConfig(final_sparsity=sparsity, end_step=end, penalty=scale * penalty,
-                                        epsilon=args.rpp_epsilon,
-                                        reweight_every=args.rpp_reweight_every, criterion=criterion,
-                                        fisher_steps=args.rpp_fisher_steps))
+                                        epsilon=args.rpp_epsilon, reweight_every=args.rpp_reweight_every,
+                                        **pruning_fields(args, args.rpp_schedule, criterion, end)))
             model = train(output_dir, rpp)
-            record("RPP" if criterion == "magnitude" else f"RPP, {criterion} hard prune", model,
-                   f"λ = {scale * penalty:.3g}; proximal zeros before the hard prune: "
-                   f"{rpp.proximal_zero_fraction():.2%}")
+            if args.rpp_schedule == "oneshot":
+                method = "RPP" if criterion == "magnitude" else f"RPP, {criterion} hard prune"
+                zeros = "proximal zeros before the hard prune"
+            else:
+                method = f"RPP, {args.rpp_schedule} masks" + (f", {criterion}" if criterion != "magnitude" else "")
+                zeros = f"zeros before the last pruning event (masks every {rpp.config.pruning_frequency} steps)"
+            record(method, model, f"λ = {scale * penalty:.3g}; {zeros}: {rpp.proximal_zero_fraction():.2%}")
 
     table = ("| method | encoder sparsity | SST-2 dev accuracy | notes |\n|---|---|---|---|\n"
              + "\n".join(f"| {m} | {s:.2%} | {a:.2%} | {n} |" for m, s, a, n in results))
