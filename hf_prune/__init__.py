@@ -5,6 +5,7 @@ __version__ = "0.1.0"
 from .callbacks import MagnitudePruningCallback
 from .compression import QuantizationCallback, deep_compression_sizes, dequantize, quantize_weights
 from .config import PruningConfig
+from .distillation import DistillationTrainer
 from .han import (
     HanConfig,
     HanPruner,
@@ -24,6 +25,7 @@ from .schedules import SparsitySchedule
 
 __all__ = [
     "__version__",
+    "DistillationTrainer",
     "HanConfig",
     "HanPruner",
     "HanPruningCallback",

@@ -105,9 +105,11 @@ def training_args(args: argparse.Namespace, output_dir: str, max_steps: int | No
 
 
 def fine_tune(args: argparse.Namespace, model: torch.nn.Module, train_set: list[dict], collator, output_dir: str,
-              callbacks: list[TrainerCallback] | None = None, max_steps: int | None = None) -> Trainer:
-    trainer = Trainer(model=model, args=training_args(args, output_dir, max_steps), train_dataset=train_set,
-                      data_collator=collator, callbacks=callbacks)
+              callbacks: list[TrainerCallback] | None = None, max_steps: int | None = None,
+              trainer_class: type[Trainer] = Trainer, **trainer_kwargs) -> Trainer:
+    """Trains `model` with `training_args`; `trainer_kwargs` go to `trainer_class` (e.g. a distillation teacher)."""
+    trainer = trainer_class(model=model, args=training_args(args, output_dir, max_steps), train_dataset=train_set,
+                            data_collator=collator, callbacks=callbacks, **trainer_kwargs)
     trainer.train()
     return trainer
 

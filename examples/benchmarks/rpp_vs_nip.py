@@ -8,6 +8,9 @@
   (`--rpp_schedule oneshot`, Guo et al.), or masks growing along NIP's schedule during the proximal window
   (`--rpp_schedule cubic`); `--rpp_criteria obd` ranks the pruning by OBD saliency instead of magnitude.
 
+With `--distill`, the NIP and RPP runs also learn from the dense fine-tuned model (`DistillationTrainer`, loss
+`alpha · T²·KL + (1 - alpha) · task`; Sanh et al. 2020 distil their pruned BERTs with alpha 0.9, T 2).
+
 Every run starts from the same pre-trained weights and classifier-head seed with the same steps, batch, sequence
 length, learning rate, warm-up and weight decay. Sparsity is over the encoder's Linear weights (hf_prune's default
 targets), measured on the final weights. Unless `--rpp_penalty` is given, RPP's λ is set per target by
@@ -38,7 +41,7 @@ from common import (
 )
 from transformers import TrainingArguments, get_scheduler
 
-from hf_prune import MagnitudePruningCallback, Pruner, PruningConfig
+from hf_prune import DistillationTrainer, MagnitudePruningCallback, Pruner, PruningConfig
 from hf_prune.rpp import RPPCallback, RPPConfig
 from hf_prune.schedules import DEFAULT_END_FRACTION, SparsitySchedule
 
@@ -67,7 +70,12 @@ def parse_args() -> argparse.Namespace:
                         help="RPP's hard prune comes after this fraction of the steps (NIP keeps the default).")
     parser.add_argument("--skip_nip", action="store_true", help="Runs no NIP fine-tuning.")
     parser.add_argument("--skip_dense", action="store_true",
-                        help="Runs no dense fine-tuning (nor the one-shot prunes of it): to add RPP rows to a table.")
+                        help="Reports no dense fine-tuning (nor the one-shot prunes of it): to add RPP rows to a "
+                             "table. With --distill the dense model is still trained, as the teacher.")
+    parser.add_argument("--distill", action="store_true",
+                        help="NIP and RPP distil from the dense fine-tuned model (hf_prune.DistillationTrainer).")
+    parser.add_argument("--distill_alpha", type=float, default=0.9, help="Weight of the distillation term.")
+    parser.add_argument("--distill_temperature", type=float, default=2.0)
     parser.add_argument("--rpp_epsilon", type=float, default=1e-3)
     parser.add_argument("--rpp_reweight_every", type=int, default=10)
     return parser.parse_args()
@@ -111,9 +119,15 @@ def main() -> None:
     print(f"SST-2: {len(train_set)} training rows (random subsample, seed 0), {len(dev_set)} dev rows; "
           f"{args.max_steps} steps x batch {args.batch_size}, seq len {args.max_seq_length}, lr {args.learning_rate}")
 
+    teacher: torch.nn.Module | None = None
+
     def train(output_dir: str, callback=None) -> torch.nn.Module:
         model = load_model(args.model, args.seed)
-        return fine_tune(args, model, train_set, collator, output_dir, [callback] if callback else None).model
+        distillation = {} if teacher is None else {
+            "trainer_class": DistillationTrainer, "teacher_model": teacher, "alpha": args.distill_alpha,
+            "temperature": args.distill_temperature}
+        return fine_tune(args, model, train_set, collator, output_dir, [callback] if callback else None,
+                         **distillation).model
 
     results: list[tuple[str, float, float, str]] = []
 
@@ -124,19 +138,22 @@ def main() -> None:
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as output_dir:
-        if not args.skip_dense:
+        if not args.skip_dense or args.distill:
             dense = train(output_dir)
+            teacher = dense if args.distill else None
+        if not args.skip_dense:
             record("dense fine-tuned", dense)
             for sparsity in args.sparsities:
                 pruned = copy.deepcopy(dense)
                 Pruner(pruned, PruningConfig(final_sparsity=sparsity, schedule="oneshot")).prune_to(sparsity)
                 record("one-shot magnitude", pruned)
+        kd = f" + KD (α {args.distill_alpha}, T {args.distill_temperature})" if args.distill else ""
         nip_end = int(DEFAULT_END_FRACTION * args.max_steps)
         for sparsity, criterion in itertools.product([] if args.skip_nip else args.sparsities, args.nip_criteria):
             nip = MagnitudePruningCallback(PruningConfig(final_sparsity=sparsity, end_step=nip_end,
                                                          **pruning_fields(args, args.nip_schedule, criterion,
                                                                           nip_end)))
-            record(f"NIP ({args.nip_schedule}" + (f", {criterion})" if criterion != "magnitude" else ")"),
+            record(f"NIP ({args.nip_schedule}" + (f", {criterion})" if criterion != "magnitude" else ")") + kd,
                    train(output_dir, nip), f"pruning every {nip.config.pruning_frequency} steps")
         for sparsity, scale, criterion in itertools.product(args.sparsities, args.rpp_penalty_scales,
                                                              args.rpp_criteria):
@@ -154,7 +171,7 @@ def main() -> None:
             else:
                 method = f"RPP, {args.rpp_schedule} masks" + (f", {criterion}" if criterion != "magnitude" else "")
                 zeros = f"zeros before the last pruning event (masks every {rpp.config.pruning_frequency} steps)"
-            record(method, model, f"λ = {scale * penalty:.3g}; {zeros}: {rpp.proximal_zero_fraction():.2%}")
+            record(method + kd, model, f"λ = {scale * penalty:.3g}; {zeros}: {rpp.proximal_zero_fraction():.2%}")
 
     table = ("| method | encoder sparsity | SST-2 dev accuracy | notes |\n|---|---|---|---|\n"
              + "\n".join(f"| {m} | {s:.2%} | {a:.2%} | {n} |" for m, s, a, n in results))
