@@ -199,9 +199,9 @@ class RPPCallback(MagnitudePruningCallback):
     is freed after the window. The inherited machinery prunes at the end of step `end_step` (`"oneshot"`) or at
     each event of the cubic / iterative schedule, by `criterion` (the proximal zeros go first), clears the
     optimizer moments there, and keeps the pruned weights exactly zero from then on; checkpoints, resume, logs
-    and `PrunedModel.from_trainer` work as for `MagnitudePruningCallback`. The logs also get `rpp_penalty` (λ of the step just taken, 0 outside the
-    window) and `rpp_zero_fraction` (exact zeros among the targeted weights after the latest proximal step,
-    frozen at its value before the hard prune).
+    and `PrunedModel.from_trainer` work as for `MagnitudePruningCallback`. The logs also get `rpp_penalty` (λ of
+    the step just taken, 0 outside the window) and `rpp_zero_fraction` (exact zeros among the targeted weights,
+    masked or not, after the latest proximal step, frozen at its value before the last pruning event).
 
     Resume: α is not saved; after `resume_from_checkpoint` it is recomputed from the restored weights on the
     first step of the window that follows. A checkpoint at a step where `(step - start_step) % reweight_every
