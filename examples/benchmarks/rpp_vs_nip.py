@@ -69,6 +69,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rpp_end_fraction", type=float, default=DEFAULT_END_FRACTION,
                         help="RPP's hard prune comes after this fraction of the steps (NIP keeps the default).")
     parser.add_argument("--skip_nip", action="store_true", help="Runs no NIP fine-tuning.")
+    parser.add_argument("--skip_rpp", action="store_true", help="Runs no RPP fine-tuning.")
     parser.add_argument("--skip_dense", action="store_true",
                         help="Reports no dense fine-tuning (nor the one-shot prunes of it): to add RPP rows to a "
                              "table. With --distill the dense model is still trained, as the teacher.")
@@ -155,8 +156,8 @@ def main() -> None:
                                                                           nip_end)))
             record(f"NIP ({args.nip_schedule}" + (f", {criterion})" if criterion != "magnitude" else ")") + kd,
                    train(output_dir, nip), f"pruning every {nip.config.pruning_frequency} steps")
-        for sparsity, scale, criterion in itertools.product(args.sparsities, args.rpp_penalty_scales,
-                                                             args.rpp_criteria):
+        for sparsity, scale, criterion in itertools.product([] if args.skip_rpp else args.sparsities,
+                                                             args.rpp_penalty_scales, args.rpp_criteria):
             penalty, end = args.rpp_penalty, round(args.rpp_end_fraction * args.max_steps)
             if penalty is None:
                 summed_lr = summed_learning_rate(training_args(args, output_dir), end)
