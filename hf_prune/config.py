@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -20,6 +21,11 @@ SCHEDULES = ("oneshot", "iterative", "cubic")
 SCHEMES = ("class-blind", "class-uniform", "class-distribution")
 CRITERIA = ("magnitude", "obd")
 CLASS_GRANULARITIES = ("role", "tensor")
+
+
+def is_finite_number(value: Any) -> bool:
+    """True for a finite int or float (not a bool): what the numeric fields of every config accept."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_choice(name: str, value: Any, accepted: tuple[str, ...]) -> None:

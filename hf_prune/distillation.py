@@ -8,13 +8,14 @@ distilled from the dense fine-tuned model; this gives hf_prune's callbacks the s
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from transformers import Trainer
+
+from .config import is_finite_number
 
 
 IGNORE_INDEX = -100  # the label of positions no loss is computed on (padding, prompt tokens)
@@ -89,10 +90,9 @@ class DistillationTrainer(Trainer):
                  **kwargs: Any) -> None:
         if not isinstance(teacher_model, torch.nn.Module):
             raise ValueError(f"`teacher_model` must be a torch.nn.Module; got {type(teacher_model).__name__}.")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-                or not math.isfinite(temperature) or temperature <= 0:
+        if not is_finite_number(temperature) or temperature <= 0:
             raise ValueError(f"`temperature` must be a finite number > 0; got {temperature!r}.")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+        if not is_finite_number(alpha) or not 0.0 <= alpha <= 1.0:
             raise ValueError(f"`alpha` must be a number in [0, 1]; got {alpha!r}.")
         super().__init__(*args, **kwargs)
         self.teacher = teacher_model.to(self.args.device).eval().requires_grad_(False)

@@ -30,7 +30,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .callbacks import MagnitudePruningCallback
-from .config import PruningConfig, check_choice
+from .config import PruningConfig, check_choice, is_finite_number
 from .distributed import refuse_sharded
 from .pruner import Pruner
 from .targets import find_targets
@@ -39,10 +39,6 @@ from .targets import find_targets
 PENALTIES = ("l1", "l2")
 #: Pruning events of a `HanConfig` whose `iterations` is None and whose `quality` is a single number.
 DEFAULT_ITERATIONS = 3
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # ------------------------------------------------------------------------------------------- regularisation
@@ -104,7 +100,7 @@ class RegularizationCallback(TrainerCallback):
 
     def __init__(self, penalty: str = "l2", strength: float = 1e-5, config: PruningConfig | None = None) -> None:
         check_choice("penalty", penalty, PENALTIES)
-        if not _is_number(strength) or strength < 0:
+        if not is_finite_number(strength) or strength < 0:
             raise ValueError(f"`strength` must be a finite number >= 0; got {strength!r}.")
         self.penalty = penalty
         self.strength = float(strength)
@@ -270,7 +266,7 @@ class HanConfig(PruningConfig):
             raise ValueError(f"`end_step` must be None for HanConfig (events are set by `iterations` and "
                              f"`pruning_frequency`); got {self.end_step!r}.")
         qualities = self.quality if isinstance(self.quality, list) else [self.quality]
-        if not qualities or not all(_is_number(q) and q > 0 for q in qualities):
+        if not qualities or not all(is_finite_number(q) and q > 0 for q in qualities):
             raise ValueError(f"`quality` must be a finite number > 0 or a non-empty list of them; "
                              f"got {self.quality!r}.")
         if self.iterations is not None and (isinstance(self.iterations, bool) or not isinstance(self.iterations, int)
@@ -478,9 +474,9 @@ def see_retraining_arguments(args: TrainingArguments, learning_rate_factor: floa
         learning_rate_factor (`float`, *optional*, defaults to 0.5): in (0, 1].
         num_train_epochs (`float`, *optional*, defaults to 4.0): epochs of retraining (> 0).
     """
-    if not _is_number(learning_rate_factor) or not 0 < learning_rate_factor <= 1:
+    if not is_finite_number(learning_rate_factor) or not 0 < learning_rate_factor <= 1:
         raise ValueError(f"`learning_rate_factor` must be a number in (0, 1]; got {learning_rate_factor!r}.")
-    if not _is_number(num_train_epochs) or num_train_epochs <= 0:
+    if not is_finite_number(num_train_epochs) or num_train_epochs <= 0:
         raise ValueError(f"`num_train_epochs` must be a number > 0; got {num_train_epochs!r}.")
     return dataclasses.replace(args, learning_rate=args.learning_rate * learning_rate_factor,
                                num_train_epochs=num_train_epochs, max_steps=-1, warmup_steps=0)

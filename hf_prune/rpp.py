@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +21,7 @@ import torch
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from .callbacks import MagnitudePruningCallback
-from .config import PruningConfig, check_choice
+from .config import PruningConfig, check_choice, is_finite_number
 from .distributed import refuse_sharded
 from .pruner import Pruner
 from .schedules import SparsitySchedule
@@ -89,18 +88,14 @@ class RPPConfig(PruningConfig):
                              f"at end_step); got {self.pruning_frequency!r}.")
         if self.end_step is not None and self.end_step <= self.start_step:
             raise ValueError(f"`end_step` ({self.end_step}) must be greater than `start_step` ({self.start_step}).")
-        if not _is_number(self.penalty) or self.penalty < 0:
+        if not is_finite_number(self.penalty) or self.penalty < 0:
             raise ValueError(f"`penalty` must be a finite number >= 0; got {self.penalty!r}.")
         check_choice("penalty_schedule", self.penalty_schedule, PENALTY_SCHEDULES)
-        if not _is_number(self.epsilon) or self.epsilon <= 0:
+        if not is_finite_number(self.epsilon) or self.epsilon <= 0:
             raise ValueError(f"`epsilon` must be a finite number > 0; got {self.epsilon!r}.")
         if isinstance(self.reweight_every, bool) or not isinstance(self.reweight_every, int) \
                 or self.reweight_every < 1:
             raise ValueError(f"`reweight_every` must be an integer >= 1; got {self.reweight_every!r}.")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
