@@ -158,8 +158,9 @@ def load_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerBase:
 
 
 def pruning_callbacks(script_args: ScriptArguments, num_train_features: int) -> list[MagnitudePruningCallback]:
-    """`[MagnitudePruningCallback]` for a pruning run (`[]` for a dense one), its schedule checked against the
-    number of optimizer steps the Trainer will take over `num_train_features` rows; `InputError` if it cannot fit.
+    """`[callback]` for a pruning run (`[]` for a dense one): `MagnitudePruningCallback`, or `RPPCallback` for
+    `--method rpp`, its schedule checked against the number of optimizer steps the Trainer will take over
+    `num_train_features` rows; `InputError` if it cannot fit.
     """
     training_args, pruning_args = script_args.training, script_args.pruning
     if not (training_args.do_train and pruning_args.enabled):
@@ -170,11 +171,11 @@ def pruning_callbacks(script_args: ScriptArguments, num_train_features: int) -> 
         max_steps = math.ceil(training_args.num_train_epochs
                               * max(1, math.ceil(batches / training_args.gradient_accumulation_steps)))
     try:
-        config = pruning_args.to_config(max_steps=max_steps)
+        callback = pruning_args.to_callback(max_steps=max_steps)
     except ValueError as err:
         raise InputError(str(err)) from None
-    logger.info("Pruning over %d optimizer steps with %s", max_steps, config)
-    return [MagnitudePruningCallback(config)]
+    logger.info("Pruning over %d optimizer steps with %s", max_steps, callback.config)
+    return [callback]
 
 
 def train_evaluate_save(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, script_args: ScriptArguments,

@@ -6,18 +6,29 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from .callbacks import MagnitudePruningCallback
 from .config import CLASS_GRANULARITIES, CRITERIA, SCHEDULES, SCHEMES, PruningConfig
+from .rpp import PENALTY_SCHEDULES, PenaltySchedule, RPPCallback, RPPConfig, mask_config
 from .schedules import SparsitySchedule
 
 
+#: `--method`: the config class the options build and the callback that runs it.
+METHODS: dict[str, tuple[type[PruningConfig], type[MagnitudePruningCallback]]] = {
+    "magnitude": (PruningConfig, MagnitudePruningCallback),
+    "rpp": (RPPConfig, RPPCallback),
+}
 _CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(PruningConfig)}
+#: The fields `RPPConfig` adds; `schedule` keeps `PruningConfig`'s default (cubic) for both methods.
+_RPP_FIELDS = {f.name: f for f in dataclasses.fields(RPPConfig) if f.name not in _CONFIG_FIELDS}
 
 
 def _option(name: str, help: str | None = None, **metadata: Any) -> Any:
-    """A field with `PruningConfig.<name>`'s default and help (or `help`), plus argparse `metadata` (`choices`)."""
-    config_field = _CONFIG_FIELDS[name]
+    """A field with the default and help (or `help`) of `PruningConfig.<name>` (`RPPConfig.<name>` for the RPP
+    options, whose help is prefixed with `rpp:`), plus argparse `metadata` (`choices`)."""
+    config_field = _CONFIG_FIELDS.get(name) or _RPP_FIELDS[name]
+    help = help or config_field.metadata["help"]
     return field(default=config_field.default,
-                 metadata={"help": help or config_field.metadata["help"], **metadata})
+                 metadata={"help": f"rpp: {help}" if name in _RPP_FIELDS else help, **metadata})
 
 
 @dataclass
@@ -25,20 +36,25 @@ class PruningArguments:
     """Pruning options for scripts that parse their arguments with `HfArgumentParser`.
 
     Every option carries the name, default and meaning of the `PruningConfig` field it sets (see there);
-    `--prune false` or `--final_sparsity 0` trains the dense model instead.
+    `--prune false` or `--final_sparsity 0` trains the dense model instead. `--method rpp` runs Reweighted
+    Proximal Pruning (`RPPCallback`) and takes the `RPPConfig` options `--penalty`, `--penalty_schedule`,
+    `--epsilon` and `--reweight_every`; the masks then grow along `--schedule` over the proximal window (cubic
+    by default, `oneshot` for Guo et al.'s single hard prune at `end_step`).
 
     ```python
     from transformers import HfArgumentParser, TrainingArguments
-    from hf_prune import MagnitudePruningCallback
     from hf_prune.arguments import PruningArguments
 
     training_args, pruning_args = HfArgumentParser((TrainingArguments, PruningArguments)).parse_args_into_dataclasses()
-    callbacks = [MagnitudePruningCallback(pruning_args.to_config())] if pruning_args.enabled else []
+    callbacks = [pruning_args.to_callback()] if pruning_args.enabled else []
     ```
     """
 
     prune: bool = field(default=True, metadata={"help": "Prune while fine-tuning; `--prune false` (or "
                                                         "`--final_sparsity 0`) fine-tunes the dense model."})
+    method: str = field(default="magnitude", metadata={
+        "help": "magnitude: MagnitudePruningCallback; rpp: Reweighted Proximal Pruning (RPPCallback, Guo et al. "
+                "2019), with the rpp: options.", "choices": tuple(METHODS)})
     initial_sparsity: float = _option("initial_sparsity")
     final_sparsity: float = _option("final_sparsity")
     schedule: str = _option("schedule", "How sparsity grows: oneshot (all at start_step), iterative (equal steps "
@@ -60,6 +76,12 @@ class PruningArguments:
     exclude_modules: list[str] | None = _option("exclude_modules", "Module names or dotted name suffixes never "
                                                                    "pruned, e.g. `output.dense`.")
     prune_head: bool = _option("prune_head")
+    penalty: float = _option("penalty")
+    penalty_schedule: str = _option("penalty_schedule", "λ on every step of the window (constant) or warmed up "
+                                                        "linearly to λ at end_step (linear).",
+                                    choices=PENALTY_SCHEDULES)
+    epsilon: float = _option("epsilon")
+    reweight_every: int = _option("reweight_every")
 
     def __post_init__(self) -> None:
         if self.enabled:
@@ -71,17 +93,34 @@ class PruningArguments:
         return self.prune and self.final_sparsity > 0
 
     def to_config(self, max_steps: int | None = None) -> PruningConfig:
-        """The `PruningConfig` these arguments describe.
+        """The `PruningConfig` (`RPPConfig` for `--method rpp`) these arguments describe.
 
         Args:
             max_steps (`int`, *optional*): the run's number of optimizer steps; when given, also checks that the
                 schedule fits in it (as the callback would at the start of training).
 
         Raises:
-            ValueError: naming the option, its value and what it accepts.
+            ValueError: naming the option, its value and what it accepts; also for an `rpp:` option set away
+                from its default while `method` is not `rpp`.
         """
-        config = PruningConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                                  if f.name in _CONFIG_FIELDS})
-        if max_steps is not None:
+        if self.method not in METHODS:
+            raise ValueError(f"`method` must be one of {', '.join(METHODS)}; got {self.method!r}.")
+        config_class = METHODS[self.method][0]
+        if config_class is not RPPConfig:
+            changed = [f"--{name}" for name, rpp_field in _RPP_FIELDS.items()
+                       if getattr(self, name) != rpp_field.default]
+            if changed:
+                raise ValueError(f"{', '.join(changed)} set with `method` {self.method!r}; these options apply "
+                                 "to `method` 'rpp' only.")
+        names = {f.name for f in dataclasses.fields(config_class)}
+        config = config_class(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in names})
+        if max_steps is not None and isinstance(config, RPPConfig):  # the proximal window, then its masks
+            SparsitySchedule.from_config(mask_config(config, PenaltySchedule.from_config(config, max_steps).end),
+                                         max_steps)
+        elif max_steps is not None:
             SparsitySchedule.from_config(config, max_steps)
         return config
+
+    def to_callback(self, max_steps: int | None = None) -> MagnitudePruningCallback:
+        """The callback of `method` (`MagnitudePruningCallback` or `RPPCallback`) with `to_config(max_steps)`."""
+        return METHODS[self.method][1](self.to_config(max_steps))

@@ -27,7 +27,7 @@ from transformers import (
     HfArgumentParser,
 )
 
-from hf_prune import PrunedModel, PruningConfig, sparsity_report
+from hf_prune import MagnitudePruningCallback, PrunedModel, PruningConfig, RPPCallback, RPPConfig, sparsity_report
 from hf_prune.arguments import PruningArguments
 from hf_prune.constants import CONFIG_NAME, MASKS_NAME
 
@@ -103,6 +103,17 @@ def test_run_glue_sst2_prunes_and_saves(tiny_model: str, tmp_path: Path) -> None
     pruned = check_saved_pruned_model(out, AutoModelForSequenceClassification, 0.6)
     assert pruned.config.num_labels == 2 and pruned.config.id2label[1] == "positive"
     assert all(".encoder.layer." in name for name in pruned.masks)  # head and pooler are not pruned by default
+
+
+@needs_data
+def test_run_glue_method_rpp_saves_the_rpp_config(tiny_model: str, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    run_glue.main(["--model_name_or_path", tiny_model, *SST2, "--do_train", "--max_seq_length", "32",
+                   "--method", "rpp", "--schedule", "oneshot", "--end_step", "3", "--penalty", "0.5",
+                   "--final_sparsity", "0.6", "--output_dir", str(out), *FAST])
+    pruned = check_saved_pruned_model(out, AutoModelForSequenceClassification, 0.6)
+    assert pruned.pruning_config == RPPConfig(final_sparsity=0.6, schedule="oneshot", end_step=3, penalty=0.5,
+                                              base_model_name_or_path=tiny_model)
 
 
 @needs_data
@@ -338,6 +349,34 @@ def test_pruning_arguments_parse_to_config() -> None:
     assert not parser.parse_args_into_dataclasses(args=["--no_prune"])[0].enabled
     with pytest.raises(ValueError, match="`initial_sparsity`"):
         PruningArguments(initial_sparsity=-0.1)
+
+
+def test_pruning_arguments_method_rpp() -> None:
+    argument_fields = {f.name: f for f in dataclasses.fields(PruningArguments)}
+    for name in ("penalty", "penalty_schedule", "epsilon", "reweight_every"):
+        assert argument_fields[name].default == RPPConfig.__dataclass_fields__[name].default
+    parser = HfArgumentParser(PruningArguments)
+    (args,) = parser.parse_args_into_dataclasses(
+        args=["--method", "rpp", "--final_sparsity", "0.8", "--end_step", "90", "--pruning_frequency", "10",
+              "--penalty", "0.05", "--penalty_schedule", "linear", "--epsilon", "1e-4", "--reweight_every", "5"])
+    expected = RPPConfig(final_sparsity=0.8, schedule="cubic", end_step=90, pruning_frequency=10, penalty=0.05,
+                         penalty_schedule="linear", epsilon=1e-4, reweight_every=5)
+    assert args.to_config() == expected
+    callback = args.to_callback(max_steps=100)
+    assert type(callback) is RPPCallback and callback.config == expected
+    assert type(PruningArguments(final_sparsity=0.5).to_callback()) is MagnitudePruningCallback
+    with pytest.raises(ValueError, match="cannot finish inside max_steps"):
+        args.to_config(max_steps=50)
+    with pytest.raises(ValueError, match="`end_step`"):  # the one-shot prune is at end_step, past the run
+        PruningArguments(method="rpp", schedule="oneshot", end_step=90).to_config(max_steps=50)
+    with pytest.raises(ValueError, match="`penalty`"):
+        PruningArguments(method="rpp", penalty=-1.0)
+    with pytest.raises(ValueError, match="`pruning_frequency`"):
+        PruningArguments(method="rpp", schedule="oneshot", pruning_frequency=10)
+    with pytest.raises(ValueError, match="--penalty, --epsilon set with `method` 'magnitude'"):
+        PruningArguments(penalty=0.1, epsilon=0.1)
+    with pytest.raises(ValueError, match="`method` must be one of magnitude, rpp; got 'l1'"):
+        PruningArguments(method="l1")
 
 
 @needs_data
