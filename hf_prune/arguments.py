@@ -8,8 +8,7 @@ from typing import Any
 
 from .callbacks import MagnitudePruningCallback
 from .config import CLASS_GRANULARITIES, CRITERIA, SCHEDULES, SCHEMES, PruningConfig
-from .rpp import PENALTY_SCHEDULES, PenaltySchedule, RPPCallback, RPPConfig, mask_config
-from .schedules import SparsitySchedule
+from .rpp import PENALTY_SCHEDULES, RPPCallback, RPPConfig
 
 
 #: `--method`: the config class the options build and the callback that runs it.
@@ -114,11 +113,8 @@ class PruningArguments:
                                  "to `method` 'rpp' only.")
         names = {f.name for f in dataclasses.fields(config_class)}
         config = config_class(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in names})
-        if max_steps is not None and isinstance(config, RPPConfig):  # the proximal window, then its masks
-            SparsitySchedule.from_config(mask_config(config, PenaltySchedule.from_config(config, max_steps).end),
-                                         max_steps)
-        elif max_steps is not None:
-            SparsitySchedule.from_config(config, max_steps)
+        if max_steps is not None:
+            METHODS[self.method][1].check_schedule(config, max_steps)
         return config
 
     def to_callback(self, max_steps: int | None = None) -> MagnitudePruningCallback:

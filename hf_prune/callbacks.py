@@ -14,6 +14,7 @@ from transformers.trainer_callback import ExportableState
 from .config import PruningConfig, resolve_file
 from .constants import MASKS_NAME
 from .pruner import Pruner
+from .schedules import SparsitySchedule
 from .serialization import load_masks, read_masks_metadata, save_masks
 
 
@@ -87,6 +88,12 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
             self.pruner.target_sparsity = self._initial_target
         self.pruner.update(state.global_step, optimizer)
         self.pruner.check_ranks_agree(state.global_step)
+
+    @classmethod
+    def check_schedule(cls, config: PruningConfig, max_steps: int) -> None:
+        """Raises the `ValueError` that training would raise at its start if `config`'s schedule cannot run in
+        `max_steps` optimizer steps (for scripts that check their options before loading a model)."""
+        SparsitySchedule.from_config(config, max_steps)
 
     def make_pruner(self, model: torch.nn.Module, max_steps: int | None) -> Pruner:
         """The `Pruner` this callback drives; subclasses with their own pruning event return a subclass."""

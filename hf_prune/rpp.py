@@ -258,6 +258,11 @@ class RPPCallback(MagnitudePruningCallback):
                                          learning_rates(optimizer, self.pruner.params), self.penalty_schedule(step))
         super().on_optimizer_step(args, state, control, optimizer=optimizer, **kwargs)
 
+    @classmethod
+    def check_schedule(cls, config: RPPConfig, max_steps: int) -> None:
+        """The proximal window, then the mask schedule that ends with it (as `make_pruner` builds it)."""
+        super().check_schedule(mask_config(config, PenaltySchedule.from_config(config, max_steps).end), max_steps)
+
     def make_pruner(self, model: torch.nn.Module, max_steps: int | None) -> Pruner:
         # A one-shot Pruner prunes at end_step, not at the start of the proximal window (self.config.start_step).
         pruner = Pruner(model, mask_config(self.config, self.penalty_schedule.end), max_steps=max_steps)
