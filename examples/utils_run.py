@@ -16,8 +16,7 @@ import datasets
 import transformers
 from transformers import AutoTokenizer, HfArgumentParser, PreTrainedTokenizerBase, Trainer, TrainingArguments
 
-from hf_prune import MagnitudePruningCallback, PrunedModel
-from hf_prune.arguments import PruningArguments
+from hf_prune import MagnitudePruningCallback, PrunedModel, PruningArguments
 
 
 logger = logging.getLogger(__name__)

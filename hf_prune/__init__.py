@@ -1,30 +1,42 @@
 """hf_prune: make Transformer models sparse while they fine-tune with the HuggingFace Trainer."""
 
-__version__ = "0.1.0"
-
+from .arguments import PruningArguments
 from .callbacks import MagnitudePruningCallback
-from .compression import QuantizationCallback, deep_compression_sizes, dequantize, quantize_weights
+from .compression import (
+    QuantizationCallback,
+    TrainedQuantizer,
+    deep_compression_sizes,
+    dequantize,
+    load_deep_compressed,
+    quantize_weights,
+    read_deep_compressed,
+    save_deep_compressed,
+)
 from .config import PruningConfig
-from .distillation import DistillationTrainer
-from .han import (
+from .methods import (
+    DistillationTrainer,
     HanConfig,
     HanPruner,
     HanPruningCallback,
+    OBSPruner,
+    OBSPruningCallback,
     RegularizationCallback,
+    RPPCallback,
+    RPPConfig,
+    RPPPruner,
     apply_dropout_adjustment,
     get_see_retraining_schedule,
+    obs_prune,
     see_retraining_arguments,
 )
 from .modeling import PrunedModel
-from .obs import OBSPruner, OBSPruningCallback, obs_prune
 from .pruner import Pruner
 from .report import SparsityReport, sparsity_report
-from .rpp import RPPCallback, RPPConfig
 from .schedules import SparsitySchedule
+from .version import __version__
 
 
 __all__ = [
-    "__version__",
     "DistillationTrainer",
     "HanConfig",
     "HanPruner",
@@ -34,19 +46,26 @@ __all__ = [
     "OBSPruningCallback",
     "PrunedModel",
     "Pruner",
+    "PruningArguments",
     "PruningConfig",
     "QuantizationCallback",
     "RPPCallback",
     "RPPConfig",
+    "RPPPruner",
+    "RegularizationCallback",
     "SparsityReport",
     "SparsitySchedule",
-    "RegularizationCallback",
+    "TrainedQuantizer",
+    "__version__",
     "apply_dropout_adjustment",
     "deep_compression_sizes",
     "dequantize",
     "get_see_retraining_schedule",
+    "load_deep_compressed",
     "obs_prune",
     "quantize_weights",
+    "read_deep_compressed",
+    "save_deep_compressed",
     "see_retraining_arguments",
     "sparsity_report",
 ]

@@ -7,8 +7,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .callbacks import MagnitudePruningCallback
-from .config import CLASS_GRANULARITIES, CRITERIA, SCHEDULES, SCHEMES, PruningConfig
-from .rpp import PENALTY_SCHEDULES, RPPCallback, RPPConfig
+from .config import CLASS_GRANULARITIES, PruningConfig
+from .criteria import CRITERIA
+from .masks import SCHEMES
+from .methods.rpp import PENALTY_SCHEDULES, RPPCallback, RPPConfig
+from .schedules import SCHEDULES
 
 
 #: `--method`: the config class the options build and the callback that runs it.
@@ -42,7 +45,7 @@ class PruningArguments:
 
     ```python
     from transformers import HfArgumentParser, TrainingArguments
-    from hf_prune.arguments import PruningArguments
+    from hf_prune import PruningArguments
 
     training_args, pruning_args = HfArgumentParser((TrainingArguments, PruningArguments)).parse_args_into_dataclasses()
     callbacks = [pruning_args.to_callback()] if pruning_args.enabled else []
@@ -66,7 +69,7 @@ class PruningArguments:
     scheme: str = _option("scheme", "How weights are ranked (See et al. 2016): all together (class-blind), the same "
                                     "fraction per weight class (class-uniform) or |w| < lambda * std per class "
                                     "(class-distribution).", choices=SCHEMES)
-    criterion: str = _option("criterion", choices=CRITERIA)
+    criterion: str = _option("criterion", choices=tuple(CRITERIA))
     fisher_steps: int = _option("fisher_steps")
     class_granularity: str = _option("class_granularity", choices=CLASS_GRANULARITIES)
     target_modules: list[str] | None = _option(

@@ -11,14 +11,47 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
-from .config import PruningConfig, resolve_file
+from .config import PruningConfig
 from .constants import MASKS_NAME
+from .hub import resolve_file
 from .pruner import Pruner
 from .schedules import SparsitySchedule
 from .serialization import load_masks, read_masks_metadata, save_masks
+from .validation import check_bool
 
 
 logger = logging.getLogger(__name__)
+
+#: `PruningConfig` fields that do not change which weights are pruned: a resumed run may change them freely.
+_FIELDS_THAT_KEEP_MASKS = ("base_model_name_or_path",)
+
+
+def checkpoint_folder(args: TrainingArguments, state: TrainerState) -> str:
+    """The folder of the checkpoint the Trainer writes at `state.global_step` (made if needed): where a callback's
+    `on_save` puts its own files."""
+    folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+    os.makedirs(folder, exist_ok=True)
+    return folder
+
+
+def find_checkpoint_file(args: TrainingArguments, state: TrainerState, filename: str, written_by: str) -> str:
+    """The `filename` of the checkpoint a run resumes from: in `args.resume_from_checkpoint` when it is a folder,
+    else in `output_dir/checkpoint-<global_step>`.
+
+    Raises:
+        FileNotFoundError: naming the folders looked in and `written_by`, the callback that writes the file.
+    """
+    folders = [os.path.join(args.output_dir, f"checkpoint-{state.global_step}")]
+    if isinstance(args.resume_from_checkpoint, str):
+        folders.insert(0, args.resume_from_checkpoint)
+    paths = [os.path.join(folder, filename) for folder in folders]
+    found = next((path for path in paths if os.path.isfile(path)), None)
+    if found is None:
+        raise FileNotFoundError(
+            f"Resuming at step {state.global_step}, but none of {paths} exists. Resume from a checkpoint written with "
+            f"{written_by} (set TrainingArguments.resume_from_checkpoint to its folder if it is not under output_dir)."
+        )
+    return found
 
 
 class MagnitudePruningCallback(TrainerCallback, ExportableState):
@@ -43,15 +76,23 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
     Args:
         config (`PruningConfig` or `dict`, *optional*): the pruning configuration (a dict is what `state()`
             stores in `trainer_state.json`). Defaults to `PruningConfig()`.
+        override_checkpoint_config (`bool`, *optional*, defaults to `False`): on `resume_from_checkpoint`, a
+            checkpoint written under a config that prunes differently (another `final_sparsity`, schedule,
+            criterion, targets, ...) is an error; set this to continue from its masks under `config` instead.
     """
 
-    def __init__(self, config: PruningConfig | dict[str, Any] | None = None) -> None:
+    def __init__(self, config: PruningConfig | dict[str, Any] | None = None,
+                 override_checkpoint_config: bool = False) -> None:
         if isinstance(config, dict):
             config = PruningConfig.from_dict(config)
+        if config is not None and not isinstance(config, PruningConfig):
+            raise ValueError(f"`config` must be a PruningConfig (or its to_dict()); got {type(config).__name__} "
+                             f"{config!r}.")
+        check_bool("override_checkpoint_config", override_checkpoint_config)
         self.config = config if config is not None else PruningConfig()
+        self.override_checkpoint_config = override_checkpoint_config
         self.pruner: Pruner | None = None
-        self._initial_masks: dict[str, torch.Tensor] | None = None
-        self._initial_target = 0.0
+        self._initial_state: dict[str, Any] | None = None
 
     @classmethod
     def from_pretrained(cls, pretrained_path: str | os.PathLike, config: PruningConfig | None = None,
@@ -63,13 +104,13 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
         """
         saved = PruningConfig.from_pretrained(pretrained_path, **hub_kwargs)
         masks_file = resolve_file(pretrained_path, MASKS_NAME, **hub_kwargs)
-        target = float(read_masks_metadata(masks_file).get("target_sparsity", saved.final_sparsity))
+        metadata = read_masks_metadata(masks_file)
+        target = float(metadata.get("achieved_sparsity", metadata.get("target_sparsity", saved.final_sparsity)))
         if config is None:
             config = dataclasses.replace(saved, schedule="oneshot", initial_sparsity=0.0, final_sparsity=target,
                                          start_step=0, end_step=None, pruning_frequency=None)
         callback = cls(config)
-        callback._initial_masks = load_masks(masks_file)
-        callback._initial_target = target
+        callback._initial_state = {"masks": load_masks(masks_file), "target_sparsity": target}
         return callback
 
     @property
@@ -83,9 +124,8 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
         self.pruner = self.make_pruner(model, state.max_steps)
         if state.global_step > 0:
             self._restore_from_checkpoint(args, state)
-        elif self._initial_masks is not None:
-            self.pruner.load_masks(self._initial_masks)
-            self.pruner.target_sparsity = self._initial_target
+        elif self._initial_state is not None:
+            self.pruner.load_state_dict(self._initial_state)
         self.pruner.update(state.global_step, optimizer)
         self.pruner.check_ranks_agree(state.global_step)
 
@@ -138,30 +178,35 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
                 **kwargs: Any) -> None:
         if self.pruner is None:
             return
-        masks = self.pruner.full_masks()  # collective when the weights are sharded
+        pruner_state = self.pruner.state_dict()  # collective when the weights are sharded
         if not state.is_world_process_zero:
             return
-        checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        os.makedirs(checkpoint, exist_ok=True)
-        save_masks(masks, os.path.join(checkpoint, MASKS_NAME),
-                   {"global_step": state.global_step, "target_sparsity": self.pruner.target_sparsity})
+        masks = pruner_state.pop("masks")
+        save_masks(masks, os.path.join(checkpoint_folder(args, state), MASKS_NAME),
+                   {"global_step": state.global_step, **pruner_state, "pruning_config": self.config.to_dict()})
 
     def state(self) -> dict[str, Any]:
-        return {"args": {"config": self.config.to_dict()}, "attributes": {}}
+        return {"args": {"config": self.config.to_dict(),
+                         "override_checkpoint_config": self.override_checkpoint_config}, "attributes": {}}
 
     def _restore_from_checkpoint(self, args: TrainingArguments, state: TrainerState) -> None:
-        candidates = [os.path.join(args.output_dir, f"checkpoint-{state.global_step}")]
-        if isinstance(args.resume_from_checkpoint, str):
-            candidates.insert(0, args.resume_from_checkpoint)
-        for folder in candidates:
-            path = os.path.join(folder, MASKS_NAME)
-            if os.path.isfile(path):
-                self.pruner.load_masks(load_masks(path))
-                self.pruner.target_sparsity = float(read_masks_metadata(path)["target_sparsity"])
-                logger.info("Restored pruning masks from %s (sparsity %.4f).", path, self.pruner.sparsity())
-                return
-        raise FileNotFoundError(
-            f"Resuming at step {state.global_step}, but no {MASKS_NAME} was found in {candidates}. Resume from a "
-            "checkpoint written with this callback (set TrainingArguments.resume_from_checkpoint to its folder "
-            "if it is not under output_dir)."
-        )
+        """Loads the pruner's state from the masks file of the checkpoint being resumed (see `on_save`)."""
+        path = find_checkpoint_file(args, state, MASKS_NAME, type(self).__name__)
+        metadata = read_masks_metadata(path)
+        self._check_checkpoint_config(metadata.get("pruning_config"), path)
+        pruner_state = {key: value for key, value in metadata.items() if key != "pruning_config"}
+        self.pruner.load_state_dict({**pruner_state, "masks": load_masks(path)})
+        logger.info("Restored pruning masks from %s (sparsity %.4f).", path, self.pruner.sparsity())
+
+    def _check_checkpoint_config(self, saved: dict[str, Any] | None, path: str) -> None:
+        """Raises `ValueError` when the checkpoint's masks were made under a config that prunes differently."""
+        if saved is None or self.override_checkpoint_config:
+            return
+        current = self.config.to_dict()
+        changed = sorted(key for key in saved.keys() | current.keys()
+                         if key not in _FIELDS_THAT_KEEP_MASKS and saved.get(key) != current.get(key))
+        if changed:
+            details = "; ".join(f"{key}: checkpoint {saved.get(key)!r}, now {current.get(key)!r}" for key in changed)
+            raise ValueError(f"The checkpoint {path} was pruned under another config ({details}). Resume with the "
+                             f"checkpoint's config, or pass override_checkpoint_config=True to "
+                             f"{type(self).__name__} to continue from its masks under the new one.")

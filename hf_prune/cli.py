@@ -14,13 +14,6 @@ import json
 import os
 import sys
 
-from huggingface_hub import hf_hub_download
-from huggingface_hub.errors import (
-    EntryNotFoundError,
-    HFValidationError,
-    LocalEntryNotFoundError,
-    RepositoryNotFoundError,
-)
 from transformers import AutoConfig
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import CONFIG_NAME as MODEL_CONFIG_NAME
@@ -28,6 +21,7 @@ from transformers.utils import CONFIG_NAME as MODEL_CONFIG_NAME
 from . import plots
 from .config import PruningConfig
 from .constants import CONFIG_NAME, MASKS_NAME
+from .hub import resolve_file
 from .modeling import auto_model_class
 from .report import SparsityReport, sparsity_report
 from .serialization import load_masks
@@ -35,30 +29,6 @@ from .serialization import load_masks
 
 TRAINER_STATE_NAME = "trainer_state.json"
 CURVES_NAME = "pruning_curves.png"
-
-
-def _fetch(path_or_repo: str, filename: str) -> str | None:
-    """Local path of `filename` from a folder or a Hub repo id; `None` when the folder or repo lacks it.
-
-    Raises:
-        FileNotFoundError: when `path_or_repo` is neither a folder nor a reachable Hub repo.
-    """
-    if os.path.isdir(path_or_repo):
-        local = os.path.join(path_or_repo, filename)
-        return local if os.path.isfile(local) else None
-    if os.path.exists(path_or_repo):
-        raise FileNotFoundError(f"{path_or_repo} is a file; expected a model folder or a Hub repo id.")
-    try:
-        return hf_hub_download(path_or_repo, filename)
-    except HFValidationError:
-        raise FileNotFoundError(f"No such folder: {path_or_repo}") from None
-    except RepositoryNotFoundError:
-        raise FileNotFoundError(f"{path_or_repo} is neither a folder nor a Hub model repo.") from None
-    except LocalEntryNotFoundError:
-        raise FileNotFoundError(f"{path_or_repo} is not a folder, and as a Hub repo id it cannot be fetched: the Hub "
-                                "is unreachable (offline?) and the cache does not have it.") from None
-    except EntryNotFoundError:
-        return None
 
 
 def load_report(path_or_repo: str) -> tuple[SparsityReport, str]:
@@ -71,13 +41,15 @@ def load_report(path_or_repo: str) -> tuple[SparsityReport, str]:
     Raises:
         FileNotFoundError: when `path_or_repo` is neither a model folder nor a reachable Hub repo.
     """
-    masks_file = _fetch(path_or_repo, MASKS_NAME)
+    masks_file = resolve_file(path_or_repo, MASKS_NAME, required=False)
     if masks_file is None:
-        if _fetch(path_or_repo, MODEL_CONFIG_NAME) is None:
+        # a Hub repo must have a config.json: requiring it names why a repo cannot be read (offline, no such repo)
+        if resolve_file(path_or_repo, MODEL_CONFIG_NAME, required=not os.path.isdir(path_or_repo)) is None:
             raise FileNotFoundError(f"{path_or_repo} has neither {MASKS_NAME} nor a transformers {MODEL_CONFIG_NAME}.")
         model_class = auto_model_class(AutoConfig.from_pretrained(path_or_repo))
         return sparsity_report(model_class.from_pretrained(path_or_repo)), "zero weights"
-    config = PruningConfig.from_pretrained(path_or_repo) if _fetch(path_or_repo, CONFIG_NAME) else PruningConfig()
+    has_config = resolve_file(path_or_repo, CONFIG_NAME, required=False) is not None
+    config = PruningConfig.from_pretrained(path_or_repo) if has_config else PruningConfig()
     return SparsityReport.from_masks(load_masks(masks_file), config.class_granularity), MASKS_NAME
 
 

@@ -5,32 +5,28 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+from torch import nn
+
 from .constants import CONFIG_NAME
+from .criteria import CRITERIA
+from .hub import resolve_file
+from .masks import SCHEMES
+from .schedules import SCHEDULES
 from .serialization import atomic_write_text
+from .validation import check_bool, check_choice, check_int, check_number
+from .version import __version__
 
 
 logger = logging.getLogger(__name__)
 
-SCHEDULES = ("oneshot", "iterative", "cubic")
-SCHEMES = ("class-blind", "class-uniform", "class-distribution")
-CRITERIA = ("magnitude", "obd")
 CLASS_GRANULARITIES = ("role", "tensor")
-
-
-def is_finite_number(value: Any) -> bool:
-    """True for a finite int or float (not a bool): what the numeric fields of every config accept."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def check_choice(name: str, value: Any, accepted: tuple[str, ...]) -> None:
-    if value not in accepted:
-        raise ValueError(f"`{name}` must be one of {', '.join(repr(a) for a in accepted)}; got {value!r}.")
 
 
 def _check_patterns(name: str, value: Any) -> None:
@@ -103,7 +99,7 @@ class PruningConfig:
     end_step: int | None = field(default=None, metadata={"help": "Optimizer step where final_sparsity is reached."})
     pruning_frequency: int | None = field(default=None, metadata={"help": "Optimizer steps between events."})
     scheme: str = field(default="class-blind", metadata={"help": f"One of {SCHEMES}."})
-    criterion: str = field(default="magnitude", metadata={"help": f"One of {CRITERIA}."})
+    criterion: str = field(default="magnitude", metadata={"help": f"One of {tuple(CRITERIA)}."})
     fisher_steps: int = field(default=100, metadata={"help": "criterion='obd': optimizer steps of squared "
                                                              "gradients averaged before each pruning event."})
     class_granularity: str = field(default="role", metadata={"help": f"One of {CLASS_GRANULARITIES}."})
@@ -122,30 +118,32 @@ class PruningConfig:
     def validate(self) -> None:
         """Checks every field; raises `ValueError` naming the field, the value and what it accepts."""
         for name in ("initial_sparsity", "final_sparsity"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-                raise ValueError(f"`{name}` must be a number in [0, 1); got {value!r}.")
+            check_number(name, getattr(self, name), 0.0, 1.0, strict_maximum=True)
         if self.final_sparsity < self.initial_sparsity:
             raise ValueError(
                 f"`final_sparsity` ({self.final_sparsity}) must be >= `initial_sparsity` ({self.initial_sparsity})."
             )
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("scheme", self.scheme, SCHEMES)
-        check_choice("criterion", self.criterion, CRITERIA)
-        if isinstance(self.fisher_steps, bool) or not isinstance(self.fisher_steps, int) or self.fisher_steps < 1:
-            raise ValueError(f"`fisher_steps` must be an integer >= 1; got {self.fisher_steps!r}.")
+        check_choice("criterion", self.criterion, tuple(CRITERIA))
+        check_int("fisher_steps", self.fisher_steps, 1)
         check_choice("class_granularity", self.class_granularity, CLASS_GRANULARITIES)
-        for name in ("start_step", "end_step", "pruning_frequency"):
-            value = getattr(self, name)
-            if value is None and name != "start_step":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "pruning_frequency" else 0):
-                lowest = 1 if name == "pruning_frequency" else 0
-                raise ValueError(f"`{name}` must be an integer >= {lowest}; got {value!r}.")
+        check_int("start_step", self.start_step, 0)
+        check_int("end_step", self.end_step, 0, optional=True)
+        check_int("pruning_frequency", self.pruning_frequency, 1, optional=True)
         if self.end_step is not None and self.schedule != "oneshot" and self.end_step <= self.start_step:
             raise ValueError(f"`end_step` ({self.end_step}) must be greater than `start_step` ({self.start_step}).")
         _check_patterns("target_modules", self.target_modules)
         _check_patterns("exclude_modules", self.exclude_modules)
+        check_bool("prune_head", self.prune_head)
+        if self.base_model_name_or_path is not None and not isinstance(self.base_model_name_or_path, str):
+            raise ValueError(f"`base_model_name_or_path` must be None or a string; got "
+                             f"{self.base_model_name_or_path!r}.")
+
+    def prepare_loaded_model(self, model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
+        """Called by `PrunedModel.from_pretrained` with the loaded model and its masks, before they are wrapped:
+        a method whose pruning changes more than the weights (Han et al.'s dropout adjustment) restores it here.
+        Nothing to do for plain pruning."""
 
     def to_dict(self) -> dict[str, Any]:
         """The config as a JSON-serialisable dict, with a `config_type` tag for the right class on load."""
@@ -166,8 +164,6 @@ class PruningConfig:
 
     def save_pretrained(self, save_directory: str | os.PathLike, **extra: Any) -> None:
         """Writes `pruning_config.json` into `save_directory` (atomically); `extra` keys are stored beside."""
-        from . import __version__
-
         os.makedirs(save_directory, exist_ok=True)
         payload = {**self.to_dict(), "hf_prune_version": __version__, **extra}
         atomic_write_text(os.path.join(save_directory, CONFIG_NAME), json.dumps(payload, indent=2, sort_keys=True))
@@ -176,8 +172,14 @@ class PruningConfig:
     def from_pretrained(cls, pretrained_path: str | os.PathLike, **hub_kwargs: Any) -> PruningConfig:
         """Loads `pruning_config.json` from a folder or a Hub repo id (`revision`, `token`, ... are forwarded)."""
         path = resolve_file(pretrained_path, CONFIG_NAME, **hub_kwargs)
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path} is not valid JSON ({err}).") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a JSON object (the fields of a PruningConfig); got a "
+                             f"{type(data).__name__}.")
         for key in ("hf_prune_version", "achieved_sparsity", "sparsity_by_class"):
             data.pop(key, None)
         return cls.from_dict(data)
@@ -192,15 +194,3 @@ def _config_class(name: str) -> type[PruningConfig]:
 
 def _all_subclasses(cls: type) -> list[type]:
     return [sub for direct in cls.__subclasses__() for sub in (direct, *_all_subclasses(direct))]
-
-
-def resolve_file(path_or_repo_id: str | os.PathLike, filename: str, **hub_kwargs: Any) -> str:
-    """Path of `filename` in a local folder, or downloaded from the Hub repo `path_or_repo_id`."""
-    local = os.path.join(path_or_repo_id, filename)
-    if os.path.isdir(path_or_repo_id):
-        if not os.path.isfile(local):
-            raise FileNotFoundError(f"No {filename} in {path_or_repo_id}.")
-        return local
-    from huggingface_hub import hf_hub_download
-
-    return hf_hub_download(str(path_or_repo_id), filename, **hub_kwargs)

@@ -21,6 +21,8 @@ import torch
 from .criteria import Criterion
 
 
+#: See et al. 2016's ranking schemes, as `update_masks_` implements them (`PruningConfig.scheme`).
+SCHEMES = ("class-blind", "class-uniform", "class-distribution")
 #: Scores of a block of rows of one tensor: `score(rows)` is shaped like `tensor[rows]`.
 ScoreFn = Callable[[slice], torch.Tensor]
 
@@ -209,3 +211,18 @@ def zero_pruned_(tensor: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """`tensor *= mask` in place. Multiplying by the mask's bytes (`uint8` view of the bool) is the same product and
     runs ~2x faster on CPU than by the bool itself; this is the per-step hot path."""
     return tensor.mul_(mask.view(torch.uint8))
+
+
+def check_masks_match(masks: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]],
+                      require_all: bool = True) -> None:
+    """The one check of masks against the weights they belong to (`shapes`: weight name -> shape).
+
+    Raises `ValueError` naming every mask that is unexpected (no such weight) or of the wrong shape and, with
+    `require_all`, every weight that has no mask.
+    """
+    problems = [f"missing mask for {n}" for n in shapes if n not in masks] if require_all else []
+    problems += [f"unexpected mask {n} (not a targeted weight)" for n in masks if n not in shapes]
+    problems += [f"mask {n} has shape {tuple(m.shape)}, weight has {tuple(shapes[n])}"
+                 for n, m in masks.items() if n in shapes and tuple(m.shape) != tuple(shapes[n])]
+    if problems:
+        raise ValueError("Masks do not match the model: " + "; ".join(problems) + ".")

@@ -2,41 +2,46 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
+import warnings
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 import transformers
-from accelerate.utils import extract_model_from_parallel
 from huggingface_hub import HfApi, ModelCard, ModelCardData
-from huggingface_hub.errors import EntryNotFoundError
 from torch import nn
 
-from . import __version__
-from .compression import check_bits, dequantize, quantize_weights, read_deep_compressed, save_deep_compressed
-from .config import PruningConfig, resolve_file
-from .constants import COMPRESSED_FORMAT, COMPRESSED_WEIGHTS_NAME, DEEP_COMPRESSED_WEIGHTS_NAME, MASKS_NAME
-from .han import HanConfig, apply_dropout_adjustment
-from .masks import zero_pruned_
+from .compression import (
+    check_bits,
+    quantize_weights,
+    read_deep_state_dict,
+    read_sparse,
+    save_deep_compressed,
+    save_sparse,
+)
+from .config import PruningConfig
+from .constants import COMPRESSED_WEIGHTS_NAME, DEEP_COMPRESSED_WEIGHTS_NAME, MASKS_NAME
+from .distributed import gather_unsharded
+from .hub import HUB_KWARGS, resolve_file
+from .masks import check_masks_match, zero_pruned_
 from .report import SparsityReport, sparsity_report
-from .serialization import atomic_save_safetensors, atomic_write_text, load_masks, read_tagged_safetensors, save_masks
+from .serialization import atomic_write_text, load_masks, save_masks
 from .targets import find_targets
+from .validation import check_choice
+from .version import __version__
 
 
 COMPRESSIONS = (None, "sparse", "deep")
-#: `from_pretrained` keyword arguments that also apply to downloading hf_prune's own files.
-HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "force_download", "subfolder")
 
 
 class PrunedModel(nn.Module):
     """A transformers model and its pruning masks (parameter name -> `torch.bool`, True = kept).
 
-    It behaves like the wrapped model (`forward`, `generate`, `config` and other attributes are the model's),
-    and the pruned weights are exactly zero in it. `save_pretrained` writes the model's own files, with the
+    `forward`, `generate` and `config` are the wrapped model's; everything else of it is reached explicitly
+    through `pruned.model` (or `get_base_model()`, as in peft). The pruned weights are exactly zero in it. `save_pretrained` writes the model's own files, with the
     pruned entries as zeros, plus `pruning_masks.safetensors` (1 bit per weight), `pruning_config.json` and a
     model card; `from_pretrained` restores all of it, so a plain `AutoModel*.from_pretrained` of the same folder
     loads the (sparse) model and hf_prune additionally gets the masks back.
@@ -65,13 +70,14 @@ class PrunedModel(nn.Module):
                       for name, mask in masks.items()}
         self.apply_masks_()
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "model":
-                raise
-            return getattr(self.model, name)
+    def get_base_model(self) -> nn.Module:
+        """The wrapped model (`self.model`), with the pruned weights as zeros."""
+        return self.model
+
+    @property
+    def config(self) -> transformers.PretrainedConfig:
+        """The wrapped model's transformers config."""
+        return self.model.config
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
@@ -109,7 +115,7 @@ class PrunedModel(nn.Module):
         if pruner.group is None:
             return cls(trainer.model, pruner.masks, callbacks[0].config)
         masks = pruner.full_masks()
-        return cls(_gather_unsharded(trainer.model, trainer.is_world_process_zero()), masks, callbacks[0].config)
+        return cls(gather_unsharded(trainer.model, trainer.is_world_process_zero()), masks, callbacks[0].config)
 
     def merge_and_unload(self) -> PrunedModel:
         """Merges the adapters of a wrapped `PeftModel` (LoRA, ...) into the base weights and re-applies the masks.
@@ -120,14 +126,13 @@ class PrunedModel(nn.Module):
         return PrunedModel(self.model.merge_and_unload(), self.masks, self.pruning_config)
 
     # ----------------------------------------------------------------------------------------------- saving
-    def save_pretrained(self, save_directory: str | os.PathLike, compressed: bool = False,
-                        compression: str | None = None, bits: int = 4, processing_class: Any = None,
-                        is_main_process: bool = True, **kwargs: Any) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike, compression: str | None = None, bits: int = 4,
+                        processing_class: Any = None, is_main_process: bool = True, compressed: bool | None = None,
+                        **kwargs: Any) -> None:
         """Writes the model, `pruning_masks.safetensors`, `pruning_config.json` and a model card README.md.
 
         Args:
             save_directory (`str`): the folder (created if needed).
-            compressed (`bool`, *optional*, defaults to `False`): shorthand for `compression="sparse"`.
             compression (`str`, *optional*): how the weights are stored. `None`: the model's own dense
                 `model.safetensors` (pruned entries are zeros; any transformers user can load it). `"sparse"`: the
                 targeted weights as their kept values only, in their dtype, in `pruned_weights.safetensors`
@@ -139,11 +144,15 @@ class PrunedModel(nn.Module):
             bits (`int`, *optional*, defaults to 4): bits per cluster index for `compression="deep"` (1..8).
             processing_class (*optional*): a tokenizer / processor saved into the same folder.
             is_main_process (`bool`, *optional*, defaults to `True`): only the main process writes.
+            compressed (`bool`, *optional*): deprecated, `compressed=True` is `compression="sparse"`.
             kwargs: forwarded to the model's `save_pretrained` (`max_shard_size`, ...).
         """
-        compression = "sparse" if compressed and compression is None else compression
-        if compression not in COMPRESSIONS:
-            raise ValueError(f"`compression` must be one of {COMPRESSIONS}; got {compression!r}.")
+        if compressed is not None:
+            warnings.warn("`compressed` is deprecated; use `compression='sparse'` (or None).", FutureWarning,
+                          stacklevel=2)
+            if compressed and compression is None:
+                compression = "sparse"
+        check_choice("compression", compression, COMPRESSIONS)
         if compression == "deep":
             check_bits(bits)
         if os.path.isfile(save_directory):
@@ -164,7 +173,7 @@ class PrunedModel(nn.Module):
         if processing_class is not None:
             processing_class.save_pretrained(save_directory)
         report = self.sparsity_report()
-        save_masks(self.masks, os.path.join(save_directory, MASKS_NAME), {"target_sparsity": report.overall})
+        save_masks(self.masks, os.path.join(save_directory, MASKS_NAME), {"achieved_sparsity": report.overall})
         config = self.pruning_config
         if config.base_model_name_or_path is None:
             name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
@@ -185,10 +194,8 @@ class PrunedModel(nn.Module):
             quantized = quantize_weights(targeted, self.masks, bits)
             save_deep_compressed(os.path.join(save_directory, DEEP_COMPRESSED_WEIGHTS_NAME), quantized, others,
                                  {"bits": bits})
-            return
-        values = {f"{name}.values": tensor[self.masks[name]] for name, tensor in targeted.items()}
-        atomic_save_safetensors({**values, **others}, os.path.join(save_directory, COMPRESSED_WEIGHTS_NAME),
-                                {"format": COMPRESSED_FORMAT, "hf_prune_version": __version__})
+        else:
+            save_sparse(os.path.join(save_directory, COMPRESSED_WEIGHTS_NAME), targeted, self.masks, others)
 
     def _model_card(self, report: SparsityReport, config: PruningConfig) -> str:
         data = ModelCardData(library_name="transformers", base_model=config.base_model_name_or_path,
@@ -249,17 +256,18 @@ class PrunedModel(nn.Module):
             model = model_class.from_pretrained(path, **kwargs)
             params = dict(model.named_parameters())
             masks = {t.name: params[t.name] != 0 for t in find_targets(model, pruning_config)}
-            return cls(model, _restore_dropout(model, masks, pruning_config), pruning_config)
+            pruning_config.prepare_loaded_model(model, masks)
+            return cls(model, masks, pruning_config)
 
         masks_file = resolve_file(path, MASKS_NAME, **hub_kwargs)
         masks = load_masks(masks_file)
         pruning_config = pruning_config or PruningConfig.from_pretrained(path, **hub_kwargs)
-        sparse_file = _optional_file(path, COMPRESSED_WEIGHTS_NAME, hub_kwargs)
-        deep_file = _optional_file(path, DEEP_COMPRESSED_WEIGHTS_NAME, hub_kwargs)
+        sparse_file = resolve_file(path, COMPRESSED_WEIGHTS_NAME, required=False, **hub_kwargs)
+        deep_file = resolve_file(path, DEEP_COMPRESSED_WEIGHTS_NAME, required=False, **hub_kwargs)
         if sparse_file is not None:
-            model = _build_model(model_class, config, _read_sparse(sparse_file, masks), sparse_file, kwargs)
+            model = _build_model(model_class, config, read_sparse(sparse_file, masks), sparse_file, kwargs)
         elif deep_file is not None:
-            model = _build_model(model_class, config, _read_deep(deep_file, masks), deep_file, kwargs)
+            model = _build_model(model_class, config, read_deep_state_dict(deep_file, masks), deep_file, kwargs)
         else:
             model = model_class.from_pretrained(path, **kwargs)
         _parameter_names(model, masks)
@@ -268,83 +276,22 @@ class PrunedModel(nn.Module):
         if revived and not reapply_masks:
             raise ValueError(f"Weights pruned by {masks_file} are non-zero in the loaded model: {revived}. The "
                              "weights and masks come from different saves; pass reapply_masks=True to zero them.")
-        return cls(model, _restore_dropout(model, masks, pruning_config), pruning_config)
-
-
-def _gather_unsharded(model: nn.Module, is_main_process: bool) -> nn.Module:
-    """An unsharded copy of an FSDP (1 or 2) or ZeRO-3 model: full weights on CPU on the main process, on the meta
-    device elsewhere.
-
-    Collective. FSDP: the full state dict is gathered as accelerate does (`get_model_state_dict` with
-    `full_state_dict=True, cpu_offload=True`: only the main process receives the tensors; on CPU all do).
-    ZeRO-3: one parameter at a time is gathered (`deepspeed.zero.GatheredParameters`) and copied to CPU on the main
-    process.
-    """
-    from torch.distributed.fsdp import FSDPModule
-
-    module = extract_model_from_parallel(model)  # FSDP1 wraps the model; FSDP2 and ZeRO-3 do not
-    model_class = next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
-    if any(hasattr(p, "ds_tensor") for p in module.parameters()):
-        import deepspeed
-
-        state = dict(module.named_buffers())
-        for name, param in module.named_parameters():
-            with deepspeed.zero.GatheredParameters([param]):
-                if is_main_process:
-                    state[name] = param.detach().cpu().clone()
-    else:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        # Offloading (to the main process only) is for accelerator weights: on CPU there is nothing to offload, and
-        # FSDP1's offload of CPU tensors crashes (torch 2.13), so every process gets the full state dict there.
-        on_cpu = next(module.parameters()).device.type == "cpu"
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=not on_cpu))
-    with _without_zero3_init():
-        if not is_main_process:
-            with torch.device("meta"):
-                return model_class(module.config)
-        return model_class.from_pretrained(None, config=module.config, state_dict=state)
-
-
-@contextlib.contextmanager
-def _without_zero3_init() -> Iterator[None]:
-    """While a ZeRO-3 Trainer lives, transformers partitions every model it builds (`deepspeed.zero.Init`); the
-    unsharded copy must stay whole, so the Trainer's DeepSpeed config is hidden from transformers meanwhile."""
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
-    hf_deepspeed.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
-
-
-def _restore_dropout(model: nn.Module, masks: Mapping[str, torch.Tensor],
-                     config: PruningConfig) -> Mapping[str, torch.Tensor]:
-    """Re-applies Han et al.'s dropout adjustment to a loaded model when its config asks for it; returns `masks`."""
-    if isinstance(config, HanConfig) and config.adjust_dropout:
-        apply_dropout_adjustment(model, masks)
-    return masks
+        pruning_config.prepare_loaded_model(model, masks)
+        return cls(model, masks, pruning_config)
 
 
 def _parameter_names(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[str, str]:
     """Maps each mask's plain transformers parameter name to the model's own name for it (the same, or the
     one inside a peft wrapper: `base_model.model.<name>`, with `.base_layer` for adapted layers); checks shapes."""
     params = dict(model.named_parameters())
-    names, problems = {}, []
-    for name, mask in masks.items():
+    names = {}
+    for name in masks:
         module, _, leaf = name.rpartition(".")
         candidates = (name, f"base_model.model.{name}", f"base_model.model.{module}.base_layer.{leaf}")
         found = next((c for c in candidates if c in params), None)
-        if found is None:
-            problems.append(f"unexpected mask {name} (no such weight)")
-        elif tuple(params[found].shape) != tuple(mask.shape):
-            problems.append(f"mask {name} has shape {tuple(mask.shape)}, weight has {tuple(params[found].shape)}")
-        else:
+        if found is not None:
             names[name] = found
-    if problems:
-        raise ValueError("Masks do not match the model: " + "; ".join(problems) + ".")
+    check_masks_match(masks, {name: tuple(params[found].shape) for name, found in names.items()}, require_all=False)
     return names
 
 
@@ -355,39 +302,6 @@ def auto_model_class(config: transformers.PretrainedConfig) -> type:
         if hasattr(transformers, name):
             return getattr(transformers, name)
     return transformers.AutoModel
-
-
-def _optional_file(path: str | os.PathLike, filename: str, hub_kwargs: dict[str, Any]) -> str | None:
-    if os.path.isdir(path):
-        local = os.path.join(path, filename)
-        return local if os.path.isfile(local) else None
-    try:
-        return resolve_file(path, filename, **hub_kwargs)
-    except EntryNotFoundError:
-        return None
-
-
-def _read_sparse(path: str, masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The state dict stored by `save_pretrained(compression="sparse")`, targeted weights made dense again."""
-    _, tensors = read_tagged_safetensors(path, COMPRESSED_FORMAT, "compressed checkpoint")
-    for name, mask in masks.items():
-        values = tensors.pop(f"{name}.values", None)
-        if values is None or values.numel() != int(mask.sum()):
-            raise ValueError(f"{path} is corrupt: {name} has {None if values is None else values.numel()} stored "
-                             f"values, its mask keeps {int(mask.sum())}.")
-        tensors[name] = torch.zeros(mask.shape, dtype=values.dtype)
-        tensors[name][mask] = values
-    return tensors
-
-
-def _read_deep(path: str, masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The state dict stored by `save_pretrained(compression="deep")`, quantized weights dequantized."""
-    quantized, others, _ = read_deep_compressed(path)
-    mismatched = sorted(n for n in masks.keys() | quantized.keys()
-                        if n not in quantized or n not in masks or not torch.equal(quantized[n].mask, masks[n]))
-    if mismatched:
-        raise ValueError(f"{path} does not match {MASKS_NAME}: the masks of {mismatched} differ.")
-    return {**{name: dequantize(q) for name, q in quantized.items()}, **others}
 
 
 def _build_model(model_class: type, config: transformers.PretrainedConfig, state: dict[str, torch.Tensor],

@@ -14,9 +14,10 @@ from torch import nn
 from .config import PruningConfig
 from .criteria import CRITERIA
 from .distributed import ZeroPartitions, check_ranks_agree, check_thresholds_agree, layout_of
-from .masks import update_masks_, zero_pruned_
+from .masks import check_masks_match, update_masks_, zero_pruned_
 from .schedules import SparsitySchedule
 from .targets import clean_name, find_targets
+from .validation import check_int
 
 
 class Pruner:
@@ -162,9 +163,7 @@ class Pruner:
             accepted = ", ".join(repr(name) for name, cls in CRITERIA.items() if cls.needs_gradients)
             raise ValueError(f"`criterion` {self.config.criterion!r} does not use gradients; estimate_fisher is for "
                              f"{accepted}.")
-        if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int)
-                                        or num_batches < 1):
-            raise ValueError(f"`num_batches` must be None or an integer >= 1; got {num_batches!r}.")
+        check_int("num_batches", num_batches, 1, optional=True)
         params = {name: p for name, p in self.params.items() if p.requires_grad}
         device = next(iter(self.params.values())).device
         was_training = model.training
@@ -224,7 +223,8 @@ class Pruner:
         return {"masks": dict(self.full_masks()), "target_sparsity": self.target_sparsity}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restores `state_dict()` output and re-applies the masks to the weights."""
+        """Restores `state_dict()` output (masks and `target_sparsity`, the schedule's sparsity reached so far) and
+        re-applies the masks to the weights."""
         self.load_masks(state["masks"])
         self.target_sparsity = float(state["target_sparsity"])
 
@@ -247,13 +247,3 @@ def _batch_loss(model: nn.Module, batch: Any, device: torch.device) -> torch.Ten
         raise ValueError(f"{type(model).__name__} returned no loss for a batch of `dataloader`: its batches must "
                          "include labels.")
     return loss
-
-
-def check_masks_match(masks: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]]) -> None:
-    """Raises `ValueError` naming every mask that is missing, unexpected or of the wrong shape."""
-    problems = [f"missing mask for {n}" for n in shapes if n not in masks]
-    problems += [f"unexpected mask {n} (not a targeted weight)" for n in masks if n not in shapes]
-    problems += [f"mask {n} has shape {tuple(m.shape)}, weight has {shapes[n]}"
-                 for n, m in masks.items() if n in shapes and tuple(m.shape) != tuple(shapes[n])]
-    if problems:
-        raise ValueError("Masks do not match the model: " + "; ".join(problems) + ".")

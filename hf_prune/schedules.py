@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from .config import PruningConfig
 
+if TYPE_CHECKING:
+    from .config import PruningConfig
 
+#: The schedule kinds `SparsitySchedule` computes (`PruningConfig.schedule`).
+SCHEDULES = ("oneshot", "iterative", "cubic")
 #: Cheong & Daniel 2019 prune every 1001 iterations over a 10,000-iteration window.
 REFERENCE_WINDOW = 10_000
 REFERENCE_FREQUENCY = 1001
@@ -39,21 +43,9 @@ class SparsitySchedule:
     def from_config(cls, config: PruningConfig, max_steps: int | None = None) -> SparsitySchedule:
         """Fills in `end_step` / `pruning_frequency` defaults and checks the schedule fits in `max_steps`."""
         start = config.start_step
-        end = config.end_step
-        if config.schedule == "oneshot":
-            end = start
-        elif end is None:
-            if max_steps is None or max_steps <= 0:
-                raise ValueError("`end_step` is None and there is no Trainer `max_steps` to derive it from; "
-                                 "set `end_step`.")
-            end = min(start + REFERENCE_WINDOW, int(DEFAULT_END_FRACTION * max_steps))
-            if end <= start:
-                raise ValueError(f"`start_step` ({start}) leaves no room for a schedule within max_steps "
-                                 f"({max_steps}): the default end_step would be {end}. Lower `start_step`.")
-        if max_steps is not None and max_steps > 0 and end > max_steps:
-            raise ValueError(f"The schedule cannot finish inside max_steps ({max_steps}): `end_step` is {end}"
-                             f"{' (= start_step for oneshot)' if config.schedule == 'oneshot' else ''}; "
-                             f"accepted: end_step <= max_steps.")
+        end = start if config.schedule == "oneshot" else resolve_end_step(start, config.end_step, max_steps)
+        oneshot = " (= start_step for oneshot)" if config.schedule == "oneshot" else ""
+        check_fits(end, max_steps, f"`end_step` is {end}{oneshot}")
         frequency = config.pruning_frequency
         if frequency is None:
             frequency = max(1, round(REFERENCE_FREQUENCY * (end - start) / REFERENCE_WINDOW))
@@ -73,3 +65,30 @@ class SparsitySchedule:
             return self.initial + (self.final - self.initial) * min(events, increments) / increments
         progress = (events * self.frequency) / (self.end - self.start)
         return self.final + (self.initial - self.final) * (1.0 - progress) ** 3
+
+
+def resolve_end_step(start_step: int, end_step: int | None, max_steps: int | None) -> int:
+    """`end_step`, or by default `min(start_step + 10_000, int(0.75 * max_steps))`: where a schedule that starts at
+    `start_step` ends when its config leaves the end to the Trainer run.
+
+    Raises:
+        ValueError: when `end_step` is None and there is no `max_steps` to derive it from, or the default leaves
+            no room after `start_step`.
+    """
+    if end_step is not None:
+        return end_step
+    if max_steps is None or max_steps <= 0:
+        raise ValueError("`end_step` is None and there is no Trainer `max_steps` to derive it from; set `end_step`.")
+    end = min(start_step + REFERENCE_WINDOW, int(DEFAULT_END_FRACTION * max_steps))
+    if end <= start_step:
+        raise ValueError(f"`start_step` ({start_step}) leaves no room for a schedule within max_steps ({max_steps}): "
+                         f"the default end_step would be {end}. Lower `start_step`.")
+    return end
+
+
+def check_fits(last_step: int, max_steps: int | None, what: str) -> None:
+    """The one check that a schedule fits in the run: its last event, `last_step`, must be at most `max_steps`
+    (unknown or non-positive `max_steps` pass). `what` says in the error where `last_step` comes from."""
+    if max_steps is not None and max_steps > 0 and last_step > max_steps:
+        raise ValueError(f"The schedule cannot finish inside max_steps ({max_steps}): {what}; accepted: "
+                         f"a last step <= max_steps.")

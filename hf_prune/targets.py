@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 from transformers.pytorch_utils import Conv1D
 
 from .config import PruningConfig
+from .distributed.layouts import is_sharded
 
 
 PRUNABLE_MODULES = (nn.Linear, Conv1D)
@@ -53,8 +53,7 @@ def weight_class(module_name: str, granularity: str = "role") -> str:
 def _storage(weight: torch.Tensor) -> int:
     """What tied weights share: their storage, or for a sharded weight (an FSDP2 DTensor, an FSDP1 or ZeRO-3 shard,
     whose local part may be empty, with `data_ptr()` 0) the parameter itself."""
-    sharded = isinstance(weight, DTensor) or hasattr(weight, "ds_tensor") or getattr(weight, "_fsdp_flattened", False)
-    return id(weight) if sharded else weight.data_ptr()
+    return id(weight) if is_sharded(weight) else weight.data_ptr()
 
 
 def find_targets(model: nn.Module, config: PruningConfig) -> list[Target]:

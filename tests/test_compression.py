@@ -11,27 +11,25 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
 
-from hf_prune import MagnitudePruningCallback, Pruner, PruningConfig, compression
+from hf_prune import MagnitudePruningCallback, Pruner, PruningConfig
 from hf_prune.compression import (
-    BLOCK_SIZE,
-    GAP_LIMIT,
     HuffmanTable,
     QuantizationCallback,
     QuantizedWeight,
-    centroid_gradients,
     deep_compression_sizes,
+    deep_format,
     dequantize,
-    gap_symbols,
-    huffman_code_lengths,
     huffman_decode,
     huffman_encode,
     kmeans_1d,
     load_deep_compressed,
-    positions_from_gaps,
     quantize_weights,
     read_deep_compressed,
     save_deep_compressed,
 )
+from hf_prune.compression.deep_format import GAP_LIMIT, gap_symbols, positions_from_gaps
+from hf_prune.compression.huffman import BLOCK_SIZE, huffman_code_lengths
+from hf_prune.compression.quantization import centroid_gradients
 from hf_prune.constants import QUANTIZATION_STATE_NAME
 
 
@@ -410,7 +408,7 @@ def test_consistent_checksums_over_an_undecodable_layer_raise(tmp_path):
     name = next(iter(layers))
     layers[name]["kept"] += 1
     header["layers"] = json.dumps(layers)
-    header["header_sha256"] = compression._header_digest(header)
+    header["header_sha256"] = deep_format._header_digest(header)
     save_file(load_file(path), path, header)
     with pytest.raises(ValueError, match=f"'{name}' does not decode"):
         read_deep_compressed(path)

@@ -6,7 +6,7 @@ from conftest import TinyClassificationDataset, tiny_bert, tiny_gpt2, tiny_t5
 from transformers import TrainingArguments
 
 from hf_prune import MagnitudePruningCallback, PruningConfig
-from hf_prune.distillation import IGNORE_INDEX, DistillationTrainer, distillation_loss, row_mask
+from hf_prune.methods.distillation import IGNORE_INDEX, DistillationTrainer, distillation_loss, row_mask
 
 
 # ---------------------------------------------------------------------------------------------- the loss

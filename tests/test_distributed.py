@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import TrainerControl, TrainerState
 
-from hf_prune import MagnitudePruningCallback, PrunedModel, Pruner, PruningConfig
+from hf_prune import MagnitudePruningCallback, PrunedModel, Pruner, PruningConfig, RegularizationCallback
 from hf_prune.constants import MASKS_NAME
 from hf_prune.criteria import MagnitudeCriterion
 from hf_prune.distributed import (
@@ -29,9 +29,8 @@ from hf_prune.distributed import (
     is_distributed,
     masks_fingerprint,
 )
-from hf_prune.han import RegularizationCallback
 from hf_prune.masks import update_masks_
-from hf_prune.rpp import RPPCallback, RPPConfig
+from hf_prune.methods.rpp import RPPCallback, RPPConfig
 from hf_prune.serialization import load_masks
 from hf_prune.targets import find_targets
 

@@ -27,8 +27,15 @@ from transformers import (
     HfArgumentParser,
 )
 
-from hf_prune import MagnitudePruningCallback, PrunedModel, PruningConfig, RPPCallback, RPPConfig, sparsity_report
-from hf_prune.arguments import PruningArguments
+from hf_prune import (
+    MagnitudePruningCallback,
+    PrunedModel,
+    PruningArguments,
+    PruningConfig,
+    RPPCallback,
+    RPPConfig,
+    sparsity_report,
+)
 from hf_prune.constants import CONFIG_NAME, MASKS_NAME
 
 

@@ -43,7 +43,7 @@ def assert_same(a: PrunedModel, b: PrunedModel) -> None:
 @pytest.mark.parametrize("compressed", [False, True], ids=["dense", "compressed"])
 def test_round_trip_keeps_masks_and_weights(tmp_path, kind, compressed):
     original = pruned(kind)
-    original.save_pretrained(tmp_path, compressed=compressed)
+    original.save_pretrained(tmp_path, compression="sparse" if compressed else None)
     files = set(os.listdir(tmp_path)) - {"generation_config.json"}
     weights = COMPRESSED_WEIGHTS_NAME if compressed else "model.safetensors"
     assert files == {"config.json", weights, MASKS_NAME, CONFIG_NAME, "README.md"}
@@ -56,7 +56,7 @@ def test_round_trip_keeps_masks_and_weights(tmp_path, kind, compressed):
 def test_compressed_checkpoint_stores_only_kept_values(tmp_path):
     model = pruned("bert")
     model.save_pretrained(tmp_path / "dense")
-    model.save_pretrained(tmp_path / "sparse", compressed=True)
+    model.save_pretrained(tmp_path / "sparse", compression="sparse")
     stored = load_file(str(tmp_path / "sparse" / COMPRESSED_WEIGHTS_NAME))
     for name, mask in model.masks.items():
         assert stored[f"{name}.values"].numel() == int(mask.sum()) and name not in stored
@@ -79,7 +79,8 @@ def test_plain_transformers_loads_the_folder(tmp_path, kind):
 def test_behaves_like_the_wrapped_model():
     model = pruned("gpt2").eval()
     inputs = torch.tensor([[3, 4, 5, 6]])
-    assert model.config is model.model.config and model.device == model.model.device
+    assert model.config is model.model.config and model.get_base_model() is model.model
+    assert not hasattr(model, "num_parameters"), "no implicit forwarding: other attributes are pruned.model's"
     torch.testing.assert_close(model(input_ids=inputs).logits, model.model(input_ids=inputs).logits)
     out = model.generate(inputs, max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 7)
@@ -216,7 +217,7 @@ def test_corrupt_mismatched_and_missing_masks_are_clear_errors(tmp_path):
 
 
 def test_corrupt_compressed_checkpoint_is_a_clear_error(tmp_path):
-    pruned("bert").save_pretrained(tmp_path, compressed=True)
+    pruned("bert").save_pretrained(tmp_path, compression="sparse")
     path = tmp_path / COMPRESSED_WEIGHTS_NAME
     path.write_bytes(path.read_bytes()[:-50])
     with pytest.raises(ValueError, match="not a readable compressed checkpoint"):
@@ -264,3 +265,9 @@ def test_sharded_checkpoint_round_trip(tmp_path):
     shards = [name for name in os.listdir(tmp_path) if name.startswith("model-") and name.endswith(".safetensors")]
     assert len(shards) > 1 and "model.safetensors.index.json" in os.listdir(tmp_path)
     assert_same(original, PrunedModel.from_pretrained(tmp_path))
+
+
+def test_compressed_is_a_deprecated_alias_of_compression_sparse(tmp_path):
+    with pytest.warns(FutureWarning, match="compression='sparse'"):
+        pruned("bert").save_pretrained(tmp_path, compressed=True)
+    assert (tmp_path / COMPRESSED_WEIGHTS_NAME).is_file() and not (tmp_path / "model.safetensors").exists()

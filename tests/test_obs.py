@@ -11,7 +11,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.pytorch_utils import Conv1D
 
 from hf_prune import PrunedModel, Pruner, PruningConfig
-from hf_prune.obs import OBSPruningCallback, nm_mask, obs_prune, obs_update_
+from hf_prune.methods.obs import OBSPruningCallback, nm_mask, obs_prune, obs_update_
 
 
 #: Excludes BERT's FFN output layer, whose 37 inputs (tiny config) no N:M pattern with M=4 divides.
@@ -211,9 +211,9 @@ def test_callback_prunes_once_with_obs_in_trainer_and_resumes_without_recalibrat
      "received no input"),
     ({"sparsity": 0.5, "calibration_dataloader": [{"pixel_values": torch.zeros(2, 3)}]}, "does not accept"),
     ({"sparsity": 0.5, "calibration_dataloader": [["not", "a", "batch"]]}, "must yield dicts"),
-    ({"sparsity": 0.5, "block_size": 0}, "`block_size` must be a positive integer"),
+    ({"sparsity": 0.5, "block_size": 0}, "`block_size` must be an integer >= 1"),
     ({"sparsity": None, "pattern": "2:4", "block_size": 6}, "`block_size` must be a multiple of M=4"),
-    ({"sparsity": 0.5, "dampening": -0.1}, "`dampening` must be a number >= 0"),
+    ({"sparsity": 0.5, "dampening": -0.1}, "`dampening` must be a finite number >= 0"),
     ({"sparsity": None, "pattern": "2:4"}, "bert.encoder.layer.0.output.dense (37 inputs)"),
 ])
 def test_bad_inputs_raise_before_touching_the_model(kwargs, message):

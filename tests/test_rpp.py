@@ -4,7 +4,7 @@ from conftest import TinyClassificationDataset, tiny_bert
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_prune import PrunedModel, PruningConfig
-from hf_prune.rpp import (
+from hf_prune.methods.rpp import (
     ALPHA_DTYPE,
     PenaltySchedule,
     RPPCallback,
@@ -102,9 +102,10 @@ def test_mask_config_keeps_a_gradual_schedule_over_the_window():
     ("penalty", -0.1, ">= 0"),
     ("penalty", float("nan"), ">= 0"),
     ("penalty", True, ">= 0"),
-    ("epsilon", float("inf"), "> 0"),
-    ("epsilon", 0.0, "> 0"),
-    ("epsilon", -1e-3, "> 0"),
+    ("epsilon", float("inf"), ">= 1e-12"),
+    ("epsilon", 0.0, ">= 1e-12"),
+    ("epsilon", -1e-3, ">= 1e-12"),
+    ("epsilon", 1e-40, ">= 1e-12"),
     ("reweight_every", 0, ">= 1"),
     ("reweight_every", 2.5, ">= 1"),
     ("penalty_schedule", "cosine", "'constant', 'linear'"),
@@ -148,9 +149,9 @@ class Probe(TrainerCallback):
         self.masks_before_end_are_dense = True
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        if self.rpp.alphas is not None and self.rpp.alphas is not self.alphas:
+        if self.rpp.pruner.alphas is not None and self.rpp.pruner.alphas is not self.alphas:
             self.refresh_steps.append(state.global_step + 1)
-        self.alphas = self.rpp.alphas
+        self.alphas = self.rpp.pruner.alphas
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step < CONFIG["end_step"]:
@@ -178,7 +179,7 @@ def test_trainer_run_reaches_exact_target_and_resumes_to_the_same_masks(tmp_path
     full.train()
 
     assert probe.refresh_steps == [1, 4, 7], "α is refreshed on the first step of the window and every 3 steps"
-    assert callback.alphas is None, "α is freed after the window"
+    assert callback.pruner.alphas is None, "α is freed after the window"
     assert probe.masks_before_end_are_dense
     assert probe.zero_steps == [9, 10, 11, 12]
     total = sum(mask.numel() for mask in callback.masks.values())
@@ -210,7 +211,7 @@ def test_resume_between_two_refreshes_warns_and_still_reaches_the_target(tmp_pat
     first, _, _ = train(tmp_path / "out", save_steps=4)
     first.train()
     resumed, callback, probe = train(tmp_path / "out", save_steps=4)
-    with caplog.at_level("WARNING", logger="hf_prune.rpp"):
+    with caplog.at_level("WARNING", logger="hf_prune.methods.rpp"):
         resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-4"))
 
     assert "between two refreshes of α" in caplog.text

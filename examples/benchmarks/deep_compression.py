@@ -106,7 +106,7 @@ def run(args: argparse.Namespace, command: str, work: str) -> str:
     timings["prune"] = time.time() - start
     masks = {name: mask.clone() for name, mask in pruning.masks.items()}
     pruned_dir = os.path.join(work, "pruned-model")
-    PrunedModel(model, masks, pruning.config).save_pretrained(pruned_dir, compressed=True)
+    PrunedModel(model, masks, pruning.config).save_pretrained(pruned_dir, compression="sparse")
     sparse_bytes = (tensor_bytes(os.path.join(pruned_dir, COMPRESSED_WEIGHTS_NAME), [f"{n}.values" for n in masks])
                     + tensor_bytes(os.path.join(pruned_dir, MASKS_NAME), list(masks)))
     sparsity = 1 - sum(int(mask.sum()) for mask in masks.values()) / sum(mask.numel() for mask in masks.values())

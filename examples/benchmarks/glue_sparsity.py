@@ -34,8 +34,8 @@ from common import (
 from transformers import AutoTokenizer, DataCollatorWithPadding
 
 from hf_prune import MagnitudePruningCallback, PruningConfig
-from hf_prune.config import SCHEMES
 from hf_prune.criteria import CRITERIA
+from hf_prune.masks import SCHEMES
 
 
 LAYERS = 6  # all-MiniLM-L6-v2

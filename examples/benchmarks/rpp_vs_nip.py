@@ -42,7 +42,7 @@ from common import (
 from transformers import TrainingArguments, get_scheduler
 
 from hf_prune import DistillationTrainer, MagnitudePruningCallback, Pruner, PruningConfig
-from hf_prune.rpp import RPPCallback, RPPConfig
+from hf_prune.methods.rpp import RPPCallback, RPPConfig
 from hf_prune.schedules import DEFAULT_END_FRACTION, SparsitySchedule
 
 

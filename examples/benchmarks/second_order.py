@@ -9,7 +9,7 @@ dev.tsv beside the dense model:
   not defined for N:M.
 - magnitude (per layer): the lowest |w| of every layer (class-uniform over single tensors), or the N largest |w| of
   every group of M: the same sparsity in every layer as OBS, so only the choice of weights differs.
-- OBS: `hf_prune.obs.obs_prune` (SparseGPT's solver, per-layer input Hessians from `--calibration_samples` training
+- OBS: `hf_prune.obs_prune` (SparseGPT's solver, per-layer input Hessians from `--calibration_samples` training
   rows, OBS update of the kept weights).
 - OBD: `Pruner` with `criterion="obd"` (saliency ½·F_ii·w_i², Optimal Brain Damage with the empirical Fisher
   diagonal), F estimated by `Pruner.estimate_fisher` from the gradients of the same calibration rows, one row per
@@ -53,7 +53,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, DataCollatorWithPadding
 
 from hf_prune import Pruner, PruningConfig
-from hf_prune.obs import nm_mask, obs_prune, parse_pattern
+from hf_prune.methods.obs import nm_mask, obs_prune, parse_pattern
 
 
 METHODS = ("magnitude (global)", "magnitude (per layer)", "OBD", "OBS")

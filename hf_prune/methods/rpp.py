@@ -18,13 +18,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
-from .callbacks import MagnitudePruningCallback
-from .config import PruningConfig, check_choice, is_finite_number
-from .distributed import refuse_sharded
-from .pruner import Pruner
-from .schedules import SparsitySchedule
+from ..callbacks import MagnitudePruningCallback
+from ..config import PruningConfig
+from ..distributed import refuse_sharded
+from ..pruner import Pruner
+from ..schedules import check_fits, resolve_end_step
+from ..validation import check_choice, check_int, check_number
 
 
 logger = logging.getLogger(__name__)
@@ -33,6 +35,8 @@ PENALTY_SCHEDULES = ("constant", "linear")
 #: α is stored in bfloat16: 2 bytes per targeted weight, the exponent range of float32 (float16 would overflow
 #: to inf at α = 1/ε for ε < 1.5e-5) and a 0.4% relative error on each weight's penalty.
 ALPHA_DTYPE = torch.bfloat16
+#: Smallest ε: α = 1/ε must stay finite in `ALPHA_DTYPE` with a wide margin.
+MIN_EPSILON = 1e-12
 
 
 @dataclass
@@ -64,7 +68,7 @@ class RPPConfig(PruningConfig):
             `"constant"`: λ on every step of the window; `"linear"`: warm-up `λ·(step - start_step) /
             (end_step - start_step)`, reaching λ on step `end_step`.
         epsilon (`float`, *optional*, defaults to `1e-3`):
-            ε > 0 in `α_i = 1 / (|w_i| + ε)`; bounds the penalty of weights at or near zero.
+            ε >= 1e-12 in `α_i = 1 / (|w_i| + ε)`; bounds the penalty of weights at or near zero.
         reweight_every (`int`, *optional*, defaults to `10`):
             α is recomputed from the current weights on the first step of the window and every `reweight_every`
             steps after it.
@@ -91,14 +95,10 @@ class RPPConfig(PruningConfig):
                              f"at end_step); got {self.pruning_frequency!r}.")
         if self.end_step is not None and self.end_step <= self.start_step:
             raise ValueError(f"`end_step` ({self.end_step}) must be greater than `start_step` ({self.start_step}).")
-        if not is_finite_number(self.penalty) or self.penalty < 0:
-            raise ValueError(f"`penalty` must be a finite number >= 0; got {self.penalty!r}.")
+        check_number("penalty", self.penalty, 0.0)
         check_choice("penalty_schedule", self.penalty_schedule, PENALTY_SCHEDULES)
-        if not is_finite_number(self.epsilon) or self.epsilon <= 0:
-            raise ValueError(f"`epsilon` must be a finite number > 0; got {self.epsilon!r}.")
-        if isinstance(self.reweight_every, bool) or not isinstance(self.reweight_every, int) \
-                or self.reweight_every < 1:
-            raise ValueError(f"`reweight_every` must be an integer >= 1; got {self.reweight_every!r}.")
+        check_number("epsilon", self.epsilon, MIN_EPSILON)
+        check_int("reweight_every", self.reweight_every, 1)
 
 
 @dataclass(frozen=True)
@@ -116,10 +116,10 @@ class PenaltySchedule:
 
     @classmethod
     def from_config(cls, config: RPPConfig, max_steps: int | None = None) -> PenaltySchedule:
-        """Resolves the window with the core's `end_step` default and checks (`SparsitySchedule.from_config`)."""
-        window = SparsitySchedule.from_config(
-            PruningConfig(schedule="iterative", start_step=config.start_step, end_step=config.end_step), max_steps)
-        return cls(config.penalty_schedule, config.penalty, window.start, window.end, config.reweight_every)
+        """Resolves the window with the core's `end_step` default and checks that it fits in `max_steps`."""
+        end = resolve_end_step(config.start_step, config.end_step, max_steps)
+        check_fits(end, max_steps, f"the proximal window ends at `end_step` {end}")
+        return cls(config.penalty_schedule, config.penalty, config.start_step, end, config.reweight_every)
 
     def active(self, step: int) -> bool:
         return self.start < step <= self.end
@@ -173,8 +173,12 @@ def proximal_step_(weights: Mapping[str, torch.Tensor], alphas: Mapping[str, tor
     shrink per step is exactly `lr · λ · α_i`, the same for every coordinate with the same `α_i`, whatever its
     gradients, and it follows the learning-rate schedule.
     """
-    counts = [soft_threshold_(weight, alphas[name], lrs[name] * penalty).eq(0).sum()
-              for name, weight in weights.items()]
+    counts = []
+    for name, weight in weights.items():
+        scale = lrs[name] * penalty
+        if scale:  # a zero step changes nothing, and 0 * α must not meet an α that overflowed
+            soft_threshold_(weight, alphas[name], scale)
+        counts.append(weight.eq(0).sum())
     return torch.stack([count.to(counts[0].device) for count in counts]).sum()  # no host sync
 
 
@@ -187,19 +191,59 @@ def mask_config(config: RPPConfig, end_step: int) -> PruningConfig:
     return PruningConfig(**{**base, "end_step": end_step})
 
 
+class RPPPruner(Pruner):
+    """The `Pruner` of an RPP run: masks along `mask_config(config, end)` and, on the optimizer steps of the
+    proximal window, the reweighted-L1 proximal step; usable from a custom training loop.
+
+    After each `optimizer.step()` call `proximal_step_(step, optimizer)` (with `step` the 1-based number of the
+    optimizer step just taken), then `apply_()`, then `update(step, optimizer)`, as with a `Pruner`. α (`reweight`)
+    is refreshed from the weights on the first step of the window and every `reweight_every` steps after it; it
+    costs 2 bytes per targeted weight (bfloat16) and is freed after the window.
+
+    Args:
+        model (`nn.Module`): the model to prune (unsharded).
+        config (`RPPConfig`): the RPP configuration (`self.config` is the mask schedule derived from it).
+        max_steps (`int`, *optional*): the run's number of optimizer steps, for the `end_step` default.
+    """
+
+    def __init__(self, model: nn.Module, config: RPPConfig, max_steps: int | None = None) -> None:
+        self.rpp_config = config
+        self.penalty_schedule = PenaltySchedule.from_config(config, max_steps)
+        # A one-shot Pruner prunes at end_step, not at the start of the proximal window (config.start_step).
+        super().__init__(model, mask_config(config, self.penalty_schedule.end), max_steps=max_steps)
+        refuse_sharded(self.params.values(), "RPP")
+        self.alphas: dict[str, torch.Tensor] | None = None
+        self._zeros: torch.Tensor | None = None
+
+    def proximal_step_(self, step: int, optimizer: torch.optim.Optimizer) -> None:
+        """The proximal step of optimizer step `step`, at the learning rates `optimizer` just used; outside the
+        window, nothing (and α is freed)."""
+        if not self.penalty_schedule.active(step):
+            self.alphas = None
+            return
+        if self.alphas is None or self.penalty_schedule.reweights_at(step):
+            self.alphas = reweight(self.params, self.rpp_config.epsilon)
+        self._zeros = proximal_step_(self.params, self.alphas, learning_rates(optimizer, self.params),
+                                     self.penalty_schedule(step))
+
+    def proximal_zero_fraction(self) -> float | None:
+        """Exact zeros among the targeted weights after the latest proximal step (None before the first one)."""
+        if self._zeros is None:
+            return None
+        return int(self._zeros) / sum(p.numel() for p in self.params.values())
+
+
 class RPPCallback(MagnitudePruningCallback):
-    """Reweighted Proximal Pruning during `Trainer.train()`.
+    """Reweighted Proximal Pruning during `Trainer.train()`, routing the Trainer's events to an `RPPPruner`.
 
     On each optimizer step of the window `(start_step, end_step]` (`on_optimizer_step`, after the optimizer's
-    update, with the learning rate that update used), `proximal_step_` soft-thresholds the targeted weights at
-    `lr · λ · α_i`. α (`reweight`) is refreshed from the weights just updated by the optimizer on the first step
-    of the window and every `reweight_every` steps after it; it costs 2 bytes per targeted weight (bfloat16) and
-    is freed after the window. The inherited machinery prunes at the end of step `end_step` (`"oneshot"`) or at
-    each event of the cubic / iterative schedule, by `criterion` (the proximal zeros go first), clears the
-    optimizer moments there, and keeps the pruned weights exactly zero from then on; checkpoints, resume, logs
-    and `PrunedModel.from_trainer` work as for `MagnitudePruningCallback`. The logs also get `rpp_penalty` (λ of
-    the step just taken, 0 outside the window) and `rpp_zero_fraction` (exact zeros among the targeted weights,
-    masked or not, after the latest proximal step, frozen at its value before the last pruning event).
+    update, with the learning rate that update used), the proximal step soft-thresholds the targeted weights at
+    `lr · λ · α_i`. The inherited machinery prunes at the end of step `end_step` (`"oneshot"`) or at each event of
+    the cubic / iterative schedule, by `criterion` (the proximal zeros go first), clears the optimizer moments
+    there, and keeps the pruned weights exactly zero from then on; checkpoints, resume, logs and
+    `PrunedModel.from_trainer` work as for `MagnitudePruningCallback`. The logs also get `rpp_penalty` (λ of the
+    step just taken, 0 outside the window) and `rpp_zero_fraction` (exact zeros among the targeted weights, masked
+    or not, after the latest proximal step, frozen at its value before the last pruning event).
 
     Resume: α is not saved; after `resume_from_checkpoint` it is recomputed from the restored weights on the
     first step of the window that follows. A checkpoint at a step where `(step - start_step) % reweight_every
@@ -207,7 +251,7 @@ class RPPCallback(MagnitudePruningCallback):
     uninterrupted run; otherwise α is refreshed early, from the checkpoint's weights.
 
     ```python
-    from hf_prune.rpp import RPPCallback, RPPConfig
+    from hf_prune import RPPCallback, RPPConfig
 
     callback = RPPCallback(RPPConfig(final_sparsity=0.9, penalty=0.1, end_step=3000))
     trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[callback])
@@ -217,61 +261,41 @@ class RPPCallback(MagnitudePruningCallback):
     Args:
         config (`RPPConfig` or `dict`, *optional*): the RPP configuration (a dict is `RPPConfig.to_dict()`
             output). Defaults to `RPPConfig()`.
+        override_checkpoint_config (`bool`, *optional*, defaults to `False`): as for `MagnitudePruningCallback`.
     """
 
-    def __init__(self, config: RPPConfig | dict[str, Any] | None = None) -> None:
-        super().__init__(config if config is not None else RPPConfig())
+    def __init__(self, config: RPPConfig | dict[str, Any] | None = None,
+                 override_checkpoint_config: bool = False) -> None:
+        super().__init__(config if config is not None else RPPConfig(), override_checkpoint_config)
         if not isinstance(self.config, RPPConfig):
             raise ValueError(f"`config` must be an RPPConfig (or its to_dict()); got {type(self.config).__name__}.")
-        self.penalty_schedule: PenaltySchedule | None = None
-        self.alphas: dict[str, torch.Tensor] | None = None
-        self._zeros: torch.Tensor | None = None
-
-    def proximal_zero_fraction(self) -> float | None:
-        """Exact zeros among the targeted weights after the latest proximal step (None before the first one)."""
-        if self._zeros is None:
-            return None
-        return int(self._zeros) / sum(p.numel() for p in self.pruner.params.values())
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        **kwargs: Any) -> None:
-        self.penalty_schedule = PenaltySchedule.from_config(self.config, state.max_steps)
-        self.alphas = None
         super().on_train_begin(args, state, control, **kwargs)
-        step = state.global_step + 1
-        if state.global_step > 0 and self.penalty_schedule.active(step) \
-                and not self.penalty_schedule.reweights_at(step):
+        window, step = self.pruner.penalty_schedule, state.global_step + 1
+        if state.global_step > 0 and window.active(step) and not window.reweights_at(step):
             logger.warning("Resuming RPP at step %d, between two refreshes of α (every %d steps from step %d): α is "
                            "recomputed from the checkpoint's weights, so the run differs slightly from an "
                            "uninterrupted one. Save at multiples of reweight_every to resume exactly.",
-                           state.global_step, self.config.reweight_every, self.penalty_schedule.start)
+                           state.global_step, self.config.reweight_every, window.start)
 
     def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                           optimizer: torch.optim.Optimizer | None = None, **kwargs: Any) -> None:
-        step = state.global_step + 1
-        if not self.penalty_schedule.active(step):
-            self.alphas = None
-        else:
-            if self.alphas is None or self.penalty_schedule.reweights_at(step):
-                self.alphas = reweight(self.pruner.params, self.config.epsilon)
-            self._zeros = proximal_step_(self.pruner.params, self.alphas,
-                                         learning_rates(optimizer, self.pruner.params), self.penalty_schedule(step))
+        self.pruner.proximal_step_(state.global_step + 1, optimizer)
         super().on_optimizer_step(args, state, control, optimizer=optimizer, **kwargs)
 
     @classmethod
     def check_schedule(cls, config: RPPConfig, max_steps: int) -> None:
-        """The proximal window, then the mask schedule that ends with it (as `make_pruner` builds it)."""
+        """The proximal window, then the mask schedule that ends with it (as `RPPPruner` builds them)."""
         super().check_schedule(mask_config(config, PenaltySchedule.from_config(config, max_steps).end), max_steps)
 
     def make_pruner(self, model: torch.nn.Module, max_steps: int | None) -> Pruner:
-        # A one-shot Pruner prunes at end_step, not at the start of the proximal window (self.config.start_step).
-        pruner = Pruner(model, mask_config(self.config, self.penalty_schedule.end), max_steps=max_steps)
-        refuse_sharded(pruner.params.values(), "RPPCallback")
-        return pruner
+        return RPPPruner(model, self.config, max_steps=max_steps)
 
     def log_entries(self, state: TrainerState) -> dict[str, float]:
-        entries = {**super().log_entries(state), "rpp_penalty": self.penalty_schedule(state.global_step)}
-        zero_fraction = self.proximal_zero_fraction()
+        entries = {**super().log_entries(state), "rpp_penalty": self.pruner.penalty_schedule(state.global_step)}
+        zero_fraction = self.pruner.proximal_zero_fraction()
         if zero_fraction is not None:
             entries["rpp_zero_fraction"] = zero_fraction
         return entries

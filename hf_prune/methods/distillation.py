@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
-from .config import is_finite_number
+from ..validation import check_number
 
 
 IGNORE_INDEX = -100  # the label of positions no loss is computed on (padding, prompt tokens)
@@ -90,10 +90,8 @@ class DistillationTrainer(Trainer):
                  **kwargs: Any) -> None:
         if not isinstance(teacher_model, torch.nn.Module):
             raise ValueError(f"`teacher_model` must be a torch.nn.Module; got {type(teacher_model).__name__}.")
-        if not is_finite_number(temperature) or temperature <= 0:
-            raise ValueError(f"`temperature` must be a finite number > 0; got {temperature!r}.")
-        if not is_finite_number(alpha) or not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"`alpha` must be a number in [0, 1]; got {alpha!r}.")
+        check_number("temperature", temperature, 0.0, strict_minimum=True)
+        check_number("alpha", alpha, 0.0, 1.0)
         super().__init__(*args, **kwargs)
         self.teacher = teacher_model.to(self.args.device).eval().requires_grad_(False)
         self.temperature = float(temperature)

@@ -1,24 +1,16 @@
-"""Multi-process pruning: every rank must hold the same masks (DDP), and sharded weights rank their entries together.
+"""Where the entries of each weight live across processes, and how to mask, gather and scatter them.
 
-Under DDP (`torchrun`, `accelerate launch`) every rank holds the full weights, identical after each step, so the
-deterministic radix select of `hf_prune.masks` gives identical masks everywhere. `check_ranks_agree` verifies it
-after every pruning event with two small all-reduces, so a divergence stops training instead of being silently
-trained on.
-
-Sharded weights are pruned where they live, each rank holding the masks of its own entries only. `layout_of` tells
-the layouts apart: `RowShards` (FSDP2 `fully_shard`, DTensors placed `Shard(0)` on a 1-D mesh: a block of rows per
-rank), `FlatShards` (FSDP1: a run of the flattened weight per rank) and `ZeroPartitions` (DeepSpeed ZeRO-3: likewise),
-next to `Replicated` (whole tensors). Each says which entries a rank holds (`local`), gathers a full-size mask for saving the way transformers
-gathers a sharded state dict (`gather`), takes a rank's part of a full mask so mask files load under any world size
-(`scatter`), and zeroes every copy of the pruned weights (`zero_pruned_`). `ProcessGroupReduce` is the
-`ShardReduce` of `hf_prune.masks` that finds the global threshold from the shards with collectives (no rank gathers
-the model), and `check_thresholds_agree` is the rank-agreement check of sharded runs.
+`layout_of` tells the layouts apart: `RowShards` (FSDP2 `fully_shard`, DTensors placed `Shard(0)` on a 1-D mesh:
+a block of rows per rank), `FlatShards` (FSDP1: a run of the flattened weight per rank) and `ZeroPartitions`
+(DeepSpeed ZeRO-3: likewise), next to `Replicated` (whole tensors: one process, DDP). Each says which entries a
+rank holds (`local`), gathers a full-size mask for saving the way transformers gathers a sharded state dict
+(`gather`), takes a rank's part of a full mask so mask files load under any world size (`scatter`), and zeroes
+every copy of the pruned weights (`zero_pruned_`).
 """
 
 from __future__ import annotations
 
 import math
-import zlib
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -26,97 +18,22 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
-from .masks import zero_pruned_
+from ..masks import zero_pruned_
+from .collectives import ProcessGroupReduce, collective_device
 
 
-_HASH_MULTIPLIER = 0x9E3779B1  # Knuth's multiplicative hash: 2**32 / golden ratio
 _NAMED_IN_ERRORS = 8
 
 
-def is_distributed(group: dist.ProcessGroup | None = None) -> bool:
-    """Whether `torch.distributed` is initialised with more than one process (in `group`, default: the world)."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+def is_sharded(param: torch.Tensor) -> bool:
+    """Whether `param` is a shard rather than a whole weight: an FSDP2 DTensor, an FSDP1 flat-parameter view
+    (`use_orig_params=True`) or a DeepSpeed ZeRO-3 partitioned parameter. The one test every module uses."""
+    return isinstance(param, DTensor) or is_zero3(param) or getattr(param, "_fsdp_flattened", False)
 
 
-def _collective_device(group: dist.ProcessGroup | None) -> torch.device:
-    """CPU for gloo and MPI, else the current accelerator (NCCL and its kind only reduce device tensors)."""
-    backend = dist.get_backend(group)
-    if "gloo" in backend or backend == "mpi":
-        return torch.device("cpu")
-    if hasattr(torch, "accelerator"):  # torch >= 2.6
-        return torch.device(torch.accelerator.current_accelerator().type, torch.accelerator.current_device_index())
-    return torch.device("cuda", torch.cuda.current_device())
-
-
-def masks_fingerprint(masks: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """An int64 CPU tensor of shape `(len(masks), 3)`: per mask, the CRC32 of its name, its number of kept entries
-    and a checksum of the kept positions (the sum over kept row-major indices `i` of `(i * 0x9E3779B1) mod 2**31`).
-
-    Two sets of masks with equal fingerprints are equal but for a hash collision; computing it holds the kept
-    indices of one mask at a time.
-    """
-    rows = []
-    for name, mask in masks.items():
-        kept = mask.reshape(-1).nonzero().view(-1)
-        checksum = int(((kept * _HASH_MULTIPLIER) & 0x7FFFFFFF).sum())
-        rows.append([zlib.crc32(name.encode()), kept.numel(), checksum])
-    return torch.tensor(rows, dtype=torch.int64).view(-1, 3)
-
-
-def _max_and_min(values: torch.Tensor, group: dist.ProcessGroup | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Elementwise maximum and minimum of `values` over the ranks of `group`, in one all-reduce."""
-    both = torch.cat([values, -values]).to(_collective_device(group))
-    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
-    high, negated_low = both.cpu().chunk(2)
-    return high, -negated_low
-
-
-def check_ranks_agree(masks: Mapping[str, torch.Tensor], step: int, group: dist.ProcessGroup | None = None) -> None:
-    """Raises `RuntimeError` on every rank when the ranks of `group` do not hold the same masks; a no-op outside
-    multi-process runs. Every rank of `group` must call it at the same point (it runs two small all-reduces).
-
-    Args:
-        masks (`dict[str, torch.Tensor]`): this rank's masks, keyed by parameter name.
-        step (`int`): the optimizer step of the pruning event, named in the error.
-        group (`ProcessGroup`, *optional*): the ranks that must agree (default: all of them).
-    """
-    if not is_distributed(group):
-        return
-    most, fewest = _max_and_min(torch.tensor([len(masks)]), group)
-    if int(most) != int(fewest):
-        raise RuntimeError(f"Pruning masks differ across ranks at step {step}: ranks hold between {int(fewest)} and "
-                           f"{int(most)} masks. Every rank must build the same model and pruning config.")
-    high, low = _max_and_min(masks_fingerprint(masks), group)
-    differing = [(name, int(low[i, 1]), int(high[i, 1])) for i, name in enumerate(masks)
-                 if not torch.equal(high[i], low[i])]
-    if differing:
-        named = ", ".join(f"{name} (kept {fewest}..{most})" for name, fewest, most in differing[:_NAMED_IN_ERRORS])
-        more = f" and {len(differing) - _NAMED_IN_ERRORS} more" if len(differing) > _NAMED_IN_ERRORS else ""
-        raise RuntimeError(
-            f"Pruning masks differ across ranks at step {step} in {len(differing)} of {len(masks)} tensors: "
-            f"{named}{more}. Refusing to train on different masks. Under DDP every rank must hold the same weights: "
-            "check that all ranks start from the same checkpoint, that nothing rank-specific changes the weights, "
-            "and that the model is not wrapped differently on some ranks."
-        )
-
-
-def check_thresholds_agree(thresholds: Mapping[str, float], step: int, group: dist.ProcessGroup | None = None) -> None:
-    """The rank-agreement check of sharded weights, whose masks differ by design: raises `RuntimeError` on every rank
-    when the ranks of `group` did not prune with the same thresholds (same keys, same values); a no-op outside
-    multi-process runs. Collective: every rank of `group` calls it at the same point."""
-    if not is_distributed(group):
-        return
-    keys = ",".join(sorted(thresholds))
-    local = torch.tensor([zlib.crc32(keys.encode()), *(thresholds[k] for k in sorted(thresholds))],
-                         dtype=torch.float64)
-    sizes_high, sizes_low = _max_and_min(torch.tensor([local.numel()]), group)
-    if int(sizes_high) == int(sizes_low):
-        high, low = _max_and_min(local, group)
-        if torch.equal(high, low):
-            return
-    raise RuntimeError(f"Pruning thresholds differ across ranks at step {step} (this rank: {dict(thresholds)}). "
-                       "Refusing to train on inconsistent masks: every rank must build the same model, the same "
-                       "pruning config and the same sharding.")
+def is_zero3(param: torch.Tensor) -> bool:
+    """Whether `param` is partitioned by DeepSpeed ZeRO-3 (its entries live in `param.ds_tensor`)."""
+    return hasattr(param, "ds_tensor")
 
 
 def layout_of(params: Mapping[str, torch.Tensor], model: nn.Module) -> Replicated:
@@ -129,7 +46,7 @@ def layout_of(params: Mapping[str, torch.Tensor], model: nn.Module) -> Replicate
             (FSDP2's default; HSDP and tensor parallelism are not supported), or FSDP1 shards them in a hybrid way.
     """
     fsdp1 = _fsdp1_runs(model)
-    kinds = {"ZeRO-3": [n for n, p in params.items() if hasattr(p, "ds_tensor")],
+    kinds = {"ZeRO-3": [n for n, p in params.items() if is_zero3(p)],
              "DTensor": [n for n, p in params.items() if isinstance(p, DTensor)],
              "FSDP1": [n for n, p in params.items() if id(p) in fsdp1.runs]}
     for kind, names in kinds.items():
@@ -178,8 +95,7 @@ def _fsdp1_runs(model: nn.Module) -> FlatShards:
 def refuse_sharded(params: Iterable[torch.Tensor], method: str) -> None:
     """Raises `ValueError` when a weight is sharded (FSDP1 or FSDP2, DeepSpeed ZeRO-3), for a method that does not
     support sharded weights yet."""
-    if any(isinstance(p, DTensor) or hasattr(p, "ds_tensor") or getattr(p, "_fsdp_flattened", False)
-           for p in params):
+    if any(is_sharded(p) for p in params):
         raise ValueError(f"{method} does not support sharded weights (FSDP / ZeRO-3) yet; train unsharded (DDP), or "
                          "use MagnitudePruningCallback, which supports FSDP1, FSDP2 (criterion 'magnitude' or 'obd') "
                          "and ZeRO-3 ('magnitude').")
@@ -265,7 +181,7 @@ class FlatShards(Replicated):
 
     def gather(self, mask: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
         shape, start, length = self._run(param)
-        device = _collective_device(self.group)
+        device = collective_device(self.group)
         world_size = dist.get_world_size(self.group)
         places = [torch.empty(2, dtype=torch.int64, device=device) for _ in range(world_size)]
         dist.all_gather(places, torch.tensor([start, length], device=device), group=self.group)
@@ -325,36 +241,3 @@ class ZeroPartitions(FlatShards):
         if gathered:  # re-gather from the zeroed partitions: all_gather alone skips parameters already available
             gathered[0].partition(param_list=gathered)
             gathered[0].all_gather(param_list=gathered)
-
-
-class ProcessGroupReduce:
-    """The `hf_prune.masks.ShardReduce` of a `torch.distributed` process group: rank `r` of `group` holds the `r`-th
-    block of rows of every scored tensor (`torch.chunk(weight, world_size)[r]`, FSDP2's `Shard(0)` local tensor).
-
-    ```python
-    from hf_prune.distributed import ProcessGroupReduce
-    from hf_prune.masks import update_masks_
-
-    # on every rank, with this rank's row blocks of the weights and masks
-    update_masks_(local_weights, local_masks, classes, MagnitudeCriterion(), 0.5, "class-blind", ProcessGroupReduce())
-    ```
-
-    Args:
-        group (`ProcessGroup`, *optional*): the ranks sharing the weights (default: all of them).
-    """
-
-    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
-        self.group = group
-        self.device = _collective_device(group)
-
-    def sum(self, counts: torch.Tensor) -> torch.Tensor:
-        total = counts.to(self.device, copy=True)
-        dist.all_reduce(total, group=self.group)
-        return total.to(counts.device)
-
-    def sum_and_preceding(self, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        local = counts.to(self.device)
-        gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(self.group))]
-        dist.all_gather(gathered, local, group=self.group)
-        stacked = torch.stack(gathered).to(counts.device)
-        return stacked.sum(0), stacked[:dist.get_rank(self.group)].sum(0)

@@ -23,11 +23,12 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from .callbacks import MagnitudePruningCallback
-from .config import PruningConfig
-from .distributed import refuse_sharded
-from .pruner import Pruner
-from .targets import Target, find_targets
+from ..callbacks import MagnitudePruningCallback
+from ..config import PruningConfig
+from ..distributed import refuse_sharded
+from ..pruner import Pruner
+from ..targets import Target, find_targets
+from ..validation import check_int, check_number
 
 
 _PATTERN = re.compile(r"(\d+):(\d+)")
@@ -232,10 +233,8 @@ def _check_calibration_data(calibration_dataloader: Any) -> None:
 
 def _check_solver_arguments(modules: Mapping[str, nn.Module], nm: tuple[int, int] | None, block_size: int,
                             dampening: float) -> None:
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"`block_size` must be a positive integer; got {block_size!r}.")
-    if isinstance(dampening, bool) or not isinstance(dampening, (int, float)) or dampening < 0:
-        raise ValueError(f"`dampening` must be a number >= 0; got {dampening!r}.")
+    check_int("block_size", block_size, 1)
+    check_number("dampening", dampening, 0.0)
     if nm is None:
         return
     if block_size % nm[1]:

@@ -1,0 +1,108 @@
+"""`QuantizationCallback`: trained quantization during `Trainer.train()` of a pruned model."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from ..callbacks import checkpoint_folder, find_checkpoint_file
+from ..constants import QUANTIZATION_STATE_NAME
+from .deep_format import read_deep_compressed, save_deep_compressed
+from .quantization import QuantizedWeight, TrainedQuantizer, check_quantizer_arguments
+
+
+logger = logging.getLogger(__name__)
+
+
+class QuantizationCallback(TrainerCallback):
+    """Trained quantization during `Trainer.train()` of a pruned model (Deep Compression's second stage).
+
+    At train begin, a `TrainedQuantizer` clusters each masked weight's kept entries into `2**bits` centroids and
+    overwrites the weight with its centroid values (0 at the pruned positions). At every optimizer step, before it
+    (`on_pre_optimizer_step`, after the Trainer's gradient clipping) each centroid takes one plain SGD step on the
+    summed gradients of its weights, with `learning_rate` or by default the current learning rate of the
+    optimizer group holding the weight (so the Trainer's schedule applies), and the weight's gradient is dropped
+    (no Adam moments, no weight decay: the centroid step is its only update); after it (`on_optimizer_step`) each
+    weight is rewritten from its centroids.
+
+    Masks and cluster assignments never change: pruned weights stay exactly 0 and every kept weight is one of its
+    layer's centroids. The other parameters (embeddings, LayerNorms, biases, head) train as usual. Each checkpoint
+    gets `quantization_state.safetensors`, and `resume_from_checkpoint` restores it. After training, pass
+    `callback.quantized` to `save_deep_compressed`. With fp16 mixed precision keep `max_grad_norm > 0`: the
+    Trainer unscales the gradients when it clips them, before this callback reads them.
+
+    ```python
+    from hf_prune import MagnitudePruningCallback, QuantizationCallback
+
+    pruning = MagnitudePruningCallback.from_pretrained("pruned")  # or the masks of a PrunedModel
+    quantization = QuantizationCallback(pruning, bits=4)
+    Trainer(model=model, args=args, train_dataset=ds, callbacks=[pruning, quantization]).train()
+    ```
+
+    Args:
+        masks (`dict[str, torch.Tensor]`, `MagnitudePruningCallback` or `PrunedModel`): the masks, or what holds
+            them, read at train begin; names are the trained model's parameter names. A pruning callback in the
+            same Trainer must come before this one and have finished its schedule by then.
+        bits (`int`, *optional*, defaults to 4): 1..8, for `2**bits` shared values per weight.
+        learning_rate (`float`, *optional*): the centroids' SGD learning rate (finite, > 0); defaults to the
+            optimizer's.
+        max_iter (`int`, *optional*, defaults to 100): most k-means iterations per weight (>= 1).
+
+    Raises:
+        ValueError: bad `bits`, `learning_rate`, `max_iter` or `masks` (here); at train begin, no masks yet or a
+            pruning schedule still running.
+    """
+
+    def __init__(self, masks: Any, bits: int = 4, learning_rate: float | None = None, max_iter: int = 100) -> None:
+        check_quantizer_arguments(bits, learning_rate, max_iter)
+        if not (isinstance(masks, Mapping) or hasattr(masks, "masks")):
+            raise ValueError(f"`masks` must be a dict of bool masks, a MagnitudePruningCallback or a PrunedModel; got "
+                             f"{type(masks).__name__} {masks!r}.")
+        self.source = masks
+        self.bits = bits
+        self.learning_rate = learning_rate
+        self.max_iter = max_iter
+        self.quantizer: TrainedQuantizer | None = None
+
+    @property
+    def quantized(self) -> dict[str, QuantizedWeight]:
+        """Parameter name -> `QuantizedWeight` (for `save_deep_compressed`); empty before training starts."""
+        return self.quantizer.quantized if self.quantizer is not None else {}
+
+    def _masks(self) -> Mapping[str, torch.Tensor]:
+        pruner = getattr(self.source, "pruner", None)
+        if pruner is not None and pruner.target_sparsity < pruner.schedule.final:
+            raise ValueError(f"The pruning schedule is still running (sparsity {pruner.target_sparsity:.4f} of "
+                             f"{pruner.schedule.final}) when quantization starts; Deep Compression quantizes after "
+                             "pruning: finish pruning in an earlier run, or use a oneshot schedule at step 0.")
+        return self.source if isinstance(self.source, Mapping) else self.source.masks
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       model: torch.nn.Module | None = None, **kwargs: Any) -> None:
+        self.quantizer = TrainedQuantizer(model, self.bits, self.learning_rate, self.max_iter)
+        if state.global_step > 0:
+            path = find_checkpoint_file(args, state, QUANTIZATION_STATE_NAME, type(self).__name__)
+            quantized, _, _ = read_deep_compressed(path)
+            self.quantizer.load_quantized_(quantized)
+            logger.info("Restored %d quantized weights from %s.", len(quantized), path)
+        else:
+            self.quantizer.quantize_(self._masks())
+
+    def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                              optimizer: torch.optim.Optimizer | None = None, **kwargs: Any) -> None:
+        self.quantizer.step_(optimizer)
+
+    def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                          **kwargs: Any) -> None:
+        self.quantizer.write_weights_()
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if not self.quantized or not state.is_world_process_zero:
+            return
+        save_deep_compressed(os.path.join(checkpoint_folder(args, state), QUANTIZATION_STATE_NAME), self.quantized,
+                             {}, {"global_step": state.global_step})
