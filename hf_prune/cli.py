@@ -10,7 +10,6 @@ hf-prune plot out/run --metric eval_accuracy      # sparsity / loss / metric cur
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -22,9 +21,9 @@ from . import plots
 from .config import PruningConfig
 from .constants import CONFIG_NAME, MASKS_NAME
 from .hub import resolve_file
-from .modeling import auto_model_class
+from .modeling import auto_model_class, parameter_shapes
 from .report import SparsityReport, sparsity_report
-from .serialization import load_masks
+from .serialization import load_masks, read_json_object
 
 
 TRAINER_STATE_NAME = "trainer_state.json"
@@ -50,7 +49,19 @@ def load_report(path_or_repo: str) -> tuple[SparsityReport, str]:
         return sparsity_report(model_class.from_pretrained(path_or_repo)), "zero weights"
     has_config = resolve_file(path_or_repo, CONFIG_NAME, required=False) is not None
     config = PruningConfig.from_pretrained(path_or_repo) if has_config else PruningConfig()
-    return SparsityReport.from_masks(load_masks(masks_file), config.class_granularity), MASKS_NAME
+    return SparsityReport.from_masks(load_masks(masks_file, _model_shapes(path_or_repo)), config.class_granularity), \
+        MASKS_NAME
+
+
+def _model_shapes(path_or_repo: str) -> dict[str, tuple[int, ...]] | None:
+    """The parameter shapes of the model `config.json` describes (built on the meta device, nothing allocated),
+    which bound what the masks file may decode to; `None` without a config transformers knows."""
+    if resolve_file(path_or_repo, MODEL_CONFIG_NAME, required=False) is None:
+        return None
+    try:
+        return parameter_shapes(AutoConfig.from_pretrained(path_or_repo))
+    except (OSError, ValueError, ImportError, TypeError):  # e.g. remote code: the masks are reported unchecked
+        return None
 
 
 def find_trainer_state(output_dir: str) -> str:
@@ -76,8 +87,7 @@ def _report(args: argparse.Namespace) -> None:
 
 def _plot(args: argparse.Namespace) -> None:
     state_file = find_trainer_state(args.output_dir)
-    with open(state_file, encoding="utf-8") as f:
-        log_history = json.load(f).get("log_history")
+    log_history = read_json_object(state_file, "a Trainer's state").get("log_history")
     if not isinstance(log_history, list):
         raise ValueError(f"{state_file} has no `log_history` list.")
     out = args.out or os.path.join(args.output_dir, CURVES_NAME)

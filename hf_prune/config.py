@@ -19,7 +19,7 @@ from .criteria import CRITERIA
 from .hub import resolve_file
 from .masks import SCHEMES
 from .schedules import SCHEDULES
-from .serialization import atomic_write_text
+from .serialization import atomic_write_text, read_json_object
 from .validation import check_bool, check_choice, check_int, check_number
 from .version import __version__
 
@@ -27,6 +27,9 @@ from .version import __version__
 logger = logging.getLogger(__name__)
 
 CLASS_GRANULARITIES = ("role", "tensor")
+#: What `PrunedModel.save_pretrained` writes into `pruning_config.json` beside the fields (ignored on load):
+#: `files` records the sha256 and size of each file of the save, checked by `PrunedModel.from_pretrained`.
+SAVE_RECORD_KEYS = ("hf_prune_version", "achieved_sparsity", "sparsity_by_class", "files")
 
 
 def _check_patterns(name: str, value: Any) -> None:
@@ -172,15 +175,8 @@ class PruningConfig:
     def from_pretrained(cls, pretrained_path: str | os.PathLike, **hub_kwargs: Any) -> PruningConfig:
         """Loads `pruning_config.json` from a folder or a Hub repo id (`revision`, `token`, ... are forwarded)."""
         path = resolve_file(pretrained_path, CONFIG_NAME, **hub_kwargs)
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{path} is not valid JSON ({err}).") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path} must hold a JSON object (the fields of a PruningConfig); got a "
-                             f"{type(data).__name__}.")
-        for key in ("hf_prune_version", "achieved_sparsity", "sparsity_by_class"):
+        data = read_json_object(path, "the fields of a PruningConfig")
+        for key in SAVE_RECORD_KEYS:
             data.pop(key, None)
         return cls.from_dict(data)
 

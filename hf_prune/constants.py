@@ -6,7 +6,14 @@ COMPRESSED_WEIGHTS_NAME = "pruned_weights.safetensors"
 DEEP_COMPRESSED_WEIGHTS_NAME = "deep_compressed_weights.safetensors"
 #: What `QuantizationCallback` writes into each Trainer checkpoint, to resume with the same clusters.
 QUANTIZATION_STATE_NAME = "quantization_state.safetensors"
+#: Prefix of the temporary files and folders a write goes through; loading ignores them, a save removes them.
+TEMP_PREFIX = ".tmp-"
 
 MASK_FORMAT = "hf_prune.bitmask.v1"
+#: The masks as Huffman-coded gaps between kept positions (`save_pretrained(compression="deep")`).
+GAP_MASK_FORMAT = "hf_prune.gapmask.v1"
 COMPRESSED_FORMAT = "hf_prune.sparse.v1"
-DEEP_COMPRESSED_FORMAT = "hf_prune.deep.v1"
+#: v2: the gap stream is optional (a `save_pretrained` folder keeps the positions in its masks file only).
+DEEP_COMPRESSED_FORMAT = "hf_prune.deep.v2"
+#: Still read: every layer carries its own gap stream.
+DEEP_COMPRESSED_FORMAT_V1 = "hf_prune.deep.v1"

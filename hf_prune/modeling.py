@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import shutil
 import tempfile
 import warnings
 from collections import defaultdict
@@ -13,6 +16,13 @@ import torch
 import transformers
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 from torch import nn
+from transformers.utils import (
+    GENERATION_CONFIG_NAME,
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+)
 
 from .compression import (
     check_bits,
@@ -23,18 +33,24 @@ from .compression import (
     save_sparse,
 )
 from .config import PruningConfig
-from .constants import COMPRESSED_WEIGHTS_NAME, DEEP_COMPRESSED_WEIGHTS_NAME, MASKS_NAME
+from .constants import COMPRESSED_WEIGHTS_NAME, CONFIG_NAME, DEEP_COMPRESSED_WEIGHTS_NAME, MASKS_NAME, TEMP_PREFIX
 from .distributed import gather_unsharded
 from .hub import HUB_KWARGS, resolve_file
 from .masks import check_masks_match, zero_pruned_
 from .report import SparsityReport, sparsity_report
-from .serialization import atomic_write_text, load_masks, save_masks
+from .serialization import atomic_write_text, file_record, is_count, load_masks, read_json_object, save_masks
 from .targets import find_targets
 from .validation import check_choice
 from .version import __version__
 
 
 COMPRESSIONS = (None, "sparse", "deep")
+#: The weights file(s) of each way a folder can hold the model's weights; one folder holds one of them.
+WEIGHT_FORMATS = {SAFE_WEIGHTS_NAME: "dense", SAFE_WEIGHTS_INDEX_NAME: "dense, sharded", WEIGHTS_NAME: "dense",
+                  WEIGHTS_INDEX_NAME: "dense, sharded", COMPRESSED_WEIGHTS_NAME: "sparse",
+                  DEEP_COMPRESSED_WEIGHTS_NAME: "deep"}
+#: transformers' weights files: one file or shards and their index, safetensors or the older .bin.
+_DENSE_WEIGHTS_FILE = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?")
 
 
 class PrunedModel(nn.Module):
@@ -161,26 +177,35 @@ class PrunedModel(nn.Module):
         if not is_main_process:
             return
         os.makedirs(save_directory, exist_ok=True)
-        model = self.model
-        if compression is None:
-            model.save_pretrained(save_directory, **kwargs)
-        else:
-            model.config.architectures = [type(model).__name__]  # as transformers' save_pretrained does
-            model.config.save_pretrained(save_directory)
-            if getattr(model, "generation_config", None) is not None and model.can_generate():
-                model.generation_config.save_pretrained(save_directory)
-            self._save_compressed(save_directory, compression, bits)
-        if processing_class is not None:
-            processing_class.save_pretrained(save_directory)
-        report = self.sparsity_report()
-        save_masks(self.masks, os.path.join(save_directory, MASKS_NAME), {"achieved_sparsity": report.overall})
-        config = self.pruning_config
-        if config.base_model_name_or_path is None:
-            name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-            config = PruningConfig.from_dict({**config.to_dict(), "base_model_name_or_path": name})
-        config.save_pretrained(save_directory, achieved_sparsity=report.overall,
-                               sparsity_by_class=report.by_class())
-        atomic_write_text(os.path.join(save_directory, "README.md"), self._model_card(report, config))
+        _remove_temporaries(save_directory)
+        staging = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=save_directory)
+        try:
+            model = self.model
+            if compression is None:
+                model.save_pretrained(staging, **kwargs)
+            else:
+                model.config.architectures = [type(model).__name__]  # as transformers' save_pretrained does
+                model.config.save_pretrained(staging)
+                if getattr(model, "generation_config", None) is not None and model.can_generate():
+                    model.generation_config.save_pretrained(staging)
+                self._save_compressed(staging, compression, bits)
+            report = self.sparsity_report()
+            save_masks(self.masks, os.path.join(staging, MASKS_NAME), {"achieved_sparsity": report.overall},
+                       encoding="gaps" if compression == "deep" else "bitmask")
+            members = {name: file_record(os.path.join(staging, name)) for name in _files_under(staging)}
+            if processing_class is not None:
+                processing_class.save_pretrained(staging)
+            config = self.pruning_config
+            if config.base_model_name_or_path is None:
+                name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+                config = PruningConfig.from_dict({**config.to_dict(), "base_model_name_or_path": name})
+            atomic_write_text(os.path.join(staging, "README.md"), self._model_card(report, config))
+            _commit(staging, save_directory, members)
+            # last: until this rename the folder's pruning_config.json records the files of the previous save
+            config.save_pretrained(save_directory, achieved_sparsity=report.overall,
+                                   sparsity_by_class=report.by_class(), files=members)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     def _save_compressed(self, save_directory: str | os.PathLike, compression: str, bits: int) -> None:
         """Targeted weights in the chosen compressed form; every other tensor as it is (tied copies dropped)."""
@@ -190,10 +215,10 @@ class PrunedModel(nn.Module):
                 continue
             seen.add(tensor.data_ptr())
             (targeted if name in self.masks else others)[name] = tensor.contiguous()
-        if compression == "deep":
+        if compression == "deep":  # the positions are stored once, in the (gap-coded) masks file
             quantized = quantize_weights(targeted, self.masks, bits)
             save_deep_compressed(os.path.join(save_directory, DEEP_COMPRESSED_WEIGHTS_NAME), quantized, others,
-                                 {"bits": bits})
+                                 {"bits": bits}, store_positions=False)
         else:
             save_sparse(os.path.join(save_directory, COMPRESSED_WEIGHTS_NAME), targeted, self.masks, others)
 
@@ -249,9 +274,9 @@ class PrunedModel(nn.Module):
         """
         path = pretrained_model_name_or_path
         hub_kwargs = {k: v for k, v in kwargs.items() if k in HUB_KWARGS}
-        config = transformers.AutoConfig.from_pretrained(path, **hub_kwargs)
-        model_class = model_class or auto_model_class(config)
         if masks_from_zeros:
+            config = transformers.AutoConfig.from_pretrained(path, **hub_kwargs)
+            model_class = model_class or auto_model_class(config)
             pruning_config = pruning_config or PruningConfig()
             model = model_class.from_pretrained(path, **kwargs)
             params = dict(model.named_parameters())
@@ -259,17 +284,23 @@ class PrunedModel(nn.Module):
             pruning_config.prepare_loaded_model(model, masks)
             return cls(model, masks, pruning_config)
 
-        masks_file = resolve_file(path, MASKS_NAME, **hub_kwargs)
-        masks = load_masks(masks_file)
+        kind, weights_file = _weights_file(path, hub_kwargs)
+        config_file = resolve_file(path, CONFIG_NAME, required=pruning_config is None, **hub_kwargs)
+        if config_file is not None:
+            check_saved_files(path, config_file, hub_kwargs)
         pruning_config = pruning_config or PruningConfig.from_pretrained(path, **hub_kwargs)
-        sparse_file = resolve_file(path, COMPRESSED_WEIGHTS_NAME, required=False, **hub_kwargs)
-        deep_file = resolve_file(path, DEEP_COMPRESSED_WEIGHTS_NAME, required=False, **hub_kwargs)
-        if sparse_file is not None:
-            model = _build_model(model_class, config, read_sparse(sparse_file, masks), sparse_file, kwargs)
-        elif deep_file is not None:
-            model = _build_model(model_class, config, read_deep_state_dict(deep_file, masks), deep_file, kwargs)
+        config = transformers.AutoConfig.from_pretrained(path, **hub_kwargs)
+        model_class = model_class or auto_model_class(config)
+        masks_file = resolve_file(path, MASKS_NAME, **hub_kwargs)
+        if kind == "dense":
+            model = _load_dense(model_class, path, config, kwargs)
         else:
-            model = model_class.from_pretrained(path, **kwargs)
+            model = _new_model(model_class, config)
+        masks = load_masks(masks_file, {name: tuple(p.shape) for name, p in model.named_parameters()})
+        if kind != "dense":
+            shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+            read = read_sparse if kind == "sparse" else read_deep_state_dict
+            model = _load_state(model, read(weights_file, masks, shapes), weights_file, kwargs)
         _parameter_names(model, masks)
         params = dict(model.named_parameters())
         revived = [n for n, mask in masks.items() if bool(params[n].detach()[~mask.to(params[n].device)].any())]
@@ -304,10 +335,23 @@ def auto_model_class(config: transformers.PretrainedConfig) -> type:
     return transformers.AutoModel
 
 
-def _build_model(model_class: type, config: transformers.PretrainedConfig, state: dict[str, torch.Tensor],
-                 path: str, kwargs: Mapping[str, Any]) -> nn.Module:
-    """A `model_class` built from `config` with `state` loaded; tied weights re-tied, every other key checked."""
-    model = model_class(config) if model_class is not transformers.AutoModel else model_class.from_config(config)
+def _new_model(model_class: type, config: transformers.PretrainedConfig) -> nn.Module:
+    """A freshly initialised `model_class` (a model class, or an `AutoModel*` class) of `config`."""
+    from_config = getattr(model_class, "from_config", None)  # the AutoModel* classes
+    return from_config(config) if from_config is not None else model_class(config)
+
+
+def parameter_shapes(config: transformers.PretrainedConfig, model_class: type | None = None
+                     ) -> dict[str, tuple[int, ...]]:
+    """The parameter shapes of `model_class` (default: the class `config` names) built on the meta device: what
+    a masks file may name, known before anything is allocated."""
+    with torch.device("meta"):
+        model = _new_model(model_class or auto_model_class(config), config)
+    return {name: tuple(param.shape) for name, param in model.named_parameters()}
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: str, kwargs: Mapping[str, Any]) -> nn.Module:
+    """`model` with `state` loaded; tied weights re-tied, every other key checked."""
     missing, unexpected = model.load_state_dict(state, strict=False)
     model.tie_weights()
     by_storage = defaultdict(list)
@@ -316,6 +360,111 @@ def _build_model(model_class: type, config: transformers.PretrainedConfig, state
     tied = {name for names in by_storage.values() if len(names) > 1 for name in names}
     missing = [name for name in missing if name not in tied]
     if missing or unexpected:
-        raise ValueError(f"{path} does not match {model_class.__name__}: missing {missing}, unexpected {unexpected}.")
+        raise ValueError(f"{path} does not match {type(model).__name__}: missing {missing}, unexpected {unexpected}.")
     dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
     return model.to(dtype) if isinstance(dtype, torch.dtype) else model
+
+
+def _load_dense(model_class: type, path: str | os.PathLike, config: transformers.PretrainedConfig,
+                kwargs: Mapping[str, Any]) -> nn.Module:
+    """`model_class.from_pretrained(path)`, refused when a saved tensor did not load or a weight was left newly
+    initialised (transformers only lists those in its load report): a folder saved from another head."""
+    kwargs = {key: value for key, value in kwargs.items() if key != "output_loading_info"}
+    model, info = model_class.from_pretrained(path, output_loading_info=True, **kwargs)
+    problems = {"weights the folder lacks (they would be random)": sorted(info.get("missing_keys") or ()),
+                "saved tensors the model has no place for": sorted(info.get("unexpected_keys") or ()),
+                "saved tensors of another shape": sorted(str(key) for key in info.get("mismatched_keys") or ()),
+                "errors": list(info.get("error_msgs") or ())}
+    problems = {what: keys for what, keys in problems.items() if keys}
+    if problems:
+        raise ValueError(f"{path} does not load as {type(model).__name__} (config.json's architectures: "
+                         f"{getattr(config, 'architectures', None)}): "
+                         + "; ".join(f"{what}: {keys}" for what, keys in problems.items())
+                         + ". Pass model_class= the class the folder was saved from.")
+    return model
+
+
+def _weights_file(path: str | os.PathLike, hub_kwargs: Mapping[str, Any]) -> tuple[str, str | None]:
+    """Which format holds the weights (`"dense"`, `"sparse"` or `"deep"`) and its file (for `"dense"`, the one
+    transformers reads; `None` when there is none, and transformers reports that).
+
+    Raises:
+        ValueError: when the folder holds the weights in two formats (a file left by an older save).
+    """
+    found = {name: local for name in WEIGHT_FORMATS
+             if (local := resolve_file(path, name, required=False, **hub_kwargs)) is not None}
+    if len(found) > 1:
+        raise ValueError(f"{path} holds the weights in {len(found)} formats: "
+                         + ", ".join(f"{name} ({WEIGHT_FORMATS[name]})" for name in found)
+                         + "; a folder holds one save. Delete the files of the formats you do not want, or save "
+                         "again with PrunedModel.save_pretrained (it removes the others).")
+    name, local = next(iter(found.items()), (None, None))
+    kind = "dense" if name is None or WEIGHT_FORMATS[name].startswith("dense") else WEIGHT_FORMATS[name]
+    return kind, local
+
+
+def check_saved_files(path: str | os.PathLike, config_file: str, hub_kwargs: Mapping[str, Any]) -> None:
+    """Checks every file `pruning_config.json` (`config_file`) records as part of its save (`files`: name ->
+    sha256 and size) against the file of that name in `path`; a folder without a record (written before hf_prune
+    recorded its files) passes.
+
+    Raises:
+        ValueError: naming the first file that is missing or differs from the recorded one: the folder mixes
+            two saves (an interrupted `save_pretrained`) or was edited.
+    """
+    records = read_json_object(config_file, "a PruningConfig").get("files")
+    if records is None:
+        return
+    if not isinstance(records, dict) or not all(
+            os.path.basename(name) == name and name not in ("", ".", "..") and isinstance(record, dict)
+            and isinstance(record.get("sha256"), str) and is_count(record.get("size")) for name, record in records.items()):
+        raise ValueError(f"{config_file} is corrupt: `files` must map file names to {{\"sha256\": hex digest, "
+                         f"\"size\": bytes}}; got {str(records)[:120]}.")
+    for name, record in records.items():
+        local = resolve_file(path, name, required=False, **hub_kwargs)
+        if local is None:
+            raise ValueError(f"{path} has no {name}, which {config_file} records as part of its save: the folder is "
+                             "incomplete or mixes two saves (an interrupted save_pretrained?). Save the model again.")
+        found = {"size": os.path.getsize(local)}
+        if found["size"] == record["size"]:
+            found = file_record(local)
+        if found != record:
+            raise ValueError(f"{local} does not belong to the save that {config_file} records (found "
+                             f"{_describe(found)}, recorded {_describe(record)}): the folder mixes files of two "
+                             "saves (an interrupted save_pretrained?) or the file was changed after saving. Save the "
+                             f"model again; to load the folder as it is, delete the `files` entry of {config_file}.")
+
+
+def _describe(record: Mapping[str, Any]) -> str:
+    digest = f", sha256 {record['sha256'][:16]}..." if "sha256" in record else ""
+    return f"{record['size']} bytes{digest}"
+
+
+def _files_under(folder: str) -> list[str]:
+    """The files in `folder` and its subfolders, as paths relative to it."""
+    return sorted(os.path.relpath(os.path.join(root, name), folder)
+                  for root, _, names in os.walk(folder) for name in names)
+
+
+def _is_weights_file(name: str) -> bool:
+    return bool(_DENSE_WEIGHTS_FILE.fullmatch(name)) or name in WEIGHT_FORMATS
+
+
+def _remove_temporaries(folder: str) -> None:
+    """Removes what interrupted writes left in `folder` (names starting with `TEMP_PREFIX`)."""
+    for name in os.listdir(folder):
+        if name.startswith(TEMP_PREFIX):
+            target = os.path.join(folder, name)
+            with contextlib.suppress(OSError):
+                shutil.rmtree(target) if os.path.isdir(target) and not os.path.islink(target) else os.remove(target)
+
+
+def _commit(staging: str, folder: str, members: Mapping[str, Any]) -> None:
+    """Moves every file of `staging` into `folder` (the save's own files last), then removes the weights of other
+    formats and a generation config that the new save does not have."""
+    for name in sorted(_files_under(staging), key=lambda name: name in members):
+        os.makedirs(os.path.dirname(os.path.join(folder, name)), exist_ok=True)
+        os.replace(os.path.join(staging, name), os.path.join(folder, name))
+    for name in os.listdir(folder):
+        if name not in members and (_is_weights_file(name) or name == GENERATION_CONFIG_NAME):
+            os.remove(os.path.join(folder, name))

@@ -1,32 +1,92 @@
-"""On-disk formats: atomic writes, bit-packed boolean masks in safetensors. No pickle anywhere."""
+"""On-disk formats: atomic writes, JSON and safetensors headers read with checks, boolean masks in safetensors
+(bit-packed, or as Huffman-coded gaps between kept positions). No pickle anywhere."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import math
 import os
-import tempfile
-from collections.abc import Callable, Mapping
+import secrets
+import stat
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .constants import MASK_FORMAT
+from .constants import GAP_MASK_FORMAT, MASK_FORMAT, TEMP_PREFIX
+from .masks import check_masks_match
+from .validation import check_choice
+
+
+#: How `save_masks` stores the masks: 1 bit per weight, or Huffman-coded gaps between kept positions.
+MASK_ENCODINGS = ("bitmask", "gaps")
+
+_JSON_KINDS = {dict: "object", list: "list", str: "string"}
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"))
+    return next((kind for test, kind in kinds if test(mode)), "not a regular file")
+
+
+def writable_target(path: str | os.PathLike) -> tuple[str, int | None]:
+    """The file a write to `path` replaces (symlinks followed to their target) and its permission bits, or `None`
+    when it does not exist yet.
+
+    Raises:
+        ValueError: when `path` (or the file a symlink points to) exists and is not a regular file.
+    """
+    target = os.path.realpath(path)
+    try:
+        status = os.stat(target)
+    except FileNotFoundError:
+        return target, None
+    if not stat.S_ISREG(status.st_mode):
+        via = f" (the target of the symlink {os.fspath(path)})" if target != os.path.abspath(path) else ""
+        raise ValueError(f"Cannot write {target}{via}: it is {_file_kind(status.st_mode)}; hf_prune writes "
+                         "regular files only (a new path, a regular file, or a symlink to one).")
+    return target, stat.S_IMODE(status.st_mode)
+
+
+def _fsync_directory(directory: str) -> None:
+    """Makes a rename in `directory` durable (where the platform allows opening a folder)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Calls `write(tmp_path)` on a temp file in the target's folder, then renames it over `path`."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    os.close(fd)
+    """Calls `write(tmp_path)` on a new temp file beside the target, then renames it over the target.
+
+    A symlink is written through (its target is replaced, the link stays). A new file gets the mode the umask
+    gives (as `open` would); an existing one keeps its permission bits.
+
+    Raises:
+        ValueError: when `path` exists and is not a regular file (a directory, a device node, a pipe, ...).
+    """
+    target, mode = writable_target(path)
+    directory, name = os.path.split(target)
+    tmp = os.path.join(directory, f"{TEMP_PREFIX}{name}-{secrets.token_hex(6)}")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 if mode is None else 0o600))
     try:
         write(tmp)
-        os.replace(tmp, path)
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, target)
     except BaseException:
-        if os.path.exists(tmp):
+        with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+    _fsync_directory(directory)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -47,6 +107,77 @@ def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.
     atomic_write(path, lambda tmp: save_file(dict(tensors), tmp, metadata=dict(metadata)))
 
 
+def file_record(path: str | os.PathLike) -> dict[str, Any]:
+    """`{"sha256": hex digest, "size": bytes}` of a file."""
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return {"sha256": digest, "size": os.path.getsize(path)}
+
+
+def read_json_object(path: str | os.PathLike, what: str) -> dict[str, Any]:
+    """The JSON object in the file `path`; `what` names the kind of file in the error.
+
+    Raises:
+        ValueError: when the file is not UTF-8 JSON or holds something other than an object.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); expected {what}, a JSON object.") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object ({what}); got a JSON {type(data).__name__}.")
+    return data
+
+
+def header_json(path: str | os.PathLike, header: Mapping[str, str], key: str, kind: type) -> Any:
+    """The JSON entry `key` of a safetensors header, which must decode to a `kind` (dict, list or str).
+
+    Raises:
+        ValueError: naming `path` and `key`, when the entry is missing, not JSON, or of another kind.
+    """
+    if key not in header:
+        raise ValueError(f"{path} is corrupt: its header has no `{key}` entry.")
+    try:
+        value = json.loads(header[key])
+    except (json.JSONDecodeError, TypeError) as err:
+        raise ValueError(f"{path} is corrupt: header entry `{key}` is not JSON ({err}).") from None
+    if not isinstance(value, kind):
+        raise ValueError(f"{path} is corrupt: header entry `{key}` must be a JSON {_JSON_KINDS[kind]}; got "
+                         f"{json.dumps(value)[:80]}.")
+    return value
+
+
+def is_count(value: Any, minimum: int = 0) -> bool:
+    """True for an int (not a bool) >= `minimum`."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def checked_shape(path: str | os.PathLike, field: str, shape: Any) -> tuple[int, ...]:
+    """`shape` as a tuple when it is a non-empty list of positive integers.
+
+    Raises:
+        ValueError: naming `path` and `field` otherwise (negative, zero, float or missing dimensions).
+    """
+    if not isinstance(shape, list) or not shape or not all(is_count(d, 1) for d in shape):
+        raise ValueError(f"{path} is corrupt: `{field}` must be a non-empty list of positive integers (a weight's "
+                         f"shape); got {json.dumps(shape)[:80]}.")
+    return tuple(shape)
+
+
+def check_against_model(path: str | os.PathLike, shapes: Mapping[str, Sequence[int]],
+                        expected: Mapping[str, Sequence[int]] | None) -> None:
+    """Checks the masks a file declares (`shapes`) against the model's weights (`expected`, name -> shape) before
+    any of them is allocated; nothing to check when `expected` is None. Raises `ValueError` naming `path`."""
+    if expected is None:
+        return
+    declared = {name: torch.empty(shape, device="meta") for name, shape in shapes.items()}
+    try:
+        check_masks_match(declared, expected, require_all=False)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     """A bool tensor as uint8, 8 entries per byte (little bit order, row-major)."""
     bits = mask.detach().reshape(-1).cpu().numpy()
@@ -61,56 +192,121 @@ def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def save_masks(masks: Mapping[str, torch.Tensor], path: str | os.PathLike,
-               metadata: Mapping[str, object] | None = None) -> None:
-    """Writes `masks` (name -> bool tensor, True = kept) bit-packed into a safetensors file, atomically.
+               metadata: Mapping[str, object] | None = None, encoding: str = "bitmask") -> None:
+    """Writes `masks` (name -> bool tensor, True = kept) into a safetensors file, atomically.
 
-    The shapes and any `metadata` (JSON-serialisable) are stored in the file's header.
+    The shapes and any `metadata` (JSON-serialisable) are stored in the file's header. `encoding="bitmask"`
+    (format `hf_prune.bitmask.v1`) stores 1 bit per weight; `encoding="gaps"` (`hf_prune.gapmask.v1`) the gaps
+    between kept positions, Huffman coded as in the deep-compressed format (far smaller at high sparsity), with
+    each mask's kept count in the header.
     """
+    check_choice("encoding", encoding, MASK_ENCODINGS)
     header = {
         "format": MASK_FORMAT,
         "shapes": json.dumps({name: list(mask.shape) for name, mask in masks.items()}),
         "metadata": json.dumps(dict(metadata or {})),
     }
-    atomic_save_safetensors({name: pack_mask(mask) for name, mask in masks.items()}, path, header)
+    if encoding == "bitmask":
+        tensors = {name: pack_mask(mask) for name, mask in masks.items()}
+    else:
+        from .compression.deep_format import encode_positions  # the compression package imports this module
+
+        tensors = {name: torch.frombuffer(bytearray(encode_positions(mask)), dtype=torch.uint8)
+                   for name, mask in masks.items()}
+        header.update(format=GAP_MASK_FORMAT, kept=json.dumps({name: int(m.sum()) for name, m in masks.items()}))
+    atomic_save_safetensors(tensors, path, header)
 
 
 def read_masks_metadata(path: str | os.PathLike) -> dict[str, object]:
-    """The `metadata` dict stored by `save_masks`."""
-    with safe_open(str(path), framework="pt") as f:
-        return json.loads((f.metadata() or {}).get("metadata", "{}"))
+    """The `metadata` dict stored by `save_masks`.
+
+    Raises:
+        ValueError: when the file is unreadable or its `metadata` entry is not a JSON object.
+    """
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path} is not a readable hf_prune masks file: {err}") from None
+    return header_json(path, {"metadata": "{}", **header}, "metadata", dict)
 
 
-def read_tagged_safetensors(path: str | os.PathLike, expected_format: str,
-                            what: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """Header and tensors of a safetensors file hf_prune wrote with `format` tag `expected_format`.
+def read_tagged_safetensors(path: str | os.PathLike, expected_format: str | tuple[str, ...], what: str,
+                            check: Callable[[dict[str, str], dict[str, tuple[str, tuple[int, ...]]]], None] | None = None
+                            ) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """Header and tensors of a safetensors file hf_prune wrote with `format` tag `expected_format` (or one of).
+
+    `check(header, layout)`, with `layout` name -> (dtype, shape) from the file's header, runs before any tensor
+    is read: the place to check names, shapes and counts against the model.
 
     Raises:
         ValueError: when the file is unreadable (truncated, not safetensors) or carries another format tag;
             `what` names the kind of file in the message.
     """
+    formats = (expected_format,) if isinstance(expected_format, str) else tuple(expected_format)
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
+            if header.get("format") not in formats:
+                raise ValueError(f"{path} has format {header.get('format')!r}, expected "
+                                 f"{' or '.join(repr(f) for f in formats)}: it is not a {what}.")
+            if check is not None:
+                check(header, {key: (f.get_slice(key).get_dtype(), tuple(f.get_slice(key).get_shape()))
+                               for key in f.keys()})
             tensors = {key: f.get_tensor(key) for key in f.keys()}
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{path} is not a readable {what}: {err}") from None
-    if header.get("format") != expected_format:
-        raise ValueError(f"{path} has format {header.get('format')!r}, expected {expected_format!r} "
-                         f"(an {what}).")
     return header, tensors
 
 
-def load_masks(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Reads a file written by `save_masks`; raises `ValueError` on a corrupt or foreign file."""
-    header, packed = read_tagged_safetensors(path, MASK_FORMAT, "hf_prune masks file")
-    shapes = json.loads(header["shapes"])
+def load_masks(path: str | os.PathLike, expected: Mapping[str, Sequence[int]] | None = None
+               ) -> dict[str, torch.Tensor]:
+    """Reads a file written by `save_masks` (either encoding).
+
+    Args:
+        path (`str`): the file.
+        expected (`dict[str, tuple]`, *optional*): the model's weight shapes by name. When given, every mask must
+            name one of them with its shape, checked before any mask is decoded (a gap-coded file is the only
+            bound on what it decodes to).
+
+    Raises:
+        ValueError: naming the file and the field, on a corrupt or foreign file or one that does not fit `expected`.
+    """
+    header, packed = read_tagged_safetensors(path, (MASK_FORMAT, GAP_MASK_FORMAT), "hf_prune masks file")
+    declared = header_json(path, header, "shapes", dict)
+    shapes = {name: checked_shape(path, f"shapes[{name!r}]", shape) for name, shape in declared.items()}
     if set(shapes) != set(packed):
         raise ValueError(f"{path} is corrupt: masks {sorted(set(packed) ^ set(shapes))} lack a shape or data.")
+    bad = sorted(name for name, tensor in packed.items() if tensor.dtype != torch.uint8 or tensor.dim() != 1)
+    if bad:
+        raise ValueError(f"{path} is corrupt: the data of masks {bad} is not 1-D uint8.")
+    check_against_model(path, shapes, expected)
+    if header["format"] == GAP_MASK_FORMAT:
+        return _decode_gap_masks(path, header, packed, shapes)
     masks = {}
     for name, shape in shapes.items():
-        numel = int(np.prod(shape, dtype=np.int64))
-        if packed[name].dtype != torch.uint8 or packed[name].numel() != (numel + 7) // 8:
+        numel = math.prod(shape)
+        if packed[name].numel() != (numel + 7) // 8:
             raise ValueError(f"{path} is corrupt: mask {name!r} holds {packed[name].numel()} bytes, "
-                             f"shape {shape} needs {(numel + 7) // 8}.")
-        masks[name] = unpack_mask(packed[name], tuple(shape))
+                             f"shape {list(shape)} needs {(numel + 7) // 8}.")
+        masks[name] = unpack_mask(packed[name], shape)
+    return masks
+
+
+def _decode_gap_masks(path: str | os.PathLike, header: Mapping[str, str], coded: Mapping[str, torch.Tensor],
+                      shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    from .compression.deep_format import decode_positions
+
+    kept = header_json(path, header, "kept", dict)
+    if set(kept) != set(shapes):
+        raise ValueError(f"{path} is corrupt: header entry `kept` names {sorted(kept)}, `shapes` {sorted(shapes)}.")
+    masks = {}
+    for name, shape in shapes.items():
+        if not is_count(kept[name]) or kept[name] > math.prod(shape):
+            raise ValueError(f"{path} is corrupt: `kept[{name!r}]` must be an integer in 0..{math.prod(shape)} "
+                             f"(the entries of shape {list(shape)}); got {kept[name]!r}.")
+        try:
+            masks[name] = decode_positions(coded[name].numpy().tobytes(), shape, kept[name])
+        except ValueError as err:
+            raise ValueError(f"{path} is corrupt: mask {name!r} does not decode ({err}).") from None
     return masks

@@ -5,7 +5,7 @@ is; loads back bit-exact."""
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -25,19 +25,39 @@ def save_sparse(path: str | os.PathLike, weights: Mapping[str, torch.Tensor], ma
                             {"format": COMPRESSED_FORMAT, "hf_prune_version": __version__})
 
 
-def read_sparse(path: str | os.PathLike, masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def read_sparse(path: str | os.PathLike, masks: Mapping[str, torch.Tensor],
+                shapes: Mapping[str, Sequence[int]] | None = None) -> dict[str, torch.Tensor]:
     """The state dict stored by `save_sparse`, the masked weights dense again (zeros at the pruned positions).
 
+    Args:
+        path (`str`): the file.
+        masks (`dict[str, torch.Tensor]`): the masks file's masks: the positions of the stored values.
+        shapes (`dict[str, tuple]`, *optional*): the model's state-dict shapes; every other tensor must be one of
+            them. Both are checked against the file's header before any tensor is read.
+
     Raises:
-        ValueError: when the file is unreadable, of another format, or a weight's stored values do not fill its
-            mask.
+        ValueError: when the file is unreadable, of another format, a weight's stored values do not fill its mask
+            or (with `shapes`) a tensor is not the model's.
     """
-    _, tensors = read_tagged_safetensors(path, COMPRESSED_FORMAT, "compressed checkpoint")
+
+    def check(header: Mapping[str, str], stored: Mapping[str, tuple[str, tuple[int, ...]]]) -> None:
+        for name, mask in masks.items():
+            _, shape = stored.get(f"{name}{VALUES_SUFFIX}", (None, None))
+            if shape is None or shape != (int(mask.sum()),):
+                raise ValueError(f"{path} is corrupt: {name} has {None if shape is None else shape[0]} stored "
+                                 f"values, its mask keeps {int(mask.sum())}.")
+        others = {key: shape for key, (_, shape) in stored.items()
+                  if not (key.endswith(VALUES_SUFFIX) and key[:-len(VALUES_SUFFIX)] in masks)}
+        if shapes is not None:
+            problems = [f"{key} of shape {list(shape)} (the model's: "
+                        f"{list(shapes[key]) if key in shapes else 'none'})"
+                        for key, shape in others.items() if key not in shapes or tuple(shapes[key]) != shape]
+            if problems:
+                raise ValueError(f"{path} does not match the model: it stores " + ", ".join(problems) + ".")
+
+    _, tensors = read_tagged_safetensors(path, COMPRESSED_FORMAT, "compressed checkpoint", check)
     for name, mask in masks.items():
-        values = tensors.pop(f"{name}{VALUES_SUFFIX}", None)
-        if values is None or values.numel() != int(mask.sum()):
-            raise ValueError(f"{path} is corrupt: {name} has {None if values is None else values.numel()} stored "
-                             f"values, its mask keeps {int(mask.sum())}.")
+        values = tensors.pop(f"{name}{VALUES_SUFFIX}")
         tensors[name] = torch.zeros(mask.shape, dtype=values.dtype)
         tensors[name][mask] = values
     return tensors
