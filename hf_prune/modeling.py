@@ -191,7 +191,7 @@ class PrunedModel(nn.Module):
                 self._save_compressed(staging, compression, bits)
             report = self.sparsity_report()
             save_masks(self.masks, os.path.join(staging, MASKS_NAME), {"achieved_sparsity": report.overall},
-                       encoding="gaps" if compression == "deep" else "bitmask")
+                       encoding="smallest" if compression == "deep" else "bitmask")
             members = {name: file_record(os.path.join(staging, name)) for name in _files_under(staging)}
             if processing_class is not None:
                 processing_class.save_pretrained(staging)

@@ -23,8 +23,9 @@ from .masks import check_masks_match
 from .validation import check_choice
 
 
-#: How `save_masks` stores the masks: 1 bit per weight, or Huffman-coded gaps between kept positions.
-MASK_ENCODINGS = ("bitmask", "gaps")
+#: How `save_masks` stores the masks: 1 bit per weight, Huffman-coded gaps between kept positions, or whichever
+#: of the two takes fewer bytes.
+MASK_ENCODINGS = ("bitmask", "gaps", "smallest")
 
 _JSON_KINDS = {dict: "object", list: "list", str: "string"}
 
@@ -197,8 +198,9 @@ def save_masks(masks: Mapping[str, torch.Tensor], path: str | os.PathLike,
 
     The shapes and any `metadata` (JSON-serialisable) are stored in the file's header. `encoding="bitmask"`
     (format `hf_prune.bitmask.v1`) stores 1 bit per weight; `encoding="gaps"` (`hf_prune.gapmask.v1`) the gaps
-    between kept positions, Huffman coded as in the deep-compressed format (far smaller at high sparsity), with
-    each mask's kept count in the header.
+    between kept positions, Huffman coded as in the deep-compressed format, with each mask's kept count in the
+    header: about half a bit per weight at 90% sparsity, but more than one bit near 50% or for tiny masks (each
+    has its own code table); `encoding="smallest"` picks whichever of the two takes fewer bytes.
     """
     check_choice("encoding", encoding, MASK_ENCODINGS)
     header = {
@@ -206,14 +208,15 @@ def save_masks(masks: Mapping[str, torch.Tensor], path: str | os.PathLike,
         "shapes": json.dumps({name: list(mask.shape) for name, mask in masks.items()}),
         "metadata": json.dumps(dict(metadata or {})),
     }
-    if encoding == "bitmask":
-        tensors = {name: pack_mask(mask) for name, mask in masks.items()}
-    else:
+    tensors = {name: pack_mask(mask) for name, mask in masks.items()} if encoding != "gaps" else {}
+    if encoding != "bitmask":
         from .compression.deep_format import encode_positions  # the compression package imports this module
 
-        tensors = {name: torch.frombuffer(bytearray(encode_positions(mask)), dtype=torch.uint8)
-                   for name, mask in masks.items()}
-        header.update(format=GAP_MASK_FORMAT, kept=json.dumps({name: int(m.sum()) for name, m in masks.items()}))
+        coded = {name: torch.frombuffer(bytearray(encode_positions(mask)), dtype=torch.uint8)
+                 for name, mask in masks.items()}
+        if not tensors or sum(t.numel() for t in coded.values()) < sum(t.numel() for t in tensors.values()):
+            tensors = coded
+            header.update(format=GAP_MASK_FORMAT, kept=json.dumps({name: int(m.sum()) for name, m in masks.items()}))
     atomic_save_safetensors(tensors, path, header)
 
 

@@ -1,10 +1,13 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 from unittest import mock
 
 import pytest
 import torch
+import transformers
 from conftest import TINY_MODELS, TinyClassificationDataset, tiny_bert
 from safetensors.torch import load_file, save_file
 from transformers import (
@@ -283,3 +286,309 @@ def forget_file_records(folder) -> None:
     record.pop("files")
     with open(path, "w") as f:
         json.dump(record, f)
+
+
+def weights_files(folder) -> set[str]:
+    from hf_prune.modeling import WEIGHT_FORMATS
+
+    return {name for name in os.listdir(folder)
+            if name in WEIGHT_FORMATS or (name.startswith("model-") and name.endswith(".safetensors"))}
+
+
+WRITTEN = {None: {"model.safetensors"}, "sharded": {"model.safetensors.index.json"},
+           "sparse": {COMPRESSED_WEIGHTS_NAME}, "deep": {"deep_compressed_weights.safetensors"}}
+
+
+def save(model: PrunedModel, folder, fmt) -> None:
+    if fmt == "sharded":
+        model.save_pretrained(folder, max_shard_size="30KB")
+    else:
+        model.save_pretrained(folder, compression=fmt)
+
+
+@pytest.mark.parametrize("first, second", [("sparse", None), ("deep", None), (None, "sparse"), (None, "deep"),
+                                           ("deep", "sparse"), ("sharded", None), (None, "sharded"),
+                                           ("sharded", "deep")])
+def test_a_save_removes_the_weights_of_the_formats_it_does_not_write(tmp_path, first, second):
+    old, new = pruned("bert", 0.5), pruned("bert", 0.9)
+    with torch.no_grad():
+        for param in new.model.parameters():
+            param.add_(1.0)
+    new.apply_masks_()
+    save(old, tmp_path, first)
+    save(new, tmp_path, second)
+    expected = WRITTEN[second] | ({n for n in os.listdir(tmp_path) if n.startswith("model-")} if second == "sharded"
+                                  else set())
+    assert weights_files(tmp_path) == expected
+    save(new, tmp_path / "reference", second)
+    assert_same(PrunedModel.from_pretrained(tmp_path / "reference"), PrunedModel.from_pretrained(tmp_path))
+    if second in (None, "sharded"):  # plain transformers reads the new weights too
+        plain = AutoModelForSequenceClassification.from_pretrained(tmp_path).state_dict()
+        assert all(torch.equal(plain[n], t) for n, t in new.model.state_dict().items())
+
+
+def test_a_folder_with_two_weight_formats_is_an_error_naming_both(tmp_path):
+    pruned("bert").save_pretrained(tmp_path / "dense")
+    pruned("bert").save_pretrained(tmp_path / "sparse", compression="sparse")
+    shutil.copy(tmp_path / "sparse" / COMPRESSED_WEIGHTS_NAME, tmp_path / "dense")
+    with pytest.raises(ValueError, match=f"2 formats: model.safetensors \\(dense\\), {COMPRESSED_WEIGHTS_NAME}"):
+        PrunedModel.from_pretrained(tmp_path / "dense")
+
+
+@pytest.mark.parametrize("copied", ["model.safetensors", "config.json", MASKS_NAME])
+def test_a_file_of_another_save_is_an_error_naming_it(tmp_path, copied):
+    pruned("bert", 0.5).save_pretrained(tmp_path / "a")
+    other = pruned("bert", 0.9)
+    other.model.config.id2label = {0: "no", 1: "yes"}
+    other.save_pretrained(tmp_path / "b")
+    shutil.copy(tmp_path / "b" / copied, tmp_path / "a")
+    with pytest.raises(ValueError, match=f"{copied} does not belong to the save that .*{CONFIG_NAME} records"):
+        PrunedModel.from_pretrained(tmp_path / "a")
+    os.remove(tmp_path / "a" / copied)
+    with pytest.raises(ValueError, match=f"has no {copied}, which .*{CONFIG_NAME} records as part of its save"):
+        PrunedModel.from_pretrained(tmp_path / "a")
+
+
+def test_file_records_and_leftover_temporaries(tmp_path):
+    model = pruned("gpt2")
+    model.save_pretrained(tmp_path, compression="deep")
+    records = json.loads((tmp_path / CONFIG_NAME).read_text())["files"]
+    assert set(records) == {"config.json", "generation_config.json", "deep_compressed_weights.safetensors",
+                            MASKS_NAME}
+    for name, record in records.items():
+        assert record["size"] == os.path.getsize(tmp_path / name) and len(record["sha256"]) == 64
+    (tmp_path / ".tmp-model.safetensors-1234").write_bytes(b"partial")  # what a killed save leaves
+    (tmp_path / ".tmp-staging").mkdir()
+    PrunedModel.from_pretrained(tmp_path)  # ignored on load
+    model.save_pretrained(tmp_path)  # removed by the next save
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".tmp-")]
+    assert "generation_config.json" in os.listdir(tmp_path)
+
+
+KILL_DRIVER = r'''
+import json, os, random, signal, sys, time
+import tqdm
+import torch
+import transformers
+import transformers
+from transformers import BertConfig, BertForSequenceClassification
+from hf_prune import PrunedModel, Pruner, PruningConfig
+
+# forked children must not inherit a lock held by another thread: no tqdm monitor thread, no progress bars
+tqdm.tqdm.monitor_interval = 0
+transformers.utils.logging.disable_progress_bar()
+torch.set_num_threads(1)
+
+folder, random_kills = sys.argv[1], int(sys.argv[2])
+random.seed(0)
+
+
+def variant(seed, sparsity, labels):
+    torch.manual_seed(seed)  # smaller than the tiny BERT of conftest: Huffman decoding steps through each stream
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=99, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=20,
+        max_position_embeddings=32, id2label=dict(enumerate(labels))))
+    config = PruningConfig(final_sparsity=sparsity, schedule="oneshot")
+    pruner = Pruner(model, config)
+    pruner.update(0)
+    return PrunedModel(model, pruner.masks, config)
+
+
+a, b = variant(1, 0.5, ["a0", "a1"]), variant(2, 0.8, ["b0", "b1"])
+SAVES = [(a, None), (b, "sparse"), (a, "deep"), (b, None), (a, "sparse"), (b, "deep")]
+
+
+def save(i, target=folder):
+    model, compression = SAVES[i % len(SAVES)]
+    model.save_pretrained(target, compression=compression)
+
+
+def snapshot(pruned):
+    return ({n: m.clone() for n, m in pruned.masks.items()},
+            {n: t.clone() for n, t in pruned.model.state_dict().items()}, dict(pruned.model.config.id2label))
+
+
+def same(x, y):
+    return all(x[k].keys() == y[k].keys() and all(torch.equal(x[k][n], y[k][n]) for n in x[k]) for k in (0, 1)) \
+        and x[2] == y[2]
+
+
+references = []
+for i in range(len(SAVES)):
+    save(i, f"{folder}-reference{i}")
+    references.append(snapshot(PrunedModel.from_pretrained(f"{folder}-reference{i}")))
+start = time.time()
+save(len(SAVES) - 1)
+save_seconds = time.time() - start
+
+
+def child(write_fd, first, kill_at_op):
+    # saves SAVES[first], SAVES[first + 1], ... announcing each; with kill_at_op, one save, killed after that op
+    if kill_at_op:
+        count = [0]
+        for op in ("replace", "remove", "rename"):
+            def patched(*args, _original=getattr(os, op), **kwargs):
+                result = _original(*args, **kwargs)
+                count[0] += 1
+                if count[0] == kill_at_op:  # just after it: the file system as it is when that op is done
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return result
+
+            setattr(os, op, patched)
+    i = first
+    while True:
+        os.write(write_fd, f"{i}\n".encode())
+        save(i)
+        if kill_at_op:
+            os._exit(0)
+        i += 1
+
+
+# random moments of endless saves cycling through the formats, then every rename/remove of one save of each
+# format change (dense -> sparse -> deep -> dense)
+plan = [(0, None)] * random_kills + [(first, op) for first in (1, 2, 3) for op in range(1, 100)]
+outcomes, completed = [], set()
+for first, op in plan:
+    if first in completed:
+        continue
+    save(first - 1)  # the folder holds the save before `first`, complete
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read_fd)
+            child(write_fd, first, op)
+        finally:
+            os._exit(3)
+    os.close(write_fd)
+    deadline = time.time() + (random.uniform(0.0, 2.5 * save_seconds) if op is None else 120)
+    status = None
+    while status is None and time.time() < deadline:
+        done, code = os.waitpid(pid, os.WNOHANG)
+        status = code if done else time.sleep(0.002)
+    hung = op is not None and status is None
+    if status is None:
+        os.kill(pid, signal.SIGKILL)
+        status = os.waitpid(pid, 0)[1]
+    announced = os.read(read_fd, 1 << 16).decode().split()
+    os.close(read_fd)
+    if op is not None and os.WIFEXITED(status):
+        completed.add(first)  # the save ended before its op number `op`: each of its ops has had its kill
+    started = int(announced[-1]) if announced else first
+    old, new = (started - 1) % len(SAVES), started % len(SAVES)
+    leftovers = any(name.startswith(".tmp-") for name in os.listdir(folder))
+    try:
+        loaded = snapshot(PrunedModel.from_pretrained(folder))
+    except ValueError as err:
+        outcome = "error"
+        message = str(err)
+    except Exception as err:
+        outcome, message = "UNEXPECTED", f"{type(err).__name__}: {err}"
+    else:
+        matches = [i for i, reference in enumerate(references) if same(loaded, reference)]
+        outcome = "old" if old in matches else "new" if new in matches else "MIX"
+        message = f"matches saves {matches}; old {old}, new {new}"
+    if hung:
+        outcome = "HUNG"
+    outcomes.append({"first": first, "op": op, "killed": os.WIFSIGNALED(status), "saves_started": len(announced),
+                     "outcome": outcome, "message": message[:300], "leftovers": leftovers})
+save(0)
+print(json.dumps({"save_seconds": save_seconds, "outcomes": outcomes,
+                  "final_leftovers": [n for n in os.listdir(folder) if n.startswith(".tmp-")]}))
+'''
+
+
+def test_a_save_killed_at_any_moment_leaves_the_old_save_the_new_one_or_a_clear_error(tmp_path):
+    script = tmp_path / "kill_driver.py"
+    script.write_text(KILL_DRIVER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    run = subprocess.run([sys.executable, str(script), str(tmp_path / "folder"), "30"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.splitlines()[-1])
+    outcomes = result["outcomes"]
+    bad = [o for o in outcomes if o["outcome"] not in ("old", "new", "error")]
+    assert not bad, bad
+    random_kills = [o for o in outcomes if o["op"] is None]
+    op_kills = [o for o in outcomes if o["op"] is not None and o["killed"]]
+    assert len(random_kills) == 30 and all(o["killed"] for o in random_kills)
+    assert {o["first"] for o in op_kills} == {1, 2, 3} and len(op_kills) >= 3 * 8
+    assert {"old", "new", "error"} <= {o["outcome"] for o in op_kills}
+    errors = [o["message"] for o in outcomes if o["outcome"] == "error"]
+    reasons = ("does not belong to the save that", "records as part of its save", "holds the weights in 2 formats")
+    assert all(any(reason in message for reason in reasons) for message in errors), errors
+    assert any(o["leftovers"] for o in outcomes)  # loads ignored what the killed saves left...
+    assert result["final_leftovers"] == []  # ...and the next save removed it
+    print(json.dumps({"kills": len(outcomes), "by outcome": {k: sum(o["outcome"] == k for o in outcomes)
+                                                              for k in ("old", "new", "error")}}))
+
+
+def test_a_dense_folder_naming_another_head_is_refused(tmp_path):
+    pruned("bert").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="does not load as BertForMaskedLM.*weights the folder lacks.*cls.predictions"
+                                         ".*saved tensors the model has no place for.*classifier.weight"):
+        PrunedModel.from_pretrained(tmp_path, model_class=transformers.BertForMaskedLM)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "architectures": ["BertForMaskedLM"]}))
+    with pytest.raises(ValueError, match="config.json does not belong to the save"):
+        PrunedModel.from_pretrained(tmp_path)
+    forget_file_records(tmp_path)  # a folder of an older hf_prune: the head check alone refuses it
+    with pytest.raises(ValueError, match="does not load as BertForMaskedLM \\(config.json's architectures: "
+                                         "\\['BertForMaskedLM'\\]\\).*cls.predictions.transform.dense.weight"):
+        PrunedModel.from_pretrained(tmp_path)
+
+
+def test_a_deep_folder_stores_the_positions_once_in_the_gap_coded_masks_file(tmp_path):
+    from safetensors import safe_open
+
+    from hf_prune.constants import DEEP_COMPRESSED_WEIGHTS_NAME, GAP_MASK_FORMAT
+
+    torch.manual_seed(0)  # masks large enough for Huffman-coded gaps to beat 1 bit per weight at 90%
+    bert = transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=99, hidden_size=128, num_hidden_layers=1, num_attention_heads=4, intermediate_size=256))
+    pruner = Pruner(bert, PruningConfig(final_sparsity=0.9, schedule="oneshot"))
+    pruner.update(0)
+    model = PrunedModel(bert, pruner.masks, pruner.config)
+    model.save_pretrained(tmp_path / "deep", compression="deep")
+    model.save_pretrained(tmp_path / "dense")
+    with safe_open(str(tmp_path / "deep" / MASKS_NAME), "pt") as f:
+        assert f.metadata()["format"] == GAP_MASK_FORMAT
+    with safe_open(str(tmp_path / "deep" / DEEP_COMPRESSED_WEIGHTS_NAME), "pt") as f:
+        header = f.metadata()
+    assert header["format"] == "hf_prune.deep.v2" and header["positions"] == "masks"
+    assert all(len(entry["sections"]) == 2 for entry in json.loads(header["layers"]).values())  # no gap stream
+    assert os.path.getsize(tmp_path / "deep" / MASKS_NAME) < 0.7 * os.path.getsize(tmp_path / "dense" / MASKS_NAME)
+    loaded = PrunedModel.from_pretrained(tmp_path / "deep")
+    assert all(torch.equal(loaded.masks[n], m) for n, m in model.masks.items())
+    callback = MagnitudePruningCallback.from_pretrained(tmp_path / "deep")  # every reader of the masks file
+    assert callback._initial_state["masks"].keys() == model.masks.keys()
+
+
+def test_a_deep_folder_of_format_v1_still_loads(tmp_path):
+    """hf_prune.deep.v1: gap streams in the deep file, a bit-packed masks file beside it."""
+    from safetensors.torch import load_file as load
+
+    from hf_prune.compression import deep_format
+    from hf_prune.constants import DEEP_COMPRESSED_WEIGHTS_NAME
+    from hf_prune.serialization import save_masks
+
+    model = pruned("bert", 0.9)
+    model.save_pretrained(tmp_path, compression="deep")
+    expected = PrunedModel.from_pretrained(tmp_path)
+    forget_file_records(tmp_path)
+    path = str(tmp_path / DEEP_COMPRESSED_WEIGHTS_NAME)
+    quantized, others, metadata = deep_format.read_deep_compressed(path, model.masks)
+    deep_format.save_deep_compressed(path, quantized, others, metadata)  # with its gap streams
+    header = {**safetensors_metadata(path), "format": "hf_prune.deep.v1"}
+    header.pop("positions")
+    header["header_sha256"] = deep_format._header_digest(header)
+    save_file(load(path), path, header)
+    save_masks(model.masks, tmp_path / MASKS_NAME, {"achieved_sparsity": 0.9})
+    assert_same(expected, PrunedModel.from_pretrained(tmp_path))
+
+
+def safetensors_metadata(path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return dict(f.metadata())
