@@ -412,3 +412,183 @@ def test_consistent_checksums_over_an_undecodable_layer_raise(tmp_path):
     save_file(load_file(path), path, header)
     with pytest.raises(ValueError, match=f"'{name}' does not decode"):
         read_deep_compressed(path)
+
+
+# ------------------------------------------------------------------- bounded reading (issue 16, items 5 and 13)
+def saved_deep_folder(tmp_path):
+    """A tiny BERT saved with compression="deep", without the record of its files (as an attacker would drop it)."""
+    from hf_prune import PrunedModel
+
+    model, masks = pruned_bert()
+    PrunedModel(model, masks, PruningConfig(final_sparsity=0.9, schedule="oneshot")).save_pretrained(
+        tmp_path, compression="deep")
+    config = json.loads((tmp_path / "pruning_config.json").read_text())
+    config.pop("files")
+    (tmp_path / "pruning_config.json").write_text(json.dumps(config))
+    return masks
+
+
+def rewrite_layer(path, name, shape, kept, bits=4):
+    """Replaces the layer `name` of a deep file by `kept` entries of one cluster in `shape`: single-symbol Huffman
+    streams need no payload, so a few bytes claim any size; checksums and header digest recomputed."""
+    header, tensors = safetensors_header(path), load_file(str(path))
+    layers, checksums = json.loads(header["layers"]), json.loads(header["checksums"])
+    single = HuffmanTable(kept, np.dtype(np.uint8), np.zeros(1, dtype=np.uint8), np.zeros(0, dtype=np.uint32),
+                          np.zeros(0, dtype=np.uint16)).to_bytes()
+    sections = [np.zeros(2 ** bits, dtype="<f4").tobytes(), single]
+    if header.get("positions") == "gaps":
+        sections.append(HuffmanTable(kept, np.dtype(np.uint8), np.ones(1, dtype=np.uint8),
+                                     np.zeros(0, dtype=np.uint32), np.zeros(0, dtype=np.uint16)).to_bytes())
+    tensors[name] = torch.frombuffer(bytearray(b"".join(sections)), dtype=torch.uint8)
+    layers[name] = {"shape": list(shape), "bits": bits, "kept": kept, "sections": [len(s) for s in sections]}
+    checksums[name] = deep_format._digest(name, tensors[name])
+    header.update(layers=json.dumps(layers), checksums=json.dumps(checksums))
+    header["header_sha256"] = deep_format._header_digest(header)
+    save_file(tensors, str(path), header)
+    return os.path.getsize(path)
+
+
+def safetensors_header(path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata())
+
+
+def peak_numpy_bytes(function) -> int:
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        function()
+    except ValueError:
+        pass
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return peak
+
+
+CLAIMS = [((6000, 5000), 30_000_000), ((32, 32), 1024)]  # far too large; the right shape but more kept entries
+
+
+@pytest.mark.parametrize("shape, kept", CLAIMS, ids=["huge", "kept"])
+def test_a_crafted_deep_file_is_refused_before_anything_is_decoded(tmp_path, shape, kept):
+    from hf_prune import PrunedModel
+    from hf_prune.constants import DEEP_COMPRESSED_WEIGHTS_NAME
+
+    masks = saved_deep_folder(tmp_path)
+    name = "bert.encoder.layer.0.attention.self.query.weight"
+    path = tmp_path / DEEP_COMPRESSED_WEIGHTS_NAME
+    assert rewrite_layer(path, name, shape, kept) < 60_000
+    message = f"does not match pruning_masks.safetensors: {name} has shape \\[{shape[0]}, {shape[1]}\\] and {kept}"
+    with pytest.raises(ValueError, match=message):
+        PrunedModel.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        read_deep_compressed(path, masks)
+    assert peak_numpy_bytes(lambda: PrunedModel.from_pretrained(tmp_path)) < 8_000_000
+
+
+def test_a_crafted_self_contained_deep_file_is_bounded_by_the_masks(tmp_path):
+    model, quantized = quantized_bert(4)
+    path = tmp_path / "deep.safetensors"
+    save_deep_compressed(path, quantized, {})  # positions in the file, as QuantizationCallback's checkpoints
+    name = next(iter(quantized))
+    rewrite_layer(path, name, (6000, 5000), 30_000_000)
+    masks = {n: q.mask for n, q in quantized.items()}
+    with pytest.raises(ValueError, match=f"{name} has shape \\[6000, 5000\\] and 30000000 kept entries"):
+        read_deep_compressed(path, masks)
+    assert peak_numpy_bytes(lambda: read_deep_compressed(path, masks)) < 4_000_000
+
+
+def test_a_crafted_gap_coded_masks_file_is_refused_before_decoding(tmp_path):
+    from hf_prune import PrunedModel
+    from hf_prune.serialization import load_masks
+
+    masks = saved_deep_folder(tmp_path)
+    path = tmp_path / "pruning_masks.safetensors"
+    header, tensors = safetensors_header(path), load_file(str(path))
+    name = next(iter(masks))
+    shapes, kept = {n: list(m.shape) for n, m in masks.items()}, {n: int(m.sum()) for n, m in masks.items()}
+    shapes[name], kept[name] = [6000, 5000], 30_000_000
+    tensors = {n: torch.frombuffer(bytearray(deep_format.encode_positions(m)), dtype=torch.uint8)
+               for n, m in masks.items()}
+    tensors[name] = torch.frombuffer(bytearray(HuffmanTable(
+        30_000_000, np.dtype(np.uint8), np.ones(1, dtype=np.uint8), np.zeros(0, dtype=np.uint32),
+        np.zeros(0, dtype=np.uint16)).to_bytes()), dtype=torch.uint8)
+    save_file(tensors, str(path), {**header, "format": "hf_prune.gapmask.v1", "shapes": json.dumps(shapes),
+                                   "kept": json.dumps(kept)})
+    message = f"pruning_masks.safetensors: Masks do not match the model: mask {name} has shape \\(6000, 5000\\)"
+    with pytest.raises(ValueError, match=message):
+        PrunedModel.from_pretrained(tmp_path)
+    expected = {n: tuple(p.shape) for n, p in tiny_bert().named_parameters()}
+    with pytest.raises(ValueError, match=message):
+        load_masks(path, expected)
+    assert peak_numpy_bytes(lambda: load_masks(path, expected)) < 1_000_000
+    shapes[name] = list(masks[name].shape)
+    save_file(tensors, str(path), {**header, "format": "hf_prune.gapmask.v1", "shapes": json.dumps(shapes),
+                                   "kept": json.dumps(kept)})
+    with pytest.raises(ValueError, match=f"`kept\\['{name}'\\]` must be an integer in 0..1024"):
+        load_masks(path, expected)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("shape", [32, -32], "shape` must be a non-empty list of positive integers"),
+    ("shape", [32.0, 32], "shape` must be a non-empty list of positive integers"),
+    ("bits", 0, "bits` must be an integer in 1..8"),
+    ("kept", -1, "kept` must be an integer in 0..1024"),
+    ("sections", [64], "sections` must list 2 byte counts"),
+    ("sections", None, "sections` must list 2 byte counts"),
+])
+def test_malformed_deep_header_fields_are_value_errors_naming_the_field(tmp_path, field, value, message):
+    model, quantized = quantized_bert(4)
+    path = tmp_path / "deep.safetensors"
+    masks = {n: q.mask for n, q in quantized.items()}
+    save_deep_compressed(path, quantized, {}, store_positions=False)
+    header = safetensors_header(path)
+    layers = json.loads(header["layers"])
+    name = "bert.encoder.layer.0.attention.self.query.weight"
+    layers[name][field] = value
+    header["layers"] = json.dumps(layers)
+    header["header_sha256"] = deep_format._header_digest(header)
+    save_file(load_file(str(path)), str(path), header)
+    with pytest.raises(ValueError, match=f"deep.safetensors is corrupt: `layers\\['{name}'\\].{message}"):
+        read_deep_compressed(path, masks)
+
+
+def test_a_file_without_its_positions_needs_the_masks_and_sizes_count_them_out(tmp_path):
+    model, quantized = quantized_bert(4)
+    masks = {n: q.mask for n, q in quantized.items()}
+    path = tmp_path / "deep.safetensors"
+    save_deep_compressed(path, quantized, {}, store_positions=False)
+    with pytest.raises(ValueError, match="keeps the kept positions in the masks saved beside it"):
+        read_deep_compressed(path)
+    loaded, _, _ = read_deep_compressed(path, masks)
+    for name, q in quantized.items():
+        assert torch.equal(dequantize(loaded[name]), dequantize(q))
+    sizes = deep_compression_sizes(path)
+    save_deep_compressed(tmp_path / "with_gaps.safetensors", quantized, {})
+    with_gaps = deep_compression_sizes(tmp_path / "with_gaps.safetensors")
+    assert sizes.position_bytes == 0 and with_gaps.position_bytes > 0
+    assert sizes.index_bytes == with_gaps.index_bytes and sizes.codebook_bytes == with_gaps.codebook_bytes
+    other = {n: m.clone() for n, m in masks.items()}
+    other[name][0] = ~other[name][0]
+    with pytest.raises(ValueError, match=f"does not match pruning_masks.safetensors: {name} has shape"):
+        read_deep_compressed(path, other)
+    with pytest.raises(ValueError, match=f"the positions of '{name}' differ"):
+        read_deep_compressed(tmp_path / "with_gaps.safetensors",
+                             {**masks, name: masks[name].flatten().roll(1).reshape(masks[name].shape)})
+
+
+def test_gap_coded_masks_round_trip_and_are_small_at_high_sparsity(tmp_path):
+    from hf_prune.serialization import load_masks, save_masks
+
+    generator = torch.Generator().manual_seed(0)
+    masks = {"a.weight": torch.rand(384, 1536, generator=generator) > 0.9,
+             "b.weight": torch.zeros(7, 3, dtype=torch.bool), "c.weight": torch.ones(300, dtype=torch.bool)}
+    for encoding in ("gaps", "smallest", "bitmask"):
+        save_masks(masks, tmp_path / f"{encoding}.safetensors", {"x": 1}, encoding=encoding)
+        loaded = load_masks(tmp_path / f"{encoding}.safetensors")
+        assert all(torch.equal(loaded[n], m) for n, m in masks.items())
+    gaps, bitmask = (os.path.getsize(tmp_path / f"{e}.safetensors") for e in ("gaps", "bitmask"))
+    assert gaps < 0.6 * bitmask  # ~0.47 bits of entropy per weight at 10% kept, plus Huffman's overhead
+    assert os.path.getsize(tmp_path / "smallest.safetensors") == gaps
+    with pytest.raises(ValueError, match="`encoding` must be one of 'bitmask', 'gaps', 'smallest'; got 'zip'"):
+        save_masks(masks, tmp_path / "x.safetensors", encoding="zip")
