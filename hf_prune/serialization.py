@@ -78,10 +78,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     directory, name = os.path.split(target)
     tmp = os.path.join(directory, f"{TEMP_PREFIX}{name}-{secrets.token_hex(6)}")
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 if mode is None else 0o600))
+    if mode is None:
+        mode = stat.S_IMODE(os.stat(tmp).st_mode)  # 0o666 less the umask, as `open` gives a new file
     try:
         write(tmp)
-        if mode is not None:
-            os.chmod(tmp, mode)
+        os.chmod(tmp, mode)  # `write` may have replaced the file (safetensors writes 0o600)
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

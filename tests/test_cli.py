@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 
 import huggingface_hub.constants
 import numpy as np
 import pytest
+import torch
 from conftest import TinyClassificationDataset, tiny_bert
 from transformers import EvalPrediction, Trainer, TrainingArguments
 
@@ -165,3 +167,76 @@ def test_plot_errors_on_unknown_metric_and_missing_sparsity(trainer_run, tmp_pat
     (tmp_path / "trainer_state.json").write_text(json.dumps(state))
     assert main(["plot", str(tmp_path)]) == 2
     assert "No `sparsity` in the logs" in capsys.readouterr().err
+
+
+# ----------------------------------------------------- malformed files, where output goes (issue 16, items 6, 7)
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("hf-prune: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("shapes, field", [(None, "has no `shapes` entry"), ("[1]", "`shapes` must be a JSON object"),
+                                           ('{"x.weight": [-3]}', "`shapes['x.weight']` must be a non-empty list"),
+                                           ('{"x.weight": [0, 2]}', "`shapes['x.weight']` must be a non-empty list"),
+                                           ('{"x.weight": [1.5]}', "`shapes['x.weight']` must be a non-empty list"),
+                                           ("{not json", "header entry `shapes` is not JSON")])
+def test_report_of_a_masks_file_with_a_bad_header_exits_2_with_one_line(tmp_path, capsys, shapes, field):
+    from safetensors.torch import save_file
+
+    header = {"format": "hf_prune.bitmask.v1", "metadata": "{}", **({"shapes": shapes} if shapes else {})}
+    save_file({"x.weight": torch.zeros(1, dtype=torch.uint8)}, str(tmp_path / "pruning_masks.safetensors"), header)
+    assert main(["report", str(tmp_path)]) == 2
+    err = one_line_error(capsys)
+    assert f"{tmp_path / 'pruning_masks.safetensors'} is corrupt: " in err and field in err
+
+
+@pytest.mark.parametrize("text, message", [("{not json", "is not valid JSON"),
+                                           ("[1, 2]", "must hold a JSON object (the fields of a PruningConfig); got "
+                                                      "a JSON list")])
+def test_report_with_a_pruning_config_that_is_not_an_object_exits_2(pruned_folder, tmp_path, capsys, text, message):
+    import shutil
+
+    folder = tmp_path / "copy"
+    shutil.copytree(pruned_folder[0], folder)
+    (folder / "pruning_config.json").write_text(text)
+    assert main(["report", str(folder)]) == 2
+    err = one_line_error(capsys)
+    assert f"{folder / 'pruning_config.json'} " in err and message in err
+    with pytest.raises(ValueError, match=f"{folder / 'pruning_config.json'} .*{message[:20]}"):
+        PrunedModel.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("text, message", [("{not json", "is not valid JSON"), ('["log_history"]', "got a JSON list"),
+                                           (b"\xff\xfe", "is not valid JSON")])
+def test_plot_of_a_trainer_state_that_is_not_a_json_object_exits_2(tmp_path, capsys, text, message):
+    state = tmp_path / "trainer_state.json"
+    state.write_bytes(text) if isinstance(text, bytes) else state.write_text(text)
+    assert main(["plot", str(tmp_path)]) == 2
+    err = one_line_error(capsys)
+    assert f"{state} " in err and message in err
+
+
+def test_report_png_writes_through_a_symlink_and_refuses_what_is_not_a_file(pruned_folder, tmp_path, capsys):
+    target = tmp_path / "real.png"
+    (tmp_path / "link.png").symlink_to(target)
+    assert main(["report", pruned_folder[0], "--png", str(tmp_path / "link.png")]) == 0
+    assert (tmp_path / "link.png").is_symlink() and target.read_bytes().startswith(PNG_SIGNATURE)
+    capsys.readouterr()
+    os.mkfifo(tmp_path / "pipe")
+    for path, kind in ((tmp_path / "pipe", "a named pipe"), (tmp_path, "a directory"),
+                       ("/dev/full", "a character device")):
+        if not os.path.exists(path):
+            continue
+        assert main(["report", pruned_folder[0], "--png", str(path)]) == 2
+        assert f"it is {kind}; hf_prune writes regular files only" in one_line_error(capsys)
+    assert stat.S_ISFIFO(os.stat(tmp_path / "pipe").st_mode)
+
+
+def test_report_of_a_deep_folder(tmp_path, capsys):
+    model = tiny_bert()
+    pruner = Pruner(model, PruningConfig(final_sparsity=0.9, schedule="oneshot"))
+    pruner.update(0)
+    PrunedModel(model, pruner.masks, pruner.config).save_pretrained(tmp_path, compression="deep")
+    assert main(["report", str(tmp_path)]) == 0
+    assert total_line(capsys.readouterr().out).split()[-1] == "90.00%"
