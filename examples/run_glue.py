@@ -26,10 +26,10 @@ import datasets
 import numpy as np
 from scipy import stats
 from transformers import (
-    AutoConfig,
     AutoModelForSequenceClassification,
     DataCollatorWithPadding,
     EvalPrediction,
+    PretrainedConfig,
     PreTrainedTokenizerBase,
     Trainer,
     set_seed,
@@ -41,6 +41,7 @@ from utils_run import (
     exit_on_input_error,
     first_rows,
     load_hub_dataset,
+    load_model_config,
     load_tokenizer,
     parse_args,
     pruning_callbacks,
@@ -48,6 +49,8 @@ from utils_run import (
     setup_logging,
     train_evaluate_save,
 )
+
+from hf_prune.validation import check_int
 
 
 logger = logging.getLogger(__name__)
@@ -102,14 +105,21 @@ class DataTrainingArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep only the first N training rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only the first N validation rows."})
 
+    def __post_init__(self) -> None:
+        check_int("max_seq_length", self.max_seq_length, 1)
+        check_int("max_train_samples", self.max_train_samples, 1, optional=True)
+        check_int("max_eval_samples", self.max_eval_samples, 1, optional=True)
+
 
 # ------------------------------------------------------------------------------------------------------ data
 def read_table(option: str, path: str) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of a GLUE TSV or a CSV file; CoLA's header-less four-column layout gets `COLA_COLUMNS`."""
+    """Header and rows of a GLUE TSV or a CSV file; CoLA's header-less four-column layout gets `COLA_COLUMNS`.
+
+    The file is UTF-8, with or without a byte-order mark (GLUE's MRPC files begin with one)."""
     check_file(option, path, SUFFIXES)
     delimiter, quoting = ("\t", csv.QUOTE_NONE) if path.endswith(".tsv") else (",", csv.QUOTE_MINIMAL)
     try:
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding="utf-8-sig", newline="") as f:
             rows = list(csv.reader(f, delimiter=delimiter, quoting=quoting))
     except (UnicodeDecodeError, csv.Error) as err:
         raise InputError(f"--{option} {path} is not a readable {path[-3:].upper()} file: {err}.") from None
@@ -215,6 +225,51 @@ def load_splits(data_args: DataTrainingArguments, cache_dir: str | None
     return splits, label_names, text_columns
 
 
+def describe_labels(label_names: Sequence[str] | None) -> str:
+    """`"2 labels (negative, positive)"`, or for regression (`None`) `"1 output (regression)"`."""
+    if label_names is None:
+        return "1 output (regression)"
+    return f"{len(label_names)} labels ({', '.join(label_names)})"
+
+
+def match_model_labels(model_config: PretrainedConfig, model_name: str, splits: dict[str, datasets.Dataset],
+                       label_names: tuple[str, ...] | None
+                       ) -> tuple[dict[str, datasets.Dataset], tuple[str, ...] | None]:
+    """The splits and label names to fine-tune the model of `model_config` with.
+
+    A model without a sequence-classification head gets a new head for the data's labels. A model with one (a
+    classifier already fine-tuned) keeps it, so it must have been trained for the data's labels: as many of them
+    (one output for regression) and, where its labels have names (not `LABEL_0`, ...), the same names, compared
+    without case. Names in another order are matched by renumbering the data's class ids to the model's.
+
+    Raises:
+        InputError: when the model's head was trained for another label set.
+    """
+    if not any(name.endswith("ForSequenceClassification") for name in model_config.architectures or ()):
+        return splits, label_names
+    count = model_config.num_labels
+    model_names = None if count == 1 else tuple(str(model_config.id2label.get(i, f"LABEL_{i}"))
+                                                 for i in range(count))
+    mismatch = InputError(f"--model_name_or_path {model_name} has a sequence-classification head for "
+                          f"{describe_labels(model_names)}, but the data has {describe_labels(label_names)}; "
+                          "fine-tune its base model instead, or data with the labels of its head.")
+    if (model_names is None) != (label_names is None) or (label_names is not None and count != len(label_names)):
+        raise mismatch
+    if model_names is None or model_names == tuple(f"LABEL_{i}" for i in range(count)):
+        return splits, label_names  # nothing to compare: the head's classes are taken in the data's order
+    model_keys, data_keys = [name.lower() for name in model_names], [name.lower() for name in label_names]
+    if model_keys == data_keys:
+        return splits, label_names
+    if sorted(model_keys) != sorted(data_keys) or len(set(model_keys)) != count:
+        raise mismatch
+    position = [model_keys.index(key) for key in data_keys]  # the data's class id -> the model's
+    logger.info("Renumbering the labels to the order of the model's head: %s.", ", ".join(model_names))
+    renumbered = {split: dataset.map(lambda batch: {"label": [position[i] for i in batch["label"]]}, batched=True,
+                                     desc=f"Renumbering the labels of {split}")
+                  for split, dataset in splits.items()}
+    return renumbered, tuple(label_names[data_keys.index(key)] for key in model_keys)
+
+
 def load_hub_splits(data_args: DataTrainingArguments, task: GlueTask,
                     cache_dir: str | None) -> dict[str, datasets.Dataset]:
     """`nyu-mll/glue`'s train and validation splits of the task (needs the Hub)."""
@@ -285,6 +340,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         splits, label_names, text_columns = load_splits(data_args, model_args.cache_dir)
         require_splits(training_args, splits.get("train"), splits.get("validation"))
         tokenizer = load_tokenizer(model_args)
+        config = load_model_config(model_args)
+        splits, label_names = match_model_labels(config, model_args.model_name_or_path, splits, label_names)
         if data_args.max_seq_length > tokenizer.model_max_length:
             logger.warning("--max_seq_length %d is longer than the model's maximum, %d; using that.",
                            data_args.max_seq_length, tokenizer.model_max_length)
@@ -293,9 +350,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
     set_seed(training_args.seed)
     is_regression = label_names is None
-    config = AutoConfig.from_pretrained(model_args.config_name or model_args.model_name_or_path,
-                                        num_labels=1 if is_regression else len(label_names),
-                                        finetuning_task=data_args.task_name, **model_args.hub_kwargs())
+    config.num_labels = 1 if is_regression else len(label_names)
+    config.finetuning_task = data_args.task_name
     if not is_regression:
         config.id2label = dict(enumerate(label_names))
         config.label2id = {name: i for i, name in enumerate(label_names)}
@@ -313,8 +369,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         compute_metrics=metrics_function(metric_names, is_regression),
         callbacks=callbacks,
     )
-    return train_evaluate_save(trainer, tokenizer, args, len(features.get("train", ())),
-                               len(features.get("validation", ())))
+    with exit_on_input_error("run_glue.py"):  # the pruning checks that need the model (see pruning_callbacks)
+        return train_evaluate_save(trainer, tokenizer, args, len(features.get("train", ())),
+                                   len(features.get("validation", ())))
 
 
 if __name__ == "__main__":

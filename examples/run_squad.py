@@ -24,7 +24,6 @@ from typing import Any
 
 import datasets
 from transformers import (
-    AutoConfig,
     AutoModelForQuestionAnswering,
     BatchEncoding,
     DataCollatorWithPadding,
@@ -39,6 +38,7 @@ from utils_run import (
     exit_on_input_error,
     first_rows,
     load_hub_dataset,
+    load_model_config,
     load_tokenizer,
     parse_args,
     pruning_callbacks,
@@ -46,6 +46,8 @@ from utils_run import (
     setup_logging,
     train_evaluate_save,
 )
+
+from hf_prune.validation import check_int
 
 
 logger = logging.getLogger(__name__)
@@ -74,13 +76,22 @@ class DataTrainingArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only the first N validation "
                                                                           "questions."})
 
+    def __post_init__(self) -> None:
+        check_int("train_articles", self.train_articles, 1, optional=True)
+        check_int("max_seq_length", self.max_seq_length, 1)
+        check_int("doc_stride", self.doc_stride, 0)
+        check_int("n_best_size", self.n_best_size, 1)
+        check_int("max_answer_length", self.max_answer_length, 1)
+        check_int("max_train_samples", self.max_train_samples, 1, optional=True)
+        check_int("max_eval_samples", self.max_eval_samples, 1, optional=True)
+
 
 # ------------------------------------------------------------------------------------------------------ data
 def read_squad_articles(option: str, path: str) -> list[Any]:
-    """The `data` list (articles) of a SQuAD v1.1 JSON file."""
+    """The `data` list (articles) of a SQuAD v1.1 JSON file (UTF-8, with or without a byte-order mark)."""
     check_file(option, path, (".json",))
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             data = json.load(f)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise InputError(f"--{option} {path} is not valid JSON: {err}.") from None
@@ -229,8 +240,15 @@ def build_features(splits: dict[str, datasets.Dataset], tokenizer: PreTrainedTok
     features = {}
     for split, function in (("train", builder.train), ("validation", builder.evaluation)):
         if split in splits:
-            features[split] = splits[split].map(function, batched=True, remove_columns=list(COLUMNS),
-                                                 desc=f"Tokenizing {split}")
+            try:
+                features[split] = splits[split].map(function, batched=True, remove_columns=list(COLUMNS),
+                                                     desc=f"Tokenizing {split}")
+            except Exception as err:  # the tokenizers library raises a bare Exception
+                if "Truncation error" not in str(err):
+                    raise
+                raise InputError(f"--max_seq_length {max_seq_length} with --doc_stride {data_args.doc_stride} "
+                                 f"leaves no room for the context of some {split} question ({err}); raise "
+                                 "--max_seq_length or lower --doc_stride.") from None
     if "train" in features:
         features["train"] = first_rows(features["train"], data_args.max_train_samples)
     return features
@@ -248,10 +266,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         tokenizer = load_tokenizer(model_args)
         features = build_features(splits, tokenizer, data_args)
         callbacks = pruning_callbacks(args, len(features.get("train", ())))
+        config = load_model_config(model_args)
 
     set_seed(training_args.seed)
-    config = AutoConfig.from_pretrained(model_args.config_name or model_args.model_name_or_path,
-                                        **model_args.hub_kwargs())
     model = AutoModelForQuestionAnswering.from_pretrained(model_args.model_name_or_path, config=config,
                                                           **model_args.hub_kwargs())
     trainer = QuestionAnsweringTrainer(
@@ -266,8 +283,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if training_args.fp16 else None),
         callbacks=callbacks,
     )
-    return train_evaluate_save(trainer, tokenizer, args, len(splits.get("train", ())),
-                               len(splits.get("validation", ())))
+    with exit_on_input_error("run_squad.py"):  # the pruning checks that need the model (see pruning_callbacks)
+        return train_evaluate_save(trainer, tokenizer, args, len(splits.get("train", ())),
+                                   len(splits.get("validation", ())))
 
 
 if __name__ == "__main__":

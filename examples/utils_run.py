@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -14,7 +15,15 @@ from typing import Any, NoReturn
 
 import datasets
 import transformers
-from transformers import AutoTokenizer, HfArgumentParser, PreTrainedTokenizerBase, Trainer, TrainingArguments
+from transformers import (
+    AutoConfig,
+    AutoTokenizer,
+    HfArgumentParser,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainingArguments,
+)
 
 from hf_prune import MagnitudePruningCallback, PrunedModel, PruningArguments
 
@@ -92,6 +101,9 @@ def parse_args(prog: str, data_class: type, argv: Sequence[str] | None) -> Scrip
     args = ScriptArguments(*parsed, push_to_hub=parsed[2].push_to_hub)
     if not (args.training.do_train or args.training.do_eval):
         raise InputError("nothing to do: pass --do_train and/or --do_eval.")
+    resume = args.training.resume_from_checkpoint
+    if args.training.do_train and resume is not None and not os.path.isdir(resume):
+        raise InputError(f"--resume_from_checkpoint {resume}: no such folder.")
     if args.push_to_hub and not (args.training.do_train and args.pruning.enabled):
         raise InputError("--push_to_hub uploads the pruned model, so it needs --do_train with pruning on "
                          "(not --prune false or --final_sparsity 0).")
@@ -156,6 +168,15 @@ def load_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerBase:
         raise InputError(f"cannot load a tokenizer from {name!r}: {str(err).strip().splitlines()[0]}") from None
 
 
+def load_model_config(model_args: ModelArguments) -> PretrainedConfig:
+    """The config of `--config_name` or `--model_name_or_path`; `InputError` when it cannot load."""
+    name = model_args.config_name or model_args.model_name_or_path
+    try:
+        return AutoConfig.from_pretrained(name, **model_args.hub_kwargs())
+    except (OSError, ValueError) as err:
+        raise InputError(f"cannot load a model config from {name!r}: {str(err).strip().splitlines()[0]}") from None
+
+
 def pruning_callbacks(script_args: ScriptArguments, num_train_features: int) -> list[MagnitudePruningCallback]:
     """`[callback]` for a pruning run (`[]` for a dense one): `MagnitudePruningCallback`, or `RPPCallback` for
     `--method rpp`, its schedule checked against the number of optimizer steps the Trainer will take over
@@ -173,8 +194,29 @@ def pruning_callbacks(script_args: ScriptArguments, num_train_features: int) -> 
         callback = pruning_args.to_callback(max_steps=max_steps)
     except ValueError as err:
         raise InputError(str(err)) from None
+    report_train_begin_errors_as_input(callback)
     logger.info("Pruning over %d optimizer steps with %s", max_steps, callback.config)
     return [callback]
+
+
+def report_train_begin_errors_as_input(callback: MagnitudePruningCallback) -> None:
+    """Makes the `ValueError`s (and `FileNotFoundError`s) `callback` raises at train begin `InputError`s.
+
+    Those are the checks that need the model or the checkpoint, made before the first optimizer step:
+    `--target_modules` / `--exclude_modules` that match no layer of the model, a `--resume_from_checkpoint` folder
+    pruned under other options (without `--override_checkpoint_config`) or without masks, and the like. Run the
+    training inside `exit_on_input_error` to get them as one line and exit code 2.
+    """
+    on_train_begin = callback.on_train_begin
+
+    @functools.wraps(on_train_begin)
+    def checked_on_train_begin(*args: Any, **kwargs: Any) -> None:
+        try:
+            on_train_begin(*args, **kwargs)
+        except (ValueError, FileNotFoundError) as err:
+            raise InputError(str(err).strip().splitlines()[0]) from None
+
+    callback.on_train_begin = checked_on_train_begin
 
 
 def train_evaluate_save(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, script_args: ScriptArguments,

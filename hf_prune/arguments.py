@@ -12,6 +12,7 @@ from .criteria import CRITERIA
 from .masks import SCHEMES
 from .methods.rpp import PENALTY_SCHEDULES, RPPCallback, RPPConfig
 from .schedules import SCHEDULES
+from .validation import check_bool
 
 
 #: `--method`: the config class the options build and the callback that runs it.
@@ -38,10 +39,12 @@ class PruningArguments:
     """Pruning options for scripts that parse their arguments with `HfArgumentParser`.
 
     Every option carries the name, default and meaning of the `PruningConfig` field it sets (see there);
-    `--prune false` or `--final_sparsity 0` trains the dense model instead. `--method rpp` runs Reweighted
+    `--prune false` or `--final_sparsity 0` trains the dense model instead (the options are checked all the same,
+    so a NaN or negative `--final_sparsity` is an error, never a dense run). `--method rpp` runs Reweighted
     Proximal Pruning (`RPPCallback`) and takes the `RPPConfig` options `--penalty`, `--penalty_schedule`,
     `--epsilon` and `--reweight_every`; the masks then grow along `--schedule` over the proximal window (cubic
-    by default, `oneshot` for Guo et al.'s single hard prune at `end_step`).
+    by default, `oneshot` for Guo et al.'s single hard prune at `end_step`). Resuming from a checkpoint trained
+    under options that prune differently is an error unless `--override_checkpoint_config` is set.
 
     ```python
     from transformers import HfArgumentParser, TrainingArguments
@@ -84,14 +87,22 @@ class PruningArguments:
                                     choices=PENALTY_SCHEDULES)
     epsilon: float = _option("epsilon")
     reweight_every: int = _option("reweight_every")
+    override_checkpoint_config: bool = field(default=False, metadata={
+        "help": "With --resume_from_checkpoint: continue from the checkpoint's masks under these options even where "
+                "they prune differently from those it was trained with (without it, that is an error)."})
 
     def __post_init__(self) -> None:
-        if self.enabled:
-            self.to_config()
+        self.to_config()  # every option, also for a dense run: `--final_sparsity nan` or `-0.5` is an error
 
     @property
     def enabled(self) -> bool:
-        """Whether the run prunes: `prune` is set and `final_sparsity` is above 0."""
+        """Whether the run prunes: `prune` is set and `final_sparsity` is above 0.
+
+        Raises:
+            ValueError: as `to_config()`, for options changed since construction into values it refuses (a NaN
+                or negative `final_sparsity` is an error, not a dense run).
+        """
+        self.to_config()
         return self.prune and self.final_sparsity > 0
 
     def to_config(self, max_steps: int | None = None) -> PruningConfig:
@@ -103,8 +114,11 @@ class PruningArguments:
 
         Raises:
             ValueError: naming the option, its value and what it accepts; also for an `rpp:` option set away
-                from its default while `method` is not `rpp`.
+                from its default while `method` is not `rpp`. The options are checked whether or not the run
+                prunes (`--prune false` or `--final_sparsity 0` with a bad option is still an error).
         """
+        check_bool("prune", self.prune)
+        check_bool("override_checkpoint_config", self.override_checkpoint_config)
         if self.method not in METHODS:
             raise ValueError(f"`method` must be one of {', '.join(METHODS)}; got {self.method!r}.")
         config_class = METHODS[self.method][0]
@@ -121,5 +135,6 @@ class PruningArguments:
         return config
 
     def to_callback(self, max_steps: int | None = None) -> MagnitudePruningCallback:
-        """The callback of `method` (`MagnitudePruningCallback` or `RPPCallback`) with `to_config(max_steps)`."""
-        return METHODS[self.method][1](self.to_config(max_steps))
+        """The callback of `method` (`MagnitudePruningCallback` or `RPPCallback`) with `to_config(max_steps)` and
+        `override_checkpoint_config`."""
+        return METHODS[self.method][1](self.to_config(max_steps), self.override_checkpoint_config)

@@ -78,7 +78,9 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
             stores in `trainer_state.json`). Defaults to `PruningConfig()`.
         override_checkpoint_config (`bool`, *optional*, defaults to `False`): on `resume_from_checkpoint`, a
             checkpoint written under a config that prunes differently (another `final_sparsity`, schedule,
-            criterion, targets, ...) is an error; set this to continue from its masks under `config` instead.
+            criterion, targets, ...) is an error; set this to continue from its masks under `config` instead
+            (with a warning). Masks never shrink: a checkpoint already sparser than the new schedule keeps its
+            sparsity to the end.
     """
 
     def __init__(self, config: PruningConfig | dict[str, Any] | None = None,
@@ -193,20 +195,29 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
         """Loads the pruner's state from the masks file of the checkpoint being resumed (see `on_save`)."""
         path = find_checkpoint_file(args, state, MASKS_NAME, type(self).__name__)
         metadata = read_masks_metadata(path)
-        self._check_checkpoint_config(metadata.get("pruning_config"), path)
+        changes = self._check_checkpoint_config(metadata.get("pruning_config"), path)
         pruner_state = {key: value for key, value in metadata.items() if key != "pruning_config"}
         self.pruner.load_state_dict({**pruner_state, "masks": load_masks(path)})
         logger.info("Restored pruning masks from %s (sparsity %.4f).", path, self.pruner.sparsity())
+        if changes:
+            reached, final = self.pruner.target_sparsity, self.config.final_sparsity
+            kept = (f" Masks never shrink: the run ends at the checkpoint's sparsity, above the new final_sparsity "
+                    f"{final}.") if reached > final else ""
+            logger.warning("Resuming from %s under a config that prunes differently (%s), as "
+                           "override_checkpoint_config=True: the masks continue from the checkpoint's (sparsity "
+                           "%.4f) under the new config.%s", path, changes, reached, kept)
 
-    def _check_checkpoint_config(self, saved: dict[str, Any] | None, path: str) -> None:
-        """Raises `ValueError` when the checkpoint's masks were made under a config that prunes differently."""
-        if saved is None or self.override_checkpoint_config:
-            return
+    def _check_checkpoint_config(self, saved: dict[str, Any] | None, path: str) -> str:
+        """Raises `ValueError` when the checkpoint's masks were made under a config that prunes differently (unless
+        `override_checkpoint_config`); returns the differences (`""` for none, or a checkpoint without a config)."""
+        if saved is None:
+            return ""
         current = self.config.to_dict()
         changed = sorted(key for key in saved.keys() | current.keys()
                          if key not in _FIELDS_THAT_KEEP_MASKS and saved.get(key) != current.get(key))
-        if changed:
-            details = "; ".join(f"{key}: checkpoint {saved.get(key)!r}, now {current.get(key)!r}" for key in changed)
+        details = "; ".join(f"{key}: checkpoint {saved.get(key)!r}, now {current.get(key)!r}" for key in changed)
+        if changed and not self.override_checkpoint_config:
             raise ValueError(f"The checkpoint {path} was pruned under another config ({details}). Resume with the "
                              f"checkpoint's config, or pass override_checkpoint_config=True to "
                              f"{type(self).__name__} to continue from its masks under the new one.")
+        return details

@@ -414,6 +414,51 @@ def test_consistent_checksums_over_an_undecodable_layer_raise(tmp_path):
         read_deep_compressed(path)
 
 
+# ------------------------------------------------------------------------ quantizer arguments (issue 16, item 9)
+@pytest.mark.parametrize("kwargs, field, accepted", [
+    ({"learning_rate": float("nan")}, "learning_rate", "> 0"),
+    ({"learning_rate": float("inf")}, "learning_rate", "> 0"),
+    ({"learning_rate": -float("inf")}, "learning_rate", "> 0"),
+    ({"learning_rate": -1.0}, "learning_rate", "> 0"),
+    ({"learning_rate": 0.0}, "learning_rate", "> 0"),
+    ({"learning_rate": True}, "learning_rate", "> 0"),
+    ({"learning_rate": "0.1"}, "learning_rate", "> 0"),
+    ({"max_iter": 0}, "max_iter", ">= 1"),
+    ({"max_iter": -5}, "max_iter", ">= 1"),
+    ({"max_iter": 2.5}, "max_iter", ">= 1"),
+    ({"max_iter": None}, "max_iter", ">= 1"),
+])
+def test_quantizer_arguments_are_checked_before_training(kwargs, field, accepted):
+    from hf_prune.compression import TrainedQuantizer  # here: this module's imports are shared, tests are appended
+
+    model, masks = pruned_bert()
+    for make in (lambda: QuantizationCallback(masks, **kwargs), lambda: TrainedQuantizer(model, **kwargs)):
+        with pytest.raises(ValueError, match=f"`{field}`") as error:
+            make()
+        assert repr(kwargs[field]) in str(error.value) and accepted in str(error.value)
+
+
+@pytest.mark.parametrize("masks", [None, 42, "masks", [torch.ones(2, dtype=torch.bool)]],
+                         ids=["None", "int", "str", "list"])
+def test_quantization_callback_refuses_masks_that_are_not_masks(masks):
+    with pytest.raises(ValueError, match="`masks` must be a dict of bool masks, a MagnitudePruningCallback or a "
+                                         "PrunedModel; got " + type(masks).__name__):
+        QuantizationCallback(masks)
+
+
+def test_quantization_callback_accepts_good_arguments_and_trains_finite():
+    model, masks = pruned_bert()
+    callback = QuantizationCallback(masks, bits=2, learning_rate=1e-3, max_iter=1)
+    assert (callback.bits, callback.learning_rate, callback.max_iter) == (2, 1e-3, 1)
+    events = (None, TrainerState(), TrainerControl())
+    callback.on_train_begin(*events, model=model)
+    model(**batch()).loss.backward()
+    callback.on_pre_optimizer_step(*events, model=model, optimizer=None)
+    callback.on_optimizer_step(*events, model=model)
+    assert all(bool(torch.isfinite(q.centroids).all()) for q in callback.quantized.values())
+    assert bool(torch.isfinite(model(**batch()).loss))
+
+
 # ------------------------------------------------------------------- bounded reading (issue 16, items 5 and 13)
 def saved_deep_folder(tmp_path):
     """A tiny BERT saved with compression="deep", without the record of its files (as an attacker would drop it)."""

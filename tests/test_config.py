@@ -1,9 +1,12 @@
+import dataclasses
 import json
 
 import pytest
 
-from hf_prune import PruningConfig
+from hf_prune import MagnitudePruningCallback, PruningConfig
 from hf_prune.constants import CONFIG_NAME
+from hf_prune.methods.han import HanConfig, HanPruningCallback
+from hf_prune.methods.rpp import RPPCallback, RPPConfig
 
 
 def test_round_trip_through_json(tmp_path):
@@ -50,3 +53,48 @@ def test_missing_config_file_is_a_clear_error(tmp_path):
 def test_bad_values_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"`{field}`"):
         PruningConfig(**kwargs)
+
+
+# ------------------------------------------------------------------------------- booleans must be booleans
+def _bool_fields(config_class):
+    return [f.name for f in dataclasses.fields(config_class) if f.type in ("bool", bool)]
+
+
+@pytest.mark.parametrize("config_class", [PruningConfig, RPPConfig, HanConfig], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("value", ["no", "false", 0, 1, None, 1.0])
+def test_every_bool_field_refuses_truthy_and_falsy_non_booleans(config_class, value):
+    names = _bool_fields(config_class)
+    assert "prune_head" in names and (config_class is not HanConfig or "adjust_dropout" in names)
+    for name in names:
+        with pytest.raises(ValueError, match=f"`{name}` must be True or False; got {value!r}"):
+            config_class(**{name: value})
+        assert getattr(config_class(**{name: True}), name) is True
+
+
+def test_prune_head_no_is_refused_instead_of_pruning_the_head():
+    with pytest.raises(ValueError, match="`prune_head` must be True or False; got 'no'"):
+        PruningConfig(prune_head="no")
+    data = {**PruningConfig().to_dict(), "prune_head": "no"}  # a hand-edited pruning_config.json
+    with pytest.raises(ValueError, match="`prune_head`"):
+        PruningConfig.from_dict(data)
+
+
+@pytest.mark.parametrize("callback_class", [MagnitudePruningCallback, RPPCallback, HanPruningCallback],
+                         ids=lambda c: c.__name__)
+@pytest.mark.parametrize("config", ["cubic", 0.5, ["oneshot"], object()], ids=["str", "float", "list", "object"])
+def test_callback_with_a_config_of_the_wrong_type_is_a_value_error(callback_class, config):
+    with pytest.raises(ValueError, match="`config` must be a") as error:
+        callback_class(config)
+    assert type(config).__name__ in str(error.value)
+
+
+@pytest.mark.parametrize("callback_class, config", [(MagnitudePruningCallback, PruningConfig()),
+                                                    (RPPCallback, RPPConfig()), (HanPruningCallback, HanConfig())],
+                         ids=lambda c: type(c).__name__ if isinstance(c, PruningConfig) else c.__name__)
+def test_callback_override_checkpoint_config_must_be_a_bool(callback_class, config):
+    with pytest.raises(ValueError, match="`override_checkpoint_config` must be True or False; got 'yes'"):
+        callback_class(config, override_checkpoint_config="yes")
+    callback = callback_class(config, override_checkpoint_config=True)
+    assert callback.override_checkpoint_config is True
+    restored = callback_class(**callback.state()["args"])  # as the Trainer restores callbacks from a checkpoint
+    assert restored.override_checkpoint_config is True and restored.config == config

@@ -18,6 +18,7 @@ import pytest
 import torch
 from huggingface_hub import HfApi
 from transformers import (
+    AutoConfig,
     AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -268,6 +269,27 @@ BAD_GLUE = {
                                        write(tmp / "a.tsv", "sentence\tlabel\ngood\t1\n")],
                           "The schedule cannot finish inside max_steps (4)"),
     "push a dense model": (lambda tmp: ["--prune", "false", "--push_to_hub"], "--push_to_hub uploads the pruned"),
+    "nan sparsity": (lambda tmp: ["--final_sparsity", "nan"], "`final_sparsity` must be a number in [0, 1); got nan"),
+    "negative sparsity": (lambda tmp: ["--final_sparsity", "-0.5"],
+                          "`final_sparsity` must be a number in [0, 1); got -0.5"),
+    "nan sparsity of a dense run": (lambda tmp: ["--prune", "false", "--final_sparsity", "nan"],
+                                    "`final_sparsity` must be a number in [0, 1); got nan"),
+    "negative max_seq_length": (lambda tmp: ["--max_seq_length", "-5"],
+                                "`max_seq_length` must be an integer >= 1; got -5"),
+    "no training rows": (lambda tmp: ["--max_train_samples", "0"],
+                         "`max_train_samples` must be None or an integer >= 1; got 0"),
+    "no validation rows": (lambda tmp: ["--max_eval_samples", "-1"],
+                           "`max_eval_samples` must be None or an integer >= 1; got -1"),
+    "resume from nowhere": (lambda tmp: ["--resume_from_checkpoint", str(tmp / "checkpoint-2")],
+                            "checkpoint-2: no such folder."),
+}
+#: Errors found once the model is loaded, at train begin, before the first optimizer step.
+BAD_GLUE_WITH_MODEL = {
+    "target matches nothing": (["--target_modules", "nomatch"], "`target_modules` ['nomatch'] matches no Linear/"
+                                                                "Conv1D module of BertForSequenceClassification"),
+    "exclude matches nothing": (["--exclude_modules", "nomatch"], "`exclude_modules` ['nomatch'] matches no"),
+    "rpp target matches nothing": (["--method", "rpp", "--target_modules", "nomatch"],
+                                   "`target_modules` ['nomatch'] matches no"),
 }
 BAD_SQUAD = {
     "not json": (lambda tmp: ["--train_file", write(tmp / "a.json", "{nope")], "is not valid JSON"),
@@ -281,15 +303,35 @@ BAD_SQUAD = {
     "no validation split": (lambda tmp: [*SQUAD[:2]], "--do_eval needs validation data"),
     "stride too long": (lambda tmp: [*SQUAD[:4], "--max_seq_length", "32", "--doc_stride", "32"],
                         "--doc_stride (32) must be smaller than --max_seq_length (32)"),
+    "nan sparsity": (lambda tmp: [*SQUAD, "--final_sparsity", "nan"],
+                     "`final_sparsity` must be a number in [0, 1); got nan"),
+    "negative max_seq_length": (lambda tmp: [*SQUAD, "--max_seq_length", "-5"],
+                                "`max_seq_length` must be an integer >= 1; got -5"),
+    "negative stride": (lambda tmp: [*SQUAD, "--doc_stride", "-1"], "`doc_stride` must be an integer >= 0; got -1"),
+    "no training rows": (lambda tmp: [*SQUAD, "--max_train_samples", "0"],
+                         "`max_train_samples` must be None or an integer >= 1; got 0"),
+    "no answer candidates": (lambda tmp: [*SQUAD, "--n_best_size", "0"], "`n_best_size` must be an integer >= 1"),
+    "no answer length": (lambda tmp: [*SQUAD, "--max_answer_length", "0"],
+                         "`max_answer_length` must be an integer >= 1"),
+    "no room for the context": (lambda tmp: [*SQUAD[:4], "--max_seq_length", "8", "--doc_stride", "2"],
+                                "--max_seq_length 8 with --doc_stride 2 leaves no room for the context"),
 }
 
 
-def run_bad(module: object, model_class: str, argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
-    """Runs `module.main(argv)`, expects exit code 2 before any model is loaded, returns the error line."""
-    with mock.patch.object(module, model_class) as auto_model, pytest.raises(SystemExit) as exit_info:
-        module.main(argv)
+def run_bad(module: object, model_class: str, argv: list[str], capsys: pytest.CaptureFixture[str],
+            loads_model: bool = False) -> str:
+    """Runs `module.main(argv)`, expects exit code 2 before any model is loaded (with `loads_model`: with the
+    model loaded, before any optimizer step or save), returns the error line."""
+    if loads_model:
+        with pytest.raises(SystemExit) as exit_info:
+            module.main(argv)
+        output_dir = Path(argv[argv.index("--output_dir") + 1])
+        assert not output_dir.exists() or not os.listdir(output_dir), "nothing trained, nothing saved"
+    else:
+        with mock.patch.object(module, model_class) as auto_model, pytest.raises(SystemExit) as exit_info:
+            module.main(argv)
+        auto_model.from_pretrained.assert_not_called()
     assert exit_info.value.code == 2
-    auto_model.from_pretrained.assert_not_called()
     err = capsys.readouterr().err
     assert "Traceback" not in err
     errors = [line for line in err.splitlines() if line.startswith(f"{Path(module.__file__).name}: error: ")]
@@ -304,6 +346,143 @@ def test_run_glue_bad_input_exits_2(case: str, tiny_model: str, tmp_path: Path,
     argv = ["--model_name_or_path", tiny_model, "--do_train", "--output_dir", str(tmp_path / "out"),
             "--max_steps", "4", "--report_to", "none", *make_args(tmp_path)]
     assert message in run_bad(run_glue, "AutoModelForSequenceClassification", argv, capsys)
+
+
+@pytest.mark.parametrize("case", sorted(BAD_GLUE_WITH_MODEL))
+def test_run_glue_bad_input_found_with_the_model_exits_2(case: str, tiny_model: str, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    args, message = BAD_GLUE_WITH_MODEL[case]
+    data = write(tmp_path / "a.tsv", "sentence\tlabel\n" + "".join(f"row {i}\t{i % 2}\n" for i in range(8)))
+    argv = ["--model_name_or_path", tiny_model, "--task_name", "sst2", "--train_file", data, "--do_train",
+            "--output_dir", str(tmp_path / "out"), "--max_steps", "4", "--report_to", "none", *args]
+    assert message in run_bad(run_glue, "AutoModelForSequenceClassification", argv, capsys, loads_model=True)
+
+
+@needs_data
+def test_run_squad_targets_that_match_nothing_exit_2(tiny_model: str, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--model_name_or_path", tiny_model, *SQUAD, "--do_train", "--output_dir", str(tmp_path / "out"),
+            "--max_steps", "4", "--max_train_samples", "8", "--report_to", "none", "--target_modules", "nomatch"]
+    line = run_bad(run_squad, "AutoModelForQuestionAnswering", argv, capsys, loads_model=True)
+    assert "`target_modules` ['nomatch'] matches no Linear/Conv1D module of BertForQuestionAnswering" in line
+
+
+def classifier_folder(path: Path, num_labels: int, id2label: dict[int, str] | None = None) -> str:
+    """A folder with only the `config.json` of a tiny BERT fine-tuned for sequence classification (a head of
+    `num_labels` outputs, named by `id2label`)."""
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=37, num_labels=num_labels, architectures=["BertForSequenceClassification"])
+    if id2label is not None:
+        config.id2label, config.label2id = id2label, {name: i for i, name in id2label.items()}
+    config.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("num_labels, id2label, data, message", [
+    (3, None, "sst2", "3 labels (LABEL_0, LABEL_1, LABEL_2), but the data has 2 labels (negative, positive)"),
+    (1, None, "sst2", "1 output (regression), but the data has 2 labels (negative, positive)"),
+    (2, None, "scores", "2 labels (LABEL_0, LABEL_1), but the data has 1 output (regression)"),
+    (2, {0: "negative", 1: "neutral"}, "sst2", "2 labels (negative, neutral), but the data has 2 labels (negative, "
+                                              "positive)"),
+])
+def test_run_glue_label_set_that_differs_from_the_models_head_exits_2(
+        num_labels: int, id2label: dict[int, str] | None, data: str, message: str, tiny_model: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    model = classifier_folder(tmp_path / "classifier", num_labels, id2label)
+    if data == "sst2":
+        files = ["--task_name", "sst2", "--train_file", write(tmp_path / "a.tsv", "sentence\tlabel\ngood\t1\nbad\t0\n")]
+    else:
+        files = ["--train_file", write(tmp_path / "a.csv", "sentence,label\ngood,0.5\nbad,1.5\n")]
+    argv = ["--model_name_or_path", model, "--tokenizer_name", tiny_model, *files, "--do_train", "--output_dir",
+            str(tmp_path / "out"), "--max_steps", "4", "--report_to", "none"]
+    line = run_bad(run_glue, "AutoModelForSequenceClassification", argv, capsys)
+    assert f"--model_name_or_path {model} has a sequence-classification head for {message}; fine-tune its base " \
+           "model instead" in line
+
+
+def test_glue_labels_follow_the_order_of_a_trained_head(tmp_path: Path) -> None:
+    splits = {"train": datasets.Dataset.from_dict({"sentence": ["a", "b", "c"], "label": [0, 1, 1]})}
+    reversed_head = AutoConfig.from_pretrained(classifier_folder(tmp_path / "reversed", 2, {0: "POSITIVE",
+                                                                                           1: "NEGATIVE"}))
+    renumbered, names = run_glue.match_model_labels(reversed_head, "m", splits, ("negative", "positive"))
+    assert names == ("positive", "negative") and renumbered["train"]["label"] == [1, 0, 0]
+    same_head = AutoConfig.from_pretrained(classifier_folder(tmp_path / "same", 2, {0: "Negative", 1: "Positive"}))
+    assert run_glue.match_model_labels(same_head, "m", splits, ("negative", "positive")) == \
+        (splits, ("negative", "positive"))
+    unnamed_head = AutoConfig.from_pretrained(classifier_folder(tmp_path / "unnamed", 2))
+    assert run_glue.match_model_labels(unnamed_head, "m", splits, ("negative", "positive"))[0] is splits
+    base = AutoConfig.from_pretrained(classifier_folder(tmp_path / "base", 5))
+    base.architectures = ["BertModel"]  # no head: a new one gets the data's labels
+    assert run_glue.match_model_labels(base, "m", splits, ("negative", "positive"))[0] is splits
+
+
+# ---------------------------------------------------------------------------- UTF-8 byte-order marks (item 12)
+def test_glue_tsv_and_csv_with_a_byte_order_mark(tmp_path: Path) -> None:
+    bom = tmp_path / "mrpc-bom.tsv"
+    bom.write_bytes(b"\xef\xbb\xbf" + write_mrpc_tsv(tmp_path / "mrpc.tsv", 4).read_bytes())  # as GLUE ships it
+    assert bom.read_bytes().startswith(b"\xef\xbb\xbfQuality\t")
+    data_args = run_glue.DataTrainingArguments(task_name="mrpc", train_file=str(bom))
+    splits, label_names, text_columns = run_glue.load_splits(data_args, None)
+    assert label_names == ("not_equivalent", "equivalent") and text_columns == ("sentence1", "sentence2")
+    assert splits["train"]["label"] == [0, 1, 0, 1]
+    assert splits["train"]["sentence1"][0] == "the cat sat on the mat number 0"
+    csv_file = tmp_path / "bom.csv"
+    csv_file.write_bytes("\ufeffsentence,label\ngood,1\nbad,0\n".encode("utf-8"))
+    header, rows = run_glue.read_table("train_file", str(csv_file))
+    assert header == ["sentence", "label"] and rows == [["good", "1"], ["bad", "0"]]
+
+
+def test_run_glue_trains_on_mrpc_tsv_with_a_byte_order_mark(tiny_model: str, tmp_path: Path) -> None:
+    data = tmp_path / "mrpc.tsv"
+    data.write_bytes(b"\xef\xbb\xbf" + write_mrpc_tsv(tmp_path / "plain.tsv", 16).read_bytes())
+    out = tmp_path / "out"
+    run_glue.main(["--model_name_or_path", tiny_model, "--task_name", "mrpc", "--train_file", str(data),
+                   "--validation_file", str(data), "--do_train", "--do_eval", "--max_seq_length", "32",
+                   "--final_sparsity", "0.5", "--output_dir", str(out), *FAST])
+    results = read_results(out)
+    assert results["train_samples"] == 16 and 0.0 <= results["eval_f1"] <= 1.0
+
+
+def test_squad_json_with_a_byte_order_mark(tmp_path: Path) -> None:
+    squad = {"data": [{"title": "t", "paragraphs": [{"context": "Denver won.", "qas": [
+        {"id": "q", "question": "Who won?", "answers": [{"text": "Denver", "answer_start": 0}]}]}]}]}
+    path = tmp_path / "bom.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(squad).encode("utf-8"))
+    assert run_squad.read_squad_articles("train_file", str(path)) == squad["data"]
+
+
+# ------------------------------------------------------------------------------------- resuming (item 4)
+def test_run_glue_resume_under_other_pruning_options_exits_2_unless_overridden(
+        tiny_model: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = write_mrpc_tsv(tmp_path / "mrpc.tsv", 16)
+    out = tmp_path / "out"
+    common = ["--model_name_or_path", tiny_model, "--task_name", "mrpc", "--train_file", str(data), "--do_train",
+              "--max_seq_length", "16", "--max_steps", "4", "--per_device_train_batch_size", "8", "--schedule",
+              "iterative", "--end_step", "3", "--pruning_frequency", "1", "--report_to", "none",
+              "--dataloader_pin_memory", "false", "--log_level", "warning", "--output_dir", str(out)]
+    run_glue.main([*common, "--final_sparsity", "0.7", "--save_strategy", "steps", "--save_steps", "2"])
+    checkpoint = str(out / "checkpoint-2")
+    resume = [*common, "--final_sparsity", "0.3", "--save_strategy", "no", "--resume_from_checkpoint", checkpoint]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_glue.main(resume)
+    assert exit_info.value.code == 2
+    [line] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("run_glue.py: error: ")]
+    assert f"The checkpoint {checkpoint}/{MASKS_NAME} was pruned under another config (final_sparsity: " \
+           "checkpoint 0.7, now 0.3)" in line
+
+    run_glue.main([*resume, "--override_checkpoint_config"])
+    # Masks never shrink: the run keeps the checkpoint's 2 of 3 increments towards 0.7, above the new 0.3.
+    assert read_results(out)["sparsity"] == pytest.approx(0.7 * 2 / 3, abs=1e-3)
+    assert PrunedModel.from_pretrained(out).pruning_config.final_sparsity == 0.3
+
+    os.remove(os.path.join(checkpoint, MASKS_NAME))  # a checkpoint of a dense run, or damaged
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_glue.main([*resume, "--override_checkpoint_config"])
+    assert exit_info.value.code == 2
+    [line] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("run_glue.py: error: ")]
+    assert f"{checkpoint}/{MASKS_NAME}'] exists" in line
 
 
 @needs_data
@@ -384,6 +563,30 @@ def test_pruning_arguments_method_rpp() -> None:
         PruningArguments(penalty=0.1, epsilon=0.1)
     with pytest.raises(ValueError, match="`method` must be one of magnitude, rpp; got 'l1'"):
         PruningArguments(method="l1")
+
+
+@pytest.mark.parametrize("value", [float("nan"), -0.5, float("-inf"), 1.0])
+def test_pruning_arguments_check_final_sparsity_even_when_it_would_mean_dense(value: float) -> None:
+    for prune in (True, False):
+        with pytest.raises(ValueError, match=f"`final_sparsity` must be a number in \\[0, 1\\); got {value}"):
+            PruningArguments(prune=prune, final_sparsity=value)
+    args = PruningArguments(final_sparsity=0.0)
+    assert not args.enabled
+    args.final_sparsity = value  # changed after parsing: `enabled` checks again rather than answering False
+    with pytest.raises(ValueError, match="`final_sparsity`"):
+        args.enabled
+
+
+def test_pruning_arguments_booleans_and_override_checkpoint_config() -> None:
+    with pytest.raises(ValueError, match="`prune` must be True or False; got 'no'"):
+        PruningArguments(prune="no")
+    with pytest.raises(ValueError, match="`override_checkpoint_config` must be True or False; got 1"):
+        PruningArguments(override_checkpoint_config=1)
+    (args,) = HfArgumentParser(PruningArguments).parse_args_into_dataclasses(
+        args=["--method", "rpp", "--final_sparsity", "0.5", "--override_checkpoint_config"])
+    callback = args.to_callback(max_steps=100)
+    assert type(callback) is RPPCallback and callback.override_checkpoint_config is True
+    assert PruningArguments().to_callback().override_checkpoint_config is False
 
 
 @needs_data
