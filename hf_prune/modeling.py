@@ -51,6 +51,8 @@ WEIGHT_FORMATS = {SAFE_WEIGHTS_NAME: "dense", SAFE_WEIGHTS_INDEX_NAME: "dense, s
                   DEEP_COMPRESSED_WEIGHTS_NAME: "deep"}
 #: transformers' weights files: one file or shards and their index, safetensors or the older .bin.
 _DENSE_WEIGHTS_FILE = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?")
+#: What `push_to_hub` deletes from the repo unless the new save uploads it (the same files as `_commit` removes).
+_STALE_PATTERNS = (*WEIGHT_FORMATS, "model-*-of-*.safetensors", "pytorch_model-*-of-*.bin", GENERATION_CONFIG_NAME)
 
 
 class PrunedModel(nn.Module):
@@ -147,14 +149,23 @@ class PrunedModel(nn.Module):
                         **kwargs: Any) -> None:
         """Writes the model, `pruning_masks.safetensors`, `pruning_config.json` and a model card README.md.
 
+        The folder changes as one save. Every file is written into a temporary folder inside it first, then renamed
+        into place; weights of other formats (and a generation config the new save lacks) are removed; last comes
+        `pruning_config.json`, which records the sha256 and size of each file of the save (`config.json`, the
+        weights file(s), the masks file, `generation_config.json`), checked by `from_pretrained`. A process killed
+        at any moment leaves a folder that loads as the previous save, as the new one, or fails with a
+        `ValueError` naming the file that belongs to the other save; what a killed save left (`.tmp-*`) is
+        ignored on load and removed by the next save.
+
         Args:
             save_directory (`str`): the folder (created if needed).
             compression (`str`, *optional*): how the weights are stored. `None`: the model's own dense
                 `model.safetensors` (pruned entries are zeros; any transformers user can load it). `"sparse"`: the
                 targeted weights as their kept values only, in their dtype, in `pruned_weights.safetensors`
                 (loads back bit-exact). `"deep"`: Deep Compression (Han et al. 2016), the kept weights of each
-                layer clustered into `2**bits` shared values, their cluster indices and the gaps between kept
-                positions Huffman coded, in `deep_compressed_weights.safetensors`; exact after training with
+                layer clustered into `2**bits` shared values and their cluster indices Huffman coded, in
+                `deep_compressed_weights.safetensors`; the kept positions are stored once, in the masks file,
+                as Huffman-coded gaps when that is smaller than 1 bit per weight. Exact after training with
                 `QuantizationCallback` at the same `bits`, a post-training quantization otherwise. The compressed
                 folders load through `PrunedModel.from_pretrained` only.
             bits (`int`, *optional*, defaults to 4): bits per cluster index for `compression="deep"` (1..8).
@@ -242,13 +253,16 @@ class PrunedModel(nn.Module):
                     private: bool | None = None, token: str | None = None, revision: str | None = None,
                     create_pr: bool = False, **save_kwargs: Any) -> Any:
         """Saves to a temporary folder with `save_pretrained(folder, **save_kwargs)` (`compression`, `bits`,
-        `processing_class`, ...) and uploads the folder as one commit to `repo_id`; returns the commit info."""
+        `processing_class`, ...) and uploads the folder as one commit to `repo_id`; returns the commit info.
+
+        The same commit deletes the repo's weights files of the formats this save does not write (and a generation
+        config it does not have), as `save_pretrained` does in a folder: the repo holds one save."""
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as folder:
             self.save_pretrained(folder, **save_kwargs)
             return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message,
-                                     revision=revision, create_pr=create_pr)
+                                     revision=revision, create_pr=create_pr, delete_patterns=list(_STALE_PATTERNS))
 
     # ---------------------------------------------------------------------------------------------- loading
     @classmethod
@@ -269,7 +283,10 @@ class PrunedModel(nn.Module):
             kwargs: forwarded to the model's `from_pretrained` (`revision`, `dtype`, `device_map`, `token`, ...).
 
         Raises:
-            ValueError: when the masks file is corrupt, names weights the model lacks, has other shapes, or a
+            ValueError: when a file of the folder is not the one `pruning_config.json` records (a folder mixing
+                two saves), the folder holds the weights in two formats, the weights do not fill the model (a
+                weight left newly initialised or a saved tensor without a place: another head), the masks file is
+                corrupt, names weights the model lacks or has other shapes (checked before it is decoded), or a
                 pruned weight is non-zero (without `reapply_masks`).
         """
         path = pretrained_model_name_or_path
@@ -287,7 +304,7 @@ class PrunedModel(nn.Module):
         kind, weights_file = _weights_file(path, hub_kwargs)
         config_file = resolve_file(path, CONFIG_NAME, required=pruning_config is None, **hub_kwargs)
         if config_file is not None:
-            check_saved_files(path, config_file, hub_kwargs)
+            _check_saved_files(path, config_file, hub_kwargs)
         pruning_config = pruning_config or PruningConfig.from_pretrained(path, **hub_kwargs)
         config = transformers.AutoConfig.from_pretrained(path, **hub_kwargs)
         model_class = model_class or auto_model_class(config)
@@ -403,7 +420,7 @@ def _weights_file(path: str | os.PathLike, hub_kwargs: Mapping[str, Any]) -> tup
     return kind, local
 
 
-def check_saved_files(path: str | os.PathLike, config_file: str, hub_kwargs: Mapping[str, Any]) -> None:
+def _check_saved_files(path: str | os.PathLike, config_file: str, hub_kwargs: Mapping[str, Any]) -> None:
     """Checks every file `pruning_config.json` (`config_file`) records as part of its save (`files`: name ->
     sha256 and size) against the file of that name in `path`; a folder without a record (written before hf_prune
     recorded its files) passes.

@@ -592,3 +592,22 @@ def safetensors_metadata(path) -> dict[str, str]:
 
     with safe_open(str(path), "pt") as f:
         return dict(f.metadata())
+
+
+def test_push_to_hub_deletes_the_other_formats_in_the_same_commit():
+    import fnmatch
+
+    calls = {}
+
+    def upload_folder(self, *, repo_id, folder_path, delete_patterns, **kwargs):
+        calls.update(files=set(os.listdir(folder_path)), delete=delete_patterns)
+
+    with mock.patch("huggingface_hub.HfApi.create_repo", return_value=mock.Mock(repo_id="user/m")), \
+            mock.patch("huggingface_hub.HfApi.upload_folder", upload_folder):
+        pruned("bert").push_to_hub("user/m", compression="deep")
+    stale = ["model.safetensors", "model-00001-of-00002.safetensors", "model.safetensors.index.json",
+             COMPRESSED_WEIGHTS_NAME, "pytorch_model.bin", "generation_config.json"]
+    assert all(any(fnmatch.fnmatch(name, p) for p in calls["delete"]) for name in stale)
+    assert not any(fnmatch.fnmatch(name, p) for p in calls["delete"] for name in {"config.json", MASKS_NAME,
+                                                                                 CONFIG_NAME, "README.md"})
+    assert "deep_compressed_weights.safetensors" in calls["files"]  # uploaded, so kept (upload_folder's rule)
