@@ -81,6 +81,10 @@ class PruningArguments:
     exclude_modules: list[str] | None = _option("exclude_modules", "Module names or dotted name suffixes never "
                                                                    "pruned, e.g. `output.dense`.")
     prune_head: bool = _option("prune_head")
+    structure: list[str] = field(default_factory=lambda: ["unstructured"], metadata={
+        "help": "What is pruned together: unstructured (single weights), neurons (feed-forward neurons), heads "
+                "(attention heads), or `neurons heads`; with --scheme class-uniform the result shrinks to a "
+                "smaller standard model (PrunedModel.shrink).", "nargs": "+"})
     penalty: float = _option("penalty")
     penalty_schedule: str = _option("penalty_schedule", "λ on every step of the window (constant) or warmed up "
                                                         "linearly to λ at end_step (linear).",
@@ -129,7 +133,9 @@ class PruningArguments:
                 raise ValueError(f"{', '.join(changed)} set with `method` {self.method!r}; these options apply "
                                  "to `method` 'rpp' only.")
         names = {f.name for f in dataclasses.fields(config_class)}
-        config = config_class(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in names})
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in names}
+        values["structure"] = self.structure[0] if len(self.structure) == 1 else list(self.structure)
+        config = config_class(**values)
         if max_steps is not None:
             METHODS[self.method][1].check_schedule(config, max_steps)
         return config

@@ -20,6 +20,8 @@ from .hub import resolve_file
 from .masks import SCHEMES
 from .schedules import SCHEDULES
 from .serialization import atomic_write_text, read_json_object
+from .structured.selection import STRUCTURED_SCHEMES
+from .structured.units import STRUCTURES
 from .validation import check_bool, check_choice, check_int, check_number
 from .version import __version__
 
@@ -76,6 +78,7 @@ class PruningConfig:
             Damage, ½·F_ii·w_i² with F the mean squared gradient of the `fisher_steps` optimizer steps before each
             pruning event: set `start_step >= fisher_steps` so the first event has a full window (an event
             with no gradients before it, e.g. at step 0, is an error; see `hf_prune.criteria.OBDCriterion`).
+            `"wanda"`: |w_ij|·‖x_j‖₂ (Sun et al. 2024), with the layer inputs of the same window.
         fisher_steps (`int`, *optional*, defaults to `100`):
             With `criterion="obd"`: how many optimizer steps of gradients each pruning event's Fisher estimate
             averages (steps `e - fisher_steps + 1 ... e` for the event at step `e`). Its float32 accumulators exist
@@ -91,6 +94,16 @@ class PruningConfig:
         prune_head (`bool`, *optional*, defaults to `False`):
             Also prune the Linear layers outside the blocks (pooler, task head). A head tied to the input
             embeddings is never pruned.
+        structure (`str` or `list[str]`, *optional*, defaults to `"unstructured"`):
+            What is pruned together. `"unstructured"`: single weights. `"neurons"`: feed-forward neurons (a row of
+            the up / gate projections with its bias, and the matching column of the down projection). `"heads"`:
+            attention heads (their rows of Q / K / V with biases, and the columns of the output projection; with
+            grouped-query attention a key/value head with all its query heads). `["neurons", "heads"]`: both.
+            The targets are then the weights the structure can remove, `final_sparsity` their zero fraction
+            (exact to one neuron or head), a group's score its entries' scores summed (the L2 norm for
+            `"magnitude"`), `scheme` `"class-uniform"` (every layer keeps the same width, so `PrunedModel.shrink`
+            gives a standard config) or `"class-blind"` (all layers' groups ranked together), and
+            `target_modules` unset (`exclude_modules` leaves blocks out). See `hf_prune.structured`.
         base_model_name_or_path (`str`, *optional*):
             The model the run started from; filled in when a pruned model is saved.
     """
@@ -109,6 +122,8 @@ class PruningConfig:
     target_modules: list[str] | str | None = field(default=None, metadata={"help": "Modules to prune."})
     exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Modules never pruned."})
     prune_head: bool = field(default=False, metadata={"help": "Also prune Linear layers outside the blocks."})
+    structure: str | list[str] = field(default="unstructured", metadata={
+        "help": f"What is pruned together: one of {STRUCTURES}, or a list of 'neurons' and 'heads'."})
     base_model_name_or_path: str | None = field(default=None, metadata={"help": "Model the run started from."})
 
     def __post_init__(self) -> None:
@@ -116,6 +131,8 @@ class PruningConfig:
             self.target_modules = list(self.target_modules)
         if isinstance(self.exclude_modules, tuple):
             self.exclude_modules = list(self.exclude_modules)
+        if isinstance(self.structure, tuple):
+            self.structure = list(self.structure)
         self.validate()
 
     def validate(self) -> None:
@@ -139,9 +156,26 @@ class PruningConfig:
         _check_patterns("target_modules", self.target_modules)
         _check_patterns("exclude_modules", self.exclude_modules)
         check_bool("prune_head", self.prune_head)
+        structures = [self.structure] if isinstance(self.structure, str) else self.structure
+        kinds = STRUCTURES[1:]
+        if not isinstance(structures, list) or not structures or any(s not in STRUCTURES for s in structures) \
+                or len(set(structures)) != len(structures) or ("unstructured" in structures and len(structures) > 1):
+            raise ValueError(f"`structure` must be one of {', '.join(map(repr, STRUCTURES))} or a list of "
+                             f"{' and '.join(map(repr, kinds))}; got {self.structure!r}.")
+        if self.structures():
+            check_choice("scheme", self.scheme, STRUCTURED_SCHEMES)
+            if self.target_modules is not None:
+                raise ValueError(f"`target_modules` must be None with `structure` {self.structure!r}: the structure "
+                                 f"decides the targets (use `exclude_modules` to leave blocks out); got "
+                                 f"{self.target_modules!r}.")
         if self.base_model_name_or_path is not None and not isinstance(self.base_model_name_or_path, str):
             raise ValueError(f"`base_model_name_or_path` must be None or a string; got "
                              f"{self.base_model_name_or_path!r}.")
+
+    def structures(self) -> tuple[str, ...]:
+        """The structure kinds pruned (`"neurons"`, `"heads"`); empty for unstructured pruning."""
+        structures = (self.structure,) if isinstance(self.structure, str) else tuple(self.structure)
+        return tuple(s for s in structures if s != "unstructured")
 
     def prepare_loaded_model(self, model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
         """Called by `PrunedModel.from_pretrained` with the loaded model and its masks, before they are wrapped:

@@ -20,6 +20,12 @@ class Criterion:
     """
 
     needs_gradients: bool = False
+    #: Whether the criterion ranks by the inputs of the targeted layers (the `Pruner` then passes them to
+    #: `observe_inputs` during the forward passes before each pruning event).
+    needs_inputs: bool = False
+    #: How a group's score (a neuron, a head: `hf_prune.structured`) sums its entries' scores: `1`, the sum;
+    #: `2`, the sum of squares (the group's L2 norm, squared).
+    group_norm: int = 1
 
     def score(self, name: str, weight: torch.Tensor, rows: slice = ALL_ROWS) -> torch.Tensor:
         raise NotImplementedError
@@ -28,12 +34,18 @@ class Criterion:
         """Records one observation of the targeted weights' gradients (parameter name -> gradient); by default,
         nothing (the criterion does not use gradients)."""
 
+    def observe_inputs(self, name: str, inputs: torch.Tensor, input_dim: int) -> None:
+        """Records one batch of inputs of the layer of weight `name`; `input_dim` is the weight's dimension that
+        runs over the input features (1 for `nn.Linear`, 0 for GPT-2's `Conv1D`). By default, nothing."""
+
     def reset(self) -> None:
         """Frees whatever was recorded for the pruning event that just happened; by default, nothing."""
 
 
 class MagnitudeCriterion(Criterion):
     """|w|: the magnitude criterion of Han et al. 2015, See et al. 2016 and Zhu & Gupta 2017."""
+
+    group_norm = 2
 
     def score(self, name: str, weight: torch.Tensor, rows: slice = ALL_ROWS) -> torch.Tensor:
         return weight.detach()[rows].abs().float()
@@ -96,4 +108,46 @@ class OBDCriterion(Criterion):
         return saliency.nan_to_num_(nan=torch.finfo(torch.float32).max)
 
 
-CRITERIA: dict[str, type[Criterion]] = {"magnitude": MagnitudeCriterion, "obd": OBDCriterion}
+class WandaCriterion(Criterion):
+    """|W_ij|·‖X_j‖₂: Wanda (Sun et al. 2024), a weight's magnitude times the L2 norm of its input feature over the
+    tokens the layer saw, so a small weight on a large activation is kept.
+
+    During training the inputs are those of the forward passes of the `fisher_steps` optimizer steps before each
+    pruning event; `Pruner.estimate_fisher` records them from data without training (one-shot). For a group (a
+    neuron or a head, `PruningConfig.structure`) the score is the sum over its weights,
+    `S_g = Σ_{(i, j) ∈ g} |W_ij|·‖X_j‖₂`: a neuron's up / gate rows weighted by the block's input norms, and its
+    down-projection column by the neuron's own activation norm. Memory: one float32 accumulator per input feature
+    of each targeted layer, freed after each event. An event with no recorded inputs is an error.
+    """
+
+    needs_inputs = True
+
+    def __init__(self) -> None:
+        self.squared_inputs: dict[str, tuple[torch.Tensor, int]] = {}
+
+    @torch.no_grad()
+    def observe_inputs(self, name: str, inputs: torch.Tensor, input_dim: int) -> None:
+        flat = inputs.detach().reshape(-1, inputs.shape[-1]).float()
+        squares = flat.square().sum(0)
+        if name in self.squared_inputs:
+            squares += self.squared_inputs[name][0]
+        self.squared_inputs[name] = (squares, input_dim)
+
+    def reset(self) -> None:
+        self.squared_inputs = {}
+
+    @torch.no_grad()
+    def score(self, name: str, weight: torch.Tensor, rows: slice = ALL_ROWS) -> torch.Tensor:
+        if name not in self.squared_inputs:
+            raise ValueError(
+                f"criterion 'wanda' has no inputs of {name} for this pruning event. During training it records the "
+                "inputs of the forward passes of the `fisher_steps` optimizer steps before each event, so the first "
+                "event needs `start_step` >= `fisher_steps`; for one-shot pruning call `Pruner.estimate_fisher` first."
+            )
+        squares, input_dim = self.squared_inputs[name]
+        norms = squares.sqrt().to(weight.device)
+        norms = norms[None, :] if input_dim == 1 else norms[rows, None]
+        return weight.detach()[rows].abs().float().mul_(norms)
+
+
+CRITERIA: dict[str, type[Criterion]] = {"magnitude": MagnitudeCriterion, "obd": OBDCriterion, "wanda": WandaCriterion}

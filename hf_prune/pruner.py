@@ -10,12 +10,15 @@ from typing import Any
 import torch
 from accelerate.utils import extract_model_from_parallel
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .config import PruningConfig
 from .criteria import CRITERIA
-from .distributed import ZeroPartitions, check_ranks_agree, check_thresholds_agree, layout_of
+from .distributed import Replicated, ZeroPartitions, check_ranks_agree, check_thresholds_agree, layout_of
 from .masks import check_masks_match, update_masks_, zero_pruned_
 from .schedules import SparsitySchedule
+from .structured.selection import update_group_masks_
+from .structured.units import Unit, unit_targets, units_for
 from .targets import clean_name, find_targets
 from .validation import check_int
 
@@ -57,7 +60,9 @@ class Pruner:
         self.config = config
         self.schedule = SparsitySchedule.from_config(config, max_steps)
         self.module = module = extract_model_from_parallel(model)  # the module that owns the weights
-        targets = find_targets(module, config)
+        #: With `config.structure`: the feed-forward / attention blocks whose neurons / heads are pruned whole.
+        self.units: list[Unit] = units_for(module, config) if config.structures() else []
+        targets = unit_targets(self.units, config.class_granularity) if self.units else find_targets(module, config)
         params = {clean_name(name): param for name, param in module.named_parameters()}
         hidden = [t.name for t in targets if t.name not in params]
         if hidden:
@@ -67,7 +72,15 @@ class Pruner:
         self.params: dict[str, nn.Parameter] = {t.name: params[t.name] for t in targets}
         self.classes: dict[str, str] = {t.name: t.weight_class for t in targets}
         self.layout = layout_of(self.params, model)
+        if self.units and type(self.layout) is not Replicated:
+            raise ValueError(f"`structure` {config.structure!r} does not support sharded weights (FSDP / ZeRO-3) "
+                             "yet; train unsharded (DDP), or use structure='unstructured'.")
         self.group = self.layout.group
+        #: The biases of pruned neurons / heads (structured pruning) follow their weights' masks.
+        self.bias_params: dict[str, nn.Parameter] = {m.bias: params[m.bias] for u in self.units
+                                                     for m in u.members if m.bias}
+        self.bias_masks: dict[str, torch.Tensor] = {name: torch.ones_like(p, dtype=torch.bool)
+                                                    for name, p in self.bias_params.items()}
         self.masks: dict[str, torch.Tensor] = {
             name: torch.ones_like(self.layout.local(p), dtype=torch.bool) for name, p in self.params.items()
         }
@@ -78,6 +91,28 @@ class Pruner:
                              "shard with FSDP2.")
         self.target_sparsity = 0.0
         self.thresholds: dict[str, float] = {}
+        self._recording_inputs = False
+        if self.criterion.needs_inputs:
+            self._register_input_hooks(module)
+            self._record_inputs_for(1)
+
+    def _register_input_hooks(self, module: nn.Module) -> None:
+        """Forward pre-hooks that pass each targeted layer's inputs to the criterion while `_recording_inputs`."""
+        modules = {clean_name(name): m for name, m in module.named_modules()}
+        for name in self.params:
+            layer = modules[name.rpartition(".")[0]]
+            input_dim = 0 if isinstance(layer, Conv1D) else 1
+
+            def observe(layer: nn.Module, args: tuple[Any, ...], name: str = name, input_dim: int = input_dim) -> None:
+                if self._recording_inputs:
+                    self.criterion.observe_inputs(name, args[0], input_dim)
+
+            layer.register_forward_pre_hook(observe)
+
+    def _record_inputs_for(self, step: int) -> None:
+        """Whether the forward passes of optimizer step `step` are recorded: a pruning event falls on one of the
+        steps `step ... step + fisher_steps - 1`, as for gradients (`observe_gradients_`)."""
+        self._recording_inputs = self.schedule(step + self.config.fisher_steps - 1) > self.target_sparsity
 
     def update(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> bool:
         """Prunes to the schedule's target at `step` if it is above the current one; returns whether it did.
@@ -89,6 +124,8 @@ class Pruner:
         if target <= self.target_sparsity:
             return False
         self.prune_to(target, optimizer)
+        if self.criterion.needs_inputs:
+            self._record_inputs_for(step + 1)
         return True
 
     def prune_to(self, sparsity: float, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -97,8 +134,13 @@ class Pruner:
         A criterion's gradient statistics ("obd") are used and then freed.
         """
         weights = {name: self.layout.local(p) for name, p in self.params.items()}
-        self.thresholds = update_masks_(weights, self.masks, self.classes, self.criterion, sparsity,
-                                        self.config.scheme, self.layout.reduce)
+        if self.units:
+            self.thresholds = update_group_masks_(self.units, weights, self.masks, self.criterion, sparsity,
+                                                  self.config.scheme)
+            self._update_bias_masks()
+        else:
+            self.thresholds = update_masks_(weights, self.masks, self.classes, self.criterion, sparsity,
+                                            self.config.scheme, self.layout.reduce)
         self.criterion.reset()
         self.target_sparsity = sparsity
         self.apply_()
@@ -107,8 +149,22 @@ class Pruner:
 
     @torch.no_grad()
     def apply_(self) -> None:
-        """Sets the pruned weights to exactly zero, in place (under ZeRO-3, the optimizer's fp32 copy too)."""
+        """Sets the pruned weights (and the biases of pruned neurons / heads) to exactly zero, in place (under
+        ZeRO-3, the optimizer's fp32 copy too)."""
         self.layout.zero_pruned_(self.params, self.masks)
+        for name, bias in self.bias_params.items():
+            zero_pruned_(bias, self.bias_masks[name])
+
+    def _update_bias_masks(self) -> None:
+        """A bias entry of a unit member is kept while its output feature's row of the weight mask keeps anything."""
+        for unit in self.units:
+            for member in unit.members:
+                if member.bias is None:
+                    continue
+                mask = self.masks[member.name]
+                kept = mask.movedim(member.dim, 0).reshape(mask.shape[member.dim], -1).any(1)
+                span = slice(member.offset, member.offset + unit.num_groups * member.width)
+                self.bias_masks[member.bias][span] = kept[span]
 
     def check_ranks_agree(self, step: int) -> None:
         """Raises `RuntimeError` on every rank when the ranks prune differently (see `hf_prune.distributed`):
@@ -127,6 +183,8 @@ class Pruner:
         those of steps `e - fisher_steps + 1 ... e`, and between these windows the criterion holds no statistics
         and no memory. Returns whether the gradients were recorded.
         """
+        if self.criterion.needs_inputs:  # the next forward pass is that of step + 1
+            self._record_inputs_for(step + 1)
         window_end = step + self.config.fisher_steps - 1
         if not self.criterion.needs_gradients or self.schedule(window_end) <= self.target_sparsity:
             return False
@@ -136,13 +194,15 @@ class Pruner:
 
     def estimate_fisher(self, model: nn.Module, dataloader: Iterable[Mapping[str, Any]],
                         num_batches: int | None = None) -> None:
-        """Records the gradient statistics of `criterion="obd"` from data, without training (one-shot pruning).
+        """Records the statistics of a data-driven criterion (`"obd"`'s gradients, `"wanda"`'s layer inputs) from
+        data, without training (one-shot pruning).
 
         Each batch is one observation: the gradient of `model(**batch).loss` with respect to the targeted weights,
         taken with `torch.autograd.grad` (no `.grad` is touched, no weight changes) in eval mode (no dropout; the
         model gets its mode back). With one example per batch the statistics are the per-example empirical
         Fisher; batches of B examples give mean squared batch gradients, about that Fisher / B near a minimum.
-        The next `prune_to` uses them and frees them.
+        For `"wanda"` each batch only runs forward (no gradients), its layer inputs recorded. The next `prune_to`
+        uses the statistics and frees them.
 
         ```python
         pruner = Pruner(model, PruningConfig(schedule="oneshot", final_sparsity=0.5, criterion="obd"))
@@ -159,39 +219,50 @@ class Pruner:
             ValueError: when the criterion does not use gradients, `num_batches` is not a positive integer, or a
                 batch is not a dict or gives no loss.
         """
-        if not self.criterion.needs_gradients:
-            accepted = ", ".join(repr(name) for name, cls in CRITERIA.items() if cls.needs_gradients)
-            raise ValueError(f"`criterion` {self.config.criterion!r} does not use gradients; estimate_fisher is for "
+        if not (self.criterion.needs_gradients or self.criterion.needs_inputs):
+            accepted = ", ".join(repr(name) for name, cls in CRITERIA.items() if cls.needs_gradients or cls.needs_inputs)
+            raise ValueError(f"`criterion` {self.config.criterion!r} does not use data; estimate_fisher is for "
                              f"{accepted}.")
         check_int("num_batches", num_batches, 1, optional=True)
         params = {name: p for name, p in self.params.items() if p.requires_grad}
         device = next(iter(self.params.values())).device
         was_training = model.training
         model.eval()
+        self._recording_inputs = self.criterion.needs_inputs
         try:
-            with torch.enable_grad():
+            with torch.set_grad_enabled(self.criterion.needs_gradients):
                 for batch in itertools.islice(dataloader, num_batches):
                     loss = _batch_loss(model, batch, device)
+                    if not self.criterion.needs_gradients:
+                        continue
                     gradients = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
                     self.criterion.observe_gradients({n: self.layout.local(g) for n, g in zip(params, gradients)
                                                       if g is not None})
         finally:
+            self._recording_inputs = False
             model.train(was_training)
 
     @torch.no_grad()
     def mask_gradients_(self) -> None:
         """Zeroes the gradients of pruned weights (call before `optimizer.step()`)."""
-        for name, param in self.params.items():
+        for name, param in self._masked_params():
             if param.grad is not None:
-                zero_pruned_(self.layout.local(param.grad), self.masks[name])
+                zero_pruned_(self.layout.local(param.grad), self._mask_of(name))
 
     @torch.no_grad()
     def mask_optimizer_state_(self, optimizer: torch.optim.Optimizer) -> None:
         """Zeroes every per-weight optimizer buffer (same shape as the weight) at the pruned positions."""
-        for name, param in self.params.items():
+        for name, param in self._masked_params():
             for value in optimizer.state.get(param, {}).values():
                 if isinstance(value, torch.Tensor) and value.shape == param.shape:
-                    zero_pruned_(self.layout.local(value), self.masks[name])
+                    zero_pruned_(self.layout.local(value), self._mask_of(name))
+
+    def _masked_params(self) -> Iterable[tuple[str, nn.Parameter]]:
+        """The targeted weights, then the biases of structured units."""
+        return itertools.chain(self.params.items(), self.bias_params.items())
+
+    def _mask_of(self, name: str) -> torch.Tensor:
+        return self.masks[name] if name in self.masks else self.bias_masks[name]
 
     def sparsity(self) -> float:
         """Fraction of the targeted weights that are pruned (over all shards)."""
@@ -235,6 +306,7 @@ class Pruner:
         for name, mask in masks.items():
             local = self.layout.scatter(mask, self.params[name])
             self.masks[name] = local.to(device=self.masks[name].device, dtype=torch.bool).clone()
+        self._update_bias_masks()
         self.apply_()
 
 

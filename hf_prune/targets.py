@@ -5,13 +5,17 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .config import PruningConfig
 from .distributed.layouts import is_sharded
+
+
+if TYPE_CHECKING:
+    from .config import PruningConfig
 
 
 PRUNABLE_MODULES = (nn.Linear, Conv1D)
@@ -35,7 +39,7 @@ class Target:
     weight_class: str
 
 
-def _matches(module_name: str, patterns: str | Sequence[str]) -> bool:
+def matches(module_name: str, patterns: str | Sequence[str]) -> bool:
     """peft's rule: a string is a regex on the full name, a list matches exact names or dotted suffixes."""
     if isinstance(patterns, str):
         return re.fullmatch(patterns, module_name) is not None
@@ -76,14 +80,14 @@ def find_targets(model: nn.Module, config: PruningConfig) -> list[Target]:
                          "to prune.")
     names = [name for name, _ in candidates]
     if config.target_modules is not None:
-        selected = [n for n in names if _matches(n, config.target_modules)]
+        selected = [n for n in names if matches(n, config.target_modules)]
         if not selected:
             raise ValueError(f"`target_modules` {config.target_modules!r} matches no Linear/Conv1D module of "
                              f"{type(model).__name__}; candidates include {names[:6]}.")
     else:
         selected = [n for n in names if config.prune_head or _BLOCK_INDEX.search(n)]
     if config.exclude_modules is not None:
-        excluded = [n for n in names if _matches(n, config.exclude_modules)]
+        excluded = [n for n in names if matches(n, config.exclude_modules)]
         if not excluded:
             raise ValueError(f"`exclude_modules` {config.exclude_modules!r} matches no Linear/Conv1D module of "
                              f"{type(model).__name__}; candidates include {names[:6]}.")

@@ -1,0 +1,123 @@
+"""Structured pruning on SST-2: fine-tune all-MiniLM-L6-v2 while whole feed-forward neurons are pruned
+(`PruningConfig(structure="neurons", scheme="class-uniform")`), shrink the result to a smaller standard BERT
+(`PrunedModel.shrink`), and compare its dev accuracy with the dense model's and with small-dense baselines (the
+first k layers of the pretrained model, fine-tuned alike).
+
+Every shrunk model is checked against its masked model (same dev predictions) and, with `--save_dir`, saved with
+its own `save_pretrained` beside the dense one, for `inference_speed.py` to time:
+
+    python examples/benchmarks/structured_sparsity.py --max_train_samples 67349 --max_steps 1500 \\
+        --sparsities 0.75 --criteria obd --distill --save_dir out/structured --output structured.md
+
+`--distill` fine-tunes the dense model first and distils every pruned run from it (`DistillationTrainer`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    accuracy,
+    add_common_arguments,
+    default_model_path,
+    fine_tune,
+    load_model,
+    print_and_write,
+    setup_sst2,
+)
+
+from hf_prune import DistillationTrainer, MagnitudePruningCallback, PrunedModel, PruningConfig  # noqa: E402
+from hf_prune.criteria import CRITERIA  # noqa: E402
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_arguments(parser, max_train_samples=8000, max_steps=300)
+    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.75],
+                        help="Fractions of the feed-forward neurons removed (in every layer).")
+    parser.add_argument("--criteria", nargs="+", choices=sorted(CRITERIA), default=["magnitude"])
+    parser.add_argument("--fisher_steps", type=int, default=60, help="Steps of statistics before each event.")
+    parser.add_argument("--pruning_frequency", type=int, default=None)
+    parser.add_argument("--end_fraction", type=float, default=0.75,
+                        help="The schedule ends at this fraction of --max_steps; the rest recovers.")
+    parser.add_argument("--small_dense_layers", type=int, nargs="*", default=[],
+                        help="Also fine-tune the first k layers of the pretrained model, for each k.")
+    parser.add_argument("--distill", action="store_true", help="Distil every pruned run from the dense model.")
+    parser.add_argument("--distill_alpha", type=float, default=0.9)
+    parser.add_argument("--distill_temperature", type=float, default=2.0)
+    parser.add_argument("--skip_dense", action="store_true",
+                        help="Do not fine-tune the dense model (its row is left out; not with --distill).")
+    parser.add_argument("--save_dir", type=Path, default=None, help="Save the dense and shrunk models here.")
+    args = parser.parse_args()
+    if args.skip_dense and args.distill:
+        parser.error("--distill needs the dense model as its teacher; drop --skip_dense.")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    model_path = args.model or default_model_path()
+    tokenizer, collator, train_set, dev_set = setup_sst2(args)
+    rows, teacher, dense_accuracy = [], None, None
+    with tempfile.TemporaryDirectory() as scratch:
+        if not args.skip_dense:
+            dense = fine_tune(args, load_model(model_path, args.seed), train_set, collator, scratch).model
+            dense_accuracy = accuracy(dense, dev_set, collator)
+            rows.append(("dense", "-", dense_accuracy, sum(p.numel() for p in dense.parameters()), "-"))
+            if args.save_dir:
+                dense.save_pretrained(args.save_dir / "dense")
+                tokenizer.save_pretrained(args.save_dir / "dense")
+            teacher = dense if args.distill else None
+        end_step = int(args.end_fraction * args.max_steps)
+        for criterion in args.criteria:
+            for sparsity in args.sparsities:
+                config = PruningConfig(structure="neurons", scheme="class-uniform", schedule="cubic",
+                                       final_sparsity=sparsity, start_step=args.fisher_steps, end_step=end_step,
+                                       pruning_frequency=args.pruning_frequency, criterion=criterion,
+                                       fisher_steps=args.fisher_steps)
+                distillation = {} if teacher is None else {
+                    "trainer_class": DistillationTrainer, "teacher_model": teacher, "alpha": args.distill_alpha,
+                    "temperature": args.distill_temperature}
+                trainer = fine_tune(args, load_model(model_path, args.seed), train_set, collator, scratch,
+                                    [MagnitudePruningCallback(config)], **distillation)
+                pruned = PrunedModel.from_trainer(trainer)
+                masked_accuracy = accuracy(pruned.model, dev_set, collator)
+                small = pruned.shrink()
+                small_accuracy = accuracy(small, dev_set, collator)
+                if small_accuracy != masked_accuracy:
+                    raise RuntimeError(f"shrunk model accuracy {small_accuracy} != masked {masked_accuracy}")
+                name = f"neurons-{round(100 * sparsity)}-{criterion}{'-kd' if teacher is not None else ''}"
+                rows.append((name, f"{small.config.intermediate_size}", small_accuracy,
+                             sum(p.numel() for p in small.parameters()), f"{pruned.sparsity_report().overall:.4f}"))
+                if args.save_dir:
+                    small.save_pretrained(args.save_dir / name)
+                    tokenizer.save_pretrained(args.save_dir / name)
+        for layers in args.small_dense_layers:
+            small = fine_tune(args, load_model(model_path, args.seed, num_hidden_layers=layers), train_set,
+                              collator, scratch).model
+            rows.append((f"first {layers} layers", "1536", accuracy(small, dev_set, collator),
+                         sum(p.numel() for p in small.parameters()), "-"))
+            if args.save_dir:
+                small.save_pretrained(args.save_dir / f"dense-{layers}-layers")
+                tokenizer.save_pretrained(args.save_dir / f"dense-{layers}-layers")
+    kd = f", distilled from the dense run (α {args.distill_alpha}, T {args.distill_temperature})" if args.distill else ""
+    lines = [f"SST-2 dev accuracy, all-MiniLM-L6-v2, {len(train_set)} training examples, {args.max_steps} steps, "
+             f"batch {args.batch_size}, seq {args.max_seq_length}, seed {args.seed}; pruned runs: whole feed-forward "
+             f"neurons, class-uniform, cubic to step {end_step}{kd}.", "",
+             "| model | FFN width | dev accuracy | vs dense | parameters | zeros among FFN weights before shrink |",
+             "|---|---|---|---|---|---|"]
+    for name, width, acc, params, zeros in rows:
+        gap = "-" if dense_accuracy is None else f"{100 * (acc - dense_accuracy):+.2f} pt"
+        lines.append(f"| {name} | {width} | {100 * acc:.2f}% | {gap} | "
+                     f"{params / 1e6:.2f}M | {zeros} |")
+    print_and_write("\n".join(lines), args.output)
+
+
+if __name__ == "__main__":
+    main()

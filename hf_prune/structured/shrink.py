@@ -1,0 +1,130 @@
+"""`shrink`: a structured-pruned model rebuilt without its pruned neurons and heads, as an ordinary transformers
+model with a standard config (`intermediate_size`, `num_attention_heads`, ...), smaller and faster in plain
+transformers.
+
+A standard config has one width per kind for all layers, so every layer must keep the same number of neurons (and
+of heads): prune with `scheme="class-uniform"`. Heads shrink only where the config states the head size apart from
+the hidden size (`head_dim`, as Llama-style configs do); BERT-, GPT-2- and BART-style configs derive it from
+`hidden_size / num_attention_heads`, and T5 shares one relative position bias across its layers, so for those
+`shrink` raises a `ValueError` that says which option gives a portable model (`structure="neurons"`).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .selection import group_view
+from .units import HEADS, NEURONS, Member, Unit
+
+
+#: Config keys that hold the feed-forward width, in the order they are looked for.
+WIDTH_KEYS = ("intermediate_size", "n_inner", "d_ff", "encoder_ffn_dim", "decoder_ffn_dim", "ffn_dim")
+
+
+def kept_groups(unit: Unit, masks: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The indices of the groups of `unit` that `masks` keep.
+
+    Raises:
+        ValueError: when a group is pruned in part (the masks are not those of whole neurons / heads).
+    """
+    states = [group_view(masks[m.name], m, unit.num_groups) for m in unit.members]
+    kept = torch.stack([s.any(1) for s in states]).cpu()
+    whole = torch.stack([s.all(1) | ~s.any(1) for s in states]).cpu()
+    if not bool(whole.all()) or not bool((kept == kept[0]).all()):
+        raise ValueError(f"The masks of {unit.prefix.rstrip('.')} prune parts of {unit.kind}, not whole ones: shrink "
+                         "needs masks from a structured run (PruningConfig(structure=...)) with nothing pruned "
+                         "inside the kept groups.")
+    return kept[0].nonzero().view(-1)
+
+
+def _width_key(config: object, unit: Unit) -> str:
+    """The config key holding the feed-forward width of `unit`."""
+    if hasattr(config, "encoder_ffn_dim") and hasattr(config, "decoder_ffn_dim"):
+        return "decoder_ffn_dim" if "decoder" in unit.prefix.split(".") else "encoder_ffn_dim"
+    for key in WIDTH_KEYS:
+        if hasattr(config, key) and getattr(config, key) in (unit.num_groups, None):
+            return key
+    raise ValueError(f"{type(config).__name__} has no feed-forward width key ({', '.join(WIDTH_KEYS)}) of "
+                     f"{unit.num_groups} for {unit.prefix.rstrip('.')}; shrink cannot express the result.")
+
+
+def _check_heads_expressible(config: object) -> None:
+    explicit = "head_dim" in getattr(config, "to_dict", dict)() and hasattr(config, "num_key_value_heads")
+    if not explicit:
+        raise ValueError(f"{type(config).__name__} derives the head size from hidden_size / num_attention_heads (or "
+                         "shares a position bias across layers), so a model with fewer heads is not a standard "
+                         "config of it: prune with structure='neurons' for a portable shrunk model, or keep the "
+                         "head masks (PrunedModel) without shrinking.")
+
+
+def _new_config(model: nn.Module, units: Sequence[Unit], kept: Mapping[str, torch.Tensor]) -> object:
+    """A copy of the model's config with the kept widths; every unit of a config key must keep the same count."""
+    config = copy.deepcopy(model.config)
+    widths: dict[str, set[int]] = defaultdict(set)
+    for unit in units:
+        if unit.kind == NEURONS:
+            widths[_width_key(config, unit)].add(len(kept[unit.prefix]))
+        else:
+            widths["num_key_value_heads"].add(len(kept[unit.prefix]))
+    uneven = {key: sorted(values) for key, values in widths.items() if len(values) > 1}
+    if uneven:
+        raise ValueError(f"The layers keep different widths ({uneven}), which a standard config cannot express: "
+                         "prune with scheme='class-uniform' so that every layer keeps the same number of neurons and "
+                         "heads.")
+    for key, (width,) in widths.items():
+        if key == "num_key_value_heads":
+            per_group = next(u.queries_per_group for u in units if u.kind == HEADS)
+            config.head_dim = next(u.head_dim for u in units if u.kind == HEADS)
+            config.num_attention_heads = width * per_group
+        setattr(config, key, width)
+    return config
+
+
+def _entries(members: Sequence[Member], unit: Unit, groups: torch.Tensor) -> torch.Tensor:
+    """The positions, along the members' dimension, of the kept groups of every member (in offset order)."""
+    ordered = sorted(members, key=lambda m: m.offset)
+    within = torch.arange(ordered[0].width)
+    return torch.cat([(m.offset + groups[:, None] * m.width + within).reshape(-1) for m in ordered])
+
+
+def shrink(model: nn.Module, masks: Mapping[str, torch.Tensor], units: Sequence[Unit]) -> nn.Module:
+    """A new model of the same class without the pruned groups of `units`, with its config updated.
+
+    Args:
+        model (`PreTrainedModel`): the structured-pruned model (pruned weights are zeros).
+        masks (`dict[str, torch.Tensor]`): its masks (whole groups pruned).
+        units (`list[Unit]`): the units the masks were made over (`hf_prune.structured.units.units_for`).
+
+    Raises:
+        ValueError: when a group is pruned in part, the layers keep different widths, or the config cannot
+            express fewer heads; the model is left as it is.
+    """
+    if any(unit.kind == HEADS for unit in units):
+        _check_heads_expressible(model.config)
+    kept = {unit.prefix: kept_groups(unit, masks) for unit in units}
+    config = _new_config(model, units, kept)
+    index: dict[str, tuple[int, torch.Tensor]] = {}
+    for unit in units:
+        by_param: dict[str, list[Member]] = defaultdict(list)
+        for member in unit.members:
+            by_param[member.name].append(member)
+        for name, members in by_param.items():
+            index[name] = (members[0].dim, _entries(members, unit, kept[unit.prefix]))
+            if members[0].bias is not None:
+                index[members[0].bias] = (0, index[name][1])
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name in index:
+            dim, positions = index[name]
+            tensor = tensor.index_select(dim, positions.to(tensor.device))
+        state[name] = tensor.detach().clone()
+    reference = next(model.parameters())
+    shrunk = type(model)(config).to(dtype=reference.dtype)
+    shrunk.load_state_dict(state, strict=True)
+    shrunk.tie_weights()
+    return shrunk.to(reference.device).train(model.training)

@@ -1,0 +1,240 @@
+"""Which weights prune together: the feed-forward neurons and attention heads of a Transformer's blocks.
+
+A `Unit` is one feed-forward block or one attention block of one layer. It holds `num_groups` groups (neurons, or
+heads), and each group is a slice of every member weight: a neuron is a row of the up / gate projections (their
+input side: one output feature each) and the matching column of the down projection; a head is its `head_dim`
+rows of Q / K / V and the matching columns of the output projection. With grouped-query attention a group is one
+key/value head with all the query heads that share it, so every kept key/value head keeps the same number of query
+heads and the result is still a standard config.
+
+The rules below name the modules by their place inside a block; they cover BERT-style encoders (RoBERTa,
+DistilBERT-style names aside), GPT-2 (fused `c_attn`, `Conv1D` weights stored `(in, out)`), Llama-style decoders,
+T5 and BART. A model none of them matches is a `ValueError` naming the structure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ..targets import Target, clean_name, matches, weight_class
+
+
+if TYPE_CHECKING:
+    from ..config import PruningConfig
+
+
+NEURONS, HEADS = "neurons", "heads"
+STRUCTURES = ("unstructured", NEURONS, HEADS)
+
+#: Feed-forward blocks: (the up / gate projections, the down projection), named under the same parent module.
+FFN_RULES: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("intermediate.dense",), "output.dense"),  # BERT: under the layer
+    (("c_fc",), "c_proj"),  # GPT-2: under `mlp`
+    (("gate_proj", "up_proj"), "down_proj"),  # Llama
+    (("wi_0", "wi_1"), "wo"),  # T5 v1.1 (gated)
+    (("wi",), "wo"),  # T5
+    (("fc1",), "fc2"),  # BART: under the layer
+)
+#: Attention blocks: (Q, K, V, output), named under the same parent; GPT-2's fused QKV is `ATTENTION_FUSED`.
+ATTENTION_RULES: tuple[tuple[str, str, str, str], ...] = (
+    ("self.query", "self.key", "self.value", "output.dense"),  # BERT: under `attention`
+    ("q_proj", "k_proj", "v_proj", "o_proj"),  # Llama
+    ("q_proj", "k_proj", "v_proj", "out_proj"),  # BART
+    ("q", "k", "v", "o"),  # T5
+)
+ATTENTION_FUSED = ("c_attn", "c_proj")  # GPT-2: under `attn`
+
+
+@dataclass(frozen=True)
+class Member:
+    """The part of one weight that a unit's groups cover: along `dim` of the weight as stored, group `g` is the
+    entries `offset + g * width ... offset + (g + 1) * width - 1`. `bias` is the parameter name of the bias whose
+    entries belong to the groups (the same slices), when the groups run along the output features."""
+
+    name: str
+    module_name: str
+    dim: int
+    offset: int
+    width: int
+    bias: str | None = None
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One feed-forward block (`kind="neurons"`) or attention block (`kind="heads"`) of one layer."""
+
+    kind: str
+    prefix: str
+    num_groups: int
+    members: tuple[Member, ...]
+    #: heads: the query heads in one group (1 without grouped-query attention) and the head size.
+    queries_per_group: int = 1
+    head_dim: int = 0
+
+    @property
+    def weight_class(self) -> str:
+        """The unit's weight class: its kind and its place with the layer index removed."""
+        return f"{self.kind}:{weight_class(self.prefix.rstrip('.'))}"
+
+
+def _layout(module: nn.Module) -> tuple[int, int, int]:
+    """`(output dim, input dim, number of output features)` of a Linear (`(out, in)`) or Conv1D (`(in, out)`)."""
+    if isinstance(module, Conv1D):
+        return 1, 0, module.weight.shape[1]
+    return 0, 1, module.weight.shape[0]
+
+
+def _bias(name: str, module: nn.Module) -> str | None:
+    return f"{name}.bias" if getattr(module, "bias", None) is not None else None
+
+
+def _ffn_unit(modules: dict[str, nn.Module], prefix: str, ups: Sequence[str], down: str) -> Unit | None:
+    names = [prefix + up for up in ups]
+    down_name = prefix + down
+    if not all(n in modules for n in (*names, down_name)):
+        return None
+    widths = {_layout(modules[n])[2] for n in names}
+    down_in = modules[down_name].weight.shape[_layout(modules[down_name])[1]]
+    if len(widths) != 1 or widths != {down_in}:
+        return None
+    members = [Member(f"{n}.weight", n, _layout(modules[n])[0], 0, 1, _bias(n, modules[n])) for n in names]
+    members.append(Member(f"{down_name}.weight", down_name, _layout(modules[down_name])[1], 0, 1))
+    return Unit(NEURONS, prefix, down_in, tuple(members))
+
+
+def _heads_of(attention: nn.Module | None, config: object, q_out: int, kv_out: int) -> tuple[int, int] | None:
+    """`(number of query heads, head size)` of an attention block, from its module or the model config."""
+    for source in (attention, config):
+        if source is None:
+            continue
+        heads = next((getattr(source, a) for a in ("num_heads", "num_attention_heads", "n_heads", "n_head")
+                      if isinstance(getattr(source, a, None), int)), None)
+        head_dim = next((getattr(source, a) for a in ("head_dim", "attention_head_size", "key_value_proj_dim",
+                                                       "d_kv") if isinstance(getattr(source, a, None), int)), None)
+        if heads and not head_dim and q_out % heads == 0:
+            head_dim = q_out // heads
+        if heads and head_dim and heads * head_dim == q_out and kv_out % head_dim == 0:
+            return heads, head_dim
+    return None
+
+
+def _attention_unit(model: nn.Module, everything: dict[str, nn.Module], modules: dict[str, nn.Module], prefix: str,
+                    names: Sequence[str]) -> Unit | None:
+    full = [prefix + n for n in names]
+    if not all(n in modules for n in full):
+        return None
+    q, k, v, o = (modules[n] for n in full)
+    q_out, kv_out = _layout(q)[2], _layout(k)[2]
+    if _layout(v)[2] != kv_out or o.weight.shape[_layout(o)[1]] != q_out:
+        return None
+    heads = _heads_of(everything.get(prefix.rstrip(".")), getattr(model, "config", None), q_out, kv_out)
+    if heads is None:
+        return None
+    num_heads, head_dim = heads
+    kv_heads = kv_out // head_dim
+    if num_heads % kv_heads:
+        return None
+    per_group = num_heads // kv_heads
+    members = [Member(f"{full[0]}.weight", full[0], _layout(q)[0], 0, per_group * head_dim, _bias(full[0], q))]
+    members += [Member(f"{n}.weight", n, _layout(m)[0], 0, head_dim, _bias(n, m)) for n, m in zip(full[1:3], (k, v))]
+    members.append(Member(f"{full[3]}.weight", full[3], _layout(o)[1], 0, per_group * head_dim))
+    return Unit(HEADS, prefix, kv_heads, tuple(members), per_group, head_dim)
+
+
+def _fused_attention_unit(model: nn.Module, everything: dict[str, nn.Module], modules: dict[str, nn.Module],
+                          prefix: str) -> Unit | None:
+    qkv_name, out_name = (prefix + n for n in ATTENTION_FUSED)
+    if not all(n in modules for n in (qkv_name, out_name)) or not isinstance(modules[qkv_name], Conv1D):
+        return None
+    hidden = modules[qkv_name].weight.shape[1] // 3
+    heads = _heads_of(everything.get(prefix.rstrip(".")), getattr(model, "config", None), hidden, hidden)
+    if heads is None:
+        return None
+    num_heads, head_dim = heads
+    members = tuple(Member(f"{qkv_name}.weight", qkv_name, 1, part * hidden, head_dim,
+                           _bias(qkv_name, modules[qkv_name])) for part in range(3))
+    return Unit(HEADS, prefix, num_heads, (*members, Member(f"{out_name}.weight", out_name, 0, 0, head_dim)), 1,
+                head_dim)
+
+
+def find_units(model: nn.Module, structures: Sequence[str]) -> list[Unit]:
+    """The units of `structures` (`"neurons"`, `"heads"`) in `model`, in module order.
+
+    Raises:
+        ValueError: naming the structure when `model` has none of its units.
+    """
+    everything = {clean_name(name): m for name, m in model.named_modules()}
+    modules = {name: m for name, m in everything.items() if isinstance(m, (nn.Linear, Conv1D))}
+    units: list[Unit] = []
+    seen: set[str] = set()
+    for name in modules:
+        for kind in structures:
+            for unit in _units_named(model, everything, modules, name, kind):
+                if not {m.name for m in unit.members} & seen:
+                    units.append(unit)
+                    seen.update(m.name for m in unit.members)
+    for kind in structures:
+        if not any(unit.kind == kind for unit in units):
+            raise ValueError(f"`structure` {kind!r}: no {'feed-forward blocks' if kind == NEURONS else 'attention heads'}"
+                             f" found in {type(model).__name__} (hf_prune knows the module names of BERT, GPT-2, "
+                             "Llama, T5 and BART blocks); use structure='unstructured'.")
+    return units
+
+
+def _units_named(model: nn.Module, everything: dict[str, nn.Module], modules: dict[str, nn.Module], name: str,
+                 kind: str) -> list[Unit]:
+    """The units of `kind` whose first member is the module `name`."""
+    found = []
+    if kind == NEURONS:
+        for ups, down in FFN_RULES:
+            if name.endswith(ups[0]) and (name == ups[0] or name.endswith("." + ups[0])):
+                unit = _ffn_unit(modules, name[:-len(ups[0])], ups, down)
+                if unit is not None:
+                    found.append(unit)
+                    break
+    else:
+        for rule in ATTENTION_RULES:
+            if name == rule[0] or name.endswith("." + rule[0]):
+                unit = _attention_unit(model, everything, modules, name[:-len(rule[0])], rule)
+                if unit is not None:
+                    found.append(unit)
+                    break
+        if not found and (name == ATTENTION_FUSED[0] or name.endswith("." + ATTENTION_FUSED[0])):
+            unit = _fused_attention_unit(model, everything, modules, name[:-len(ATTENTION_FUSED[0])])
+            if unit is not None:
+                found.append(unit)
+    return found
+
+
+def units_for(model: nn.Module, config: PruningConfig) -> list[Unit]:
+    """The units `config.structure` prunes in `model`: every unit of its kinds, less those with a member module
+    matched by `config.exclude_modules`.
+
+    Raises:
+        ValueError: when a kind has no unit in `model`, `exclude_modules` matches no member, or nothing is left.
+    """
+    units = find_units(model, config.structures())
+    if config.exclude_modules is not None:
+        kept = [u for u in units if not any(matches(m.module_name, config.exclude_modules) for m in u.members)]
+        if len(kept) == len(units):
+            raise ValueError(f"`exclude_modules` {config.exclude_modules!r} matches no module of the "
+                             f"{config.structure!r} blocks of {type(model).__name__}.")
+        if not kept:
+            raise ValueError(f"`exclude_modules` {config.exclude_modules!r} leaves no {config.structure!r} block of "
+                             f"{type(model).__name__} to prune.")
+        units = kept
+    return units
+
+
+def unit_targets(units: Sequence[Unit], granularity: str) -> list[Target]:
+    """The weights the units prune, once each (GPT-2's fused QKV belongs to three members), as `Target`s."""
+    targets: dict[str, Target] = {}
+    for unit in units:
+        for m in unit.members:
+            targets.setdefault(m.name, Target(m.name, m.module_name, weight_class(m.module_name, granularity)))
+    return list(targets.values())

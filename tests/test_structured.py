@@ -1,0 +1,233 @@
+"""Structured pruning: whole neurons and heads (`PruningConfig.structure`), `PrunedModel.shrink`, and bad input."""
+
+import pytest
+import torch
+from conftest import TINY_MODELS, TinyClassificationDataset, TinyLMDataset, tiny_bert, tiny_llama, tiny_t5
+from testing_utils import ZeroChecker, tiny_training_args, train_until_first_checkpoint
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    Seq2SeqTrainer,
+    Seq2SeqTrainingArguments,
+    Trainer,
+)
+
+from hf_prune import MagnitudePruningCallback, PrunedModel, Pruner, PruningConfig
+from hf_prune.structured.selection import group_view
+from hf_prune.structured.units import find_units
+
+
+AUTO = {"bert": AutoModelForSequenceClassification, "gpt2": AutoModelForCausalLM, "llama": AutoModelForCausalLM,
+        "t5": AutoModelForSeq2SeqLM, "bart": AutoModelForSeq2SeqLM}
+#: (kind, number of units, groups per unit) of each tiny model: neurons are its intermediate size, heads its
+#: (key/value) heads.
+UNITS = {"bert": {"neurons": (2, 37), "heads": (2, 4)}, "gpt2": {"neurons": (2, 128), "heads": (2, 4)},
+         "llama": {"neurons": (2, 37), "heads": (2, 2)}, "t5": {"neurons": (4, 37), "heads": (6, 4)},
+         "bart": {"neurons": (4, 37), "heads": (6, 4)}}
+#: Structures whose shrunk model a standard config expresses.
+SHRINKABLE = {"bert": "neurons", "gpt2": "neurons", "t5": "neurons", "bart": "neurons", "llama": ["neurons", "heads"]}
+
+
+def inputs_for(kind: str) -> dict[str, torch.Tensor]:
+    ids = torch.randint(3, 99, (2, 7), generator=torch.Generator().manual_seed(1))
+    return {"input_ids": ids, "decoder_input_ids": ids[:, :5]} if kind in ("t5", "bart") else {"input_ids": ids}
+
+
+def batch_for(kind: str) -> dict[str, torch.Tensor]:
+    """One training batch (labels included) of the tiny model `kind`."""
+    ids = inputs_for(kind)["input_ids"]
+    labels = {"bert": torch.tensor([0, 1]), "t5": ids[:, :5].clone(), "bart": ids[:, :5].clone()}.get(kind, ids)
+    return {"input_ids": ids, "labels": labels}
+
+
+def assert_whole_groups(pruner: Pruner) -> None:
+    """Every group of every unit is kept or pruned in all its member entries, biases included."""
+    for unit in pruner.units:
+        states = [group_view(pruner.masks[m.name], m, unit.num_groups) for m in unit.members]
+        kept = states[0].all(1)
+        for member, state in zip(unit.members, states):
+            assert torch.equal(state.all(1), kept) and torch.equal(state.any(1), kept), member.name
+            if member.bias is not None:
+                bias = pruner.bias_params[member.bias].detach()
+                positions = group_view(bias, member.__class__(member.name, member.module_name, 0, member.offset,
+                                                              member.width), unit.num_groups)
+                assert (positions[~kept] == 0).all(), member.bias
+
+
+@pytest.mark.parametrize("kind", sorted(TINY_MODELS))
+def test_units_are_found_for_every_architecture(kind):
+    units = find_units(TINY_MODELS[kind](), ("neurons", "heads"))
+    for structure, (count, groups) in UNITS[kind].items():
+        found = [u for u in units if u.kind == structure]
+        assert len(found) == count and {u.num_groups for u in found} == {groups}, structure
+
+
+@pytest.mark.parametrize("scheme", ["class-uniform", "class-blind"])
+@pytest.mark.parametrize("criterion", ["magnitude", "wanda"])
+@pytest.mark.parametrize("kind", sorted(TINY_MODELS))
+def test_prune_to_removes_whole_groups_exactly(kind, criterion, scheme):
+    model = TINY_MODELS[kind]().eval()
+    structure = ["neurons", "heads"]
+    pruner = Pruner(model, PruningConfig(structure=structure, scheme=scheme, schedule="oneshot", final_sparsity=0.5,
+                                         criterion=criterion))
+    if criterion == "wanda":
+        pruner.estimate_fisher(model, [batch_for(kind)])
+    pruner.prune_to(0.5)
+    assert_whole_groups(pruner)
+    for structure_kind in structure:
+        units = [u for u in pruner.units if u.kind == structure_kind]
+        pruned = [int((~group_view(pruner.masks[u.members[0].name], u.members[0], u.num_groups).any(1)).sum())
+                  for u in units]
+        total = sum(u.num_groups for u in units)
+        if scheme == "class-uniform":
+            assert pruned == [round(0.5 * u.num_groups) for u in units], structure_kind
+        else:  # exact to one group over the whole model
+            assert abs(sum(pruned) - 0.5 * total) <= 0.5, structure_kind
+    params = dict(model.named_parameters())
+    assert all((params[n].detach()[~m] == 0).all() for n, m in pruner.masks.items())
+
+
+def test_magnitude_ranks_neurons_by_their_l2_norm():
+    model = tiny_bert()
+    pruner = Pruner(model, PruningConfig(structure="neurons", scheme="class-uniform", schedule="oneshot",
+                                         final_sparsity=0.25))
+    unit = pruner.units[0]
+    up, down = unit.members
+    params = dict(model.named_parameters())
+    norms = params[up.name].detach().square().sum(1) + params[down.name].detach().square().sum(0)
+    expected = set(torch.sort(norms, stable=True).indices[:round(0.25 * unit.num_groups)].tolist())
+    pruner.prune_to(0.25)
+    pruned = set((~pruner.masks[up.name].any(1)).nonzero().view(-1).tolist())
+    assert pruned == expected
+
+
+@pytest.mark.parametrize("structure", ["neurons", "heads", ["neurons", "heads"]])
+def test_trainer_keeps_structured_masks_exactly_zero_and_resumes_to_the_same_masks(tmp_path, structure):
+    config = PruningConfig(structure=structure, scheme="class-uniform", schedule="iterative", initial_sparsity=0.25,
+                           final_sparsity=0.5, start_step=1, end_step=7, pruning_frequency=3, criterion="obd",
+                           fisher_steps=1)
+
+    def trainer(output: str, callbacks):
+        return Trainer(model=tiny_bert(), args=tiny_training_args(tmp_path / output, max_steps=10, save_steps=4,
+                                                                  save_strategy="steps"),
+                       train_dataset=TinyClassificationDataset(96), callbacks=callbacks)
+
+    full = MagnitudePruningCallback(config)
+    checker = ZeroChecker(full)
+    trainer("full", [full, checker]).train()
+    assert not checker.violations and checker.sparsity_by_step[10] == pytest.approx(full.pruner.sparsity())
+    assert_whole_groups(full.pruner)
+    assert full.pruner.target_sparsity == 0.5
+
+    first = MagnitudePruningCallback(config)
+    checkpoint = train_until_first_checkpoint(trainer("resumed", [first]))
+    resumed = MagnitudePruningCallback(config)
+    trainer("resumed", [resumed]).train(resume_from_checkpoint=checkpoint)
+    assert all(torch.equal(resumed.masks[n], m) for n, m in full.masks.items())
+
+
+def test_seq2seq_trainer_prunes_t5_neurons(tmp_path):
+    callback = MagnitudePruningCallback(PruningConfig(structure="neurons", scheme="class-uniform", schedule="oneshot",
+                                                      final_sparsity=0.5, start_step=2))
+    args = Seq2SeqTrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=8,
+                                    learning_rate=5e-3, report_to="none", use_cpu=True, save_strategy="no",
+                                    disable_tqdm=True)
+    model = tiny_t5()
+    Seq2SeqTrainer(model=model, args=args, train_dataset=TinyLMDataset(32), callbacks=[callback]).train()
+    assert_whole_groups(callback.pruner)
+    small = PrunedModel(model, callback.masks, callback.config).shrink()
+    assert small.config.d_ff == 37 - round(0.5 * 37)
+
+
+@pytest.mark.parametrize("kind", sorted(TINY_MODELS))
+def test_shrink_round_trips_through_plain_from_pretrained_with_equal_outputs(tmp_path, kind):
+    model = TINY_MODELS[kind]().eval()
+    config = PruningConfig(structure=SHRINKABLE[kind], scheme="class-uniform", schedule="oneshot",
+                           final_sparsity=0.5)
+    pruner = Pruner(model, config)
+    pruner.prune_to(0.5)
+    small = PrunedModel(model, pruner.masks, config).shrink().eval()
+    small.save_pretrained(tmp_path)
+    loaded = AUTO[kind].from_pretrained(tmp_path).eval()
+    for name, tensor in small.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    assert sum(p.numel() for p in loaded.parameters()) < sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        expected = model(**inputs_for(kind), output_hidden_states=True)
+        actual = loaded(**inputs_for(kind), output_hidden_states=True)
+    assert (expected.logits - actual.logits).abs().max() <= 1e-4
+    hidden = "decoder_hidden_states" if kind in ("t5", "bart") else "hidden_states"
+    for want, got in zip(getattr(expected, hidden), getattr(actual, hidden)):
+        assert (want - got).abs().max() <= 1e-4
+
+
+def test_shrink_of_llama_heads_keeps_grouped_query_attention_standard(tmp_path):
+    model = tiny_llama().eval()
+    config = PruningConfig(structure="heads", scheme="class-uniform", schedule="oneshot", final_sparsity=0.5)
+    pruner = Pruner(model, config)
+    pruner.prune_to(0.5)
+    small = PrunedModel(model, pruner.masks, config).shrink()
+    assert (small.config.num_key_value_heads, small.config.num_attention_heads, small.config.head_dim) == (1, 2, 8)
+    small.save_pretrained(tmp_path)
+    assert AutoModel.from_pretrained(tmp_path).config.num_attention_heads == 2
+
+
+@pytest.mark.parametrize("config, message", [
+    (dict(structure="heads"), "derives the head size"),  # BERT: head size = hidden / heads
+    (dict(structure="neurons", scheme="class-blind"), "scheme='class-uniform'"),
+    (dict(structure="unstructured"), "structure"),
+])
+def test_shrink_that_cannot_be_expressed_is_a_value_error_and_changes_nothing(config, message):
+    model = tiny_bert()
+    pruning = PruningConfig(**{"scheme": "class-uniform", "schedule": "oneshot", "final_sparsity": 0.5, **config})
+    pruner = Pruner(model, pruning)
+    pruner.prune_to(0.5)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    if pruning.structure == "neurons":  # class-blind: make the layers' widths differ
+        unit = pruner.units[0]
+        pruner.masks[unit.members[0].name][:3] = False
+        pruner.masks[unit.members[1].name][:, :3] = False
+        pruner.apply_()
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=message):
+        PrunedModel(model, pruner.masks, pruning).shrink()
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_partly_pruned_groups_cannot_shrink():
+    model = tiny_bert()
+    config = PruningConfig(structure="neurons", scheme="class-uniform", schedule="oneshot", final_sparsity=0.5)
+    pruner = Pruner(model, config)
+    pruner.prune_to(0.5)
+    masks = {n: m.clone() for n, m in pruner.masks.items()}
+    name = pruner.units[0].members[0].name
+    masks[name][masks[name].any(1).nonzero()[0], 0] = False  # one entry of a kept neuron
+    with pytest.raises(ValueError, match="not whole ones"):
+        PrunedModel(model, masks, config).shrink()
+
+
+class NoAttention(torch.nn.Module):
+    """Linear layers inside indexed blocks, but no attention: no heads to find."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList([torch.nn.Sequential(torch.nn.Linear(4, 4)) for _ in range(2)])
+
+
+@pytest.mark.parametrize("model, config, message", [
+    (NoAttention, dict(structure="heads"), "no attention heads found"),
+    (NoAttention, dict(structure="neurons"), "no feed-forward blocks found"),
+    (tiny_bert, dict(structure="heads", scheme="class-distribution"), "`scheme` must be one of"),
+    (tiny_bert, dict(structure="neurons", target_modules=["query"]), "`target_modules` must be None"),
+    (tiny_bert, dict(structure="layers"), "`structure` must be one of"),
+    (tiny_bert, dict(structure=["neurons", "neurons"]), "`structure` must be one of"),
+    (tiny_bert, dict(structure="neurons", exclude_modules=["nomatch"]), "matches no module"),
+])
+def test_bad_structures_raise_before_any_training_step(model, config, message):
+    instance = model()
+    before = {n: p.detach().clone() for n, p in instance.named_parameters()}
+    with pytest.raises(ValueError, match=message):
+        Pruner(instance, PruningConfig(**{"schedule": "oneshot", **config}))
+    assert all(torch.equal(before[n], p) for n, p in instance.named_parameters())
