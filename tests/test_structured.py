@@ -231,3 +231,16 @@ def test_bad_structures_raise_before_any_training_step(model, config, message):
     with pytest.raises(ValueError, match=message):
         Pruner(instance, PruningConfig(**{"schedule": "oneshot", **config}))
     assert all(torch.equal(before[n], p) for n, p in instance.named_parameters())
+
+
+def test_a_saved_structured_model_reloads_with_its_config_and_shrinks_alike(tmp_path):
+    model = tiny_bert().eval()
+    config = PruningConfig(structure="neurons", scheme="class-uniform", schedule="oneshot", final_sparsity=0.5)
+    pruner = Pruner(model, config)
+    pruner.prune_to(0.5)
+    PrunedModel(model, pruner.masks, config).save_pretrained(tmp_path / "pruned")
+    loaded = PrunedModel.from_pretrained(tmp_path / "pruned")
+    assert loaded.pruning_config.structure == "neurons"
+    before, after = PrunedModel(model, pruner.masks, config).shrink(), loaded.shrink()
+    assert after.config.intermediate_size == before.config.intermediate_size == 37 - round(0.5 * 37)
+    assert all(torch.equal(after.state_dict()[n], t) for n, t in before.state_dict().items())
