@@ -145,6 +145,7 @@ def test_missing_matplotlib_is_a_clear_error(pruned_folder, tmp_path, monkeypatc
     assert not (tmp_path / "x.png").exists()
 
 
+@pytest.mark.slow
 def test_import_does_not_need_matplotlib():
     code = "import sys, hf_prune, hf_prune.cli, hf_prune.plots; assert 'matplotlib' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -1,10 +1,11 @@
 import dataclasses
 import math
+import os
 
 import pytest
 import torch
 from conftest import TinyClassificationDataset, tiny_bert
-from test_callbacks import Interrupt, train
+from testing_utils import magnitude_trainer, train_until_first_checkpoint
 from torch import nn
 
 from hf_prune import Pruner, PruningConfig, SparsitySchedule
@@ -174,8 +175,9 @@ OBD = dict(initial_sparsity=0.1, final_sparsity=0.8, schedule="cubic", start_ste
            pruning_frequency=3, criterion="obd", fisher_steps=2)  # events at 4, 7 and 10
 
 
+@pytest.mark.slow
 def test_trainer_run_reaches_the_target_with_exact_zeros_and_other_masks_than_magnitude(tmp_path):
-    trainer, callback, checker = train(tmp_path / "obd", PruningConfig(**OBD))
+    trainer, callback, checker = magnitude_trainer(tmp_path / "obd", PruningConfig(**OBD))
     trainer.train()
     assert checker.violations == []
     schedule = SparsitySchedule.from_config(callback.config, max_steps=12)
@@ -187,27 +189,28 @@ def test_trainer_run_reaches_the_target_with_exact_zeros_and_other_masks_than_ma
     assert all((params[name][~mask] == 0).all() for name, mask in callback.masks.items())
     assert callback.pruner.criterion.squared_gradients == {}  # steps 11 and 12 are outside every window
 
-    magnitude, magnitude_callback, _ = train(tmp_path / "magnitude",
-                                             PruningConfig(**{**OBD, "criterion": "magnitude"}))
+    magnitude, magnitude_callback, _ = magnitude_trainer(tmp_path / "magnitude",
+                                                         PruningConfig(**{**OBD, "criterion": "magnitude"}))
     magnitude.train()
     assert magnitude_callback.pruner.sparsity() == pytest.approx(callback.pruner.sparsity(), abs=1e-12)
     assert any(not torch.equal(mask, magnitude_callback.masks[name]) for name, mask in callback.masks.items())
 
 
+@pytest.mark.slow
 def test_resumed_obd_run_restores_the_masks_and_ends_with_the_same_ones(tmp_path):
     # The checkpoint at step 4 lies after the event at 4 and before the window (steps 6, 7) of the event at 7, so
     # the resumed run sees the same gradients in every window as the uninterrupted one.
-    full, full_callback, _ = train(tmp_path / "a", PruningConfig(**OBD), save_strategy="steps", save_steps=4)
-    full.train()
-    first, _, _ = train(tmp_path / "b", PruningConfig(**OBD), save_strategy="steps", save_steps=4)
-    first.add_callback(Interrupt())
-    first.train()
-    checkpoint = tmp_path / "b" / "out" / "checkpoint-4"
-    saved = load_masks(checkpoint / MASKS_NAME)
-
-    resumed, resumed_callback, checker = train(tmp_path / "b", PruningConfig(**OBD), save_strategy="steps",
+    full, full_callback, _ = magnitude_trainer(tmp_path / "a", PruningConfig(**OBD), save_strategy="steps",
                                                save_steps=4)
-    resumed.train(resume_from_checkpoint=str(checkpoint))
+    full.train()
+    first, _, _ = magnitude_trainer(tmp_path / "b", PruningConfig(**OBD), save_strategy="steps", save_steps=4)
+    checkpoint = train_until_first_checkpoint(first)
+    assert checkpoint == str(tmp_path / "b" / "out" / "checkpoint-4")
+    saved = load_masks(os.path.join(checkpoint, MASKS_NAME))
+
+    resumed, resumed_callback, checker = magnitude_trainer(tmp_path / "b", PruningConfig(**OBD),
+                                                           save_strategy="steps", save_steps=4)
+    resumed.train(resume_from_checkpoint=checkpoint)
     assert resumed.state.global_step == 12 and checker.violations == []
     restored = SparsitySchedule.from_config(resumed_callback.config, max_steps=12)(4)
     assert checker.sparsity_by_step[5] == pytest.approx(restored, abs=1e-4)  # the masks of step 4, restored

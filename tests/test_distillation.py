@@ -3,10 +3,12 @@ import math
 import pytest
 import torch
 from conftest import TinyClassificationDataset, tiny_bert, tiny_gpt2, tiny_t5
+from testing_utils import tiny_training_args
 from transformers import TrainingArguments
 
 from hf_prune import MagnitudePruningCallback, PruningConfig
 from hf_prune.methods.distillation import IGNORE_INDEX, DistillationTrainer, distillation_loss, row_mask
+from hf_prune.targets import find_targets
 
 
 # ---------------------------------------------------------------------------------------------- the loss
@@ -47,9 +49,7 @@ def test_row_mask_picks_the_mask_of_the_logits_leading_shape():
 
 # ------------------------------------------------------------------------------------------- the trainer
 def trainer_for(student, teacher, tmp_path, dataset=None, callbacks=None, **kwargs):
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=kwargs.pop("max_steps", 4),
-                             per_device_train_batch_size=8, learning_rate=5e-3, logging_steps=1,
-                             save_strategy="no", report_to="none", use_cpu=True, seed=0, disable_tqdm=True)
+    args = tiny_training_args(tmp_path, max_steps=kwargs.pop("max_steps", 4), logging_steps=1, weight_decay=0.0)
     return DistillationTrainer(model=student, args=args, teacher_model=teacher, callbacks=callbacks,
                                train_dataset=dataset if dataset is not None else TinyClassificationDataset(32),
                                **kwargs)
@@ -132,14 +132,19 @@ def test_pruning_run_with_distillation_moves_the_student_towards_the_teacher(tmp
             return float(distillation_loss(student(**batch).logits, teacher(**batch).logits, 2.0))
 
     before = gap()
-    callback = MagnitudePruningCallback(PruningConfig(final_sparsity=0.5, schedule="oneshot"))
+    config = PruningConfig(final_sparsity=0.5, schedule="oneshot")
+    targeted = {target.name for target in find_targets(tiny_bert(), config)}
+    assert len(targeted) == 12  # query, key, value, attention output, intermediate, output of both layers
+    callback = MagnitudePruningCallback(config)
     trainer = trainer_for(student, teacher, tmp_path, dataset=dataset, callbacks=[callback], alpha=1.0,
                           max_steps=16)
     trainer.train()
     student.eval()
 
     assert gap() < 0.5 * before, (before, gap())
+    assert callback.masks.keys() == targeted  # masks were built, one per targeted weight
     total = sum(mask.numel() for mask in callback.masks.values())
+    assert total == sum(p.numel() for n, p in student.named_parameters() if n in targeted) > 0
     assert total - sum(int(mask.sum()) for mask in callback.masks.values()) == round(0.5 * total)
     params = dict(student.named_parameters())
     assert all(bool((params[name].detach()[~mask] == 0).all()) for name, mask in callback.masks.items())

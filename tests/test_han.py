@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 from conftest import TINY_MODELS, TinyClassificationDataset, tiny_bert
+from testing_utils import ZeroChecker, tiny_training_args
 from torch import nn
-from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
 
 from hf_prune import MagnitudePruningCallback, PrunedModel, PruningConfig
 from hf_prune.methods.dropout import apply_dropout_adjustment
@@ -17,40 +18,6 @@ from hf_prune.methods.han import HanConfig, HanPruner, HanPruningCallback, event
 from hf_prune.methods.regularization import RegularizationCallback, penalty_value
 from hf_prune.methods.retraining import get_see_retraining_schedule, see_retraining_arguments
 from hf_prune.targets import find_targets
-
-
-def training_args(output_dir, **overrides) -> TrainingArguments:
-    args = dict(output_dir=str(output_dir), max_steps=12, per_device_train_batch_size=8, learning_rate=5e-3,
-                weight_decay=0.1, max_grad_norm=1.0, logging_steps=2, save_strategy="no", report_to="none",
-                use_cpu=True, seed=0, disable_tqdm=True)
-    return TrainingArguments(**{**args, **overrides})
-
-
-class ZeroChecker(TrainerCallback):
-    """Placed last: records any non-zero gradient of a pruned weight right before the optimizer step, any non-zero
-    pruned weight after the step and at step end, and the sparsity at each step end."""
-
-    def __init__(self, pruning: MagnitudePruningCallback) -> None:
-        self.pruning = pruning
-        self.violations: list[tuple[str, int]] = []
-        self.sparsity_by_step: dict[int, float] = {}
-
-    def _check(self, event: str, state, model, grad: bool = False) -> None:
-        params = dict(model.named_parameters())
-        for name, mask in self.pruning.masks.items():
-            tensor = params[name].grad if grad else params[name].detach()
-            if tensor is not None and (tensor[~mask] != 0).any():
-                self.violations.append((event, state.global_step))
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        self._check("gradient", state, model, grad=True)
-
-    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
-        self._check("optimizer_step", state, model)
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        self._check("step_end", state, model)
-        self.sparsity_by_step[state.global_step] = self.pruning.pruner.sparsity()
 
 
 # ------------------------------------------------------------------------------------------- regularisation
@@ -64,7 +31,7 @@ def test_penalty_gradient_is_the_closed_form_on_targeted_weights_only(tmp_path, 
         model.bert.encoder.layer[0].attention.self.query.weight[0, :4] = 0.0  # sign(0) = 0: no L1 gradient
     before = {name: param.grad.clone() for name, param in model.named_parameters()}
     callback = RegularizationCallback(penalty, strength=0.25)
-    args, state, control = training_args(tmp_path), TrainerState(), TrainerControl()
+    args, state, control = tiny_training_args(tmp_path), TrainerState(), TrainerControl()
 
     callback.on_train_begin(args, state, control, model=model)
     callback.on_pre_optimizer_step(args, state, control)
@@ -95,7 +62,7 @@ def test_regularization_never_revives_pruned_weights(tmp_path, penalty, regulari
     regularization = RegularizationCallback(penalty, strength=0.5, config=config)
     checker = ZeroChecker(pruning)
     callbacks = [regularization, pruning] if regularization_first else [pruning, regularization]
-    trainer = Trainer(model=tiny_bert(), args=training_args(tmp_path, max_steps=8, optim="sgd", learning_rate=0.1),
+    trainer = Trainer(model=tiny_bert(), args=tiny_training_args(tmp_path, max_steps=8, optim="sgd", learning_rate=0.1),
                       train_dataset=TinyClassificationDataset(64), callbacks=[*callbacks, checker])
     trainer.train()
 
@@ -241,7 +208,7 @@ def test_see_schedule_halves_the_learning_rate_exactly_every_two_epochs():
 
 
 def test_see_retraining_in_a_trainer_run(tmp_path):
-    args = see_retraining_arguments(training_args(tmp_path, learning_rate=0.01, logging_steps=1, num_train_epochs=9))
+    args = see_retraining_arguments(tiny_training_args(tmp_path, learning_rate=0.01, logging_steps=1, num_train_epochs=9))
     assert (args.learning_rate, args.num_train_epochs, args.max_steps) == (0.005, 4.0, -1)
     trainer = Trainer(model=tiny_bert(), args=args, train_dataset=TinyClassificationDataset(16))
     trainer.create_optimizer()
@@ -259,11 +226,12 @@ HAN = dict(quality=0.6, iterations=3, pruning_frequency=4)
 def han_trainer(output_dir):
     callback = HanPruningCallback(HanConfig(**HAN))
     checker = ZeroChecker(callback)
-    trainer = Trainer(model=tiny_bert(), args=training_args(output_dir, save_strategy="steps", save_steps=6),
+    trainer = Trainer(model=tiny_bert(), args=tiny_training_args(output_dir, save_strategy="steps", save_steps=6),
                       train_dataset=TinyClassificationDataset(96), callbacks=[callback, checker])
     return trainer, callback, checker
 
 
+@pytest.mark.slow
 def test_trainer_run_iterates_three_times_and_resumes_to_the_same_model(tmp_path):
     full, callback, checker = han_trainer(tmp_path / "out")
     full.train()

@@ -1,7 +1,8 @@
 import pytest
 import torch
 from conftest import TinyClassificationDataset, tiny_bert
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from testing_utils import tiny_training_args
+from transformers import Trainer, TrainerCallback
 
 from hf_prune import PrunedModel, PruningConfig
 from hf_prune.methods.rpp import (
@@ -162,18 +163,17 @@ class Probe(TrainerCallback):
             self.zero_steps.append(state.global_step)
 
 
-def train(output_dir, max_steps=12, **overrides):
+def train(output_dir, max_steps=12, save_steps=3, **overrides):
     callback = RPPCallback(RPPConfig(**CONFIG))
     probe = Probe(callback)
-    args = dict(output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=8, learning_rate=5e-3,
-                weight_decay=0.1, max_grad_norm=1.0, logging_steps=2, save_strategy="steps", save_steps=3,
-                report_to="none", use_cpu=True, seed=0, disable_tqdm=True)
-    args.update(overrides)
-    trainer = Trainer(model=tiny_bert(), args=TrainingArguments(**args), train_dataset=TinyClassificationDataset(96),
+    args = tiny_training_args(output_dir, max_steps=max_steps, save_strategy="steps", save_steps=save_steps,
+                              **overrides)
+    trainer = Trainer(model=tiny_bert(), args=args, train_dataset=TinyClassificationDataset(96),
                       callbacks=[callback, probe])
     return trainer, callback, probe
 
 
+@pytest.mark.slow
 def test_trainer_run_reaches_exact_target_and_resumes_to_the_same_masks(tmp_path):
     full, callback, probe = train(tmp_path / "out")
     full.train()
@@ -207,6 +207,7 @@ def test_trainer_run_reaches_exact_target_and_resumes_to_the_same_masks(tmp_path
         assert torch.equal(loaded.masks[name], mask), name
 
 
+@pytest.mark.slow
 def test_resume_between_two_refreshes_warns_and_still_reaches_the_target(tmp_path, caplog):
     first, _, _ = train(tmp_path / "out", save_steps=4)
     first.train()
@@ -230,9 +231,7 @@ def test_gradual_schedule_grows_the_masks_over_the_window_while_the_proximal_ste
         def on_step_end(self, args, state, control, **kwargs):
             sparsities[state.global_step] = callback.pruner.sparsity()
 
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=8,
-                             learning_rate=5e-3, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
-                             seed=0, disable_tqdm=True)
+    args = tiny_training_args(tmp_path, logging_steps=1, weight_decay=0.0)
     trainer = Trainer(model=tiny_bert(), args=args, train_dataset=TinyClassificationDataset(96),
                       callbacks=[callback, Record()])
     trainer.train()

@@ -1,4 +1,5 @@
-"""Launched by tests/test_distributed.py under `torchrun --nproc_per_node 2` on CPU (gloo).
+"""A worker of tests/test_distributed.py: the real `Trainer` under `torchrun --nproc_per_node 2`, on CPU (gloo, DDP)
+unless sharded.
 
 Trains the tiny BERT of conftest.py with `MagnitudePruningCallback` for 6 steps under DDP, then every rank writes
 `rank<r>.safetensors` into `--output_dir` (its masks, its targeted weights, and in the metadata the world size and
@@ -10,8 +11,8 @@ With `--skew_rank r`, rank `r` prunes one extra weight at every event after the 
 divergence would: training must stop at step 2 with the rank-agreement error.
 
 With `--sharding fsdp1` / `fsdp2` the Trainer shards the model with FSDP1 / FSDP2, with `--sharding zero3` with
-DeepSpeed ZeRO-3 (accelerate enables them on accelerators only: these need GPUs); the masks and weights written per rank are then the
-gathered full ones.
+DeepSpeed ZeRO-3 (accelerate enables them on accelerators only: these need GPUs); the masks and weights written per
+rank are then the gathered full ones.
 """
 
 from __future__ import annotations
@@ -19,22 +20,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
+
+import torch
+import torch.distributed as dist
+from conftest import TinyClassificationDataset, tiny_bert
+from distributed_worker_common import RUN_CONFIG, RUN_STEPS
+from safetensors.torch import save_file
+from transformers import Trainer, TrainingArguments
+
+from hf_prune import MagnitudePruningCallback, PrunedModel, Pruner
 
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import torch  # noqa: E402
-from conftest import TinyClassificationDataset, tiny_bert  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-from transformers import Trainer, TrainingArguments  # noqa: E402
-
-from hf_prune import MagnitudePruningCallback, PrunedModel, Pruner, PruningConfig  # noqa: E402
-
-
-CONFIG = PruningConfig(initial_sparsity=0.2, final_sparsity=0.7, schedule="cubic", start_step=0, end_step=4,
-                       pruning_frequency=2)
-MAX_STEPS = 6
 SHARDING_ARGS = {
     "fsdp1": {"fsdp": "full_shard auto_wrap", "fsdp_config": {"transformer_layer_cls_to_wrap": ["BertLayer"],
                                                               "use_orig_params": True}},
@@ -84,20 +80,13 @@ def full_weights(model: torch.nn.Module, names) -> dict[str, torch.Tensor]:
     return weights
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--skew_rank", type=int, default=None)
-    parser.add_argument("--sharding", choices=sorted(SHARDING_ARGS), default=None)
-    cli = parser.parse_args()
-    output_dir = cli.output_dir
-
-    skewed = cli.skew_rank == int(os.environ.get("RANK", 0))
-    callback = (SkewedCallback if skewed else MagnitudePruningCallback)(CONFIG)
-    args = TrainingArguments(output_dir=os.path.join(output_dir, "trainer"), max_steps=MAX_STEPS,
+def train_and_save(output_dir: str, skew_rank: int | None, sharding: str | None) -> None:
+    skewed = skew_rank == int(os.environ.get("RANK", 0))
+    callback = (SkewedCallback if skewed else MagnitudePruningCallback)(RUN_CONFIG)
+    args = TrainingArguments(output_dir=os.path.join(output_dir, "trainer"), max_steps=RUN_STEPS,
                              per_device_train_batch_size=4, learning_rate=5e-3, save_strategy="steps",
-                             save_steps=MAX_STEPS, report_to="none", use_cpu=cli.sharding is None, seed=0,
-                             disable_tqdm=True, **SHARDING_ARGS.get(cli.sharding, {}))
+                             save_steps=RUN_STEPS, report_to="none", use_cpu=sharding is None, seed=0,
+                             disable_tqdm=True, **SHARDING_ARGS.get(sharding, {}))
     trainer = Trainer(model=tiny_bert(), args=args, train_dataset=TinyClassificationDataset(64), callbacks=[callback])
     trainer.train()
 
@@ -118,6 +107,19 @@ def main() -> None:
                 "deepspeed": str(trainer.is_deepspeed_enabled),
                 "mask_shapes": json.dumps({n: list(m.shape) for n, m in callback.masks.items()})}
     save_file(tensors, os.path.join(output_dir, f"rank{rank}.safetensors"), metadata=metadata)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--skew_rank", type=int, default=None)
+    parser.add_argument("--sharding", choices=sorted(SHARDING_ARGS), default=None)
+    cli = parser.parse_args()
+    try:
+        train_and_save(cli.output_dir, cli.skew_rank, cli.sharding)
+    finally:  # the Trainer set the group up (accelerate); nothing else tears it down
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,81 @@
+"""What several test modules share beyond conftest.py's fixtures and tiny models: the tiny `TrainingArguments`, a
+callback that checks pruned weights stay exactly zero, and training interrupted at a checkpoint to resume from."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from conftest import TinyClassificationDataset, tiny_bert
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from hf_prune import MagnitudePruningCallback, PruningConfig
+
+
+TINY_TRAINING = dict(max_steps=12, per_device_train_batch_size=8, learning_rate=5e-3, weight_decay=0.1,
+                     max_grad_norm=1.0, logging_steps=2, save_strategy="no", report_to="none", use_cpu=True, seed=0,
+                     disable_tqdm=True)
+
+
+def tiny_training_args(output_dir, **overrides) -> TrainingArguments:
+    """`TrainingArguments` for a few CPU steps on the tiny models: 12 AdamW steps of 8 examples at 5e-3 (weight
+    decay 0.1, clipping at 1.0), a log every 2 steps, no checkpoint, seed 0; `overrides` replace any of them."""
+    return TrainingArguments(output_dir=str(output_dir), **{**TINY_TRAINING, **overrides})
+
+
+class ZeroChecker(TrainerCallback):
+    """Placed after the pruning callback: records any non-zero gradient of a pruned weight right before the
+    optimizer step, any non-zero pruned weight after the step and at step end, and the sparsity at each step end."""
+
+    def __init__(self, pruning: MagnitudePruningCallback) -> None:
+        self.pruning = pruning
+        self.violations: list[tuple[str, int]] = []
+        self.sparsity_by_step: dict[int, float] = {}
+
+    def _check(self, event: str, state, model, grad: bool = False) -> None:
+        params = dict(model.named_parameters())
+        for name, mask in self.pruning.masks.items():
+            tensor = params[name].grad if grad else params[name].detach()
+            if tensor is not None and (tensor[~mask] != 0).any():
+                self.violations.append((event, state.global_step))
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self._check("gradient", state, model, grad=True)
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self._check("optimizer_step", state, model)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self._check("step_end", state, model)
+        self.sparsity_by_step[state.global_step] = self.pruning.pruner.sparsity()
+
+
+class Interrupt(TrainerCallback):
+    """Stops training right after the first checkpoint, as a crash would."""
+
+    def on_save(self, args, state, control, **kwargs):
+        control.should_training_stop = True
+
+
+def train_until_first_checkpoint(trainer: Trainer) -> str:
+    """Trains `trainer` until it writes its first checkpoint and stops there, as a crash would; returns the
+    checkpoint folder to resume from."""
+    trainer.add_callback(Interrupt())
+    trainer.train()
+    checkpoint = os.path.join(trainer.args.output_dir, f"checkpoint-{trainer.state.global_step}")
+    assert os.path.isdir(checkpoint), checkpoint
+    return checkpoint
+
+
+def magnitude_trainer(tmp_path, config: PruningConfig, max_steps: int = 12, checker: bool = True,
+                      optimizer_cls: type[torch.optim.Optimizer] | None = None, **overrides):
+    """A `Trainer` of the tiny BERT on 96 examples with `MagnitudePruningCallback(config)`, followed by a
+    `ZeroChecker` unless `checker=False`, writing to `tmp_path / "out"`; `optimizer_cls` replaces AdamW (at lr 0.1).
+    Returns the trainer, the pruning callback and the last callback (the checker, if any)."""
+    callback = MagnitudePruningCallback(config)
+    callbacks = [callback] + ([ZeroChecker(callback)] if checker else [])
+    model = tiny_bert()
+    optimizers = (optimizer_cls(model.parameters(), lr=0.1), None) if optimizer_cls else (None, None)
+    trainer = Trainer(model=model, args=tiny_training_args(tmp_path / "out", max_steps=max_steps, **overrides),
+                      train_dataset=TinyClassificationDataset(96), callbacks=callbacks, optimizers=optimizers)
+    return trainer, callback, callbacks[-1]
