@@ -2,12 +2,16 @@ import os
 
 import pytest
 import torch
+from conftest import TinyClassificationDataset, tiny_bert
 from safetensors.torch import load_file
-from testing_utils import magnitude_trainer, train_until_first_checkpoint
+from testing_utils import ZeroChecker, magnitude_trainer, tiny_training_args, train_until_first_checkpoint
+from transformers import Trainer
 
 from hf_prune import MagnitudePruningCallback, PruningConfig, SparsitySchedule
 from hf_prune.constants import MASKS_NAME
-from hf_prune.serialization import load_masks
+from hf_prune.methods.han import HanConfig, HanPruningCallback
+from hf_prune.methods.rpp import RPPCallback, RPPConfig
+from hf_prune.serialization import load_masks, read_masks_metadata
 
 
 class DriftingSGD(torch.optim.SGD):
@@ -136,3 +140,107 @@ def test_callback_state_restores_its_config():
     state = callback.state()
     restored = MagnitudePruningCallback(**state["args"])
     assert restored.config == callback.config
+
+
+# -------------------------------------------------------------- resuming under another config (issue 16, item 4)
+def resumable_trainer(tmp_path, callback):
+    """The tiny BERT trained 12 steps with `callback` (and a `ZeroChecker`), a checkpoint every 4 steps."""
+    checker = ZeroChecker(callback)
+    trainer = Trainer(model=tiny_bert(), args=tiny_training_args(tmp_path / "out", save_strategy="steps",
+                                                                 save_steps=4),
+                      train_dataset=TinyClassificationDataset(96), callbacks=[callback, checker])
+    return trainer, checker
+
+
+TO_70 = {**CUBIC, "final_sparsity": 0.7}  # cubic from 0.1 at step 0 to 0.7 at step 8, events every 2 steps
+
+
+def test_checkpoint_masks_record_the_config_they_were_pruned_under(tmp_path):
+    config = PruningConfig(**TO_70)
+    checkpoint = train_until_first_checkpoint(resumable_trainer(tmp_path, MagnitudePruningCallback(config))[0])
+    metadata = read_masks_metadata(os.path.join(checkpoint, MASKS_NAME))
+    assert PruningConfig.from_dict(metadata["pruning_config"]) == config
+    assert metadata["global_step"] == 4
+
+
+@pytest.mark.parametrize("changes, named", [
+    ({"final_sparsity": 0.3}, ["final_sparsity: checkpoint 0.7, now 0.3"]),
+    ({"final_sparsity": 0.3, "scheme": "class-uniform"},
+     ["final_sparsity: checkpoint 0.7, now 0.3", "scheme: checkpoint 'class-blind', now 'class-uniform'"]),
+    ({"target_modules": ["query", "key"]}, ["target_modules: checkpoint None, now ['query', 'key']"]),
+])
+def test_resume_under_a_config_that_prunes_differently_is_an_error(tmp_path, changes, named):
+    first, _ = resumable_trainer(tmp_path, MagnitudePruningCallback(PruningConfig(**TO_70)))
+    checkpoint = train_until_first_checkpoint(first)
+    resumed, checker = resumable_trainer(tmp_path, MagnitudePruningCallback(PruningConfig(**{**TO_70, **changes})))
+    with pytest.raises(ValueError, match="was pruned under another config") as error:
+        resumed.train(resume_from_checkpoint=checkpoint)
+    message = str(error.value)
+    assert os.path.join(checkpoint, MASKS_NAME) in message and "override_checkpoint_config=True" in message
+    for field in named:
+        assert field in message
+    assert message.count(": checkpoint ") == len(named), "only the changed fields are named"
+    assert checker.sparsity_by_step == {}, "no step was taken"
+
+
+@pytest.mark.slow
+def test_resume_with_a_new_base_model_name_is_not_a_change(tmp_path):
+    first, _ = resumable_trainer(tmp_path, MagnitudePruningCallback(PruningConfig(**TO_70)))
+    checkpoint = train_until_first_checkpoint(first)
+    config = PruningConfig(**TO_70, base_model_name_or_path="elsewhere/bert")
+    resumed, checker = resumable_trainer(tmp_path, MagnitudePruningCallback(config))
+    resumed.train(resume_from_checkpoint=checkpoint)
+    assert resumed.state.global_step == 12 and checker.violations == []
+    assert checker.sparsity_by_step[12] == pytest.approx(0.7, abs=1e-4)
+
+
+AT_CHECKPOINT = 0.7 + (0.1 - 0.7) * (1 - 4 / 8) ** 3  # 0.625, TO_70's sparsity at the checkpoint of step 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("final_sparsity, at_resume, expected", [
+    # Masks never shrink: the checkpoint's 0.625 is kept through a schedule to 0.3, which never asks for more
+    # (0.275 at step 4); a schedule to 0.9 asks for 0.8 at step 4, pruned at once, and ends at 0.9.
+    (0.3, AT_CHECKPOINT, AT_CHECKPOINT),
+    (0.9, 0.9 + (0.1 - 0.9) * (1 - 4 / 8) ** 3, 0.9),
+])
+def test_override_checkpoint_config_resumes_from_the_masks_under_the_new_config(tmp_path, caplog, final_sparsity,
+                                                                                 at_resume, expected):
+    first, _ = resumable_trainer(tmp_path, MagnitudePruningCallback(PruningConfig(**TO_70)))
+    checkpoint = train_until_first_checkpoint(first)
+    saved = load_masks(os.path.join(checkpoint, MASKS_NAME))
+    config = PruningConfig(**{**TO_70, "final_sparsity": final_sparsity})
+    callback = MagnitudePruningCallback(config, override_checkpoint_config=True)
+    resumed, checker = resumable_trainer(tmp_path, callback)
+    with caplog.at_level("WARNING", logger="hf_prune.callbacks"):
+        resumed.train(resume_from_checkpoint=checkpoint)
+
+    assert f"final_sparsity: checkpoint 0.7, now {final_sparsity}" in caplog.text
+    assert "override_checkpoint_config=True" in caplog.text
+    assert ("never shrink" in caplog.text) == (final_sparsity < AT_CHECKPOINT)
+    assert resumed.state.global_step == 12 and checker.violations == []
+    assert callback.config == config
+    assert checker.sparsity_by_step[5] == pytest.approx(at_resume, abs=1e-4)
+    assert callback.pruner.sparsity() == pytest.approx(expected, abs=1e-4)
+    for name, mask in callback.masks.items():
+        assert not (mask & ~saved[name]).any(), "no weight pruned in the checkpoint comes back"
+    final = read_masks_metadata(os.path.join(tmp_path, "out", "checkpoint-12", MASKS_NAME))["pruning_config"]
+    assert final["final_sparsity"] == final_sparsity, "later checkpoints record the config now in force"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("make, changed", [
+    (lambda value, **kw: RPPCallback(RPPConfig(final_sparsity=0.7, end_step=8, penalty=value), **kw), "penalty"),
+    (lambda value, **kw: HanPruningCallback(HanConfig(quality=value * 60, iterations=2, pruning_frequency=4), **kw),
+     "quality"),
+], ids=["rpp", "han"])
+def test_method_callbacks_check_the_checkpoint_config_too(tmp_path, make, changed):
+    first, _ = resumable_trainer(tmp_path, make(0.01))
+    checkpoint = train_until_first_checkpoint(first)
+    refused, _ = resumable_trainer(tmp_path, make(0.02))
+    with pytest.raises(ValueError, match=f"{changed}: checkpoint "):
+        refused.train(resume_from_checkpoint=checkpoint)
+    callback = make(0.02, override_checkpoint_config=True)
+    resumed, checker = resumable_trainer(tmp_path, callback)
+    resumed.train(resume_from_checkpoint=checkpoint)
+    assert resumed.state.global_step == 12 and checker.violations == [] and callback.pruner.sparsity() > 0

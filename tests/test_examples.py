@@ -513,8 +513,12 @@ def test_pruning_arguments_mirror_pruning_config() -> None:
     for config_field in dataclasses.fields(PruningConfig):
         if config_field.name == "base_model_name_or_path":  # set from the model when the pruned model is saved
             continue
-        assert argument_fields[config_field.name].default == config_field.default, config_field.name
-        assert argument_fields[config_field.name].metadata["help"]
+        argument = argument_fields[config_field.name]
+        if config_field.name == "structure":  # `--structure` takes one or more names: a list of one by default
+            assert argument.default_factory() == [config_field.default]
+        else:
+            assert argument.default == config_field.default, config_field.name
+        assert argument.metadata["help"]
     assert PruningArguments().to_config() == PruningConfig()
 
 

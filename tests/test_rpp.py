@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from conftest import TinyClassificationDataset, tiny_bert
@@ -7,6 +9,7 @@ from transformers import Trainer, TrainerCallback
 from hf_prune import PrunedModel, PruningConfig
 from hf_prune.methods.rpp import (
     ALPHA_DTYPE,
+    MIN_EPSILON,
     PenaltySchedule,
     RPPCallback,
     RPPConfig,
@@ -249,3 +252,59 @@ def test_gradual_schedule_grows_the_masks_over_the_window_while_the_proximal_ste
     assert total - sum(int(mask.sum()) for mask in callback.masks.values()) == round(0.8 * total)
     for name, mask in callback.masks.items():
         assert bool((params[name].detach()[~mask] == 0).all()), name
+
+
+# ------------------------------------------------------------------- finite updates (issue 16, item 10)
+def test_epsilon_is_bounded_so_alpha_stays_finite_on_zero_weights():
+    assert MIN_EPSILON == 1e-12
+    for epsilon in (1e-40, 1e-13, 0.0, float("nan")):
+        with pytest.raises(ValueError, match=">= 1e-12"):
+            RPPConfig(epsilon=epsilon)
+    alphas = reweight({"w": torch.zeros(3, 4)}, RPPConfig(epsilon=MIN_EPSILON).epsilon)
+    assert alphas["w"].dtype == ALPHA_DTYPE and bool(torch.isfinite(alphas["w"]).all())
+    torch.testing.assert_close(alphas["w"].float(), torch.full((3, 4), 1e12), rtol=2 ** -8, atol=0.0)
+
+
+@pytest.mark.parametrize("lr, penalty", [(0.0, 0.25), (0.5, 0.0), (0.0, 0.0)])
+def test_a_zero_step_leaves_weights_unchanged_even_where_alpha_overflowed(lr, penalty):
+    weight = torch.tensor([[0.0, 0.5, -0.25], [0.0, -0.0, 1e-30]])
+    alphas = {"w": torch.tensor([[float("inf"), 2.0, float("inf")], [float("inf"), float("inf"), 1.0]],
+                                dtype=ALPHA_DTYPE)}
+    before = weight.clone()
+    zeros = proximal_step_({"w": weight}, alphas, {"w": lr}, penalty)
+    assert bool(torch.isfinite(weight).all()), "0 * inf must not reach the weights"
+    assert torch.equal(weight, before) and int(zeros) == 3
+
+
+def test_a_nonzero_step_with_huge_alpha_zeroes_instead_of_making_nan():
+    weight = torch.tensor([0.0, 0.5, -0.25, 3.0])
+    alphas = {"w": torch.tensor([1e12, float("inf"), 1.0, 0.5], dtype=ALPHA_DTYPE)}
+    proximal_step_({"w": weight}, alphas, {"w": 0.5}, penalty=0.5)
+    assert torch.equal(weight, torch.tensor([0.0, 0.0, 0.0, 2.875]))
+
+
+@pytest.mark.parametrize("penalty, learning_rate", [(0.0, 5e-3), (0.01, 0.0)], ids=["penalty-0", "lr-0"])
+def test_trainer_run_with_a_zero_proximal_step_keeps_every_weight_finite(tmp_path, penalty, learning_rate):
+    config = RPPConfig(final_sparsity=0.8, end_step=9, penalty=penalty, epsilon=MIN_EPSILON, reweight_every=3)
+    callback = RPPCallback(config)
+    model = tiny_bert()
+    with torch.no_grad():  # exact zeros before the window: α = 1/ε = 1e12 there from the first refresh
+        for name, param in model.named_parameters():
+            if name.endswith("attention.self.query.weight"):
+                param[:, :8] = 0.0
+    before = {name: param.detach().clone() for name, param in model.named_parameters()}
+    args = tiny_training_args(tmp_path, learning_rate=learning_rate, lr_scheduler_type="constant", weight_decay=0.0)
+    trainer = Trainer(model=model, args=args, train_dataset=TinyClassificationDataset(96), callbacks=[callback])
+    trainer.train()
+
+    params = dict(model.named_parameters())
+    assert all(bool(torch.isfinite(param).all()) for param in params.values())
+    assert all(math.isfinite(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry)
+    total = sum(mask.numel() for mask in callback.masks.values())
+    assert total - sum(int(mask.sum()) for mask in callback.masks.values()) == round(0.8 * total)
+    if learning_rate == 0.0:  # nothing but the hard prune at end_step moved the weights
+        for name, mask in callback.masks.items():
+            assert torch.equal(params[name].detach()[mask], before[name][mask]), name
+    else:  # λ = 0: the proximal step is off (AdamW moves the zeros set above), the masks come from the hard prune
+        logs = [entry for entry in trainer.state.log_history if "rpp_zero_fraction" in entry]
+        assert logs and all(entry["rpp_penalty"] == 0.0 and entry["rpp_zero_fraction"] < 0.01 for entry in logs)
