@@ -408,8 +408,9 @@ def _weights_file(path: str | os.PathLike, hub_kwargs: Mapping[str, Any]) -> tup
     Raises:
         ValueError: when the folder holds the weights in two formats (a file left by an older save).
     """
-    found = {name: local for name in WEIGHT_FORMATS
-             if (local := resolve_file(path, name, required=False, **hub_kwargs)) is not None}
+    # on the Hub, a stale pickled .bin beside the weights would be downloaded only to be refused: not looked for
+    names = [name for name in WEIGHT_FORMATS if os.path.isdir(path) or not name.startswith("pytorch_model")]
+    found = {name: local for name in names if (local := resolve_file(path, name, required=False, **hub_kwargs))}
     if len(found) > 1:
         raise ValueError(f"{path} holds the weights in {len(found)} formats: "
                          + ", ".join(f"{name} ({WEIGHT_FORMATS[name]})" for name in found)

@@ -501,7 +501,11 @@ print(json.dumps({"save_seconds": save_seconds, "outcomes": outcomes,
 def test_a_save_killed_at_any_moment_leaves_the_old_save_the_new_one_or_a_clear_error(tmp_path):
     script = tmp_path / "kill_driver.py"
     script.write_text(KILL_DRIVER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    import hf_prune
+
+    source = os.path.dirname(os.path.dirname(hf_prune.__file__))  # the hf_prune under test, not another install
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join([source, *filter(None, [os.environ.get("PYTHONPATH")])])}
     run = subprocess.run([sys.executable, str(script), str(tmp_path / "folder"), "30"],
                          capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
