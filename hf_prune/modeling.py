@@ -446,7 +446,7 @@ def _check_saved_files(path: str | os.PathLike, config_file: str, hub_kwargs: Ma
         found = {"size": os.path.getsize(local)}
         if found["size"] == record["size"]:
             found = file_record(local)
-        if found != record:
+        if (found["size"], found.get("sha256")) != (record["size"], record["sha256"]):
             raise ValueError(f"{local} does not belong to the save that {config_file} records (found "
                              f"{_describe(found)}, recorded {_describe(record)}): the folder mixes files of two "
                              "saves (an interrupted save_pretrained?) or the file was changed after saving. Save the "

@@ -27,7 +27,8 @@ from .validation import check_choice
 #: of the two takes fewer bytes.
 MASK_ENCODINGS = ("bitmask", "gaps", "smallest")
 
-_JSON_KINDS = {dict: "object", list: "list", str: "string"}
+_JSON_KINDS = {dict: "object", list: "list", str: "string", int: "number", float: "number", bool: "boolean",
+               type(None): "null"}
 
 
 def _file_kind(mode: int) -> str:
@@ -128,7 +129,7 @@ def read_json_object(path: str | os.PathLike, what: str) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON ({err}); expected {what}, a JSON object.") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object ({what}); got a JSON {type(data).__name__}.")
+        raise ValueError(f"{path} must hold a JSON object ({what}); got a JSON {_JSON_KINDS[type(data)]}.")
     return data
 
 

@@ -615,3 +615,13 @@ def test_push_to_hub_deletes_the_other_formats_in_the_same_commit():
     assert not any(fnmatch.fnmatch(name, p) for p in calls["delete"] for name in {"config.json", MASKS_NAME,
                                                                                  CONFIG_NAME, "README.md"})
     assert "deep_compressed_weights.safetensors" in calls["files"]  # uploaded, so kept (upload_folder's rule)
+
+
+@pytest.mark.parametrize("files", ["all", {"../config.json": {"sha256": "0" * 64, "size": 1}},
+                                   {"config.json": {"sha256": "0" * 64, "size": -1}}, {"config.json": "x"}])
+def test_a_malformed_record_of_the_files_is_a_value_error(tmp_path, files):
+    pruned("bert").save_pretrained(tmp_path)
+    record = json.loads((tmp_path / CONFIG_NAME).read_text())
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({**record, "files": files}))
+    with pytest.raises(ValueError, match=f"{CONFIG_NAME} is corrupt: `files` must map file names to"):
+        PrunedModel.from_pretrained(tmp_path)
