@@ -97,6 +97,7 @@ def read_results(output_dir: Path) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------- GLUE runs
+@pytest.mark.slow
 @needs_data
 def test_run_glue_sst2_prunes_and_saves(tiny_model: str, tmp_path: Path) -> None:
     out = tmp_path / "out"
@@ -113,6 +114,7 @@ def test_run_glue_sst2_prunes_and_saves(tiny_model: str, tmp_path: Path) -> None
     assert all(".encoder.layer." in name for name in pruned.masks)  # head and pooler are not pruned by default
 
 
+@pytest.mark.slow
 @needs_data
 def test_run_glue_method_rpp_saves_the_rpp_config(tiny_model: str, tmp_path: Path) -> None:
     out = tmp_path / "out"
@@ -124,6 +126,7 @@ def test_run_glue_method_rpp_saves_the_rpp_config(tiny_model: str, tmp_path: Pat
                                               base_model_name_or_path=tiny_model)
 
 
+@pytest.mark.slow
 @needs_data
 def test_run_glue_cola_headerless_tsv_and_push_to_hub(tiny_model: str, tmp_path: Path) -> None:
     out = tmp_path / "out"
@@ -199,6 +202,7 @@ def test_run_glue_dense_baseline_saves_plain_model(tiny_model: str, tmp_path: Pa
 
 
 # --------------------------------------------------------------------------------------------- SQuAD run
+@pytest.mark.slow
 @needs_data
 def test_run_squad_split_by_article_prunes_and_scores(tiny_model: str, tmp_path: Path) -> None:
     out = tmp_path / "out"
@@ -358,6 +362,7 @@ def test_run_glue_bad_input_found_with_the_model_exits_2(case: str, tiny_model: 
     assert message in run_bad(run_glue, "AutoModelForSequenceClassification", argv, capsys, loads_model=True)
 
 
+@pytest.mark.slow
 @needs_data
 def test_run_squad_targets_that_match_nothing_exit_2(tiny_model: str, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
@@ -452,6 +457,7 @@ def test_squad_json_with_a_byte_order_mark(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------- resuming (item 4)
+@pytest.mark.slow
 def test_run_glue_resume_under_other_pruning_options_exits_2_unless_overridden(
         tiny_model: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = write_mrpc_tsv(tmp_path / "mrpc.tsv", 16)
@@ -495,6 +501,7 @@ def test_run_squad_bad_input_exits_2(case: str, tiny_model: str, tmp_path: Path,
     assert message in run_bad(run_squad, "AutoModelForQuestionAnswering", argv, capsys)
 
 
+@pytest.mark.slow
 def test_run_glue_cli_bad_input_is_one_line_on_stderr(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
