@@ -327,6 +327,39 @@ class PrunedModel(nn.Module):
         pruning_config.prepare_loaded_model(model, masks)
         return cls(model, masks, pruning_config)
 
+    # -------------------------------------------------------------------------------------------- inference
+    def to_sparse_inference(self, layers: list[str] | None = None, **options: Any) -> Any:
+        """Makes the masked Linear layers multiply with a sparse weight where that is faster than the dense product
+        (`hf_prune.inference.SparseLinear`: CSR/BSR on CPU, 2:4 on CUDA), in place, and puts the model in eval
+        mode. Outputs stay equal within float tolerance; `forward`, `generate` and batching work as before.
+
+        ```python
+        pruned = PrunedModel.from_pretrained("out")     # 90% unstructured
+        report = pruned.to_sparse_inference(num_tokens=32 * 64)
+        print(report)                                    # which layers went sparse, measured speedups
+        ```
+
+        The converted model is for inference: the sparse weights are buffers, and a backward pass through them
+        raises. Save before converting (`hf_prune.inference.restore_dense_layers(pruned.model)` undoes it).
+
+        Args:
+            layers (`list[str]`, *optional*): module names of the masked layers to consider (default: all).
+            options: `kernel` (`"auto"`, `"sparse"`, `"dense"`), `measure`, `num_tokens`, `repeats`,
+                `min_speedup`, `min_sparsity`: see `hf_prune.inference.select_kernel`, which makes the decision.
+
+        Returns:
+            `hf_prune.inference.SparseInferenceReport`: the decision for every considered layer.
+
+        Raises:
+            ValueError: without masks, for a layer that is not a masked `nn.Linear` / `Conv1D` of the model, or
+                an invalid option; nothing is changed then.
+        """
+        from .inference import to_sparse_inference
+
+        report = to_sparse_inference(self.model, self.masks, layers, **options)
+        self.eval()
+        return report
+
 
 def _parameter_names(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[str, str]:
     """Maps each mask's plain transformers parameter name to the model's own name for it (the same, or the
