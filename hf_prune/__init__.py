@@ -13,6 +13,7 @@ from .compression import (
     save_deep_compressed,
 )
 from .config import PruningConfig
+from .inference import SparseInferenceReport, SparseLinear, restore_dense_layers, to_sparse_inference
 from .methods import (
     DistillationTrainer,
     HanConfig,
@@ -53,6 +54,8 @@ __all__ = [
     "RPPConfig",
     "RPPPruner",
     "RegularizationCallback",
+    "SparseInferenceReport",
+    "SparseLinear",
     "SparsityReport",
     "SparsitySchedule",
     "TrainedQuantizer",
@@ -65,7 +68,9 @@ __all__ = [
     "obs_prune",
     "quantize_weights",
     "read_deep_compressed",
+    "restore_dense_layers",
     "save_deep_compressed",
     "see_retraining_arguments",
     "sparsity_report",
+    "to_sparse_inference",
 ]

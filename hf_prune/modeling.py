@@ -39,6 +39,8 @@ from .hub import HUB_KWARGS, resolve_file
 from .masks import check_masks_match, zero_pruned_
 from .report import SparsityReport, sparsity_report
 from .serialization import atomic_write_text, file_record, is_count, load_masks, read_json_object, save_masks
+from .structured.shrink import shrink
+from .structured.units import units_for
 from .targets import find_targets
 from .validation import check_choice
 from .version import __version__
@@ -142,6 +144,31 @@ class PrunedModel(nn.Module):
         where the weight is kept, so the merged model has exactly the pruned model's sparsity.
         """
         return PrunedModel(self.model.merge_and_unload(), self.masks, self.pruning_config)
+
+    def shrink(self) -> transformers.PreTrainedModel:
+        """An ordinary transformers model without the pruned neurons and heads, its config updated
+        (`intermediate_size`, `num_attention_heads` / `num_key_value_heads` where the config has an explicit
+        `head_dim`): smaller and faster in plain transformers. Its own `save_pretrained` folder loads with
+        `AutoModel*.from_pretrained`, and its outputs equal this model's.
+
+        ```python
+        pruned = PrunedModel.from_trainer(trainer)   # trained with PruningConfig(structure="neurons",
+        small = pruned.shrink()                       #   scheme="class-uniform")
+        small.save_pretrained("minilm-sst2-small")
+        ```
+
+        Raises:
+            ValueError: when the masks are not structured (`pruning_config.structure` is "unstructured", or
+                groups are pruned in part), the layers keep different widths (`scheme="class-blind"`), or the
+                config cannot express fewer heads (BERT-, GPT-2-, BART-style and T5 configs: use
+                `structure="neurons"`). Nothing is changed then.
+        """
+        if not self.pruning_config.structures():
+            raise ValueError("`pruning_config.structure` is 'unstructured': shrink removes whole neurons and heads, "
+                             "so prune with PruningConfig(structure='neurons' or 'heads', scheme='class-uniform'); "
+                             "for unstructured masks use to_sparse_inference().")
+        model = self.get_base_model()
+        return shrink(model, self.masks, units_for(model, self.pruning_config))
 
     # ----------------------------------------------------------------------------------------------- saving
     def save_pretrained(self, save_directory: str | os.PathLike, compression: str | None = None, bits: int = 4,

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from statistics import median
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import SHARED_SST2, encode, print_and_write, proc_status_bytes, read_tsv  # noqa: E402

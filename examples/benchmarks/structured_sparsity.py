@@ -39,7 +39,7 @@ from hf_prune.criteria import CRITERIA  # noqa: E402
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_arguments(parser, max_train_samples=8000, max_steps=300)
-    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.75],
+    parser.add_argument("--sparsities", type=float, nargs="*", default=[0.5, 0.75],
                         help="Fractions of the feed-forward neurons removed (in every layer).")
     parser.add_argument("--criteria", nargs="+", choices=sorted(CRITERIA), default=["magnitude"])
     parser.add_argument("--fisher_steps", type=int, default=60, help="Steps of statistics before each event.")
