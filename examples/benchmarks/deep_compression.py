@@ -8,12 +8,15 @@ Stages, each a `Trainer` run from the previous one (batch 32, sequences of 64 to
    `MagnitudePruningCallback`, `--learning_rate`);
 3. for each of `--bits`: trained quantization from the pruned model (`QuantizationCallback`, `--quant_steps`,
    `--quant_learning_rate`);
-4. Huffman coding: `save_deep_compressed` into a folder with `config.json`, loaded back into a freshly built model
-   that is evaluated again (lossless: it must match stage 3 exactly, which the script checks).
+4. Huffman coding: `PrunedModel.save_pretrained(folder, compression="deep", bits=...)`, loaded back with
+   `PrunedModel.from_pretrained` and evaluated again (lossless: it must match stage 3 exactly, which the script
+   checks).
 
 Printed (Markdown, also written to `--output`): SST-2 dev accuracy after each stage, the bytes the targeted weights
 (the Linear layers inside the Transformer blocks) take on disk against dense fp32, and the size of the saved model
-folder (config + weights; the tokenizer is not counted). Run from the repository root, e.g.:
+folder (every file: config, weights, masks, pruning config, model card; no tokenizer is saved). The targeted
+weights' bytes are their tensors in the weights file plus the whole `pruning_masks.safetensors` (their positions).
+Run from the repository root, e.g.:
 
     OMP_NUM_THREADS=2 python examples/benchmarks/deep_compression.py --output deep_compression.md
 """
@@ -31,15 +34,9 @@ from collections.abc import Sequence
 import torch
 from common import accuracy, add_common_arguments, fine_tune, load_model, print_and_write, setup_sst2
 from safetensors import safe_open
-from transformers import AutoModelForSequenceClassification
 
 from hf_prune import MagnitudePruningCallback, PrunedModel, PruningConfig
-from hf_prune.compression import (
-    QuantizationCallback,
-    deep_compression_sizes,
-    load_deep_compressed,
-    save_deep_compressed,
-)
+from hf_prune.compression import QuantizationCallback
 from hf_prune.constants import COMPRESSED_WEIGHTS_NAME, DEEP_COMPRESSED_WEIGHTS_NAME, MASKS_NAME
 from hf_prune.targets import find_targets
 
@@ -108,7 +105,7 @@ def run(args: argparse.Namespace, command: str, work: str) -> str:
     pruned_dir = os.path.join(work, "pruned-model")
     PrunedModel(model, masks, pruning.config).save_pretrained(pruned_dir, compression="sparse")
     sparse_bytes = (tensor_bytes(os.path.join(pruned_dir, COMPRESSED_WEIGHTS_NAME), [f"{n}.values" for n in masks])
-                    + tensor_bytes(os.path.join(pruned_dir, MASKS_NAME), list(masks)))
+                    + os.path.getsize(os.path.join(pruned_dir, MASKS_NAME)))
     sparsity = 1 - sum(int(mask.sum()) for mask in masks.values()) / sum(mask.numel() for mask in masks.values())
     rows.append((f"pruned {sparsity:.1%} (bitmask + fp32 values)", "32",
                  accuracy(model, dev_set, collator, args.batch_size), sparse_bytes, folder_bytes(pruned_dir)))
@@ -129,23 +126,18 @@ def run(args: argparse.Namespace, command: str, work: str) -> str:
                      quantized_accuracy, fixed_width, None))
 
         folder = os.path.join(work, f"deep{bits}-model")
-        os.makedirs(folder, exist_ok=True)
-        quantized_model.config.save_pretrained(folder)
+        PrunedModel(quantized_model, masks, pruning.config).save_pretrained(folder, compression="deep", bits=bits)
+        loaded = PrunedModel.from_pretrained(folder).model
         state = quantized_model.state_dict()
-        save_deep_compressed(os.path.join(folder, DEEP_COMPRESSED_WEIGHTS_NAME), quantization.quantized,
-                             {name: tensor for name, tensor in state.items() if name not in quantization.quantized},
-                             {"bits": bits, "sparsity": sparsity})
-        dense, others = load_deep_compressed(os.path.join(folder, DEEP_COMPRESSED_WEIGHTS_NAME))
-        loaded = AutoModelForSequenceClassification.from_config(quantized_model.config)
-        loaded.load_state_dict({**dense, **others}, strict=True)
         identical = all(torch.equal(loaded.state_dict()[name], tensor) for name, tensor in state.items())
         loaded_accuracy = accuracy(loaded, dev_set, collator, args.batch_size)
         checks.append(f"{bits}-bit: loaded weights bit-identical to the trained ones: {'yes' if identical else 'NO'}; "
                       f"dev accuracy {loaded_accuracy:.4f} vs {quantized_accuracy:.4f} before saving "
                       f"({'identical' if loaded_accuracy == quantized_accuracy else 'DIFFERENT'}).")
-        sizes = deep_compression_sizes(os.path.join(folder, DEEP_COMPRESSED_WEIGHTS_NAME))
+        deep_bytes = (tensor_bytes(os.path.join(folder, DEEP_COMPRESSED_WEIGHTS_NAME), list(masks))
+                      + os.path.getsize(os.path.join(folder, MASKS_NAME)))
         rows.append((f"Deep Compression {bits}-bit (Huffman coded, loaded back)", str(bits), loaded_accuracy,
-                     sizes.compressed_bytes, folder_bytes(folder)))
+                     deep_bytes, folder_bytes(folder)))
 
     report = render(args, command, rows, dense_bytes, timings, checks, len(train_set), len(dev_set))
     print_and_write(report, args.output)
