@@ -102,7 +102,8 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
         """A callback that starts from the masks saved by `PrunedModel.save_pretrained` (a folder or a Hub repo).
 
         With no `config` the saved targets and scheme are kept and the sparsity is held fixed (`oneshot` at the
-        saved sparsity); pass a config with a higher `final_sparsity` to prune further.
+        saved sparsity); pass a config with a higher `final_sparsity` to prune further. The masks are read when
+        training begins, checked against the model's targeted weights (names and shapes) before they are decoded.
         """
         saved = PruningConfig.from_pretrained(pretrained_path, **hub_kwargs)
         masks_file = resolve_file(pretrained_path, MASKS_NAME, **hub_kwargs)
@@ -112,7 +113,7 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
             config = dataclasses.replace(saved, schedule="oneshot", initial_sparsity=0.0, final_sparsity=target,
                                          start_step=0, end_step=None, pruning_frequency=None)
         callback = cls(config)
-        callback._initial_state = {"masks": load_masks(masks_file), "target_sparsity": target}
+        callback._initial_state = {"masks_file": masks_file, "target_sparsity": target}
         return callback
 
     @property
@@ -127,7 +128,8 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
         if state.global_step > 0:
             self._restore_from_checkpoint(args, state)
         elif self._initial_state is not None:
-            self.pruner.load_state_dict(self._initial_state)
+            masks = load_masks(self._initial_state["masks_file"], self.pruner.target_shapes())
+            self.pruner.load_state_dict({"masks": masks, "target_sparsity": self._initial_state["target_sparsity"]})
         self.pruner.update(state.global_step, optimizer)
         self.pruner.check_ranks_agree(state.global_step)
 
@@ -197,7 +199,7 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
         metadata = read_masks_metadata(path)
         changes = self._check_checkpoint_config(metadata.get("pruning_config"), path)
         pruner_state = {key: value for key, value in metadata.items() if key != "pruning_config"}
-        self.pruner.load_state_dict({**pruner_state, "masks": load_masks(path)})
+        self.pruner.load_state_dict({**pruner_state, "masks": load_masks(path, self.pruner.target_shapes())})
         logger.info("Restored pruning masks from %s (sparsity %.4f).", path, self.pruner.sparsity())
         if changes:
             reached, final = self.pruner.target_sparsity, self.config.final_sparsity

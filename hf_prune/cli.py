@@ -21,7 +21,7 @@ from . import plots
 from .config import PruningConfig
 from .constants import CONFIG_NAME, MASKS_NAME
 from .hub import resolve_file
-from .modeling import auto_model_class, parameter_shapes
+from .loading import auto_model_class, parameter_shapes
 from .report import SparsityReport, sparsity_report
 from .serialization import load_masks, read_json_object
 

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import re
 import shutil
 import tempfile
 import warnings
-from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,13 +13,6 @@ import torch
 import transformers
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 from torch import nn
-from transformers.utils import (
-    GENERATION_CONFIG_NAME,
-    SAFE_WEIGHTS_INDEX_NAME,
-    SAFE_WEIGHTS_NAME,
-    WEIGHTS_INDEX_NAME,
-    WEIGHTS_NAME,
-)
 
 from .compression import (
     check_bits,
@@ -35,10 +25,12 @@ from .compression import (
 from .config import PruningConfig
 from .constants import COMPRESSED_WEIGHTS_NAME, CONFIG_NAME, DEEP_COMPRESSED_WEIGHTS_NAME, MASKS_NAME, TEMP_PREFIX
 from .distributed import gather_unsharded
+from .folders import STALE_PATTERNS, check_saved_files, commit, files_under, remove_temporaries, weights_format
 from .hub import HUB_KWARGS, resolve_file
+from .loading import auto_model_class, load_dense, load_state, new_model
 from .masks import check_masks_match, zero_pruned_
 from .report import SparsityReport, sparsity_report
-from .serialization import atomic_write_text, file_record, is_count, load_masks, read_json_object, save_masks
+from .serialization import atomic_write_text, file_record, load_masks, save_masks
 from .structured.shrink import shrink
 from .structured.units import units_for
 from .targets import find_targets
@@ -47,14 +39,6 @@ from .version import __version__
 
 
 COMPRESSIONS = (None, "sparse", "deep")
-#: The weights file(s) of each way a folder can hold the model's weights; one folder holds one of them.
-WEIGHT_FORMATS = {SAFE_WEIGHTS_NAME: "dense", SAFE_WEIGHTS_INDEX_NAME: "dense, sharded", WEIGHTS_NAME: "dense",
-                  WEIGHTS_INDEX_NAME: "dense, sharded", COMPRESSED_WEIGHTS_NAME: "sparse",
-                  DEEP_COMPRESSED_WEIGHTS_NAME: "deep"}
-#: transformers' weights files: one file or shards and their index, safetensors or the older .bin.
-_DENSE_WEIGHTS_FILE = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?")
-#: What `push_to_hub` deletes from the repo unless the new save uploads it (the same files as `_commit` removes).
-_STALE_PATTERNS = (*WEIGHT_FORMATS, "model-*-of-*.safetensors", "pytorch_model-*-of-*.bin", GENERATION_CONFIG_NAME)
 
 
 class PrunedModel(nn.Module):
@@ -110,7 +94,9 @@ class PrunedModel(nn.Module):
         """Sets every pruned weight to exactly zero."""
         params = dict(self.model.named_parameters())
         for name, mask in self.masks.items():
-            zero_pruned_(params[self._param_names[name]], mask)
+            param = params.get(self._param_names[name])
+            if param is not None:  # None: a layer of to_sparse_inference, whose sparse weight holds no pruned entry
+                zero_pruned_(param, mask)
 
     def sparsity_report(self) -> SparsityReport:
         """Per-layer, per-class and overall sparsity of the masked weights."""
@@ -215,7 +201,7 @@ class PrunedModel(nn.Module):
         if not is_main_process:
             return
         os.makedirs(save_directory, exist_ok=True)
-        _remove_temporaries(save_directory)
+        remove_temporaries(save_directory)
         staging = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=save_directory)
         try:
             model = self.model
@@ -230,7 +216,7 @@ class PrunedModel(nn.Module):
             report = self.sparsity_report()
             save_masks(self.masks, os.path.join(staging, MASKS_NAME), {"achieved_sparsity": report.overall},
                        encoding="smallest" if compression == "deep" else "bitmask")
-            members = {name: file_record(os.path.join(staging, name)) for name in _files_under(staging)}
+            members = {name: file_record(os.path.join(staging, name)) for name in files_under(staging)}
             if processing_class is not None:
                 processing_class.save_pretrained(staging)
             config = self.pruning_config
@@ -238,7 +224,7 @@ class PrunedModel(nn.Module):
                 name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
                 config = PruningConfig.from_dict({**config.to_dict(), "base_model_name_or_path": name})
             atomic_write_text(os.path.join(staging, "README.md"), self._model_card(report, config))
-            _commit(staging, save_directory, members)
+            commit(staging, save_directory, members)
             # last: until this rename the folder's pruning_config.json records the files of the previous save
             config.save_pretrained(save_directory, achieved_sparsity=report.overall,
                                    sparsity_by_class=report.by_class(), files=members)
@@ -289,7 +275,7 @@ class PrunedModel(nn.Module):
         with tempfile.TemporaryDirectory() as folder:
             self.save_pretrained(folder, **save_kwargs)
             return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message,
-                                     revision=revision, create_pr=create_pr, delete_patterns=list(_STALE_PATTERNS))
+                                     revision=revision, create_pr=create_pr, delete_patterns=list(STALE_PATTERNS))
 
     # ---------------------------------------------------------------------------------------------- loading
     @classmethod
@@ -328,23 +314,23 @@ class PrunedModel(nn.Module):
             pruning_config.prepare_loaded_model(model, masks)
             return cls(model, masks, pruning_config)
 
-        kind, weights_file = _weights_file(path, hub_kwargs)
+        kind, weights_file = weights_format(path, hub_kwargs)
         config_file = resolve_file(path, CONFIG_NAME, required=pruning_config is None, **hub_kwargs)
         if config_file is not None:
-            _check_saved_files(path, config_file, hub_kwargs)
+            check_saved_files(path, config_file, hub_kwargs)
         pruning_config = pruning_config or PruningConfig.from_pretrained(path, **hub_kwargs)
         config = transformers.AutoConfig.from_pretrained(path, **hub_kwargs)
         model_class = model_class or auto_model_class(config)
         masks_file = resolve_file(path, MASKS_NAME, **hub_kwargs)
         if kind == "dense":
-            model = _load_dense(model_class, path, config, kwargs)
+            model = load_dense(model_class, path, config, kwargs)
         else:
-            model = _new_model(model_class, config)
+            model = new_model(model_class, config)
         masks = load_masks(masks_file, {name: tuple(p.shape) for name, p in model.named_parameters()})
         if kind != "dense":
             shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
             read = read_sparse if kind == "sparse" else read_deep_state_dict
-            model = _load_state(model, read(weights_file, masks, shapes), weights_file, kwargs)
+            model = load_state(model, read(weights_file, masks, shapes), weights_file, kwargs)
         _parameter_names(model, masks)
         params = dict(model.named_parameters())
         revived = [n for n, mask in masks.items() if bool(params[n].detach()[~mask.to(params[n].device)].any())]
@@ -367,7 +353,8 @@ class PrunedModel(nn.Module):
         ```
 
         The converted model is for inference: the sparse weights are buffers, and a backward pass through them
-        raises. Save before converting (`hf_prune.inference.restore_dense_layers(pruned.model)` undoes it).
+        raises (`hf_prune.inference.restore_dense_layers(pruned.model)` undoes the conversion). `save_pretrained`,
+        `sparsity_report` and `apply_masks_` keep working: the sparse layers save their dense weights.
 
         Args:
             layers (`list[str]`, *optional*): module names of the masked layers to consider (default: all).
@@ -401,148 +388,3 @@ def _parameter_names(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dic
             names[name] = found
     check_masks_match(masks, {name: tuple(params[found].shape) for name, found in names.items()}, require_all=False)
     return names
-
-
-def auto_model_class(config: transformers.PretrainedConfig) -> type:
-    """The transformers class named in `config.architectures`, else `AutoModel`."""
-    architectures = getattr(config, "architectures", None) or []
-    for name in architectures:
-        if hasattr(transformers, name):
-            return getattr(transformers, name)
-    return transformers.AutoModel
-
-
-def _new_model(model_class: type, config: transformers.PretrainedConfig) -> nn.Module:
-    """A freshly initialised `model_class` (a model class, or an `AutoModel*` class) of `config`."""
-    from_config = getattr(model_class, "from_config", None)  # the AutoModel* classes
-    return from_config(config) if from_config is not None else model_class(config)
-
-
-def parameter_shapes(config: transformers.PretrainedConfig, model_class: type | None = None
-                     ) -> dict[str, tuple[int, ...]]:
-    """The parameter shapes of `model_class` (default: the class `config` names) built on the meta device: what
-    a masks file may name, known before anything is allocated."""
-    with torch.device("meta"):
-        model = _new_model(model_class or auto_model_class(config), config)
-    return {name: tuple(param.shape) for name, param in model.named_parameters()}
-
-
-def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: str, kwargs: Mapping[str, Any]) -> nn.Module:
-    """`model` with `state` loaded; tied weights re-tied, every other key checked."""
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    model.tie_weights()
-    by_storage = defaultdict(list)
-    for name, tensor in model.state_dict().items():
-        by_storage[tensor.data_ptr()].append(name)
-    tied = {name for names in by_storage.values() if len(names) > 1 for name in names}
-    missing = [name for name in missing if name not in tied]
-    if missing or unexpected:
-        raise ValueError(f"{path} does not match {type(model).__name__}: missing {missing}, unexpected {unexpected}.")
-    dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
-    return model.to(dtype) if isinstance(dtype, torch.dtype) else model
-
-
-def _load_dense(model_class: type, path: str | os.PathLike, config: transformers.PretrainedConfig,
-                kwargs: Mapping[str, Any]) -> nn.Module:
-    """`model_class.from_pretrained(path)`, refused when a saved tensor did not load or a weight was left newly
-    initialised (transformers only lists those in its load report): a folder saved from another head."""
-    kwargs = {key: value for key, value in kwargs.items() if key != "output_loading_info"}
-    model, info = model_class.from_pretrained(path, output_loading_info=True, **kwargs)
-    problems = {"weights the folder lacks (they would be random)": sorted(info.get("missing_keys") or ()),
-                "saved tensors the model has no place for": sorted(info.get("unexpected_keys") or ()),
-                "saved tensors of another shape": sorted(str(key) for key in info.get("mismatched_keys") or ()),
-                "errors": list(info.get("error_msgs") or ())}
-    problems = {what: keys for what, keys in problems.items() if keys}
-    if problems:
-        raise ValueError(f"{path} does not load as {type(model).__name__} (config.json's architectures: "
-                         f"{getattr(config, 'architectures', None)}): "
-                         + "; ".join(f"{what}: {keys}" for what, keys in problems.items())
-                         + ". Pass model_class= the class the folder was saved from.")
-    return model
-
-
-def _weights_file(path: str | os.PathLike, hub_kwargs: Mapping[str, Any]) -> tuple[str, str | None]:
-    """Which format holds the weights (`"dense"`, `"sparse"` or `"deep"`) and its file (for `"dense"`, the one
-    transformers reads; `None` when there is none, and transformers reports that).
-
-    Raises:
-        ValueError: when the folder holds the weights in two formats (a file left by an older save).
-    """
-    # on the Hub, a stale pickled .bin beside the weights would be downloaded only to be refused: not looked for
-    names = [name for name in WEIGHT_FORMATS if os.path.isdir(path) or not name.startswith("pytorch_model")]
-    found = {name: local for name in names if (local := resolve_file(path, name, required=False, **hub_kwargs))}
-    if len(found) > 1:
-        raise ValueError(f"{path} holds the weights in {len(found)} formats: "
-                         + ", ".join(f"{name} ({WEIGHT_FORMATS[name]})" for name in found)
-                         + "; a folder holds one save. Delete the files of the formats you do not want, or save "
-                         "again with PrunedModel.save_pretrained (it removes the others).")
-    name, local = next(iter(found.items()), (None, None))
-    kind = "dense" if name is None or WEIGHT_FORMATS[name].startswith("dense") else WEIGHT_FORMATS[name]
-    return kind, local
-
-
-def _check_saved_files(path: str | os.PathLike, config_file: str, hub_kwargs: Mapping[str, Any]) -> None:
-    """Checks every file `pruning_config.json` (`config_file`) records as part of its save (`files`: name ->
-    sha256 and size) against the file of that name in `path`; a folder without a record (written before hf_prune
-    recorded its files) passes.
-
-    Raises:
-        ValueError: naming the first file that is missing or differs from the recorded one: the folder mixes
-            two saves (an interrupted `save_pretrained`) or was edited.
-    """
-    records = read_json_object(config_file, "a PruningConfig").get("files")
-    if records is None:
-        return
-    if not isinstance(records, dict) or not all(
-            os.path.basename(name) == name and name not in ("", ".", "..") and isinstance(record, dict)
-            and isinstance(record.get("sha256"), str) and is_count(record.get("size")) for name, record in records.items()):
-        raise ValueError(f"{config_file} is corrupt: `files` must map file names to {{\"sha256\": hex digest, "
-                         f"\"size\": bytes}}; got {str(records)[:120]}.")
-    for name, record in records.items():
-        local = resolve_file(path, name, required=False, **hub_kwargs)
-        if local is None:
-            raise ValueError(f"{path} has no {name}, which {config_file} records as part of its save: the folder is "
-                             "incomplete or mixes two saves (an interrupted save_pretrained?). Save the model again.")
-        found = {"size": os.path.getsize(local)}
-        if found["size"] == record["size"]:
-            found = file_record(local)
-        if (found["size"], found.get("sha256")) != (record["size"], record["sha256"]):
-            raise ValueError(f"{local} does not belong to the save that {config_file} records (found "
-                             f"{_describe(found)}, recorded {_describe(record)}): the folder mixes files of two "
-                             "saves (an interrupted save_pretrained?) or the file was changed after saving. Save the "
-                             f"model again; to load the folder as it is, delete the `files` entry of {config_file}.")
-
-
-def _describe(record: Mapping[str, Any]) -> str:
-    digest = f", sha256 {record['sha256'][:16]}..." if "sha256" in record else ""
-    return f"{record['size']} bytes{digest}"
-
-
-def _files_under(folder: str) -> list[str]:
-    """The files in `folder` and its subfolders, as paths relative to it."""
-    return sorted(os.path.relpath(os.path.join(root, name), folder)
-                  for root, _, names in os.walk(folder) for name in names)
-
-
-def _is_weights_file(name: str) -> bool:
-    return bool(_DENSE_WEIGHTS_FILE.fullmatch(name)) or name in WEIGHT_FORMATS
-
-
-def _remove_temporaries(folder: str) -> None:
-    """Removes what interrupted writes left in `folder` (names starting with `TEMP_PREFIX`)."""
-    for name in os.listdir(folder):
-        if name.startswith(TEMP_PREFIX):
-            target = os.path.join(folder, name)
-            with contextlib.suppress(OSError):
-                shutil.rmtree(target) if os.path.isdir(target) and not os.path.islink(target) else os.remove(target)
-
-
-def _commit(staging: str, folder: str, members: Mapping[str, Any]) -> None:
-    """Moves every file of `staging` into `folder` (the save's own files last), then removes the weights of other
-    formats and a generation config that the new save does not have."""
-    for name in sorted(_files_under(staging), key=lambda name: name in members):
-        os.makedirs(os.path.dirname(os.path.join(folder, name)), exist_ok=True)
-        os.replace(os.path.join(staging, name), os.path.join(folder, name))
-    for name in os.listdir(folder):
-        if name not in members and (_is_weights_file(name) or name == GENERATION_CONFIG_NAME):
-            os.remove(os.path.join(folder, name))

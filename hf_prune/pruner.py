@@ -299,10 +299,14 @@ class Pruner:
         self.load_masks(state["masks"])
         self.target_sparsity = float(state["target_sparsity"])
 
+    def target_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The full (unsharded) shape of every targeted weight, by name: what a masks file for it may hold."""
+        return {name: tuple(self.layout.full_shape(p)) for name, p in self.params.items()}
+
     def load_masks(self, masks: Mapping[str, torch.Tensor]) -> None:
         """Replaces the masks by full-size ones (names and shapes must match the targets exactly; sharded, each
         rank keeps its rows) and applies them."""
-        check_masks_match(masks, {name: self.layout.full_shape(p) for name, p in self.params.items()})
+        check_masks_match(masks, self.target_shapes())
         for name, mask in masks.items():
             local = self.layout.scatter(mask, self.params[name])
             self.masks[name] = local.to(device=self.masks[name].device, dtype=torch.bool).clone()

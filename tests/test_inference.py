@@ -183,6 +183,25 @@ def test_converted_model_saves_an_ordinary_checkpoint_and_restores(tmp_path):
         torch.testing.assert_close(model(**inputs).logits, expected, atol=TOLERANCE, rtol=0)
 
 
+@pytest.mark.parametrize("compression", [None, "sparse"])
+def test_pruned_model_api_keeps_working_after_conversion(tmp_path, compression):
+    model = pruned("bert")
+    inputs = batch("bert")
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    before = model.sparsity_report().overall
+    model.to_sparse_inference(kernel="sparse")
+    assert sparse_layers(model.model)
+    model.apply_masks_()
+    assert model.sparsity_report().overall == before
+    model.save_pretrained(tmp_path, compression=compression)
+    reloaded = PrunedModel.from_pretrained(tmp_path).eval()
+    assert reloaded.masks.keys() == model.masks.keys()
+    assert all(torch.equal(reloaded.masks[name], mask) for name, mask in model.masks.items())
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, expected, atol=TOLERANCE, rtol=0)
+
+
 # ------------------------------------------------------------------------------------------ kernel selection
 def test_forced_dense_and_sparse():
     model = pruned("bert")

@@ -15,6 +15,8 @@ from transformers import (
     AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     Trainer,
+    TrainerControl,
+    TrainerState,
     TrainingArguments,
 )
 
@@ -289,7 +291,7 @@ def forget_file_records(folder) -> None:
 
 
 def weights_files(folder) -> set[str]:
-    from hf_prune.modeling import WEIGHT_FORMATS
+    from hf_prune.folders import WEIGHT_FORMATS
 
     return {name for name in os.listdir(folder)
             if name in WEIGHT_FORMATS or (name.startswith("model-") and name.endswith(".safetensors"))}
@@ -565,7 +567,10 @@ def test_a_deep_folder_stores_the_positions_once_in_the_gap_coded_masks_file(tmp
     loaded = PrunedModel.from_pretrained(tmp_path / "deep")
     assert all(torch.equal(loaded.masks[n], m) for n, m in model.masks.items())
     callback = MagnitudePruningCallback.from_pretrained(tmp_path / "deep")  # every reader of the masks file
-    assert callback._initial_state["masks"].keys() == model.masks.keys()
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=1, report_to="none", use_cpu=True)
+    callback.on_train_begin(args, TrainerState(), TrainerControl(), model=loaded.model)
+    assert callback.masks.keys() == model.masks.keys()
+    assert all(torch.equal(callback.masks[n], m) for n, m in model.masks.items())
 
 
 def test_a_deep_folder_of_format_v1_still_loads(tmp_path):
@@ -625,3 +630,25 @@ def test_a_malformed_record_of_the_files_is_a_value_error(tmp_path, files):
     (tmp_path / CONFIG_NAME).write_text(json.dumps({**record, "files": files}))
     with pytest.raises(ValueError, match=f"{CONFIG_NAME} is corrupt: `files` must map file names to"):
         PrunedModel.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("encoding", ["bitmask", "gaps"])
+def test_callback_checks_saved_masks_against_the_model_before_decoding(tmp_path, monkeypatch, encoding):
+    from hf_prune import serialization
+    from hf_prune.serialization import save_masks
+
+    model = pruned("bert", 0.9)
+    model.save_pretrained(tmp_path)
+    name = next(iter(model.masks))
+    wrong = {**model.masks, name: torch.rand(512, 4096) > 0.9}  # a shape the model does not have
+    save_masks(wrong, str(tmp_path / MASKS_NAME), {"achieved_sparsity": 0.9}, encoding=encoding)
+    callback = MagnitudePruningCallback.from_pretrained(tmp_path)
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("a mask was decoded before the shapes were checked")
+
+    monkeypatch.setattr(serialization, "unpack_mask", no_decoding)
+    monkeypatch.setattr(serialization, "_decode_gap_masks", no_decoding)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=1, report_to="none", use_cpu=True)
+    with pytest.raises(ValueError, match=rf"{MASKS_NAME}.*{name}"):
+        callback.on_train_begin(args, TrainerState(), TrainerControl(), model=TINY_MODELS["bert"]())

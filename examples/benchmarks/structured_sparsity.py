@@ -46,6 +46,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--pruning_frequency", type=int, default=None)
     parser.add_argument("--end_fraction", type=float, default=0.75,
                         help="The schedule ends at this fraction of --max_steps; the rest recovers.")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="Pruned runs start from the first k layers of the pretrained model (whole blocks "
+                             "removed before fine-tuning, then neurons pruned); default: all.")
     parser.add_argument("--small_dense_layers", type=int, nargs="*", default=[],
                         help="Also fine-tune the first k layers of the pretrained model, for each k.")
     parser.add_argument("--distill", action="store_true", help="Distil every pruned run from the dense model.")
@@ -84,7 +87,8 @@ def main() -> None:
                 distillation = {} if teacher is None else {
                     "trainer_class": DistillationTrainer, "teacher_model": teacher, "alpha": args.distill_alpha,
                     "temperature": args.distill_temperature}
-                trainer = fine_tune(args, load_model(model_path, args.seed), train_set, collator, scratch,
+                layers = {} if args.layers is None else {"num_hidden_layers": args.layers}
+                trainer = fine_tune(args, load_model(model_path, args.seed, **layers), train_set, collator, scratch,
                                     [MagnitudePruningCallback(config)], **distillation)
                 pruned = PrunedModel.from_trainer(trainer)
                 masked_accuracy = accuracy(pruned.model, dev_set, collator)
@@ -92,7 +96,8 @@ def main() -> None:
                 small_accuracy = accuracy(small, dev_set, collator)
                 if small_accuracy != masked_accuracy:
                     raise RuntimeError(f"shrunk model accuracy {small_accuracy} != masked {masked_accuracy}")
-                name = f"neurons-{round(100 * sparsity)}-{criterion}{'-kd' if teacher is not None else ''}"
+                name = (f"{'' if args.layers is None else f'layers-{args.layers}-'}neurons-{round(100 * sparsity)}-"
+                        f"{criterion}{'-kd' if teacher is not None else ''}")
                 rows.append((name, f"{small.config.intermediate_size}", small_accuracy,
                              sum(p.numel() for p in small.parameters()), f"{pruned.sparsity_report().overall:.4f}"))
                 if args.save_dir:

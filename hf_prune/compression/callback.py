@@ -87,7 +87,7 @@ class QuantizationCallback(TrainerCallback):
         self.quantizer = TrainedQuantizer(model, self.bits, self.learning_rate, self.max_iter)
         if state.global_step > 0:
             path = find_checkpoint_file(args, state, QUANTIZATION_STATE_NAME, type(self).__name__)
-            quantized, _, _ = read_deep_compressed(path)
+            quantized, _, _ = read_deep_compressed(path, self._masks())  # checked against the masks, then decoded
             self.quantizer.load_quantized_(quantized)
             logger.info("Restored %d quantized weights from %s.", len(quantized), path)
         else:

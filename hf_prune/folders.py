@@ -1,0 +1,120 @@
+"""A saved folder as one save: which weights formats it may hold, moving a staged save into it, and checking
+on load that its files are those its `pruning_config.json` records."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+from collections.abc import Mapping
+from typing import Any
+
+from transformers.utils import (
+    GENERATION_CONFIG_NAME,
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+)
+
+from .constants import COMPRESSED_WEIGHTS_NAME, DEEP_COMPRESSED_WEIGHTS_NAME, TEMP_PREFIX
+from .hub import resolve_file
+from .serialization import file_record, is_count, read_json_object
+
+
+#: The weights file(s) of each way a folder can hold the model's weights; one folder holds one of them.
+WEIGHT_FORMATS = {SAFE_WEIGHTS_NAME: "dense", SAFE_WEIGHTS_INDEX_NAME: "dense, sharded", WEIGHTS_NAME: "dense",
+                  WEIGHTS_INDEX_NAME: "dense, sharded", COMPRESSED_WEIGHTS_NAME: "sparse",
+                  DEEP_COMPRESSED_WEIGHTS_NAME: "deep"}
+#: transformers' weights files: one file or shards and their index, safetensors or the older .bin.
+_DENSE_WEIGHTS_FILE = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?")
+#: What `push_to_hub` deletes from the repo unless the new save uploads it (the same files as `commit` removes).
+STALE_PATTERNS = (*WEIGHT_FORMATS, "model-*-of-*.safetensors", "pytorch_model-*-of-*.bin", GENERATION_CONFIG_NAME)
+
+
+def weights_format(path: str | os.PathLike, hub_kwargs: Mapping[str, Any]) -> tuple[str, str | None]:
+    """Which format holds the weights (`"dense"`, `"sparse"` or `"deep"`) and its file (for `"dense"`, the one
+    transformers reads; `None` when there is none, and transformers reports that).
+
+    Raises:
+        ValueError: when the folder holds the weights in two formats (a file left by an older save).
+    """
+    # on the Hub, a stale pickled .bin beside the weights would be downloaded only to be refused: not looked for
+    names = [name for name in WEIGHT_FORMATS if os.path.isdir(path) or not name.startswith("pytorch_model")]
+    found = {name: local for name in names if (local := resolve_file(path, name, required=False, **hub_kwargs))}
+    if len(found) > 1:
+        raise ValueError(f"{path} holds the weights in {len(found)} formats: "
+                         + ", ".join(f"{name} ({WEIGHT_FORMATS[name]})" for name in found)
+                         + "; a folder holds one save. Delete the files of the formats you do not want, or save "
+                         "again with PrunedModel.save_pretrained (it removes the others).")
+    name, local = next(iter(found.items()), (None, None))
+    kind = "dense" if name is None or WEIGHT_FORMATS[name].startswith("dense") else WEIGHT_FORMATS[name]
+    return kind, local
+
+
+def check_saved_files(path: str | os.PathLike, config_file: str, hub_kwargs: Mapping[str, Any]) -> None:
+    """Checks every file `pruning_config.json` (`config_file`) records as part of its save (`files`: name ->
+    sha256 and size) against the file of that name in `path`; a folder without a record (written before hf_prune
+    recorded its files) passes.
+
+    Raises:
+        ValueError: naming the first file that is missing or differs from the recorded one: the folder mixes
+            two saves (an interrupted `save_pretrained`) or was edited.
+    """
+    records = read_json_object(config_file, "a PruningConfig").get("files")
+    if records is None:
+        return
+    if not isinstance(records, dict) or not all(
+            os.path.basename(name) == name and name not in ("", ".", "..") and isinstance(record, dict)
+            and isinstance(record.get("sha256"), str) and is_count(record.get("size")) for name, record in records.items()):
+        raise ValueError(f"{config_file} is corrupt: `files` must map file names to {{\"sha256\": hex digest, "
+                         f"\"size\": bytes}}; got {str(records)[:120]}.")
+    for name, record in records.items():
+        local = resolve_file(path, name, required=False, **hub_kwargs)
+        if local is None:
+            raise ValueError(f"{path} has no {name}, which {config_file} records as part of its save: the folder is "
+                             "incomplete or mixes two saves (an interrupted save_pretrained?). Save the model again.")
+        found = {"size": os.path.getsize(local)}
+        if found["size"] == record["size"]:
+            found = file_record(local)
+        if (found["size"], found.get("sha256")) != (record["size"], record["sha256"]):
+            raise ValueError(f"{local} does not belong to the save that {config_file} records (found "
+                             f"{_describe(found)}, recorded {_describe(record)}): the folder mixes files of two "
+                             "saves (an interrupted save_pretrained?) or the file was changed after saving. Save the "
+                             f"model again; to load the folder as it is, delete the `files` entry of {config_file}.")
+
+
+def _describe(record: Mapping[str, Any]) -> str:
+    digest = f", sha256 {record['sha256'][:16]}..." if "sha256" in record else ""
+    return f"{record['size']} bytes{digest}"
+
+
+def files_under(folder: str) -> list[str]:
+    """The files in `folder` and its subfolders, as paths relative to it."""
+    return sorted(os.path.relpath(os.path.join(root, name), folder)
+                  for root, _, names in os.walk(folder) for name in names)
+
+
+def _isweights_format(name: str) -> bool:
+    return bool(_DENSE_WEIGHTS_FILE.fullmatch(name)) or name in WEIGHT_FORMATS
+
+
+def remove_temporaries(folder: str) -> None:
+    """Removes what interrupted writes left in `folder` (names starting with `TEMP_PREFIX`)."""
+    for name in os.listdir(folder):
+        if name.startswith(TEMP_PREFIX):
+            target = os.path.join(folder, name)
+            with contextlib.suppress(OSError):
+                shutil.rmtree(target) if os.path.isdir(target) and not os.path.islink(target) else os.remove(target)
+
+
+def commit(staging: str, folder: str, members: Mapping[str, Any]) -> None:
+    """Moves every file of `staging` into `folder` (the save's own files last), then removes the weights of other
+    formats and a generation config that the new save does not have."""
+    for name in sorted(files_under(staging), key=lambda name: name in members):
+        os.makedirs(os.path.dirname(os.path.join(folder, name)), exist_ok=True)
+        os.replace(os.path.join(staging, name), os.path.join(folder, name))
+    for name in os.listdir(folder):
+        if name not in members and (_isweights_format(name) or name == GENERATION_CONFIG_NAME):
+            os.remove(os.path.join(folder, name))

@@ -1,0 +1,71 @@
+"""Building a transformers model for a saved folder: its class, its parameter shapes before anything is
+allocated, and loading weights with every key checked (transformers only reports what did not load)."""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+
+
+def auto_model_class(config: transformers.PretrainedConfig) -> type:
+    """The transformers class named in `config.architectures`, else `AutoModel`."""
+    architectures = getattr(config, "architectures", None) or []
+    for name in architectures:
+        if hasattr(transformers, name):
+            return getattr(transformers, name)
+    return transformers.AutoModel
+
+
+def new_model(model_class: type, config: transformers.PretrainedConfig) -> nn.Module:
+    """A freshly initialised `model_class` (a model class, or an `AutoModel*` class) of `config`."""
+    from_config = getattr(model_class, "from_config", None)  # the AutoModel* classes
+    return from_config(config) if from_config is not None else model_class(config)
+
+
+def parameter_shapes(config: transformers.PretrainedConfig, model_class: type | None = None
+                     ) -> dict[str, tuple[int, ...]]:
+    """The parameter shapes of `model_class` (default: the class `config` names) built on the meta device: what
+    a masks file may name, known before anything is allocated."""
+    with torch.device("meta"):
+        model = new_model(model_class or auto_model_class(config), config)
+    return {name: tuple(param.shape) for name, param in model.named_parameters()}
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], path: str, kwargs: Mapping[str, Any]) -> nn.Module:
+    """`model` with `state` loaded; tied weights re-tied, every other key checked."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    by_storage = defaultdict(list)
+    for name, tensor in model.state_dict().items():
+        by_storage[tensor.data_ptr()].append(name)
+    tied = {name for names in by_storage.values() if len(names) > 1 for name in names}
+    missing = [name for name in missing if name not in tied]
+    if missing or unexpected:
+        raise ValueError(f"{path} does not match {type(model).__name__}: missing {missing}, unexpected {unexpected}.")
+    dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+    return model.to(dtype) if isinstance(dtype, torch.dtype) else model
+
+
+def load_dense(model_class: type, path: str | os.PathLike, config: transformers.PretrainedConfig,
+                kwargs: Mapping[str, Any]) -> nn.Module:
+    """`model_class.from_pretrained(path)`, refused when a saved tensor did not load or a weight was left newly
+    initialised (transformers only lists those in its load report): a folder saved from another head."""
+    kwargs = {key: value for key, value in kwargs.items() if key != "output_loading_info"}
+    model, info = model_class.from_pretrained(path, output_loading_info=True, **kwargs)
+    problems = {"weights the folder lacks (they would be random)": sorted(info.get("missing_keys") or ()),
+                "saved tensors the model has no place for": sorted(info.get("unexpected_keys") or ()),
+                "saved tensors of another shape": sorted(str(key) for key in info.get("mismatched_keys") or ()),
+                "errors": list(info.get("error_msgs") or ())}
+    problems = {what: keys for what, keys in problems.items() if keys}
+    if problems:
+        raise ValueError(f"{path} does not load as {type(model).__name__} (config.json's architectures: "
+                         f"{getattr(config, 'architectures', None)}): "
+                         + "; ".join(f"{what}: {keys}" for what, keys in problems.items())
+                         + ". Pass model_class= the class the folder was saved from.")
+    return model
