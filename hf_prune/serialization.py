@@ -212,7 +212,7 @@ def save_masks(masks: Mapping[str, torch.Tensor], path: str | os.PathLike,
     }
     tensors = {name: pack_mask(mask) for name, mask in masks.items()} if encoding != "gaps" else {}
     if encoding != "bitmask":
-        from .compression.deep_format import encode_positions  # the compression package imports this module
+        from .compression.positions import encode_positions  # lazily: the compression package imports this module
 
         coded = {name: torch.frombuffer(bytearray(encode_positions(mask)), dtype=torch.uint8)
                  for name, mask in masks.items()}
@@ -300,7 +300,7 @@ def load_masks(path: str | os.PathLike, expected: Mapping[str, Sequence[int]] | 
 
 def _decode_gap_masks(path: str | os.PathLike, header: Mapping[str, str], coded: Mapping[str, torch.Tensor],
                       shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-    from .compression.deep_format import decode_positions
+    from .compression.positions import decode_positions
 
     kept = header_json(path, header, "kept", dict)
     if set(kept) != set(shapes):

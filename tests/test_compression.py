@@ -27,8 +27,8 @@ from hf_prune.compression import (
     read_deep_compressed,
     save_deep_compressed,
 )
-from hf_prune.compression.deep_format import GAP_LIMIT, gap_symbols, positions_from_gaps
 from hf_prune.compression.huffman import BLOCK_SIZE, huffman_code_lengths
+from hf_prune.compression.positions import GAP_LIMIT, encode_positions, gap_symbols, positions_from_gaps
 from hf_prune.compression.quantization import centroid_gradients
 from hf_prune.constants import QUANTIZATION_STATE_NAME
 
@@ -553,7 +553,7 @@ def test_a_crafted_gap_coded_masks_file_is_refused_before_decoding(tmp_path):
     name = next(iter(masks))
     shapes, kept = {n: list(m.shape) for n, m in masks.items()}, {n: int(m.sum()) for n, m in masks.items()}
     shapes[name], kept[name] = [6000, 5000], 30_000_000
-    tensors = {n: torch.frombuffer(bytearray(deep_format.encode_positions(m)), dtype=torch.uint8)
+    tensors = {n: torch.frombuffer(bytearray(encode_positions(m)), dtype=torch.uint8)
                for n, m in masks.items()}
     tensors[name] = torch.frombuffer(bytearray(HuffmanTable(
         30_000_000, np.dtype(np.uint8), np.ones(1, dtype=np.uint8), np.zeros(0, dtype=np.uint32),

@@ -1,6 +1,7 @@
 """Smaller checkpoints for pruned models: the sparse format (kept values only), and Deep Compression (Han, Mao &
-Dally 2016) after pruning: trained k-means quantization (`quantization`, `callback`), Huffman coding (`huffman`)
-and the deep file format (`deep_format`)."""
+Dally 2016) after pruning: trained k-means quantization (`quantization`, `callback`), Huffman coding (`huffman`),
+the deep file format (`deep_format`) and the Huffman-coded gaps of kept positions it shares with the masks file
+(`positions`)."""
 
 from .callback import QuantizationCallback
 from .deep_format import (

@@ -2,11 +2,8 @@
 with Huffman-coded cluster indices, and (unless the positions are kept in the masks file) Huffman-coded gaps between
 kept positions, plus any other tensors as they are, in one safetensors file.
 
-The gaps: in the flattened row-major order, kept position `p_i` is stored as `p_i - p_{i-1}` (`p_{-1} = -1`, so
-every gap is >= 1). A gap up to 255 is the symbol `gap`; a longer one is preceded by filler symbols 0, each
-meaning "255 positions with no kept weight" (the paper's filler zeros, here in a separate stream so fillers carry
-no cluster index). Both streams use the canonical Huffman code of `hf_prune.compression.huffman`. The same gap
-stream is how a `hf_prune.gapmask.v1` masks file stores each mask (`encode_positions` / `decode_positions`).
+The cluster indices and the gaps are Huffman-coded streams of `hf_prune.compression.positions`, whose gap stream
+is also how a `hf_prune.gapmask.v1` masks file stores each mask.
 
 Reading checks every count and shape of the header (against the masks and the model's shapes when given) before
 anything is decoded, so what a file decodes to is bounded by the model it is loaded into, not by the file.
@@ -29,74 +26,18 @@ from safetensors import SafetensorError, safe_open
 from ..constants import DEEP_COMPRESSED_FORMAT, DEEP_COMPRESSED_FORMAT_V1, MASKS_NAME
 from ..serialization import atomic_save_safetensors, checked_shape, header_json, is_count, read_tagged_safetensors
 from ..version import __version__
-from .huffman import HuffmanTable, huffman_decode, huffman_encode
+from .positions import decode_positions, decode_stream, encode_positions, encode_stream
 from .quantization import QuantizedWeight, dequantize
 
 
-#: Largest gap stored as one symbol; symbol 0 is the filler (skip GAP_LIMIT positions).
-GAP_LIMIT = 255
 #: Header `positions` of a v2 file: every layer carries its gap stream, or the positions are the masks file's.
 POSITIONS = ("gaps", "masks")
-
-
-def gap_symbols(mask: torch.Tensor) -> np.ndarray:
-    """The kept positions of `mask` (row-major) as uint8 gap symbols: 1..255 = gap, 0 = filler (skip 255)."""
-    positions = np.flatnonzero(mask.detach().reshape(-1).cpu().numpy())
-    gaps = np.diff(positions, prepend=-1)
-    fillers = (gaps - 1) // GAP_LIMIT
-    stream = np.zeros(len(gaps) + int(fillers.sum()), dtype=np.uint8)
-    stream[np.cumsum(fillers + 1) - 1] = gaps - GAP_LIMIT * fillers
-    return stream
-
-
-def positions_from_gaps(stream: np.ndarray) -> np.ndarray:
-    """Inverse of `gap_symbols`: the kept flat positions (int64, increasing)."""
-    steps = np.where(stream == 0, GAP_LIMIT, stream).astype(np.int64)
-    return np.cumsum(steps)[stream != 0] - 1
-
-
-def _encode_stream(symbols: np.ndarray) -> bytes:
-    data, table = huffman_encode(symbols)
-    return table.to_bytes() + data
-
-
-def _decode_stream(data: bytes, max_symbols: int, exact: bool = False) -> np.ndarray:
-    """A uint8 stream of at most (`exact`: exactly) `max_symbols` symbols, checked before it is decoded."""
-    table, size = HuffmanTable.from_bytes(data)
-    if table.num_symbols > max_symbols or (exact and table.num_symbols != max_symbols):
-        raise ValueError(f"a stream of {table.num_symbols} symbols where {'' if exact else 'at most '}{max_symbols} "
-                         "fit")
-    if table.dtype != np.uint8:
-        raise ValueError(f"a stream of {table.dtype} symbols; they are uint8")
-    return huffman_decode(data[size:], table)
-
-
-def encode_positions(mask: torch.Tensor) -> bytes:
-    """The kept positions of `mask` as one Huffman-coded gap stream (table, then bits)."""
-    return _encode_stream(gap_symbols(mask))
-
-
-def decode_positions(data: bytes, shape: Sequence[int], kept: int) -> torch.Tensor:
-    """Inverse of `encode_positions`: the bool mask of `shape` keeping `kept` entries.
-
-    `shape` and `kept` bound the decoding (at most `kept + numel // 255` symbols), so check them first.
-
-    Raises:
-        ValueError: when `data` does not decode to exactly `kept` positions inside `shape`.
-    """
-    numel = math.prod(shape)
-    positions = positions_from_gaps(_decode_stream(data, kept + numel // GAP_LIMIT))
-    if len(positions) != kept or (kept and positions[-1] >= numel):
-        raise ValueError(f"decoded {len(positions)} positions, expected {kept} within {numel} entries")
-    mask = np.zeros(numel, dtype=bool)
-    mask[positions] = True
-    return torch.from_numpy(mask).reshape(tuple(shape))
 
 
 def _encode_layer(quantized: QuantizedWeight, store_positions: bool) -> tuple[torch.Tensor, dict[str, Any]]:
     """One layer as bytes (centroids, coded indices and, with `store_positions`, coded gaps) and its header entry."""
     sections = [quantized.centroids.detach().cpu().numpy().astype("<f4").tobytes(),
-                _encode_stream(quantized.indices.cpu().numpy())]
+                encode_stream(quantized.indices.cpu().numpy())]
     if store_positions:
         sections.append(encode_positions(quantized.mask))
     entry = {"shape": list(quantized.shape), "bits": quantized.bits, "kept": quantized.indices.numel(),
@@ -135,7 +76,7 @@ def _decode_layer(path: str | os.PathLike, name: str, blob: bytes, layout: tuple
     shape, bits, kept, sections = layout
     centroids = np.frombuffer(blob, dtype="<f4", count=1 << bits).astype(np.float32)
     try:
-        indices = _decode_stream(blob[sections[0]:sections[0] + sections[1]], kept, exact=True)
+        indices = decode_stream(blob[sections[0]:sections[0] + sections[1]], kept, exact=True)
         if kept and int(indices.max()) >= 1 << bits:
             raise ValueError(f"cluster index {int(indices.max())} of {2 ** bits} clusters")
         decoded = decode_positions(blob[sections[0] + sections[1]:], shape, kept) if len(sections) == 3 else mask
