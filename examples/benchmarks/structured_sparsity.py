@@ -31,6 +31,7 @@ from common import (  # noqa: E402
     print_and_write,
     setup_sst2,
 )
+from transformers import AutoModelForSequenceClassification  # noqa: E402
 
 from hf_prune import DistillationTrainer, MagnitudePruningCallback, PrunedModel, PruningConfig  # noqa: E402
 from hf_prune.criteria import CRITERIA  # noqa: E402
@@ -52,6 +53,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--small_dense_layers", type=int, nargs="*", default=[],
                         help="Also fine-tune the first k layers of the pretrained model, for each k.")
     parser.add_argument("--distill", action="store_true", help="Distil every pruned run from the dense model.")
+    parser.add_argument("--teacher", type=Path, default=None,
+                        help="With --distill: a dense folder saved by an earlier run's --save_dir, used as the "
+                             "dense model (teacher and reference row) instead of fine-tuning it again.")
     parser.add_argument("--distill_alpha", type=float, default=0.9)
     parser.add_argument("--distill_temperature", type=float, default=2.0)
     parser.add_argument("--skip_dense", action="store_true",
@@ -60,6 +64,8 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if args.skip_dense and args.distill:
         parser.error("--distill needs the dense model as its teacher; drop --skip_dense.")
+    if args.teacher is not None and not args.distill:
+        parser.error("--teacher is the dense model for --distill; add --distill.")
     return args
 
 
@@ -69,7 +75,13 @@ def main() -> None:
     tokenizer, collator, train_set, dev_set = setup_sst2(args)
     rows, teacher, dense_accuracy = [], None, None
     with tempfile.TemporaryDirectory() as scratch:
-        if not args.skip_dense:
+        if args.teacher is not None:
+            dense = AutoModelForSequenceClassification.from_pretrained(args.teacher)
+            dense_accuracy = accuracy(dense, dev_set, collator)
+            rows.append((f"dense ({args.teacher.name}, loaded)", "-", dense_accuracy,
+                         sum(p.numel() for p in dense.parameters()), "-"))
+            teacher = dense
+        elif not args.skip_dense:
             dense = fine_tune(args, load_model(model_path, args.seed), train_set, collator, scratch).model
             dense_accuracy = accuracy(dense, dev_set, collator)
             rows.append(("dense", "-", dense_accuracy, sum(p.numel() for p in dense.parameters()), "-"))
