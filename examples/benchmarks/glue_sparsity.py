@@ -33,7 +33,7 @@ from common import (
 )
 from transformers import AutoTokenizer, DataCollatorWithPadding
 
-from hf_prune import MagnitudePruningCallback, PruningConfig
+from hf_prune import MagnitudePruningCallback, PrunedModel, PruningConfig
 from hf_prune.criteria import CRITERIA
 from hf_prune.masks import SCHEMES
 
@@ -90,6 +90,10 @@ def main() -> None:
     parser.add_argument("--criteria", nargs="+", choices=sorted(CRITERIA), default=["magnitude"])
     parser.add_argument("--small_dense_layers", type=int, nargs="*", default=[1, 2])
     parser.add_argument("--plot", type=Path, default=None, help="Write the accuracy plots to this PNG.")
+    parser.add_argument("--skip_dense", action="store_true",
+                        help="Do not fine-tune the dense model (no `vs dense` column values, no plot).")
+    parser.add_argument("--save_dir", type=Path, default=None,
+                        help="Save every pruned model here with PrunedModel.save_pretrained (with its masks).")
     args = parser.parse_args()
     model_path = args.model or default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -97,7 +101,7 @@ def main() -> None:
     train, dev = load_sst2(args, tokenizer)
     matched = [round(1 - k / LAYERS, 4) for k in args.small_dense_layers]
     variants = list(itertools.product(args.schemes, args.criteria))
-    runs = [("dense", 0.0, None, None)]
+    runs = [] if args.skip_dense else [("dense", 0.0, None, None)]
     if "iterative" in args.schedules:
         runs += [("iterative", s, None, v) for v in variants for s in args.sparsities]
     if "cubic" in args.schedules:
@@ -114,6 +118,9 @@ def main() -> None:
             if kind in ("iterative", "cubic"):
                 callbacks = [MagnitudePruningCallback(pruning_config(kind, sparsity, args.max_steps, *variant))]
             trainer = fine_tune(args, model, train, collator, tmp, callbacks)
+            if args.save_dir and callbacks:
+                folder = args.save_dir / f"{kind}-{'-'.join(variant)}-{round(100 * sparsity)}"
+                PrunedModel.from_trainer(trainer).save_pretrained(folder, processing_class=tokenizer)
             achieved = encoder_sparsity(trainer.model)
             linear = sum(p.numel() for n, p in trainer.model.named_parameters()
                          if ".encoder.layer." in n and n.endswith(".weight") and p.dim() == 2)
@@ -123,7 +130,7 @@ def main() -> None:
                             "seconds": time.perf_counter() - start})
             print(f"{kind} {sparsity:.3f} layers={layers or LAYERS}: {results[-1]}", flush=True)
 
-    dense = results[0]["accuracy"]
+    dense = results[0]["accuracy"] if not args.skip_dense else None
     lines = [f"SST-2: {len(train)} training rows (random subsample, seed 0), {len(dev)} dev rows; "
              f"{args.max_steps} steps x batch {args.batch_size}, lr {args.learning_rate}, max length "
              f"{args.max_seq_length}; all-MiniLM-L6-v2, pruning of the encoder's Linear weights (embeddings "
@@ -132,11 +139,12 @@ def main() -> None:
              "|---|---|---|---|---|---|---|"]
     for r in results:
         model = "MiniLM-L6" if r["layers"] == LAYERS else f"MiniLM, first {r['layers']} layer(s)"
+        gap = "-" if dense is None else f"{100 * (r['accuracy'] - dense):+.2f} pt"
         schedule = ", ".join([r["kind"], *r["variant"]]) if r["variant"] else {"dense": "-"}.get(r["kind"], "- (small dense)")
         lines.append(f"| {model} | {schedule} | {r['sparsity']:.2%} | {r['nonzero'] / 1e6:.2f}M | "
-                     f"{r['accuracy']:.2%} | {100 * (r['accuracy'] - dense):+.2f} pt | {r['seconds']:.0f} s |")
+                     f"{r['accuracy']:.2%} | {gap} | {r['seconds']:.0f} s |")
     print_and_write("\n".join(lines), args.output)
-    if args.plot:
+    if args.plot and dense is not None:
         plot([r for r in results if r["variant"] in (None, DEFAULT_VARIANT)], dense, args.plot)
 
 

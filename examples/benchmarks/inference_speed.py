@@ -7,13 +7,16 @@ process (so peak memory is the model's own), one after the other:
 
     python examples/benchmarks/inference_speed.py --dense out/structured/dense \\
         --models ffn307=out/structured/neurons-80-obd "first 3 layers=out/structured/dense-3-layers" \\
+        --pruned "unstructured 90%=out/unstructured/cubic-class-blind-obd-90" \\
         --unstructured 0.8 0.9 0.95 --output inference_speed.md --plot inference_speed.png
 
 `--dense` is a fine-tuned classifier folder (its accuracy is the reference); `--models` are plain transformers
-folders (a `PrunedModel.shrink()` result, a small dense model); `--unstructured S` prunes the dense model one-shot
-to S by magnitude (not fine-tuned: its accuracy shows what one-shot pruning costs, its speed what the kernels give)
-and measures it with the dense kernel and after `PrunedModel.to_sparse_inference()`. With a CUDA GPU, a latency
-column on the GPU is added.
+folders (a `PrunedModel.shrink()` result, a small dense model); `--pruned` are `PrunedModel` folders fine-tuned
+with their masks (`glue_sparsity.py --save_dir`), each measured with the dense kernel and after
+`PrunedModel.to_sparse_inference()`; `--unstructured S` prunes the dense model one-shot to S by magnitude and
+measures it with both kernels too (not fine-tuned: its speed is what the kernels give at S, its accuracy what
+one-shot pruning costs; these rows are left out of the plot). With a CUDA GPU, a latency column on the GPU is
+added.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dense", required=True, help="Folder of the fine-tuned dense classifier.")
     parser.add_argument("--models", nargs="*", default=[], metavar="NAME=FOLDER",
                         help="Other plain transformers folders (shrunk or small dense models).")
+    parser.add_argument("--pruned", nargs="*", default=[], metavar="NAME=FOLDER",
+                        help="PrunedModel folders (fine-tuned with masks), each with the dense and the sparse kernel.")
     parser.add_argument("--unstructured", type=float, nargs="*", default=[0.8, 0.9, 0.95],
                         help="Sparsities of one-shot magnitude pruning of the dense model.")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
@@ -53,19 +58,24 @@ def parse_args() -> argparse.Namespace:
 
 # --------------------------------------------------------------------------------------------- one measurement
 def _load(spec: dict):
-    """The model of one measurement (a plain folder, or the dense folder pruned one-shot, with the dense or the
-    sparse kernel), the `to_sparse_inference` report (or None), and its total and non-zero parameter counts."""
+    """The model of one measurement (a plain folder, a `PrunedModel` folder, or the dense folder pruned one-shot;
+    the last two with the dense or the sparse kernel), the `to_sparse_inference` report (or None), and its total
+    and non-zero parameter counts."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(spec["folder"]).eval()
-    if spec.get("sparsity") is None:
-        return model, None, _counts(model)
     from hf_prune import PrunedModel, Pruner, PruningConfig
 
-    pruner = Pruner(model, PruningConfig(schedule="oneshot", final_sparsity=spec["sparsity"]))
-    pruner.prune_to(spec["sparsity"])
-    pruned = PrunedModel(model, pruner.masks, pruner.config)
+    if spec.get("masks"):
+        pruned = PrunedModel.from_pretrained(spec["folder"]).eval()
+        model = pruned.model
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(spec["folder"]).eval()
+        if spec.get("sparsity") is None:
+            return model, None, _counts(model)
+        pruner = Pruner(model, PruningConfig(schedule="oneshot", final_sparsity=spec["sparsity"]))
+        pruner.prune_to(spec["sparsity"])
+        pruned = PrunedModel(model, pruner.masks, pruner.config)
     counts, report = _counts(model), None
     if spec["kernel"] == "sparse":
         with torch.no_grad():
@@ -163,11 +173,16 @@ def main() -> None:
     for item in args.models:
         name, _, folder = item.partition("=")
         entries.append((name, {"folder": folder, "tokenizer": folder}, folder_bytes(folder)))
+    for item in args.pruned:
+        name, _, folder = item.partition("=")
+        for kernel in ("dense", "sparse"):
+            entries.append((f"{name} ({kernel} kernel)", {"folder": folder, "tokenizer": folder, "masks": True,
+                                                          "kernel": kernel}, folder_bytes(folder)))
     with tempfile.TemporaryDirectory() as scratch:
         for sparsity in args.unstructured:
             size = _saved_size(args.dense, sparsity, Path(scratch) / f"u{sparsity}")
             for kernel in ("dense", "sparse"):
-                entries.append((f"unstructured {round(100 * sparsity)}% ({kernel} kernel)",
+                entries.append((f"one-shot {round(100 * sparsity)}%, not fine-tuned ({kernel} kernel)",
                                 {"folder": args.dense, "sparsity": sparsity, "kernel": kernel}, size))
     rows = []
     for name, spec, size in entries:
@@ -243,7 +258,7 @@ def _plot(rows: list[dict], threads: int, path: Path) -> None:
     FigureCanvasAgg(figure)
     ax = figure.add_subplot()
     dense = rows[0]
-    for row in rows:
+    for row in (row for row in rows if not row["name"].startswith("one-shot")):
         speedup = dense[f"latency@{threads}"] / row[f"latency@{threads}"]
         ax.scatter(speedup, 100 * row["accuracy"])
         ax.annotate(row["name"], (speedup, 100 * row["accuracy"]), fontsize=7, xytext=(4, 2),
