@@ -27,6 +27,7 @@ from .constants import COMPRESSED_WEIGHTS_NAME, CONFIG_NAME, DEEP_COMPRESSED_WEI
 from .distributed import gather_unsharded
 from .folders import STALE_PATTERNS, check_saved_files, commit, files_under, remove_temporaries, weights_format
 from .hub import HUB_KWARGS, resolve_file
+from .inference import SparseInferenceReport, SparseLinear, to_sparse_inference
 from .loading import auto_model_class, load_dense, load_state, new_model
 from .masks import check_masks_match, zero_pruned_
 from .report import SparsityReport, sparsity_report
@@ -93,10 +94,11 @@ class PrunedModel(nn.Module):
     def apply_masks_(self) -> None:
         """Sets every pruned weight to exactly zero."""
         params = dict(self.model.named_parameters())
+        # a layer of to_sparse_inference holds its weight as a sparse buffer that stores no pruned entry
+        converted = {f"{name}.weight" for name, module in self.model.named_modules() if isinstance(module, SparseLinear)}
         for name, mask in self.masks.items():
-            param = params.get(self._param_names[name])
-            if param is not None:  # None: a layer of to_sparse_inference, whose sparse weight holds no pruned entry
-                zero_pruned_(param, mask)
+            if self._param_names[name] not in converted:
+                zero_pruned_(params[self._param_names[name]], mask)
 
     def sparsity_report(self) -> SparsityReport:
         """Per-layer, per-class and overall sparsity of the masked weights."""
@@ -341,7 +343,7 @@ class PrunedModel(nn.Module):
         return cls(model, masks, pruning_config)
 
     # -------------------------------------------------------------------------------------------- inference
-    def to_sparse_inference(self, layers: list[str] | None = None, **options: Any) -> Any:
+    def to_sparse_inference(self, layers: list[str] | None = None, **options: Any) -> SparseInferenceReport:
         """Makes the masked Linear layers multiply with a sparse weight where that is faster than the dense product
         (`hf_prune.inference.SparseLinear`: CSR/BSR on CPU, 2:4 on CUDA), in place, and puts the model in eval
         mode. Outputs stay equal within float tolerance; `forward`, `generate` and batching work as before.
@@ -368,8 +370,6 @@ class PrunedModel(nn.Module):
             ValueError: without masks, for a layer that is not a masked `nn.Linear` / `Conv1D` of the model, or
                 an invalid option; nothing is changed then.
         """
-        from .inference import to_sparse_inference
-
         report = to_sparse_inference(self.model, self.masks, layers, **options)
         self.eval()
         return report
