@@ -34,6 +34,7 @@ from .modeling import PrunedModel
 from .pruner import Pruner
 from .report import SparsityReport, sparsity_report
 from .schedules import SparsitySchedule
+from .structured.layers import block_influence, drop_layers
 from .version import __version__
 
 
@@ -61,8 +62,10 @@ __all__ = [
     "TrainedQuantizer",
     "__version__",
     "apply_dropout_adjustment",
+    "block_influence",
     "deep_compression_sizes",
     "dequantize",
+    "drop_layers",
     "get_see_retraining_schedule",
     "load_deep_compressed",
     "obs_prune",

@@ -191,9 +191,9 @@ def main() -> None:
             figures = measure({**common, **spec, "name": name, "threads": threads,
                                "accuracy": threads == args.threads[0]})
             row.update({f"{key}@{threads}": value for key, value in figures.items()
-                        if key in ("latency", "throughput", "peak_rss", "gpu_latency")})
+                        if key in ("latency", "throughput", "peak_rss", "gpu_latency", "sparse_layers")})
             row.update({key: value for key, value in figures.items()
-                        if key in ("accuracy", "total_params", "nonzero_params", "sparse_layers")})
+                        if key in ("accuracy", "total_params", "nonzero_params")})
         rows.append(row)
         print(f"measured {name}", file=sys.stderr)
     print_and_write(_table(rows, args), args.output)
@@ -242,8 +242,8 @@ def _table(rows: list[dict], args: argparse.Namespace) -> str:
             cells.append("-" if key not in row else f"{1000 * row[key]:.2f} ms" if row is dense
                          else f"{dense[key] / row[key]:.2f}x")
         lines.append("| " + " | ".join(cells) + " |")
-    sparse_layers = [f"{row['name']}: {row['sparse_layers']} layers sparse" for row in rows
-                     if row.get("sparse_layers") is not None]
+    sparse_layers = [f"{row['name']}: " + ", ".join(f"{row[f'sparse_layers@{t}']} ({t} thr)" for t in args.threads)
+                     for row in rows if row.get(f"sparse_layers@{args.threads[0]}") is not None]
     if sparse_layers:
         lines += ["", "Layers `to_sparse_inference` converted (of 36 encoder Linear layers): "
                   + "; ".join(sparse_layers) + "."]
@@ -258,11 +258,16 @@ def _plot(rows: list[dict], threads: int, path: Path) -> None:
     FigureCanvasAgg(figure)
     ax = figure.add_subplot()
     dense = rows[0]
-    for row in (row for row in rows if not row["name"].startswith("one-shot")):
-        speedup = dense[f"latency@{threads}"] / row[f"latency@{threads}"]
-        ax.scatter(speedup, 100 * row["accuracy"])
-        ax.annotate(row["name"], (speedup, 100 * row["accuracy"]), fontsize=7, xytext=(4, 2),
-                    textcoords="offset points")
+    points = sorted((dense[f"latency@{threads}"] / row[f"latency@{threads}"], 100 * row["accuracy"], row["name"])
+                    for row in rows if not row["name"].startswith("one-shot"))
+    previous = (float("-inf"), 0.0, -9)
+    for speedup, accuracy, name in points:
+        ax.scatter(speedup, accuracy)
+        # next to a nearby point, the label goes on the other side of its point (above / below)
+        close = abs(speedup - previous[0]) < 0.15 and abs(accuracy - previous[1]) < 0.3
+        offset = (2 if previous[2] == -9 else -9) if close else 2
+        ax.annotate(name, (speedup, accuracy), fontsize=7, xytext=(4, offset), textcoords="offset points")
+        previous = (speedup, accuracy, offset)
     ax.set_xlabel(f"speed-up over dense, latency 1x128, {threads} thread(s)")
     ax.set_ylabel("SST-2 dev accuracy (%)")
     ax.set_title("all-MiniLM-L6-v2: accuracy against CPU latency")

@@ -33,7 +33,14 @@ from common import (  # noqa: E402
 )
 from transformers import AutoModelForSequenceClassification  # noqa: E402
 
-from hf_prune import DistillationTrainer, MagnitudePruningCallback, PrunedModel, PruningConfig  # noqa: E402
+from hf_prune import (  # noqa: E402
+    DistillationTrainer,
+    MagnitudePruningCallback,
+    PrunedModel,
+    PruningConfig,
+    block_influence,
+    drop_layers,
+)
 from hf_prune.criteria import CRITERIA  # noqa: E402
 
 
@@ -50,6 +57,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=None,
                         help="Pruned runs start from the first k layers of the pretrained model (whole blocks "
                              "removed before fine-tuning, then neurons pruned); default: all.")
+    parser.add_argument("--drop_blocks", type=int, default=None,
+                        help="Pruned runs start without the k blocks of lowest block influence on 16 training "
+                             "batches (hf_prune.block_influence, removed with drop_layers before fine-tuning).")
     parser.add_argument("--small_dense_layers", type=int, nargs="*", default=[],
                         help="Also fine-tune the first k layers of the pretrained model, for each k.")
     parser.add_argument("--distill", action="store_true", help="Distil every pruned run from the dense model.")
@@ -64,9 +74,21 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if args.skip_dense and args.distill:
         parser.error("--distill needs the dense model as its teacher; drop --skip_dense.")
+    if args.layers is not None and args.drop_blocks is not None:
+        parser.error("--layers keeps the first k blocks, --drop_blocks removes the least useful k: pick one.")
     if args.teacher is not None and not args.distill:
         parser.error("--teacher is the dense model for --distill; add --distill.")
     return args
+
+
+def without_least_influential_blocks(model, count: int, train_set: list[dict], collator):
+    """`model` without its `count` blocks of lowest block influence on the first 16 training batches, and their
+    indices."""
+    batches = [collator(train_set[i:i + 32]) for i in range(0, 16 * 32, 32)]
+    scores = block_influence(model, batches)["bert.encoder.layer"]
+    dropped = sorted(sorted(range(len(scores)), key=scores.__getitem__)[:count])
+    print(f"block influence: {[round(s, 4) for s in scores]}; dropping blocks {dropped}", flush=True)
+    return drop_layers(model, dropped), dropped
 
 
 def main() -> None:
@@ -100,16 +122,22 @@ def main() -> None:
                     "trainer_class": DistillationTrainer, "teacher_model": teacher, "alpha": args.distill_alpha,
                     "temperature": args.distill_temperature}
                 layers = {} if args.layers is None else {"num_hidden_layers": args.layers}
-                trainer = fine_tune(args, load_model(model_path, args.seed, **layers), train_set, collator, scratch,
-                                    [MagnitudePruningCallback(config)], **distillation)
+                model = load_model(model_path, args.seed, **layers)
+                if args.drop_blocks is not None:
+                    model, dropped = without_least_influential_blocks(model, args.drop_blocks, train_set, collator)
+                trainer = fine_tune(args, model, train_set, collator, scratch, [MagnitudePruningCallback(config)],
+                                    **distillation)
                 pruned = PrunedModel.from_trainer(trainer)
                 masked_accuracy = accuracy(pruned.model, dev_set, collator)
                 small = pruned.shrink()
                 small_accuracy = accuracy(small, dev_set, collator)
                 if small_accuracy != masked_accuracy:
                     raise RuntimeError(f"shrunk model accuracy {small_accuracy} != masked {masked_accuracy}")
-                name = (f"{'' if args.layers is None else f'layers-{args.layers}-'}neurons-{round(100 * sparsity)}-"
-                        f"{criterion}{'-kd' if teacher is not None else ''}")
+                blocks = "" if args.layers is None else f"layers-{args.layers}-"
+                blocks += "" if args.drop_blocks is None else f"without-{'-'.join(map(str, dropped))}-"
+                name = (f"{blocks}neurons-{round(100 * sparsity)}-"
+                        f"{criterion}{'-kd' if teacher is not None else ''}"
+                        f"{'' if args.end_fraction == 0.75 else f'-end-{end_step}'}")
                 rows.append((name, f"{small.config.intermediate_size}", small_accuracy,
                              sum(p.numel() for p in small.parameters()), f"{pruned.sparsity_report().overall:.4f}"))
                 if args.save_dir:

@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
+from ..batches import model_inputs
 from ..callbacks import MagnitudePruningCallback
 from ..config import PruningConfig
 from ..distributed import refuse_sharded
@@ -163,13 +164,7 @@ def _as_rows(module: nn.Module) -> torch.Tensor:
 
 
 def _run_batch(model: nn.Module, batch: Any, device: torch.device) -> None:
-    if isinstance(batch, Mapping):
-        args, kwargs = (), {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    elif isinstance(batch, torch.Tensor):
-        args, kwargs = (batch.to(device),), {}
-    else:
-        raise ValueError(f"`calibration_dataloader` must yield dicts of keyword arguments of the model's forward "
-                         f"(input_ids, attention_mask, ...) or tensors of inputs; got a {type(batch).__name__}.")
+    args, kwargs = model_inputs(batch, device, "calibration_dataloader")
     try:
         model(*args, **kwargs)
     except _StopForward:

@@ -1,2 +1,3 @@
-"""Structured pruning: whole feed-forward neurons and attention heads (`units`, `selection`), and `shrink`, which
-removes them physically so that the result is a smaller standard transformers model."""
+"""Structured pruning: whole feed-forward neurons and attention heads (`units`, `selection`), `shrink`, which
+removes them physically so that the result is a smaller standard transformers model, and whole Transformer blocks
+(`layers`: `drop_layers`, `block_influence`)."""

@@ -1,0 +1,208 @@
+"""Whole-block removal: `drop_layers` rebuilds a model without some of its Transformer blocks, as an ordinary
+transformers model whose config says how many are left (`num_hidden_layers`, `n_layer`, `num_layers` /
+`num_decoder_layers`, `encoder_layers` / `decoder_layers`), and `block_influence` scores the blocks on calibration
+batches so that the least useful ones can be chosen.
+
+Block influence (Men et al. 2024, "ShortGPT") is `BI_i = 1 - E_t[cos(x_t, y_t)]`, the mean over the (non-padding)
+tokens `t` of one minus the cosine similarity between block `i`'s input `x_t` and output `y_t`: a block that
+barely turns its input changes the model least when it goes.
+
+```python
+scores = block_influence(model, calibration_batches)   # {"bert.encoder.layer": [0.21, 0.08, ...]}
+layers = sorted(range(6), key=scores["bert.encoder.layer"].__getitem__)[:2]
+small = drop_layers(model, layers)                      # then fine-tune it (with neuron pruning, distillation)
+```
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..batches import model_inputs
+from ..targets import clean_name
+
+
+#: The block stacks hf_prune knows: (the ModuleList's name, or the end of it, and the config key of its length),
+#: the longer names first.
+STACK_RULES: tuple[tuple[str, str], ...] = (
+    ("encoder.layer", "num_hidden_layers"),  # BERT-style encoders
+    ("encoder.block", "num_layers"),  # T5
+    ("decoder.block", "num_decoder_layers"),  # T5
+    ("encoder.layers", "encoder_layers"),  # BART
+    ("decoder.layers", "decoder_layers"),  # BART
+    ("h", "n_layer"),  # GPT-2
+    ("layers", "num_hidden_layers"),  # Llama-style decoders
+)
+
+
+def find_stacks(model: nn.Module) -> dict[str, str]:
+    """The block stacks of `model`: the name of each `nn.ModuleList` of Transformer blocks, with the config key that
+    holds its length, in module order.
+
+    Raises:
+        ValueError: when `model` has no stack hf_prune knows.
+    """
+    config = getattr(model, "config", None)
+    stacks = {}
+    for raw_name, module in model.named_modules():
+        name = clean_name(raw_name)
+        if not isinstance(module, nn.ModuleList) or not len(module):
+            continue
+        for suffix, key in STACK_RULES:
+            if (name == suffix or name.endswith("." + suffix)) and getattr(config, key, None) == len(module):
+                stacks[name] = key
+                break
+    if not stacks:
+        raise ValueError(f"No stack of Transformer blocks found in {type(model).__name__} (hf_prune knows the block "
+                         "lists of BERT, GPT-2, Llama, T5 and BART models), so `drop_layers` cannot remove any.")
+    return stacks
+
+
+def _layers_by_stack(model: nn.Module, layers: Sequence[int] | Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
+    """`layers` as sorted block indices per stack name, checked against `model`."""
+    stacks = find_stacks(model)
+    if not isinstance(layers, Mapping):
+        if len(stacks) > 1:
+            raise ValueError(f"`layers` must be a dict of block indices per stack for {type(model).__name__}, which "
+                             f"has {len(stacks)} ({', '.join(stacks)}); got {layers!r}.")
+        layers = {next(iter(stacks)): layers}
+    unknown = sorted(set(layers) - set(stacks))
+    if unknown:
+        raise ValueError(f"`layers` names {', '.join(unknown)}, not a block stack of {type(model).__name__}; its "
+                         f"stacks are {', '.join(stacks)}.")
+    found = {}
+    for name, indices in layers.items():
+        count = len(model.get_submodule(name))
+        indices = list(indices)
+        if any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < count for i in indices) \
+                or len(set(indices)) != len(indices):
+            raise ValueError(f"`layers` of {name} must be distinct block indices in [0, {count - 1}]; got "
+                             f"{indices!r}.")
+        if len(indices) == count:
+            raise ValueError(f"`layers` of {name} would remove all {count} of its blocks; keep at least one.")
+        found[name] = sorted(indices)
+    return found
+
+
+def _new_config(model: nn.Module, stacks: Mapping[str, str], dropped: Mapping[str, list[int]]) -> Any:
+    config = copy.deepcopy(model.config)
+    if getattr(config, "scale_attn_by_inverse_layer_idx", False):
+        raise ValueError(f"{type(config).__name__}.scale_attn_by_inverse_layer_idx is True: the attention of each "
+                         "block is scaled by its position, so a model without some blocks computes differently in "
+                         "the blocks after them. `drop_layers` needs this option off.")
+    for name, indices in dropped.items():
+        key = stacks[name]
+        count = getattr(config, key)
+        setattr(config, key, count - len(indices))
+        layer_types = getattr(config, "layer_types", None)
+        if len(stacks) == 1 and isinstance(layer_types, (list, tuple)) and len(layer_types) == count:
+            config.layer_types = [t for i, t in enumerate(layer_types) if i not in indices]
+    return config
+
+
+def drop_layers(model: nn.Module, layers: Sequence[int] | Mapping[str, Sequence[int]]) -> nn.Module:
+    """A new model of the same class without the Transformer blocks `layers`, its config updated: an ordinary
+    transformers model whose `save_pretrained` folder loads with `AutoModel*.from_pretrained`. The kept blocks keep
+    their weights and order (each block's own index, such as its key/value-cache slot, is renumbered), so its
+    outputs are those of the original model with these blocks skipped. T5's relative position bias, which only the
+    first block holds, moves to the new first block.
+
+    Args:
+        model (`PreTrainedModel`): a BERT-style encoder, GPT-2, a Llama-style decoder, T5 or BART.
+        layers (`list[int]` or `dict[str, list[int]]`): the indices of the blocks to remove; for a model with more
+            than one stack (encoder-decoders) a dict keyed by the stack's module name (`find_stacks`), such as
+            `{"encoder.block": [3], "decoder.block": [2, 5]}`.
+
+    Raises:
+        ValueError: naming the stack or field when `model` has no known block stack, `layers` is not a set of its
+            block indices, it would remove every block of a stack, or the config ties a block's computation to its
+            position; the model is left as it is.
+    """
+    stacks = find_stacks(model)
+    dropped = _layers_by_stack(model, layers)
+    config = _new_config(model, stacks, dropped)
+    renumbered: dict[str, dict[int, int]] = {
+        name: {old: new for new, old in enumerate(i for i in range(len(model.get_submodule(name))) if i not in drop)}
+        for name, drop in dropped.items()}
+    state = {}
+    for key, tensor in model.state_dict().items():
+        name = next((n for n in renumbered if key.startswith(n + ".")), None)
+        if name is not None:
+            index, _, rest = key[len(name) + 1:].partition(".")
+            if int(index) not in renumbered[name]:
+                continue
+            key = f"{name}.{renumbered[name][int(index)]}.{rest}"
+        state[key] = tensor.detach().clone()
+    reference = next(model.parameters())
+    small = type(model)(config).to(dtype=reference.dtype)
+    wanted = small.state_dict()
+    for key in set(wanted) - set(state):  # only the first block holds T5's relative position bias
+        name = next((n for n in renumbered if key.startswith(n + ".0.")), None)
+        if name is not None and key in model.state_dict():
+            state[key] = model.state_dict()[key].detach().clone()
+    small.load_state_dict(state, strict=True)
+    small.tie_weights()
+    return small.to(reference.device).train(model.training)
+
+
+def _hidden(value: Any) -> torch.Tensor:
+    return value[0] if isinstance(value, (tuple, list)) else value
+
+
+@torch.no_grad()
+def block_influence(model: nn.Module, batches: Iterable[Any]) -> dict[str, list[float]]:
+    """The block influence `1 - mean cos(input, output)` of every Transformer block, per stack, on `batches` (dicts
+    of the model's forward arguments, such as a DataLoader of a few hundred training examples). Padding tokens
+    (`attention_mask` 0) do not count; the decoder of an encoder-decoder counts its `decoder_attention_mask`.
+
+    Raises:
+        ValueError: when `model` has no known block stack, or `batches` is empty or its batches do not fit the model.
+    """
+    stacks = find_stacks(model)
+    sums = {name: [0.0] * len(model.get_submodule(name)) for name in stacks}
+    counts = {name: [0.0] * len(model.get_submodule(name)) for name in stacks}
+    weights: dict[str, torch.Tensor | None] = {}
+
+    def record(name: str, index: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            given = _hidden(args[0] if args else kwargs["hidden_states"]).float()
+            cosine = nn.functional.cosine_similarity(given, _hidden(output).float(), dim=-1)
+            weight = weights.get(name)
+            if weight is None or weight.shape != cosine.shape:
+                weight = torch.ones_like(cosine)
+            sums[name][index] += float((cosine * weight).sum())
+            counts[name][index] += float(weight.sum())
+        return hook
+
+    device = next(model.parameters()).device
+    handles = [block.register_forward_hook(record(name, i), with_kwargs=True)
+               for name in stacks for i, block in enumerate(model.get_submodule(name))]
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            args, kwargs = model_inputs(batch, device, "batches")
+            for name in stacks:
+                mask = kwargs.get("decoder_attention_mask" if "decoder" in name.split(".") else "attention_mask")
+                weights[name] = None if mask is None else mask.float()
+            try:
+                model(*args, **kwargs)
+            except Exception as err:
+                raise ValueError(f"{type(model).__name__} does not accept the batches of `batches` "
+                                 f"({type(err).__name__}: {err}); they must be dicts of keyword arguments of the "
+                                 "model's forward (input_ids, attention_mask, ...).") from err
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    unreached = [name for name in stacks if not counts[name][0]]
+    if unreached:
+        raise ValueError(f"{', '.join(unreached)} received no input from `batches`: it is empty or its batches do not "
+                         "reach these blocks (an encoder-decoder needs `labels` or `decoder_input_ids`); "
+                         "block_influence needs calibration batches, e.g. a DataLoader of a few hundred examples.")
+    return {name: [1.0 - s / c for s, c in zip(sums[name], counts[name])] for name in stacks}

@@ -1,0 +1,146 @@
+"""Whole-block removal: `drop_layers` (a standard model with fewer blocks) and `block_influence` (which to drop)."""
+
+import copy
+
+import pytest
+import torch
+from conftest import TINY_MODELS, tiny_gpt2, tiny_t5
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+
+from hf_prune import block_influence, drop_layers
+from hf_prune.structured.layers import find_stacks
+
+
+AUTO = {"bert": AutoModelForSequenceClassification, "gpt2": AutoModelForCausalLM, "llama": AutoModelForCausalLM,
+        "t5": AutoModelForSeq2SeqLM, "bart": AutoModelForSeq2SeqLM}
+#: The stacks of each tiny model with the config key of their length.
+STACKS = {"bert": {"bert.encoder.layer": "num_hidden_layers"}, "gpt2": {"transformer.h": "n_layer"},
+          "llama": {"model.layers": "num_hidden_layers"},
+          "t5": {"encoder.block": "num_layers", "decoder.block": "num_decoder_layers"},
+          "bart": {"model.encoder.layers": "encoder_layers", "model.decoder.layers": "decoder_layers"}}
+
+
+def three_blocks(kind: str) -> nn.Module:
+    """The tiny model `kind` with three blocks in every stack."""
+    config = TINY_MODELS[kind]().config
+    for key in STACKS[kind].values():
+        setattr(config, key, 3)
+    torch.manual_seed(0)
+    return type(TINY_MODELS[kind]())(config).eval()
+
+
+def inputs_for(kind: str) -> dict[str, torch.Tensor]:
+    ids = torch.randint(3, 99, (2, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    if kind in ("t5", "bart"):
+        return {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": ids[:, :5].clone()}
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def skipping_blocks(model: nn.Module, kept: dict[str, list[int]]) -> nn.Module:
+    """A copy of `model` that runs only the `kept` blocks of each stack: what `drop_layers` must compute."""
+    reference = copy.deepcopy(model)
+    for name, indices in kept.items():
+        parent, _, attr = name.rpartition(".")
+        blocks = reference.get_submodule(name)
+        setattr(reference.get_submodule(parent) if parent else reference, attr,
+                nn.ModuleList([blocks[i] for i in indices]))
+        setattr(reference.config, find_stacks(model)[name], len(indices))
+    return reference
+
+
+@pytest.mark.parametrize("kind", sorted(TINY_MODELS))
+def test_drop_layers_round_trips_through_plain_from_pretrained_with_the_blocks_skipped(tmp_path, kind):
+    model = three_blocks(kind)
+    assert find_stacks(model) == STACKS[kind]
+    small = drop_layers(model, {name: [1] for name in STACKS[kind]}).eval()
+    for name, key in STACKS[kind].items():
+        assert getattr(small.config, key) == 2 and len(small.get_submodule(name)) == 2
+    small.save_pretrained(tmp_path)
+    loaded = AUTO[kind].from_pretrained(tmp_path).eval()
+    assert loaded.state_dict().keys() == small.state_dict().keys()
+    for name, tensor in small.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    assert sum(p.numel() for p in loaded.parameters()) < sum(p.numel() for p in model.parameters())
+    reference = skipping_blocks(model, {name: [0, 2] for name in STACKS[kind]})
+    with torch.no_grad():
+        expected = reference(**inputs_for(kind), output_hidden_states=True, use_cache=False)
+        actual = loaded(**inputs_for(kind), output_hidden_states=True, use_cache=False)
+    assert (expected.logits - actual.logits).abs().max() <= 1e-5
+    hidden = "decoder_hidden_states" if kind in ("t5", "bart") else "hidden_states"
+    assert len(getattr(actual, hidden)) == 3
+    for want, got in zip(getattr(expected, hidden), getattr(actual, hidden)):
+        assert (want - got).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_generate_with_the_cache_after_drop_layers_matches_generate_without(kind):
+    small = drop_layers(three_blocks(kind), [0, 2]).eval()
+    ids = inputs_for(kind)["input_ids"][:1]
+    with_cache = small.generate(ids, max_new_tokens=5, do_sample=False, use_cache=True)
+    without = small.generate(ids, max_new_tokens=5, do_sample=False, use_cache=False)
+    assert torch.equal(with_cache, without)
+
+
+def test_t5_without_its_first_block_keeps_the_shared_position_bias():
+    model = three_blocks("t5")
+    small = drop_layers(model, {"encoder.block": [0], "decoder.block": [0, 1]}).eval()
+    bias = "block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+    for stack in ("encoder", "decoder"):
+        assert torch.equal(small.state_dict()[f"{stack}.{bias}"], model.state_dict()[f"{stack}.{bias}"])
+    reference = skipping_blocks(model, {"encoder.block": [1, 2], "decoder.block": [2]})
+    for stack in (reference.encoder, reference.decoder):  # what the first block holds moves to the new first one
+        original = getattr(model, "encoder" if stack is reference.encoder else "decoder").block[0].layer[0]
+        stack.block[0].layer[0].SelfAttention.relative_attention_bias = original.SelfAttention.relative_attention_bias
+        stack.block[0].layer[0].SelfAttention.has_relative_attention_bias = True
+    with torch.no_grad():
+        expected, actual = (m(**inputs_for("t5"), use_cache=False).logits for m in (reference, small))
+    assert (expected - actual).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("model, layers, message", [
+    (lambda: three_blocks("bert"), [3], r"in \[0, 2\]"),
+    (lambda: three_blocks("bert"), [1, 1], "distinct"),
+    (lambda: three_blocks("bert"), [True], "distinct"),
+    (lambda: three_blocks("bert"), [0, 1, 2], "keep at least one"),
+    (lambda: three_blocks("bert"), {"bert.encoder": [0]}, "not a block stack"),
+    (lambda: three_blocks("t5"), [0], "dict of block indices per stack"),
+    (lambda: nn.Sequential(nn.Linear(4, 4)), [0], "No stack of Transformer blocks"),
+    (lambda: type(tiny_gpt2())(tiny_gpt2().config.__class__(**{**tiny_gpt2().config.to_dict(),
+                                                               "scale_attn_by_inverse_layer_idx": True})),
+     [0], "scale_attn_by_inverse_layer_idx"),
+])
+def test_bad_drop_layers_is_a_value_error_naming_the_field_and_changes_nothing(model, layers, message):
+    model = model()
+    before = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        drop_layers(model, layers)
+    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
+
+
+def test_block_influence_is_one_minus_the_mean_cosine_over_the_tokens_that_are_not_padding():
+    model = three_blocks("bert").train()
+    batch = inputs_for("bert")
+    scores = block_influence(model, [batch, batch])
+    assert model.training and not any(block._forward_hooks for block in model.bert.encoder.layer)
+    model.eval()
+    with torch.no_grad():
+        hidden = model(**batch, output_hidden_states=True).hidden_states
+    keep = batch["attention_mask"].bool()
+    expected = [1 - float(nn.functional.cosine_similarity(x, y, dim=-1)[keep].mean())
+                for x, y in zip(hidden[:-1], hidden[1:])]
+    assert scores.keys() == {"bert.encoder.layer"}
+    assert scores["bert.encoder.layer"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_block_influence_scores_both_stacks_of_an_encoder_decoder_and_refuses_batches_that_reach_none():
+    model = tiny_t5()
+    scores = block_influence(model, [inputs_for("t5")])
+    assert {name: len(values) for name, values in scores.items()} == {"encoder.block": 2, "decoder.block": 2}
+    assert all(0 <= value <= 2 for values in scores.values() for value in values)
+    with pytest.raises(ValueError, match="received no input"):
+        block_influence(model, [])
+    with pytest.raises(ValueError, match="dicts of keyword arguments"):
+        block_influence(model, [[1, 2, 3]])
