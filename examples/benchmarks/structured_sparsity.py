@@ -84,7 +84,7 @@ def parse_args() -> argparse.Namespace:
 def without_least_influential_blocks(model, count: int, train_set: list[dict], collator):
     """`model` without its `count` blocks of lowest block influence on the first 16 training batches, and their
     indices."""
-    batches = [collator(train_set[i:i + 32]) for i in range(0, 16 * 32, 32)]
+    batches = [collator(train_set[i:i + 32]) for i in range(0, min(len(train_set), 16 * 32), 32)]
     scores = block_influence(model, batches)["bert.encoder.layer"]
     dropped = sorted(sorted(range(len(scores)), key=scores.__getitem__)[:count])
     print(f"block influence: {[round(s, 4) for s in scores]}; dropping blocks {dropped}", flush=True)
@@ -97,20 +97,19 @@ def main() -> None:
     tokenizer, collator, train_set, dev_set = setup_sst2(args)
     rows, teacher, dense_accuracy = [], None, None
     with tempfile.TemporaryDirectory() as scratch:
+        dense, dense_name = None, "dense"
         if args.teacher is not None:
             dense = AutoModelForSequenceClassification.from_pretrained(args.teacher)
-            dense_accuracy = accuracy(dense, dev_set, collator)
-            rows.append((f"dense ({args.teacher.name}, loaded)", "-", dense_accuracy,
-                         sum(p.numel() for p in dense.parameters()), "-"))
-            teacher = dense
+            dense_name = f"dense ({args.teacher.name}, loaded)"
         elif not args.skip_dense:
             dense = fine_tune(args, load_model(model_path, args.seed), train_set, collator, scratch).model
-            dense_accuracy = accuracy(dense, dev_set, collator)
-            rows.append(("dense", "-", dense_accuracy, sum(p.numel() for p in dense.parameters()), "-"))
             if args.save_dir:
                 dense.save_pretrained(args.save_dir / "dense")
                 tokenizer.save_pretrained(args.save_dir / "dense")
-            teacher = dense if args.distill else None
+        if dense is not None:
+            dense_accuracy = accuracy(dense, dev_set, collator)
+            rows.append((dense_name, "-", dense_accuracy, sum(p.numel() for p in dense.parameters()), "-"))
+        teacher = dense if args.distill else None
         end_step = int(args.end_fraction * args.max_steps)
         for criterion in args.criteria:
             for sparsity in args.sparsities:
