@@ -332,6 +332,23 @@ def test_two_four_selection_on_a_mocked_gpu(monkeypatch, platform, dtype, shape,
         assert not select_kernel(layer, kernel="sparse").is_sparse
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),
+                    reason="2:4 kernels need a CUDA GPU of compute capability 8.0 or newer")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_two_four_on_a_real_gpu_equals_the_dense_layer(dtype):
+    layer = two_four(128, 256, dtype=dtype).cuda()
+    with torch.no_grad():
+        layer.weight.mul_(torch.randn_like(layer.weight))  # distinct values in the kept entries
+    choice = select_kernel(layer, kernel="sparse")
+    assert choice.spec.format == "semi_structured", choice.reason
+    sparse = SparseLinear.from_module(layer, choice.spec)
+    assert isinstance(sparse.weight, torch.sparse.SparseSemiStructuredTensor)
+    x = torch.randn(3, 64, 256, dtype=dtype, device="cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), layer(x), rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(sparse.to_dense_module().weight, layer.weight)
+
+
 def test_two_four_needs_the_pattern(monkeypatch):
     monkeypatch.setattr(selection, "platform_of", lambda device: Platform("cuda", (8, 0), True))
     layer = two_four(64, 64)

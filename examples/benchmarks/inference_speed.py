@@ -251,27 +251,25 @@ def _table(rows: list[dict], args: argparse.Namespace) -> str:
 
 
 def _plot(rows: list[dict], threads: int, path: Path) -> None:
+    from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(7, 4.5))
+    figure = Figure(figsize=(9, 4.5))
     FigureCanvasAgg(figure)
     ax = figure.add_subplot()
     dense = rows[0]
-    points = sorted((dense[f"latency@{threads}"] / row[f"latency@{threads}"], 100 * row["accuracy"], row["name"])
-                    for row in rows if not row["name"].startswith("one-shot"))
-    previous = (float("-inf"), 0.0, -9)
-    for speedup, accuracy, name in points:
-        ax.scatter(speedup, accuracy)
-        # next to a nearby point, the label goes on the other side of its point (above / below)
-        close = abs(speedup - previous[0]) < 0.15 and abs(accuracy - previous[1]) < 0.3
-        offset = (2 if previous[2] == -9 else -9) if close else 2
-        ax.annotate(name, (speedup, accuracy), fontsize=7, xytext=(4, offset), textcoords="offset points")
-        previous = (speedup, accuracy, offset)
+    colors = colormaps["tab20"].colors
+    markers = "osD^vPX<>*"
+    for i, row in enumerate(row for row in rows if not row["name"].startswith("one-shot")):
+        ax.scatter(dense[f"latency@{threads}"] / row[f"latency@{threads}"], 100 * row["accuracy"], label=row["name"],
+                   marker=markers[i % len(markers)], color=colors[i % len(colors)])
+    ax.axhline(100 * dense["accuracy"] - 1.5, color="grey", linestyle=":", linewidth=1, label="dense - 1.5 pt")
     ax.set_xlabel(f"speed-up over dense, latency 1x128, {threads} thread(s)")
     ax.set_ylabel("SST-2 dev accuracy (%)")
     ax.set_title("all-MiniLM-L6-v2: accuracy against CPU latency")
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the axes: labels never overlap
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
