@@ -6,7 +6,19 @@ import pytest
 import torch
 from conftest import TINY_MODELS, tiny_gpt2, tiny_t5
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    DynamicCache,
+    EncoderDecoderCache,
+    ModernBertConfig,
+    ModernBertForMaskedLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+    SmolLM3Config,
+    SmolLM3ForCausalLM,
+)
 
 from hf_prune import block_influence, drop_layers
 from hf_prune.structured.layers import find_stacks
@@ -84,6 +96,68 @@ def test_generate_with_the_cache_after_drop_layers_matches_generate_without(kind
     assert torch.equal(with_cache, without)
 
 
+@pytest.mark.parametrize("kind", ["t5", "bart"])
+def test_generate_with_the_cache_after_uneven_drops_in_an_encoder_decoder(kind, caplog):
+    encoder, decoder = STACKS[kind]
+    with caplog.at_level("WARNING", logger="hf_prune.structured.layers"):
+        small = drop_layers(three_blocks(kind), {encoder: [0, 2], decoder: [1]}).eval()
+    ids = inputs_for(kind)["input_ids"][:1]
+    settings = {"max_new_tokens": 5, "min_new_tokens": 5, "do_sample": False}
+    without = small.generate(ids, use_cache=False, **settings)
+    if kind == "t5":  # transformers sizes T5's cache from the encoder's block count
+        assert "EncoderDecoderCache(DynamicCache(), DynamicCache())" in caplog.text
+        cache = {"cache": EncoderDecoderCache(DynamicCache(), DynamicCache())}
+    else:
+        assert not caplog.text
+        cache = {"use_cache": True}
+    assert torch.equal(small.generate(ids, **cache, **settings), without)
+
+
+def test_drop_layers_keeps_dtypes_and_what_lives_beside_the_weights(tmp_path):
+    three_blocks("llama").save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()  # rotary buffer stays fp32
+    model.model.embed_tokens.weight.requires_grad_(False)
+    model.activation_checkpointing_enable()
+    model.generation_config.num_beams = 3
+    rng = torch.random.get_rng_state()
+    small = drop_layers(model, [1])
+    assert torch.equal(torch.random.get_rng_state(), rng)  # built on the meta device: nothing drawn at random
+    tensors = {**dict(small.named_buffers()), **small.state_dict()}
+    originals = {**dict(model.named_buffers()), **model.state_dict()}
+    assert tensors["model.rotary_emb.inv_freq"].dtype == torch.float32
+    for name, tensor in tensors.items():
+        source = name.replace("layers.1.", "layers.2.")
+        assert tensor.dtype == originals[source].dtype and torch.equal(tensor, originals[source]), name
+    assert not small.model.embed_tokens.weight.requires_grad and small.lm_head.weight.requires_grad
+    assert all(block.gradient_checkpointing for block in small.model.layers)
+    assert small.generation_config.num_beams == 3
+    reference = skipping_blocks(model, {"model.layers": [0, 2]}).eval()
+    ids = inputs_for("llama")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(reference(ids, use_cache=False).logits, small.eval()(ids, use_cache=False).logits)
+
+
+def test_drop_layers_renumbers_per_layer_config_lists():
+    torch.manual_seed(0)
+    smol = SmolLM3ForCausalLM(SmolLM3Config(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, no_rope_layer_interval=4, max_position_embeddings=64, pad_token_id=0)).eval()
+    moe = Qwen2MoeForCausalLM(Qwen2MoeConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+        shared_expert_intermediate_size=16, num_experts=4, num_experts_per_tok=2, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, mlp_only_layers=[1], max_position_embeddings=64)).eval()
+    assert smol.config.no_rope_layers == [1, 1, 1, 0]  # one entry per block: the kept ones stay
+    assert drop_layers(smol, [0]).config.no_rope_layers == [1, 1, 0]
+    assert drop_layers(moe, [0]).config.mlp_only_layers == [0]  # block indices: renumbered
+    assert drop_layers(moe, [1]).config.mlp_only_layers == []
+    ids = inputs_for("llama")["input_ids"]
+    for model, kept in ((smol, [1, 2, 3]), (moe, [1, 2])):
+        reference = skipping_blocks(model, {"model.layers": kept})
+        small = drop_layers(model, [i for i in range(len(model.model.layers)) if i not in kept]).eval()
+        with torch.no_grad():
+            assert torch.equal(reference(ids, use_cache=False).logits, small(ids, use_cache=False).logits)
+
+
 def test_t5_without_its_first_block_keeps_the_shared_position_bias():
     model = three_blocks("t5")
     small = drop_layers(model, {"encoder.block": [0], "decoder.block": [0, 1]}).eval()
@@ -105,6 +179,17 @@ def test_t5_without_its_first_block_keeps_the_shared_position_bias():
     (lambda: three_blocks("bert"), [1, 1], "distinct"),
     (lambda: three_blocks("bert"), [True], "distinct"),
     (lambda: three_blocks("bert"), [0, 1, 2], "keep at least one"),
+    (lambda: three_blocks("bert"), [], "no block to remove"),
+    (lambda: three_blocks("bert"), 1, "must be a list of block indices"),
+    (lambda: three_blocks("t5"), {"encoder.block": [], "decoder.block": []}, "no block to remove"),
+    (lambda: ModernBertForMaskedLM(ModernBertConfig(  # its first block has no attention norm
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)),
+     [0], "not all alike"),
+    (lambda: Qwen2MoeForCausalLM(Qwen2MoeConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_experts=4,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, mlp_only_layers=[1, 7])),
+     [0], "mlp_only_layers"),
     (lambda: three_blocks("bert"), {"bert.encoder": [0]}, "not a block stack"),
     (lambda: three_blocks("t5"), [0], "dict of block indices per stack"),
     (lambda: nn.Sequential(nn.Linear(4, 4)), [0], "No stack of Transformer blocks"),
@@ -133,6 +218,19 @@ def test_block_influence_is_one_minus_the_mean_cosine_over_the_tokens_that_are_n
                 for x, y in zip(hidden[:-1], hidden[1:])]
     assert scores.keys() == {"bert.encoder.layer"}
     assert scores["bert.encoder.layer"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_block_influence_of_a_decoder_leaves_out_the_padded_labels():
+    model = three_blocks("t5")
+    ids = inputs_for("t5")["input_ids"]
+    labels = torch.randint(3, 99, (2, 6), generator=torch.Generator().manual_seed(2))
+    padded = labels.clone()
+    padded[1, 3:] = -100  # as DataCollatorForSeq2Seq pads them
+    alone = [block_influence(model, [{"input_ids": ids[i:i + 1], "labels": labels[i:i + 1, :n]}])["decoder.block"]
+             for i, n in ((0, 6), (1, 3))]
+    both = block_influence(model, [{"input_ids": ids, "labels": padded}])["decoder.block"]
+    weighted = [(6 * a + 3 * b) / 9 for a, b in zip(*alone)]  # 1 - mean cosine over the 9 real label positions
+    assert both == pytest.approx(weighted, abs=1e-5)
 
 
 def test_block_influence_scores_both_stacks_of_an_encoder_decoder_and_refuses_batches_that_reach_none():

@@ -17,6 +17,8 @@ small = drop_layers(model, layers)                      # then fine-tune it (wit
 from __future__ import annotations
 
 import copy
+import logging
+import operator
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -25,12 +27,17 @@ from torch import nn
 
 from ..batches import model_inputs
 from ..targets import clean_name
+from .rebuild import rebuild
+
+
+logger = logging.getLogger(__name__)
 
 
 #: The block stacks hf_prune knows: (the ModuleList's name, or the end of it, and the config key of its length),
 #: the longer names first.
 STACK_RULES: tuple[tuple[str, str], ...] = (
     ("encoder.layer", "num_hidden_layers"),  # BERT-style encoders
+    ("transformer.layer", "n_layers"),  # DistilBERT
     ("encoder.block", "num_layers"),  # T5
     ("decoder.block", "num_decoder_layers"),  # T5
     ("encoder.layers", "encoder_layers"),  # BART
@@ -59,7 +66,7 @@ def find_stacks(model: nn.Module) -> dict[str, str]:
                 break
     if not stacks:
         raise ValueError(f"No stack of Transformer blocks found in {type(model).__name__} (hf_prune knows the block "
-                         "lists of BERT, GPT-2, Llama, T5 and BART models), so `drop_layers` cannot remove any.")
+                         "lists of BERT, DistilBERT, GPT-2, Llama, T5 and BART models), so `drop_layers` cannot remove any.")
     return stacks
 
 
@@ -67,6 +74,9 @@ def _layers_by_stack(model: nn.Module, layers: Sequence[int] | Mapping[str, Sequ
     """`layers` as sorted block indices per stack name, checked against `model`."""
     stacks = find_stacks(model)
     if not isinstance(layers, Mapping):
+        if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
+            raise ValueError(f"`layers` must be a list of block indices (or, per stack, a dict of them); got "
+                             f"{layers!r}.")
         if len(stacks) > 1:
             raise ValueError(f"`layers` must be a dict of block indices per stack for {type(model).__name__}, which "
                              f"has {len(stacks)} ({', '.join(stacks)}); got {layers!r}.")
@@ -76,32 +86,72 @@ def _layers_by_stack(model: nn.Module, layers: Sequence[int] | Mapping[str, Sequ
         raise ValueError(f"`layers` names {', '.join(unknown)}, not a block stack of {type(model).__name__}; its "
                          f"stacks are {', '.join(stacks)}.")
     found = {}
-    for name, indices in layers.items():
+    for name, given in layers.items():
         count = len(model.get_submodule(name))
-        indices = list(indices)
-        if any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < count for i in indices) \
-                or len(set(indices)) != len(indices):
+        indices = _block_indices(given)
+        if indices is None or any(not 0 <= i < count for i in indices) or len(set(indices)) != len(indices):
             raise ValueError(f"`layers` of {name} must be distinct block indices in [0, {count - 1}]; got "
-                             f"{indices!r}.")
+                             f"{given!r}.")
         if len(indices) == count:
             raise ValueError(f"`layers` of {name} would remove all {count} of its blocks; keep at least one.")
-        found[name] = sorted(indices)
+        if indices:
+            found[name] = sorted(indices)
+    if not found:
+        raise ValueError(f"`layers` names no block to remove; got {layers!r}.")
     return found
 
 
-def _new_config(model: nn.Module, stacks: Mapping[str, str], dropped: Mapping[str, list[int]]) -> Any:
+def _block_indices(given: Any) -> list[int] | None:
+    """`given` as a list of Python ints (from ints, numpy or 0-d torch integers), or `None` if it is not one."""
+    if isinstance(given, (str, bytes)) or not isinstance(given, Iterable):
+        return None
+    indices = []
+    for item in given:
+        if isinstance(item, bool) or (isinstance(item, torch.Tensor) and item.dtype == torch.bool):
+            return None
+        try:
+            indices.append(operator.index(item))
+        except TypeError:
+            return None
+    return indices
+
+
+def _per_layer_fields(config: Any, count: int, kept: list[int], single_stack: bool) -> dict[str, list]:
+    """The config's lists about blocks (attributes with "layer" in their name), as they must read without the
+    dropped blocks: a list with one entry per block keeps the kept blocks' entries; a list of block indices
+    (`mlp_only_layers`) keeps the kept ones, renumbered.
+
+    Raises:
+        ValueError: naming the field when it is neither, or the model has more than one stack (the list's blocks
+            are then ambiguous).
+    """
+    fields = {}
+    new_index = {old: new for new, old in enumerate(kept)}
+    for key, value in vars(config).items():
+        if "layer" not in key or not isinstance(value, (list, tuple)):
+            continue
+        if single_stack and len(value) == count:
+            fields[key] = [value[i] for i in kept]
+        elif single_stack and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < count for i in value):
+            fields[key] = [new_index[i] for i in value if i in new_index]
+        else:
+            raise ValueError(f"{type(config).__name__}.{key} = {value!r} describes the blocks by position, and "
+                             "`drop_layers` cannot tell how it reads without some of them (it renumbers lists with "
+                             "one entry per block, or of block indices, in models with one stack of blocks).")
+    return fields
+
+
+def _new_config(model: nn.Module, stacks: Mapping[str, str], kept: Mapping[str, list[int]]) -> Any:
     config = copy.deepcopy(model.config)
     if getattr(config, "scale_attn_by_inverse_layer_idx", False):
         raise ValueError(f"{type(config).__name__}.scale_attn_by_inverse_layer_idx is True: the attention of each "
                          "block is scaled by its position, so a model without some blocks computes differently in "
                          "the blocks after them. `drop_layers` needs this option off.")
-    for name, indices in dropped.items():
-        key = stacks[name]
-        count = getattr(config, key)
-        setattr(config, key, count - len(indices))
-        layer_types = getattr(config, "layer_types", None)
-        if len(stacks) == 1 and isinstance(layer_types, (list, tuple)) and len(layer_types) == count:
-            config.layer_types = [t for i, t in enumerate(layer_types) if i not in indices]
+    for name, indices in kept.items():
+        count = getattr(config, stacks[name])
+        for key, value in _per_layer_fields(config, count, indices, len(stacks) == 1).items():
+            setattr(config, key, value)
+        setattr(config, stacks[name], len(indices))
     return config
 
 
@@ -110,7 +160,9 @@ def drop_layers(model: nn.Module, layers: Sequence[int] | Mapping[str, Sequence[
     transformers model whose `save_pretrained` folder loads with `AutoModel*.from_pretrained`. The kept blocks keep
     their weights and order (each block's own index, such as its key/value-cache slot, is renumbered), so its
     outputs are those of the original model with these blocks skipped. T5's relative position bias, which only the
-    first block holds, moves to the new first block.
+    first block holds, moves to the new first block; config lists about the blocks (`layer_types`, one entry per
+    block, or `mlp_only_layers`, block indices) are cut and renumbered. Every tensor keeps its dtype and device,
+    and which parameters train, gradient checkpointing and the generation config carry over (`rebuild`).
 
     Args:
         model (`PreTrainedModel`): a BERT-style encoder, GPT-2, a Llama-style decoder, T5 or BART.
@@ -119,35 +171,57 @@ def drop_layers(model: nn.Module, layers: Sequence[int] | Mapping[str, Sequence[
             `{"encoder.block": [3], "decoder.block": [2, 5]}`.
 
     Raises:
-        ValueError: naming the stack or field when `model` has no known block stack, `layers` is not a set of its
-            block indices, it would remove every block of a stack, or the config ties a block's computation to its
-            position; the model is left as it is.
+        ValueError: naming the stack, field or tensors when `model` has no known block stack, `layers` is not a
+            set of its block indices (or names none), it would remove every block of a stack, or the blocks depend
+            on their position in a way it cannot renumber (a config field, blocks whose parameters differ); the
+            model is left as it is.
     """
     stacks = find_stacks(model)
     dropped = _layers_by_stack(model, layers)
-    config = _new_config(model, stacks, dropped)
-    renumbered: dict[str, dict[int, int]] = {
-        name: {old: new for new, old in enumerate(i for i in range(len(model.get_submodule(name))) if i not in drop)}
-        for name, drop in dropped.items()}
-    state = {}
-    for key, tensor in model.state_dict().items():
-        name = next((n for n in renumbered if key.startswith(n + ".")), None)
-        if name is not None:
-            index, _, rest = key[len(name) + 1:].partition(".")
-            if int(index) not in renumbered[name]:
-                continue
-            key = f"{name}.{renumbered[name][int(index)]}.{rest}"
-        state[key] = tensor.detach().clone()
-    reference = next(model.parameters())
-    small = type(model)(config).to(dtype=reference.dtype)
-    wanted = small.state_dict()
-    for key in set(wanted) - set(state):  # only the first block holds T5's relative position bias
-        name = next((n for n in renumbered if key.startswith(n + ".0.")), None)
-        if name is not None and key in model.state_dict():
-            state[key] = model.state_dict()[key].detach().clone()
-    small.load_state_dict(state, strict=True)
-    small.tie_weights()
-    return small.to(reference.device).train(model.training)
+    kept = {name: [i for i in range(len(model.get_submodule(name))) if i not in drop] for name, drop in dropped.items()}
+    config = _new_config(model, stacks, kept)
+
+    def block_of(name: str) -> tuple[str, int, str] | None:
+        """(stack, block index, rest of the name) of a name inside a block of a changed stack."""
+        stack = next((n for n in kept if name.startswith(n + ".")), None)
+        if stack is None:
+            return None
+        index, _, rest = name[len(stack) + 1:].partition(".")
+        return stack, int(index), rest
+
+    def origin(name: str) -> str:
+        found = block_of(name)
+        if found is None or "relative_attention_bias" in name:  # T5's bias: only the first block has it
+            return name
+        stack, index, rest = found
+        return ".".join(filter(None, (stack, str(kept[stack][index]), rest)))
+
+    def is_dropped(name: str) -> bool:
+        found = block_of(name)
+        return found is not None and found[1] not in kept[found[0]]
+
+    small = rebuild(model, config, origin, dropped=is_dropped, action="drop_layers")
+    if getattr(config, "model_type", None) in ("t5", "mt5", "umt5") and config.num_layers < config.num_decoder_layers:
+        logger.warning(
+            "drop_layers: this %s keeps %d encoder blocks and %d decoder blocks. transformers sizes the key/value "
+            "cache of generate() from the encoder's count (`num_layers`), so generate(use_cache=True) fails with an "
+            "IndexError; pass cache=EncoderDecoderCache(DynamicCache(), DynamicCache()) to generate(), or "
+            "drop at least as many decoder blocks as encoder blocks.",
+            type(small).__name__, config.num_layers, config.num_decoder_layers)
+    return small
+
+
+def _token_weights(kwargs: Mapping[str, Any], decoder: bool) -> torch.Tensor | None:
+    """1 for the tokens that count, 0 for padding: the attention mask (the decoder's own, or else its `labels`
+    other than -100, as `DataCollatorForSeq2Seq` pads them), or `None` when every token counts."""
+    if not decoder:
+        mask = kwargs.get("attention_mask")
+    elif kwargs.get("decoder_attention_mask") is not None:
+        mask = kwargs["decoder_attention_mask"]
+    else:
+        labels = kwargs.get("labels")
+        mask = labels.ne(-100) if isinstance(labels, torch.Tensor) and kwargs.get("decoder_input_ids") is None else None
+    return None if mask is None else mask.float()
 
 
 def _hidden(value: Any) -> torch.Tensor:
@@ -158,7 +232,8 @@ def _hidden(value: Any) -> torch.Tensor:
 def block_influence(model: nn.Module, batches: Iterable[Any]) -> dict[str, list[float]]:
     """The block influence `1 - mean cos(input, output)` of every Transformer block, per stack, on `batches` (dicts
     of the model's forward arguments, such as a DataLoader of a few hundred training examples). Padding tokens
-    (`attention_mask` 0) do not count; the decoder of an encoder-decoder counts its `decoder_attention_mask`.
+    (`attention_mask` 0) do not count; the decoder of an encoder-decoder counts its `decoder_attention_mask`, or
+    without one the positions of its `labels` other than -100 (how `DataCollatorForSeq2Seq` pads them).
 
     Raises:
         ValueError: when `model` has no known block stack, or `batches` is empty or its batches do not fit the model.
@@ -188,10 +263,11 @@ def block_influence(model: nn.Module, batches: Iterable[Any]) -> dict[str, list[
         for batch in batches:
             args, kwargs = model_inputs(batch, device, "batches")
             for name in stacks:
-                mask = kwargs.get("decoder_attention_mask" if "decoder" in name.split(".") else "attention_mask")
-                weights[name] = None if mask is None else mask.float()
+                weights[name] = _token_weights(kwargs, decoder="decoder" in name.split("."))
             try:
                 model(*args, **kwargs)
+            except torch.OutOfMemoryError:
+                raise
             except Exception as err:
                 raise ValueError(f"{type(model).__name__} does not accept the batches of `batches` "
                                  f"({type(err).__name__}: {err}); they must be dicts of keyword arguments of the "
