@@ -81,8 +81,9 @@ class PruningConfig:
             `"wanda"`: |w_ij|·‖x_j‖₂ (Sun et al. 2024), with the layer inputs of the same window.
         fisher_steps (`int`, *optional*, defaults to `100`):
             With `criterion="obd"`: how many optimizer steps of gradients each pruning event's Fisher estimate
-            averages (steps `e - fisher_steps + 1 ... e` for the event at step `e`). Its float32 accumulators exist
-            only during those steps.
+            averages (steps `e - fisher_steps + 1 ... e` for the event at step `e`); with `criterion="wanda"`,
+            the steps whose forward passes give the input norms. Its float32 accumulators exist only during those
+            steps.
         class_granularity (`str`, *optional*, defaults to `"role"`):
             What a weight class is: `"role"` groups one role across layers (every layer's attention query),
             `"tensor"` makes each weight matrix its own class.
@@ -116,8 +117,9 @@ class PruningConfig:
     pruning_frequency: int | None = field(default=None, metadata={"help": "Optimizer steps between events."})
     scheme: str = field(default="class-blind", metadata={"help": f"One of {SCHEMES}."})
     criterion: str = field(default="magnitude", metadata={"help": f"One of {tuple(CRITERIA)}."})
-    fisher_steps: int = field(default=100, metadata={"help": "criterion='obd': optimizer steps of squared "
-                                                             "gradients averaged before each pruning event."})
+    fisher_steps: int = field(default=100, metadata={"help": "criterion='obd' / 'wanda': optimizer steps of "
+                                                             "squared gradients / layer inputs averaged before each "
+                                                             "pruning event."})
     class_granularity: str = field(default="role", metadata={"help": f"One of {CLASS_GRANULARITIES}."})
     target_modules: list[str] | str | None = field(default=None, metadata={"help": "Modules to prune."})
     exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Modules never pruned."})

@@ -24,7 +24,7 @@ class Criterion:
     #: `observe_inputs` during the forward passes before each pruning event).
     needs_inputs: bool = False
     #: How a group's score (a neuron, a head: `hf_prune.structured`) sums its entries' scores: `1`, the sum;
-    #: `2`, the sum of squares (the group's L2 norm, squared).
+    #: `2`, the L2 norm (the square root of the sum of squares).
     group_norm: int = 1
 
     def score(self, name: str, weight: torch.Tensor, rows: slice = ALL_ROWS) -> torch.Tensor:

@@ -256,13 +256,24 @@ class PrunedModel(nn.Module):
                 f"Pruned with [hf_prune](https://pypi.org/project/hf-prune/) {__version__}: "
                 f"**{report.overall:.2%}** of the targeted weights are zero "
                 f"(schedule `{config.schedule}`, scheme `{config.scheme}`, criterion `{config.criterion}`; "
-                f"embeddings, LayerNorms and biases are not pruned).\n\n"
+                f"{self._card_structure(config)}).\n\n"
                 "Loads with plain transformers (`AutoModel*.from_pretrained`); to keep the masks for further "
                 "training use `hf_prune.PrunedModel.from_pretrained` or "
                 "`hf_prune.MagnitudePruningCallback.from_pretrained`.\n\n"
                 f"## Sparsity by weight class\n\n| class | sparsity |\n|---|---|\n{classes}\n\n"
                 f"## Sparsity by layer\n\n{report.to_markdown()}\n")
         return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
+
+    @staticmethod
+    def _card_structure(config: PruningConfig) -> str:
+        """What the card says was pruned, and what was not."""
+        kinds = config.structures()
+        if not kinds:
+            return "embeddings, LayerNorms and biases are not pruned"
+        groups = " and ".join({"neurons": "feed-forward neurons", "heads": "attention heads"}[k] for k in kinds)
+        return (f"whole {groups} pruned (structure `{'`, `'.join(kinds)}`), their biases zero as well; embeddings "
+                "and LayerNorms are not pruned. `hf_prune.PrunedModel.shrink()` removes the pruned groups, giving a "
+                "smaller standard model")
 
     def push_to_hub(self, repo_id: str, *, commit_message: str = "Upload pruned model with hf_prune",
                     private: bool | None = None, token: str | None = None, revision: str | None = None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -18,9 +19,13 @@ from .distributed import Replicated, ZeroPartitions, check_ranks_agree, check_th
 from .masks import check_masks_match, update_masks_, zero_pruned_
 from .schedules import SparsitySchedule
 from .structured.selection import update_group_masks_
-from .structured.units import Unit, unit_targets, units_for
+from .structured.shrink import heads_unexpressible
+from .structured.units import HEADS, Unit, unit_targets, units_for
 from .targets import clean_name, find_targets
 from .validation import check_int
+
+
+logger = logging.getLogger(__name__)
 
 
 class Pruner:
@@ -63,6 +68,10 @@ class Pruner:
         #: With `config.structure`: the feed-forward / attention blocks whose neurons / heads are pruned whole.
         self.units: list[Unit] = units_for(module, config) if config.structures() else []
         targets = unit_targets(self.units, config.class_granularity) if self.units else find_targets(module, config)
+        reason = (heads_unexpressible(getattr(module, "config", None))
+                  if any(unit.kind == HEADS for unit in self.units) else None)
+        if reason:
+            logger.warning("%s The head masks train, save and load as usual.", reason)
         params = {clean_name(name): param for name, param in module.named_parameters()}
         hidden = [t.name for t in targets if t.name not in params]
         if hidden:
@@ -135,8 +144,8 @@ class Pruner:
         """
         weights = {name: self.layout.local(p) for name, p in self.params.items()}
         if self.units:
-            self.thresholds = update_group_masks_(self.units, weights, self.masks, self.criterion, sparsity,
-                                                  self.config.scheme)
+            self.thresholds = {**self.thresholds, **update_group_masks_(  # a kind that lost no group keeps its own
+                self.units, weights, self.masks, self.criterion, sparsity, self.config.scheme)}
             self._update_bias_masks()
         else:
             self.thresholds = update_masks_(weights, self.masks, self.classes, self.criterion, sparsity,

@@ -9,12 +9,13 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
+    DistilBertConfig,
     Seq2SeqTrainer,
     Seq2SeqTrainingArguments,
     Trainer,
 )
 
-from hf_prune import MagnitudePruningCallback, PrunedModel, Pruner, PruningConfig
+from hf_prune import MagnitudePruningCallback, PrunedModel, Pruner, PruningConfig, drop_layers
 from hf_prune.structured.selection import group_view
 from hf_prune.structured.units import find_units
 
@@ -98,9 +99,16 @@ def test_magnitude_ranks_neurons_by_their_l2_norm():
     params = dict(model.named_parameters())
     norms = params[up.name].detach().square().sum(1) + params[down.name].detach().square().sum(0)
     expected = set(torch.sort(norms, stable=True).indices[:round(0.25 * unit.num_groups)].tolist())
+    every = {u.members[0].name: params[u.members[0].name].detach().square().sum(1)
+             + params[u.members[1].name].detach().square().sum(0) for u in pruner.units}
     pruner.prune_to(0.25)
     pruned = set((~pruner.masks[up.name].any(1)).nonzero().view(-1).tolist())
     assert pruned == expected
+    # the logged threshold is the highest L2 norm pruned, over every layer's feed-forward block
+    highest = max(float(norms[~pruner.masks[name].any(1)].max()) for name, norms in every.items())
+    assert pruner.thresholds["threshold/neurons"] == pytest.approx(highest ** 0.5, rel=1e-5)
+    pruner.prune_to(0.25)  # nothing new to prune: the threshold stays
+    assert pruner.thresholds["threshold/neurons"] == pytest.approx(highest ** 0.5, rel=1e-5)
 
 
 @pytest.mark.parametrize("structure", ["neurons", "heads", ["neurons", "heads"]])
@@ -174,6 +182,51 @@ def test_shrink_of_llama_heads_keeps_grouped_query_attention_standard(tmp_path):
     assert AutoModel.from_pretrained(tmp_path).config.num_attention_heads == 2
 
 
+def test_distilbert_neurons_shrink_and_blocks_drop_to_standard_models(tmp_path, caplog):
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(DistilBertConfig(
+        vocab_size=99, dim=32, hidden_dim=37, n_layers=3, n_heads=4, max_position_embeddings=64)).eval()
+    config = PruningConfig(structure="neurons", scheme="class-uniform", schedule="oneshot", final_sparsity=0.5)
+    pruner = Pruner(model, config)
+    assert len(pruner.units) == 3 and all(u.members[0].name.endswith("ffn.lin1.weight") for u in pruner.units)
+    pruner.prune_to(0.5)
+    with caplog.at_level("WARNING", logger="hf_prune.pruner"):  # DistilBertConfig derives the head size
+        assert len(Pruner(model, PruningConfig(structure="heads", schedule="oneshot", final_sparsity=0.5)).units) == 3
+    assert "shrink() cannot remove pruned heads" in caplog.text
+    ids = inputs_for("bert")["input_ids"]
+    for small, width, blocks in ((PrunedModel(model, pruner.masks, config).shrink(), 37 - round(0.5 * 37), 3),
+                                 (drop_layers(model, [1]), 37, 2)):
+        small.save_pretrained(tmp_path / str(blocks))
+        loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / str(blocks)).eval()
+        assert (loaded.config.hidden_dim, loaded.config.n_layers) == (width, blocks)
+        assert all(torch.equal(loaded.state_dict()[n], t) for n, t in small.state_dict().items())
+        if blocks == 3:
+            with torch.no_grad():
+                assert (model(ids).logits - loaded(ids).logits).abs().max() <= 1e-5
+
+
+def test_shrink_keeps_dtypes_and_what_lives_beside_the_weights(tmp_path):
+    tiny_llama().save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)  # rotary buffer stays fp32
+    model.model.embed_tokens.weight.requires_grad_(False)
+    model.activation_checkpointing_enable()
+    model.generation_config.num_beams = 3
+    config = PruningConfig(structure="neurons", scheme="class-uniform", schedule="oneshot", final_sparsity=0.5)
+    pruner = Pruner(model, config)
+    pruner.prune_to(0.5)
+    rng = torch.random.get_rng_state()
+    small = PrunedModel(model, pruner.masks, config).shrink()
+    assert torch.equal(torch.random.get_rng_state(), rng)  # built on the meta device: nothing drawn at random
+    assert small.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert {p.dtype for p in small.parameters()} == {torch.bfloat16}
+    assert not small.model.embed_tokens.weight.requires_grad and small.lm_head.weight.requires_grad
+    assert all(block.gradient_checkpointing for block in small.model.layers) and small.training == model.training
+    assert small.generation_config.num_beams == 3
+    with torch.no_grad():
+        ids = inputs_for("llama")["input_ids"]
+        assert (model.eval()(ids).logits - small.eval()(ids).logits).abs().max() <= 1e-2  # bf16
+
+
 @pytest.mark.parametrize("config, message", [
     (dict(structure="heads"), "derives the head size"),  # BERT: head size = hidden / heads
     (dict(structure="neurons", scheme="class-blind"), "scheme='class-uniform'"),
@@ -194,6 +247,13 @@ def test_shrink_that_cannot_be_expressed_is_a_value_error_and_changes_nothing(co
     with pytest.raises(ValueError, match=message):
         PrunedModel(model, pruner.masks, pruning).shrink()
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("model, warned", [(tiny_bert, True), (tiny_t5, True), (tiny_llama, False)])
+def test_head_pruning_that_shrink_cannot_remove_is_told_when_the_pruner_is_built(model, warned, caplog):
+    with caplog.at_level("WARNING", logger="hf_prune.pruner"):
+        Pruner(model(), PruningConfig(structure="heads", scheme="class-uniform", schedule="oneshot", final_sparsity=0.5))
+    assert ("shrink() cannot remove pruned heads" in caplog.text) is warned
 
 
 def test_partly_pruned_groups_cannot_shrink():
@@ -241,6 +301,9 @@ def test_a_saved_structured_model_reloads_with_its_config_and_shrinks_alike(tmp_
     PrunedModel(model, pruner.masks, config).save_pretrained(tmp_path / "pruned")
     loaded = PrunedModel.from_pretrained(tmp_path / "pruned")
     assert loaded.pruning_config.structure == "neurons"
+    card = (tmp_path / "pruned" / "README.md").read_text()
+    assert "whole feed-forward neurons pruned" in card and "PrunedModel.shrink()" in card
+    assert "biases are not pruned" not in card
     before, after = PrunedModel(model, pruner.masks, config).shrink(), loaded.shrink()
     assert after.config.intermediate_size == before.config.intermediate_size == 37 - round(0.5 * 37)
     assert all(torch.equal(after.state_dict()[n], t) for n, t in before.state_dict().items())

@@ -50,7 +50,7 @@ class SparseInferenceReport:
 
     def __str__(self) -> str:
         width = max([len(c.layer) for c in self.choices] + [5])
-        lines = [f"{len(self.converted)} of {len(self.choices)} layers sparse ({self.num_threads} threads)"]
+        lines = [f"{len(self.converted)} of {len(self.choices)} layers sparse ({self.num_threads} thread{'s' if self.num_threads != 1 else ''})"]
         lines += [f"{c.layer:<{width}}  {c.sparsity:6.1%}  {str(c.spec or 'dense'):<26}  "
                   f"{'' if c.speedup is None else f'{c.speedup:5.2f}x'}" for c in self.choices]
         return "\n".join(lines)

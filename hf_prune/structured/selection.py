@@ -31,12 +31,13 @@ def group_view(tensor: torch.Tensor, member: Member, num_groups: int) -> torch.T
 
 
 def group_scores(unit: Unit, weights: Mapping[str, torch.Tensor], criterion: Criterion) -> torch.Tensor:
-    """The float64 score of each group of `unit`: its entries' scores summed (squared first for `group_norm=2`)."""
+    """The float64 score of each group of `unit`: its entries' scores summed, or for `group_norm=2` their L2 norm
+    (the square root of the sum of their squares)."""
     total = torch.zeros(unit.num_groups, dtype=torch.float64)
     for member in unit.members:
         scores = group_view(criterion.score(member.name, weights[member.name]), member, unit.num_groups).double()
         total += (scores.square() if criterion.group_norm == 2 else scores).sum(1).cpu()
-    return total
+    return total.sqrt() if criterion.group_norm == 2 else total
 
 
 def pruned_groups(unit: Unit, masks: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -67,7 +68,8 @@ def _lowest(scores: torch.Tensor, already: torch.Tensor, count: int) -> torch.Te
 def update_group_masks_(units: Sequence[Unit], weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor],
                         criterion: Criterion, sparsity: float, scheme: str) -> dict[str, float]:
     """Prunes whole groups of `units` in `masks` (in place) to `sparsity` of each structure kind's weights; returns
-    the highest pruned score of each kind (`"threshold/neurons"`, `"threshold/heads"`) for the logs."""
+    the highest score of the groups this call pruned, per kind (`"threshold/neurons"`, `"threshold/heads"`), for
+    the logs (no entry for a kind that lost no new group)."""
     if scheme not in STRUCTURED_SCHEMES:
         raise ValueError(f"`scheme` must be one of {STRUCTURED_SCHEMES} with a `structure`; got {scheme!r}.")
     thresholds: dict[str, float] = {}
@@ -82,7 +84,8 @@ def update_group_masks_(units: Sequence[Unit], weights: Mapping[str, torch.Tenso
             chosen = _blind(members, scores, already, [group_size(u, weights) for u in members], sparsity)
         for unit, groups in zip(members, chosen):
             prune_groups_(unit, masks, groups)
-        pruned = [s[g] for s, g in zip(scores, chosen) if len(g)]
+        pruned = [s[g][~a[g]] for s, a, g in zip(scores, already, chosen)]
+        pruned = [p for p in pruned if len(p)]
         if pruned:
             thresholds[f"threshold/{kind}"] = float(torch.cat(pruned).max())
     return thresholds

@@ -18,12 +18,14 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from .rebuild import rebuild
 from .selection import group_view
 from .units import HEADS, NEURONS, Member, Unit
 
 
 #: Config keys that hold the feed-forward width, in the order they are looked for.
-WIDTH_KEYS = ("intermediate_size", "n_inner", "d_ff", "encoder_ffn_dim", "decoder_ffn_dim", "ffn_dim")
+WIDTH_KEYS = ("intermediate_size", "n_inner", "d_ff", "encoder_ffn_dim", "decoder_ffn_dim", "ffn_dim",
+              "hidden_dim")
 
 
 def kept_groups(unit: Unit, masks: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -53,13 +55,16 @@ def _width_key(config: object, unit: Unit) -> str:
                      f"{unit.num_groups} for {unit.prefix.rstrip('.')}; shrink cannot express the result.")
 
 
-def _check_heads_expressible(config: object) -> None:
-    explicit = "head_dim" in getattr(config, "to_dict", dict)() and hasattr(config, "num_key_value_heads")
-    if not explicit:
-        raise ValueError(f"{type(config).__name__} derives the head size from hidden_size / num_attention_heads (or "
-                         "shares a position bias across layers), so a model with fewer heads is not a standard "
-                         "config of it: prune with structure='neurons' for a portable shrunk model, or keep the "
-                         "head masks (PrunedModel) without shrinking.")
+def heads_unexpressible(config: object) -> str | None:
+    """Why a model of `config` with fewer attention heads is not a standard config of its kind, or `None` when it
+    is (configs with an explicit `head_dim` and `num_key_value_heads`: Llama-style)."""
+    if "head_dim" in getattr(config, "to_dict", dict)() and hasattr(config, "num_key_value_heads"):
+        return None
+    why = ("shares one relative position bias across its layers" if hasattr(config, "relative_attention_num_buckets")
+           else "derives the head size from hidden_size / num_attention_heads")
+    return (f"{type(config).__name__} {why}, so a model with fewer heads is not a standard config of it: shrink() "
+            "cannot remove pruned heads. Prune with structure='neurons' for a portable shrunk model, or keep the "
+            "head masks (PrunedModel) without shrinking.")
 
 
 def _new_config(model: nn.Module, units: Sequence[Unit], kept: Mapping[str, torch.Tensor]) -> object:
@@ -93,7 +98,9 @@ def _entries(members: Sequence[Member], unit: Unit, groups: torch.Tensor) -> tor
 
 
 def shrink(model: nn.Module, masks: Mapping[str, torch.Tensor], units: Sequence[Unit]) -> nn.Module:
-    """A new model of the same class without the pruned groups of `units`, with its config updated.
+    """A new model of the same class without the pruned groups of `units`, with its config updated; every tensor
+    keeps its dtype and device, and which parameters train, gradient checkpointing and the generation config carry
+    over (`rebuild`).
 
     Args:
         model (`PreTrainedModel`): the structured-pruned model (pruned weights are zeros).
@@ -104,8 +111,9 @@ def shrink(model: nn.Module, masks: Mapping[str, torch.Tensor], units: Sequence[
         ValueError: when a group is pruned in part, the layers keep different widths, or the config cannot
             express fewer heads; the model is left as it is.
     """
-    if any(unit.kind == HEADS for unit in units):
-        _check_heads_expressible(model.config)
+    reason = heads_unexpressible(model.config) if any(unit.kind == HEADS for unit in units) else None
+    if reason:
+        raise ValueError(reason)
     kept = {unit.prefix: kept_groups(unit, masks) for unit in units}
     config = _new_config(model, units, kept)
     index: dict[str, tuple[int, torch.Tensor]] = {}
@@ -117,14 +125,11 @@ def shrink(model: nn.Module, masks: Mapping[str, torch.Tensor], units: Sequence[
             index[name] = (members[0].dim, _entries(members, unit, kept[unit.prefix]))
             if members[0].bias is not None:
                 index[members[0].bias] = (0, index[name][1])
-    state = {}
-    for name, tensor in model.state_dict().items():
-        if name in index:
-            dim, positions = index[name]
-            tensor = tensor.index_select(dim, positions.to(tensor.device))
-        state[name] = tensor.detach().clone()
-    reference = next(model.parameters())
-    shrunk = type(model)(config).to(dtype=reference.dtype)
-    shrunk.load_state_dict(state, strict=True)
-    shrunk.tie_weights()
-    return shrunk.to(reference.device).train(model.training)
+
+    def select(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if name not in index:
+            return tensor
+        dim, positions = index[name]
+        return tensor.index_select(dim, positions.to(tensor.device))
+
+    return rebuild(model, config, origin=lambda name: name, select=select, action="shrink()")

@@ -7,9 +7,9 @@ rows of Q / K / V and the matching columns of the output projection. With groupe
 key/value head with all the query heads that share it, so every kept key/value head keeps the same number of query
 heads and the result is still a standard config.
 
-The rules below name the modules by their place inside a block; they cover BERT-style encoders (RoBERTa,
-DistilBERT-style names aside), GPT-2 (fused `c_attn`, `Conv1D` weights stored `(in, out)`), Llama-style decoders,
-T5 and BART. A model none of them matches is a `ValueError` naming the structure.
+The rules below name the modules by their place inside a block; they cover BERT-style encoders (BERT, RoBERTa,
+DistilBERT), GPT-2 (fused `c_attn`, `Conv1D` weights stored `(in, out)`), Llama-style decoders, T5 and BART. A
+model none of them matches is a `ValueError` naming the structure.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ FFN_RULES: tuple[tuple[tuple[str, ...], str], ...] = (
     (("wi_0", "wi_1"), "wo"),  # T5 v1.1 (gated)
     (("wi",), "wo"),  # T5
     (("fc1",), "fc2"),  # BART: under the layer
+    (("lin1",), "lin2"),  # DistilBERT: under `ffn`
 )
 #: Attention blocks: (Q, K, V, output), named under the same parent; GPT-2's fused QKV is `ATTENTION_FUSED`.
 ATTENTION_RULES: tuple[tuple[str, str, str, str], ...] = (
@@ -46,6 +47,7 @@ ATTENTION_RULES: tuple[tuple[str, str, str, str], ...] = (
     ("q_proj", "k_proj", "v_proj", "o_proj"),  # Llama
     ("q_proj", "k_proj", "v_proj", "out_proj"),  # BART
     ("q", "k", "v", "o"),  # T5
+    ("q_lin", "k_lin", "v_lin", "out_lin"),  # DistilBERT: under `attention`
 )
 ATTENTION_FUSED = ("c_attn", "c_proj")  # GPT-2: under `attn`
 
@@ -181,8 +183,8 @@ def find_units(model: nn.Module, structures: Sequence[str]) -> list[Unit]:
     for kind in structures:
         if not any(unit.kind == kind for unit in units):
             raise ValueError(f"`structure` {kind!r}: no {'feed-forward blocks' if kind == NEURONS else 'attention heads'}"
-                             f" found in {type(model).__name__} (hf_prune knows the module names of BERT, GPT-2, "
-                             "Llama, T5 and BART blocks); use structure='unstructured'.")
+                             f" found in {type(model).__name__} (hf_prune knows the module names of BERT, DistilBERT, "
+                             "GPT-2, Llama, T5 and BART blocks); use structure='unstructured'.")
     return units
 
 
