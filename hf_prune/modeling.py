@@ -149,7 +149,8 @@ class PrunedModel(nn.Module):
             ValueError: when the masks are not structured (`pruning_config.structure` is "unstructured", or
                 groups are pruned in part), the layers keep different widths (`scheme="class-blind"`), or the
                 config cannot express fewer heads (BERT-, GPT-2-, BART-style and T5 configs: use
-                `structure="neurons"`). Nothing is changed then.
+                `structure="neurons"`), or the model is a peft model (merge its adapters first). Nothing is
+                changed then.
         """
         if not self.pruning_config.structures():
             raise ValueError("`pruning_config.structure` is 'unstructured': shrink removes whole neurons and heads, "

@@ -68,8 +68,9 @@ class Pruner:
         #: With `config.structure`: the feed-forward / attention blocks whose neurons / heads are pruned whole.
         self.units: list[Unit] = units_for(module, config) if config.structures() else []
         targets = unit_targets(self.units, config.class_granularity) if self.units else find_targets(module, config)
-        reason = (heads_unexpressible(getattr(module, "config", None))
-                  if any(unit.kind == HEADS for unit in self.units) else None)
+        model_config = getattr(module, "config", None)
+        reason = (heads_unexpressible(model_config)
+                  if model_config is not None and any(unit.kind == HEADS for unit in self.units) else None)
         if reason:
             logger.warning("%s The head masks train, save and load as usual.", reason)
         params = {clean_name(name): param for name, param in module.named_parameters()}

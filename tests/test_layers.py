@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 from conftest import TINY_MODELS, tiny_gpt2, tiny_t5
+from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
@@ -20,7 +21,7 @@ from transformers import (
     SmolLM3ForCausalLM,
 )
 
-from hf_prune import block_influence, drop_layers
+from hf_prune import PrunedModel, Pruner, PruningConfig, block_influence, drop_layers
 from hf_prune.structured.layers import find_stacks
 
 
@@ -150,6 +151,9 @@ def test_drop_layers_renumbers_per_layer_config_lists():
     assert drop_layers(smol, [0]).config.no_rope_layers == [1, 1, 0]
     assert drop_layers(moe, [0]).config.mlp_only_layers == [0]  # block indices: renumbered
     assert drop_layers(moe, [1]).config.mlp_only_layers == []
+    every = copy.deepcopy(moe.config)
+    every.mlp_only_layers = [0, 1, 2]  # every block by index (Llama 4's default moe_layers): renumbered, not cut
+    assert drop_layers(Qwen2MoeForCausalLM(every), [0]).config.mlp_only_layers == [0, 1]
     ids = inputs_for("llama")["input_ids"]
     for model, kept in ((smol, [1, 2, 3]), (moe, [1, 2])):
         reference = skipping_blocks(model, {"model.layers": kept})
@@ -203,6 +207,18 @@ def test_bad_drop_layers_is_a_value_error_naming_the_field_and_changes_nothing(m
     with pytest.raises(ValueError, match=message):
         drop_layers(model, layers)
     assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
+
+
+def test_drop_layers_and_shrink_of_a_wrapped_model_say_to_unwrap_it():
+    model = three_blocks("bert")
+    lora = get_peft_model(copy.deepcopy(model), LoraConfig(target_modules=["query", "value"], r=2))
+    with pytest.raises(ValueError, match="merge_and_unload"):
+        drop_layers(lora, [1])
+    config = PruningConfig(structure="neurons", scheme="class-uniform", schedule="oneshot", final_sparsity=0.5)
+    pruner = Pruner(lora, config)
+    pruner.prune_to(0.5)
+    with pytest.raises(ValueError, match="merge_and_unload"):
+        PrunedModel(lora, pruner.masks, config).shrink()
 
 
 def test_block_influence_is_one_minus_the_mean_cosine_over_the_tokens_that_are_not_padding():

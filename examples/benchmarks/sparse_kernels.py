@@ -164,6 +164,8 @@ def main() -> None:
         parser.error(str(error))
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA GPU")
+    if args.device == "cuda" and args.pattern != "2:4":
+        parser.error("--device cuda: the only CUDA sparse kernel is 2:4; pass --pattern 2:4")
     torch.manual_seed(0)
     base = (AutoModel.from_config(MINILM_SHAPE) if args.random_weights
             else AutoModel.from_pretrained(args.model or default_model_path()))

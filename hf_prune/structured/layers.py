@@ -130,7 +130,9 @@ def _per_layer_fields(config: Any, count: int, kept: list[int], single_stack: bo
     for key, value in vars(config).items():
         if "layer" not in key or not isinstance(value, (list, tuple)):
             continue
-        if single_stack and len(value) == count:
+        if single_stack and list(value) == list(range(count)):  # every block by index (Llama 4's moe_layers)
+            fields[key] = list(range(len(kept)))
+        elif single_stack and len(value) == count:
             fields[key] = [value[i] for i in kept]
         elif single_stack and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < count for i in value):
             fields[key] = [new_index[i] for i in value if i in new_index]

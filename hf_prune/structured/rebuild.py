@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 
 def named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -62,6 +63,10 @@ def rebuild(model: nn.Module, config: Any, origin: Callable[[str], str],
         ValueError: naming the tensors when the new model's tensors do not correspond one to one to the kept
             tensors of `model` (the architecture's blocks differ by position) or a shape does not fit.
     """
+    if not isinstance(model, PreTrainedModel):
+        raise ValueError(f"{action} needs a transformers model (a PreTrainedModel); got {type(model).__name__}. Merge "
+                         "peft adapters first (merge_and_unload()), or pass the model inside a wrapper "
+                         "(PrunedModel.model, a compiled model's _orig_mod).")
     originals = named_tensors(model)
     with torch.device("meta"):
         new = type(model)(config)
