@@ -211,6 +211,10 @@ def test_bad_drop_layers_is_a_value_error_naming_the_field_and_changes_nothing(m
 
 def test_drop_layers_and_shrink_of_a_wrapped_model_say_to_unwrap_it():
     model = three_blocks("bert")
+    with torch.device("meta"):
+        offloaded = type(model)(model.config)
+    with pytest.raises(ValueError, match="hold no data"):
+        drop_layers(offloaded, [1])
     lora = get_peft_model(copy.deepcopy(model), LoraConfig(target_modules=["query", "value"], r=2))
     with pytest.raises(ValueError, match="merge_and_unload"):
         drop_layers(lora, [1])

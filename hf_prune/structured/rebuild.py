@@ -68,6 +68,11 @@ def rebuild(model: nn.Module, config: Any, origin: Callable[[str], str],
                          "peft adapters first (merge_and_unload()), or pass the model inside a wrapper "
                          "(PrunedModel.model, a compiled model's _orig_mod).")
     originals = named_tensors(model)
+    offloaded = [name for name, tensor in originals.items() if tensor.is_meta]
+    if offloaded:
+        raise ValueError(f"{action}: {_listing(offloaded)} of {type(model).__name__} hold no data (meta tensors: "
+                         "weights offloaded with a device_map, or a model not loaded yet); load the whole model onto "
+                         "its devices first.")
     with torch.device("meta"):
         new = type(model)(config)
     wanted = named_tensors(new)
