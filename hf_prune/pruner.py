@@ -13,6 +13,7 @@ from accelerate.utils import extract_model_from_parallel
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .adapters import Factor, factor_mask, lora_factors, tuner_layers, without_peft_wrapper
 from .config import PruningConfig
 from .criteria import CRITERIA
 from .distributed import Replicated, ZeroPartitions, check_ranks_agree, check_thresholds_agree, layout_of
@@ -21,7 +22,7 @@ from .schedules import SparsitySchedule
 from .structured.selection import update_group_masks_
 from .structured.shrink import heads_unexpressible
 from .structured.units import HEADS, Unit, unit_targets, units_for
-from .targets import clean_name, find_targets
+from .targets import Target, clean_name, find_targets, prunable_modules, weight_class
 from .validation import check_int
 
 
@@ -64,7 +65,8 @@ class Pruner:
     def __init__(self, model: nn.Module, config: PruningConfig, max_steps: int | None = None) -> None:
         self.config = config
         self.schedule = SparsitySchedule.from_config(config, max_steps)
-        self.module = module = extract_model_from_parallel(model)  # the module that owns the weights
+        # the module that owns the weights (inside a peft model: the transformers model with its adapted layers)
+        self.module = module = without_peft_wrapper(extract_model_from_parallel(model))
         #: With `config.structure`: the feed-forward / attention blocks whose neurons / heads are pruned whole.
         self.units: list[Unit] = units_for(module, config) if config.structures() else []
         targets = unit_targets(self.units, config.class_granularity) if self.units else find_targets(module, config)
@@ -91,10 +93,20 @@ class Pruner:
                                                      for m in u.members if m.bias}
         self.bias_masks: dict[str, torch.Tensor] = {name: torch.ones_like(p, dtype=torch.bool)
                                                     for name, p in self.bias_params.items()}
+        #: The LoRA factors of adapted pruned weights (peft), masked so that their update is zero where the weight is.
+        self.factors: dict[str, Factor] = self._lora_factors(module, targets, params)
+        self.factor_params: dict[str, nn.Parameter] = {name: params[name] for name in self.factors}
+        self.factor_masks: dict[str, torch.Tensor] = {name: torch.ones_like(p, dtype=torch.bool)
+                                                      for name, p in self.factor_params.items()}
         self.masks: dict[str, torch.Tensor] = {
             name: torch.ones_like(self.layout.local(p), dtype=torch.bool) for name, p in self.params.items()
         }
         self.criterion = CRITERIA[config.criterion]()
+        frozen = [name for name, p in self.params.items() if not p.requires_grad]
+        if self.criterion.needs_gradients and frozen:
+            raise ValueError(f"`criterion` {config.criterion!r} ranks weights by their gradients, but {frozen[0]} and "
+                             f"{len(frozen) - 1} more targeted weights are frozen (requires_grad=False, as under "
+                             "LoRA); use criterion='magnitude' or 'wanda', or train them.")
         if self.criterion.needs_gradients and isinstance(self.layout, ZeroPartitions):
             raise ValueError(f"`criterion` {config.criterion!r} needs each weight's gradient, which DeepSpeed ZeRO-3 "
                              "keeps in its optimizer's flat buffers; use criterion='magnitude' under ZeRO-3, or "
@@ -106,9 +118,24 @@ class Pruner:
             self._register_input_hooks(module)
             self._record_inputs_for(1)
 
+    def _lora_factors(self, module: nn.Module, targets: list[Target], params: dict[str, nn.Parameter]
+                      ) -> dict[str, Factor]:
+        """The LoRA factors of the targeted weights that carry peft adapters; refuses an unstructured mask on them."""
+        targeted = {t.module_name for t in targets}
+        adapted = {clean_name(name): layer for name, layer in tuner_layers(module) if clean_name(name) in targeted}
+        if adapted and not self.units:
+            names = sorted(adapted)
+            raise ValueError(f"{names[0]} and {len(names) - 1} more pruned layers carry peft adapters. With "
+                             f"`structure` {self.config.structure!r} their update B @ A stays dense, so "
+                             "merge_and_unload() would not give the model that was trained. Leave them out "
+                             f"(exclude_modules={sorted({weight_class(n).rpartition('*.')[2] for n in names})!r}), or prune whole "
+                             "neurons / heads (structure='neurons' or 'heads': the LoRA factors are masked with them).")
+        ids = {id(p): name for name, p in params.items()}
+        return {f.name: f for f in lora_factors(adapted, {t.module_name: t.name for t in targets}, ids)}
+
     def _register_input_hooks(self, module: nn.Module) -> None:
         """Forward pre-hooks that pass each targeted layer's inputs to the criterion while `_recording_inputs`."""
-        modules = {clean_name(name): m for name, m in module.named_modules()}
+        modules = prunable_modules(module)
         for name in self.params:
             layer = modules[name.rpartition(".")[0]]
             input_dim = 0 if isinstance(layer, Conv1D) else 1
@@ -147,7 +174,7 @@ class Pruner:
         if self.units:
             self.thresholds = {**self.thresholds, **update_group_masks_(  # a kind that lost no group keeps its own
                 self.units, weights, self.masks, self.criterion, sparsity, self.config.scheme)}
-            self._update_bias_masks()
+            self._update_follower_masks()
         else:
             self.thresholds = update_masks_(weights, self.masks, self.classes, self.criterion, sparsity,
                                             self.config.scheme, self.layout.reduce)
@@ -162,11 +189,14 @@ class Pruner:
         """Sets the pruned weights (and the biases of pruned neurons / heads) to exactly zero, in place (under
         ZeRO-3, the optimizer's fp32 copy too)."""
         self.layout.zero_pruned_(self.params, self.masks)
-        for name, bias in self.bias_params.items():
-            zero_pruned_(bias, self.bias_masks[name])
+        for name, param in itertools.chain(self.bias_params.items(), self.factor_params.items()):
+            zero_pruned_(param, self._mask_of(name))
 
-    def _update_bias_masks(self) -> None:
-        """A bias entry of a unit member is kept while its output feature's row of the weight mask keeps anything."""
+    def _update_follower_masks(self) -> None:
+        """A bias entry of a unit member is kept while its output feature's row of the weight mask keeps anything;
+        a LoRA factor keeps the rows (`lora_B`) / columns (`lora_A`) of the features its weight keeps."""
+        for name, factor in self.factors.items():
+            self.factor_masks[name] = factor_mask(factor, self.masks[factor.weight], self.factor_params[name])
         for unit in self.units:
             for member in unit.members:
                 if member.bias is None:
@@ -268,11 +298,14 @@ class Pruner:
                     zero_pruned_(self.layout.local(value), self._mask_of(name))
 
     def _masked_params(self) -> Iterable[tuple[str, nn.Parameter]]:
-        """The targeted weights, then the biases of structured units."""
-        return itertools.chain(self.params.items(), self.bias_params.items())
+        """The targeted weights, then the biases of structured units, then the LoRA factors."""
+        return itertools.chain(self.params.items(), self.bias_params.items(), self.factor_params.items())
 
     def _mask_of(self, name: str) -> torch.Tensor:
-        return self.masks[name] if name in self.masks else self.bias_masks[name]
+        for masks in (self.masks, self.bias_masks, self.factor_masks):
+            if name in masks:
+                return masks[name]
+        raise KeyError(name)
 
     def sparsity(self) -> float:
         """Fraction of the targeted weights that are pruned (over all shards)."""
@@ -320,7 +353,7 @@ class Pruner:
         for name, mask in masks.items():
             local = self.layout.scatter(mask, self.params[name])
             self.masks[name] = local.to(device=self.masks[name].device, dtype=torch.bool).clone()
-        self._update_bias_masks()
+        self._update_follower_masks()
         self.apply_()
 
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .adapters import adapter_modules, trained_copies
 from .distributed.layouts import is_sharded
 
 
@@ -20,14 +21,22 @@ if TYPE_CHECKING:
 
 PRUNABLE_MODULES = (nn.Linear, Conv1D)
 _BLOCK_INDEX = re.compile(r"(^|\.)\d+(?=\.|$)")
-_WRAPPERS = re.compile(r"(^|\.)(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)(?=\.|$)")
+_WRAPPERS = re.compile(r"(^|\.)(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod|base_layer)(?=\.|$)")
 
 
 def clean_name(name: str) -> str:
-    """A module or parameter name without the wrapper levels FSDP1, activation checkpointing and `torch.compile`
-    insert (`encoder.layer.0._fsdp_wrapped_module.attention` -> `encoder.layer.0.attention`), as their state dicts
-    name it."""
+    """A module or parameter name without the wrapper levels FSDP1, activation checkpointing, `torch.compile` and
+    peft's adapted layers insert (`encoder.layer.0._fsdp_wrapped_module.attention` -> `encoder.layer.0.attention`,
+    `attention.self.query.base_layer.weight` -> `attention.self.query.weight`), as the unwrapped model names it."""
     return _WRAPPERS.sub("", name).lstrip(".")
+
+
+def prunable_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The `nn.Linear` / `Conv1D` layers of `model` by clean name, in `named_modules` order, without the layers of
+    peft adapters (an adapted layer's name is that of its base layer)."""
+    adapters = adapter_modules(model)
+    return {clean_name(name): module for name, module in model.named_modules()
+            if isinstance(module, PRUNABLE_MODULES) and id(module) not in adapters}
 
 
 @dataclass(frozen=True)
@@ -66,15 +75,17 @@ def find_targets(model: nn.Module, config: PruningConfig) -> list[Target]:
     By default: the weights of the `nn.Linear` / GPT-2 `Conv1D` layers inside the Transformer blocks (modules
     under an indexed `ModuleList`, such as `encoder.layer.3`), so embeddings, LayerNorms, biases, the pooler
     and the task head are left alone. `prune_head=True` adds the Linear layers outside the blocks. A weight
-    shared with an embedding (a tied LM head) is never a target. `target_modules` replaces the default
-    selection and `exclude_modules` removes modules from it.
+    shared with an embedding (a tied LM head) is never a target, nor are the layers of peft adapters (an adapted
+    layer's weight is named as in the model without adapters). `target_modules` replaces the default selection and
+    `exclude_modules` removes modules from it.
 
     Raises:
-        ValueError: when `target_modules` or `exclude_modules` matches no prunable module, or nothing is left.
+        ValueError: when `target_modules` or `exclude_modules` matches no prunable module, nothing is left, or a
+            target sits in a peft `modules_to_save` copy.
     """
     embedding_storage = {_storage(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    candidates = [(clean_name(name), module) for name, module in model.named_modules()
-                  if isinstance(module, PRUNABLE_MODULES) and _storage(module.weight) not in embedding_storage]
+    candidates = [(name, module) for name, module in prunable_modules(model).items()
+                  if _storage(module.weight) not in embedding_storage]
     if not candidates:
         raise ValueError(f"{type(model).__name__} has no nn.Linear or Conv1D layers (other than tied embeddings) "
                          "to prune.")
@@ -96,4 +107,10 @@ def find_targets(model: nn.Module, config: PruningConfig) -> list[Target]:
         raise ValueError(f"No weights of {type(model).__name__} are left to prune with target_modules="
                          f"{config.target_modules!r}, exclude_modules={config.exclude_modules!r}, prune_head="
                          f"{config.prune_head} (no Linear layer sits inside an indexed block); set `target_modules`.")
+    copies = trained_copies(model)
+    copied = [n for n, module in candidates if n in selected and id(module) in copies]
+    if copied:
+        raise ValueError(f"{copies[id(dict(candidates)[copied[0]])]} is a peft `modules_to_save` module (a trained "
+                         "copy beside the original), which hf_prune does not prune; leave it out (exclude_modules="
+                         f"{copied!r}), or prune_head=False.")
     return [Target(f"{n}.weight", n, weight_class(n, config.class_granularity)) for n in selected]

@@ -41,6 +41,14 @@ def _listing(names: list[str], limit: int = 4) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
+def check_transformers_model(model: nn.Module, action: str) -> None:
+    """Raises a `ValueError` saying how to unwrap `model` when it is not a transformers `PreTrainedModel`."""
+    if not isinstance(model, PreTrainedModel):
+        raise ValueError(f"{action} needs a transformers model (a PreTrainedModel); got {type(model).__name__}. Merge "
+                         "peft adapters first (merge_and_unload()), or pass the model inside a wrapper "
+                         "(PrunedModel.model, a compiled model's _orig_mod).")
+
+
 def rebuild(model: nn.Module, config: Any, origin: Callable[[str], str],
             select: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
             dropped: Callable[[str], bool] = lambda name: False, action: str = "rebuild") -> nn.Module:
@@ -63,10 +71,7 @@ def rebuild(model: nn.Module, config: Any, origin: Callable[[str], str],
         ValueError: naming the tensors when the new model's tensors do not correspond one to one to the kept
             tensors of `model` (the architecture's blocks differ by position) or a shape does not fit.
     """
-    if not isinstance(model, PreTrainedModel):
-        raise ValueError(f"{action} needs a transformers model (a PreTrainedModel); got {type(model).__name__}. Merge "
-                         "peft adapters first (merge_and_unload()), or pass the model inside a wrapper "
-                         "(PrunedModel.model, a compiled model's _orig_mod).")
+    check_transformers_model(model, action)
     originals = named_tensors(model)
     offloaded = [name for name, tensor in originals.items() if tensor.is_meta]
     if offloaded:

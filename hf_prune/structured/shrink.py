@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from .rebuild import rebuild
+from .rebuild import check_transformers_model, rebuild
 from .selection import group_view
 from .units import HEADS, NEURONS, Member, Unit
 
@@ -108,9 +108,11 @@ def shrink(model: nn.Module, masks: Mapping[str, torch.Tensor], units: Sequence[
         units (`list[Unit]`): the units the masks were made over (`hf_prune.structured.units.units_for`).
 
     Raises:
-        ValueError: when a group is pruned in part, the layers keep different widths, or the config cannot
-            express fewer heads; the model is left as it is.
+        ValueError: for a model that is not a transformers model (a peft model: merge it first), when a group is
+            pruned in part, the layers keep different widths, or the config cannot express fewer heads; the model
+            is left as it is.
     """
+    check_transformers_model(model, "shrink()")
     reason = heads_unexpressible(model.config) if any(unit.kind == HEADS for unit in units) else None
     if reason:
         raise ValueError(reason)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..targets import Target, clean_name, matches, weight_class
+from ..targets import Target, clean_name, matches, prunable_modules, weight_class
 
 
 if TYPE_CHECKING:
@@ -171,7 +171,7 @@ def find_units(model: nn.Module, structures: Sequence[str]) -> list[Unit]:
         ValueError: naming the structure when `model` has none of its units.
     """
     everything = {clean_name(name): m for name, m in model.named_modules()}
-    modules = {name: m for name, m in everything.items() if isinstance(m, (nn.Linear, Conv1D))}
+    modules = prunable_modules(model)
     units: list[Unit] = []
     seen: set[str] = set()
     for name in modules:

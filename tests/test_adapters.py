@@ -1,0 +1,140 @@
+"""Pruning a peft (LoRA) model while its adapters train: base weights under their plain names, LoRA factors masked
+with them, so that `merge_and_unload()` gives the model that was trained; what cannot be masked is refused."""
+
+import pytest
+import torch
+from conftest import TINY_MODELS, TinyClassificationDataset, TinyLMDataset
+from peft import LoraConfig, get_peft_model
+from testing_utils import tiny_training_args, train_until_first_checkpoint
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, Trainer
+
+from hf_prune import MagnitudePruningCallback, PrunedModel, Pruner, PruningConfig
+
+
+#: LoRA target modules of each tiny model: its feed-forward projections and one attention projection.
+LORA_TARGETS = {"bert": ["intermediate.dense", "output.dense", "query"], "gpt2": ["c_fc", "mlp.c_proj", "c_attn"],
+                "llama": ["gate_proj", "up_proj", "down_proj", "q_proj"]}
+STRUCTURES = {"bert": "neurons", "gpt2": "neurons", "llama": ("neurons", "heads")}
+AUTO = {"bert": AutoModelForSequenceClassification, "gpt2": AutoModelForCausalLM, "llama": AutoModelForCausalLM}
+
+
+def lora_model(kind: str, **options):
+    """The tiny model `kind` with LoRA adapters (rank 2, random `B` so that their update is not zero)."""
+    task = {"task_type": "SEQ_CLS"} if kind == "bert" else {}
+    config = LoraConfig(r=2, target_modules=LORA_TARGETS[kind], init_lora_weights=False,
+                        fan_in_fan_out=kind == "gpt2", **{**task, **options})
+    return get_peft_model(TINY_MODELS[kind](), config)
+
+
+def structured_config(kind: str, **overrides) -> PruningConfig:
+    return PruningConfig(**{"structure": STRUCTURES[kind], "scheme": "class-uniform", "schedule": "iterative",
+                            "initial_sparsity": 0.25, "final_sparsity": 0.5, "start_step": 1, "end_step": 5,
+                            "pruning_frequency": 2, **overrides})
+
+
+def lora_trainer(kind: str, output_dir, config: PruningConfig, model=None, **args) -> Trainer:
+    dataset = TinyClassificationDataset(48) if kind == "bert" else TinyLMDataset(48)
+    return Trainer(model=model if model is not None else lora_model(kind),
+                   args=tiny_training_args(output_dir, max_steps=6, **args), train_dataset=dataset,
+                   callbacks=[MagnitudePruningCallback(config)])
+
+
+def pruner_of(trainer: Trainer) -> Pruner:
+    return next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, MagnitudePruningCallback)).pruner
+
+
+def inputs() -> dict[str, torch.Tensor]:
+    return {"input_ids": torch.randint(3, 99, (2, 9), generator=torch.Generator().manual_seed(1))}
+
+
+@pytest.mark.parametrize("criterion", ["magnitude", "wanda"])
+@pytest.mark.parametrize("kind", sorted(LORA_TARGETS))
+def test_lora_training_with_structured_pruning_merges_to_the_model_that_was_trained(tmp_path, kind, criterion):
+    trainer = lora_trainer(kind, tmp_path / "run", structured_config(kind, criterion=criterion, fisher_steps=1))
+    trainer.train()
+    pruner = pruner_of(trainer)
+    plain = Pruner(TINY_MODELS[kind](), structured_config(kind))
+    assert pruner.masks.keys() == plain.masks.keys()  # the base weights, under their names without adapters
+    assert pruner.sparsity() == pytest.approx(0.5, abs=0.03)
+    assert pruner.factors and all(not p.detach()[~pruner.factor_masks[n]].any()
+                                  for n, p in pruner.factor_params.items())
+    assert any(not m.all() for m in pruner.factor_masks.values())
+    lora = trainer.model.eval()
+    with torch.no_grad():
+        trained = lora(**inputs()).logits
+    merged = PrunedModel.from_trainer(trainer).merge_and_unload()
+    with torch.no_grad():
+        assert torch.allclose(merged.model.eval()(**inputs()).logits, trained, atol=1e-5)
+    assert merged.sparsity_report().overall == pytest.approx(pruner.sparsity())
+    merged.shrink().save_pretrained(tmp_path / "small")
+    small = AUTO[kind].from_pretrained(tmp_path / "small").eval()
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in merged.model.parameters())
+    with torch.no_grad():
+        assert torch.allclose(small(**inputs()).logits, trained, atol=1e-5)
+
+
+def test_lora_pruning_resumes_to_the_same_masks_and_adapters(tmp_path):
+    config = structured_config("bert")
+    full = lora_trainer("bert", tmp_path / "full", config)
+    full.train()
+    checkpoint = train_until_first_checkpoint(lora_trainer("bert", tmp_path / "resumed", config, save_steps=3,
+                                                           save_strategy="steps"))
+    resumed = lora_trainer("bert", tmp_path / "resumed", config, save_steps=3, save_strategy="steps")
+    resumed.train(resume_from_checkpoint=checkpoint)
+    full_pruner, resumed_pruner = map(pruner_of, (full, resumed))
+    assert all(torch.equal(resumed_pruner.masks[n], m) for n, m in full_pruner.masks.items())
+    assert all(torch.equal(resumed_pruner.factor_masks[n], m) for n, m in full_pruner.factor_masks.items())
+
+
+@pytest.mark.parametrize("config, options, message", [
+    (PruningConfig(final_sparsity=0.5, end_step=4), {}, r"carry peft adapters.*exclude_modules=\['attention.output.dense', 'attention.self.query', 'intermediate.dense'"),
+    (PruningConfig(final_sparsity=0.5, end_step=4, criterion="obd", fisher_steps=1, start_step=1,
+                   exclude_modules=["intermediate.dense", "output.dense", "query"]), {}, "frozen"),
+    (structured_config("bert"), {"use_dora": True}, "DoRA adapter"),
+    (PruningConfig(final_sparsity=0.5, end_step=4, prune_head=True,
+                   exclude_modules=["intermediate.dense", "output.dense", "query"]), {}, "modules_to_save"),
+])
+def test_what_cannot_be_masked_under_lora_is_refused_before_any_step(tmp_path, config, options, message):
+    model = lora_model("bert", **options)
+    before = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    trainer = lora_trainer("bert", tmp_path, config, model=model)
+    with pytest.raises(ValueError, match=message):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
+
+
+def test_unstructured_pruning_of_the_layers_without_adapters_trains_and_merges(tmp_path):
+    config = PruningConfig(final_sparsity=0.5, end_step=4, target_modules=["key", "value"])
+    trainer = lora_trainer("bert", tmp_path, config)
+    trainer.train()
+    masks = pruner_of(trainer).masks
+    assert sorted({n.split(".", 4)[-1] for n in masks}) == ["attention.self.key.weight",
+                                                           "attention.self.value.weight"]
+    with torch.no_grad():
+        trained = trainer.model.eval()(**inputs()).logits
+    merged = PrunedModel.from_trainer(trainer).merge_and_unload()
+    with torch.no_grad():
+        assert torch.allclose(merged.model.eval()(**inputs()).logits, trained, atol=1e-6)
+    assert merged.sparsity_report().overall == pytest.approx(0.5, abs=1e-3)
+
+
+def test_lora_over_a_saved_structured_model_keeps_its_masks_and_merges_to_the_trained_model(tmp_path):
+    first = Trainer(model=TINY_MODELS["bert"](), args=tiny_training_args(tmp_path / "prune", max_steps=6),
+                    train_dataset=TinyClassificationDataset(48),
+                    callbacks=[MagnitudePruningCallback(structured_config("bert"))])
+    first.train()
+    PrunedModel.from_trainer(first).save_pretrained(tmp_path / "pruned")
+    saved = PrunedModel.from_pretrained(tmp_path / "pruned")
+    lora = get_peft_model(saved.model, LoraConfig(r=2, target_modules=LORA_TARGETS["bert"], task_type="SEQ_CLS",
+                                                  init_lora_weights=False))
+    trainer = Trainer(model=lora, args=tiny_training_args(tmp_path / "lora", max_steps=4),
+                      train_dataset=TinyClassificationDataset(48),
+                      callbacks=[MagnitudePruningCallback.from_pretrained(tmp_path / "pruned")])
+    trainer.train()
+    assert all(torch.equal(pruner_of(trainer).masks[n], m) for n, m in saved.masks.items())
+    with torch.no_grad():
+        trained = lora.eval()(**inputs()).logits
+    merged = PrunedModel(lora, saved.masks, saved.pruning_config).merge_and_unload()
+    with torch.no_grad():
+        assert torch.allclose(merged.model.eval()(**inputs()).logits, trained, atol=1e-5)
