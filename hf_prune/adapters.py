@@ -22,8 +22,10 @@ from transformers.pytorch_utils import Conv1D
 
 
 def without_peft_wrapper(model: nn.Module) -> nn.Module:
-    """The transformers model inside a `PeftModel` (whose adapted layers stay in it), else `model` itself."""
-    return model.get_base_model() if isinstance(model, PeftModel) else model
+    """The transformers model inside a `PeftModel` (whose adapted layers stay in it; also under `torch.compile`),
+    else `model` itself."""
+    inner = getattr(model, "_orig_mod", model)
+    return inner.get_base_model() if isinstance(inner, PeftModel) else model
 
 
 def adapter_modules(model: nn.Module) -> set[int]:

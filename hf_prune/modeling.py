@@ -14,6 +14,7 @@ import transformers
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 from torch import nn
 
+from .adapters import without_peft_wrapper
 from .compression import (
     check_bits,
     quantize_weights,
@@ -34,7 +35,7 @@ from .report import SparsityReport, sparsity_report
 from .serialization import atomic_write_text, file_record, load_masks, save_masks
 from .structured.shrink import shrink
 from .structured.units import units_for
-from .targets import find_targets
+from .targets import find_targets, named_weights
 from .validation import check_choice
 from .version import __version__
 
@@ -189,7 +190,16 @@ class PrunedModel(nn.Module):
             is_main_process (`bool`, *optional*, defaults to `True`): only the main process writes.
             compressed (`bool`, *optional*): deprecated, `compressed=True` is `compression="sparse"`.
             kwargs: forwarded to the model's `save_pretrained` (`max_shard_size`, ...).
+
+        Raises:
+            ValueError: for a peft model (merge its adapters first), or a bad `compression` / `bits`; nothing is
+                written then.
         """
+        if without_peft_wrapper(self.model) is not self.model:
+            raise ValueError(f"save_pretrained writes a transformers model with its masks; this one is a "
+                             f"{type(self.model).__name__}: merge its adapters first "
+                             "(pruned.merge_and_unload().save_pretrained(folder)), or save the adapters alone with "
+                             "the peft model's own save_pretrained.")
         if compressed is not None:
             warnings.warn("`compressed` is deprecated; use `compression='sparse'` (or None).", FutureWarning,
                           stacklevel=2)
@@ -323,7 +333,7 @@ class PrunedModel(nn.Module):
             model_class = model_class or auto_model_class(config)
             pruning_config = pruning_config or PruningConfig()
             model = model_class.from_pretrained(path, **kwargs)
-            params = dict(model.named_parameters())
+            params = named_weights(model)
             masks = {t.name: params[t.name] != 0 for t in find_targets(model, pruning_config)}
             pruning_config.prepare_loaded_model(model, masks)
             return cls(model, masks, pruning_config)

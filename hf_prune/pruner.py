@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -22,7 +23,7 @@ from .schedules import SparsitySchedule
 from .structured.selection import update_group_masks_
 from .structured.shrink import heads_unexpressible
 from .structured.units import HEADS, Unit, unit_targets, units_for
-from .targets import Target, clean_name, find_targets, prunable_modules, weight_class
+from .targets import Target, clean_name, find_targets, named_weights, prunable_modules, weight_class
 from .validation import check_int
 
 
@@ -75,7 +76,7 @@ class Pruner:
                   if model_config is not None and any(unit.kind == HEADS for unit in self.units) else None)
         if reason:
             logger.warning("%s The head masks train, save and load as usual.", reason)
-        params = {clean_name(name): param for name, param in module.named_parameters()}
+        params = named_weights(module)
         hidden = [t.name for t in targets if t.name not in params]
         if hidden:
             raise ValueError(f"{hidden[0]} and {len(hidden) - 1} more targeted weights are not parameters of "
@@ -102,11 +103,6 @@ class Pruner:
             name: torch.ones_like(self.layout.local(p), dtype=torch.bool) for name, p in self.params.items()
         }
         self.criterion = CRITERIA[config.criterion]()
-        frozen = [name for name, p in self.params.items() if not p.requires_grad]
-        if self.criterion.needs_gradients and frozen:
-            raise ValueError(f"`criterion` {config.criterion!r} ranks weights by their gradients, but {frozen[0]} and "
-                             f"{len(frozen) - 1} more targeted weights are frozen (requires_grad=False, as under "
-                             "LoRA); use criterion='magnitude' or 'wanda', or train them.")
         if self.criterion.needs_gradients and isinstance(self.layout, ZeroPartitions):
             raise ValueError(f"`criterion` {config.criterion!r} needs each weight's gradient, which DeepSpeed ZeRO-3 "
                              "keeps in its optimizer's flat buffers; use criterion='magnitude' under ZeRO-3, or "
@@ -125,11 +121,12 @@ class Pruner:
         adapted = {clean_name(name): layer for name, layer in tuner_layers(module) if clean_name(name) in targeted}
         if adapted and not self.units:
             names = sorted(adapted)
-            raise ValueError(f"{names[0]} and {len(names) - 1} more pruned layers carry peft adapters. With "
-                             f"`structure` {self.config.structure!r} their update B @ A stays dense, so "
-                             "merge_and_unload() would not give the model that was trained. Leave them out "
-                             f"(exclude_modules={sorted({weight_class(n).rpartition('*.')[2] for n in names})!r}), or prune whole "
-                             "neurons / heads (structure='neurons' or 'heads': the LoRA factors are masked with them).")
+            roles = "|".join(sorted({re.escape(weight_class(n)).replace(r"\*", r"\d+") for n in names}))
+            raise ValueError(f"{len(names)} pruned layers carry peft adapters, such as {names[0]}. With `structure` "
+                             f"{self.config.structure!r} their update B @ A stays dense, so merge_and_unload() would "
+                             f'not give the model that was trained. Leave them out (exclude_modules=r"{roles}" matches '
+                             "their roles), or prune whole neurons / heads (structure='neurons' or 'heads': the LoRA "
+                             "factors are masked with them).")
         ids = {id(p): name for name, p in params.items()}
         return {f.name: f for f in lora_factors(adapted, {t.module_name: t.name for t in targets}, ids)}
 
@@ -157,6 +154,8 @@ class Pruner:
         With an `optimizer`, its per-weight state (Adam's moments, momentum) is cleared at the newly pruned
         positions, so no stale momentum pushes a pruned weight off zero.
         """
+        if self.schedule.final > self.target_sparsity:  # events lie ahead
+            self._check_gradients_reach_targets()
         target = self.schedule(step)
         if target <= self.target_sparsity:
             return False
@@ -164,6 +163,16 @@ class Pruner:
         if self.criterion.needs_inputs:
             self._record_inputs_for(step + 1)
         return True
+
+    def _check_gradients_reach_targets(self) -> None:
+        """Refuses a gradient criterion ("obd") while targeted weights are frozen: they would score zero."""
+        if not self.criterion.needs_gradients:
+            return
+        frozen = [name for name, p in self.params.items() if not p.requires_grad]
+        if frozen:
+            raise ValueError(f"`criterion` {self.config.criterion!r} ranks weights by their gradients, but "
+                             f"{len(frozen)} targeted weights are frozen (requires_grad=False, as under LoRA), such as "
+                             f"{frozen[0]}; use criterion='magnitude' or 'wanda', or train them.")
 
     def prune_to(self, sparsity: float, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Prunes the targeted weights to `sparsity` now, whatever the schedule says.
@@ -264,6 +273,7 @@ class Pruner:
             raise ValueError(f"`criterion` {self.config.criterion!r} does not use data; estimate_fisher is for "
                              f"{accepted}.")
         check_int("num_batches", num_batches, 1, optional=True)
+        self._check_gradients_reach_targets()
         params = {name: p for name, p in self.params.items() if p.requires_grad}
         device = next(iter(self.params.values())).device
         was_training = model.training

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .config import PruningConfig
-from .targets import find_targets, weight_class
+from .targets import find_targets, named_weights, weight_class
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ def sparsity_report(model: nn.Module, masks: Mapping[str, torch.Tensor] | None =
     config = config or PruningConfig()
     if masks is not None:
         return SparsityReport.from_masks(masks, config.class_granularity)
-    params = dict(model.named_parameters())
+    params = named_weights(model)
     return SparsityReport(tuple(LayerSparsity(t.name, t.weight_class, tuple(params[t.name].shape),
                                               params[t.name].numel(), int((params[t.name] == 0).sum()))
                                 for t in find_targets(model, config)))

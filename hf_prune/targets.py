@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .adapters import adapter_modules, trained_copies
+from .adapters import adapter_modules, trained_copies, without_peft_wrapper
 from .distributed.layouts import is_sharded
 
 
@@ -31,9 +31,16 @@ def clean_name(name: str) -> str:
     return _WRAPPERS.sub("", name).lstrip(".")
 
 
+def named_weights(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every parameter of `model` under the clean name `find_targets` uses (inside a peft model: the name in the
+    model without adapters)."""
+    return {clean_name(name): p for name, p in without_peft_wrapper(model).named_parameters()}
+
+
 def prunable_modules(model: nn.Module) -> dict[str, nn.Module]:
     """The `nn.Linear` / `Conv1D` layers of `model` by clean name, in `named_modules` order, without the layers of
     peft adapters (an adapted layer's name is that of its base layer)."""
+    model = without_peft_wrapper(model)
     adapters = adapter_modules(model)
     return {clean_name(name): module for name, module in model.named_modules()
             if isinstance(module, PRUNABLE_MODULES) and id(module) not in adapters}
@@ -69,8 +76,18 @@ def _storage(weight: torch.Tensor) -> int:
     return id(weight) if is_sharded(weight) else weight.data_ptr()
 
 
+def refuse_trained_copies(names: list[str]) -> None:
+    """Raises a `ValueError` naming the modules `names` that would be pruned inside peft
+    `modules_to_save` copies (a whole module trained as a copy beside the original), which hf_prune does not prune."""
+    if names:
+        raise ValueError(f"{names[0]} lies in a peft `modules_to_save` copy ({len(names)} such modules would be "
+                         "pruned), which hf_prune does not prune: the copy trains beside a frozen original. Leave it "
+                         "out (exclude_modules, prune_head=False), or train it as a LoRA target instead.")
+
+
 def find_targets(model: nn.Module, config: PruningConfig) -> list[Target]:
-    """The weights `config` prunes in `model`, in `named_modules` order.
+    """The weights `config` prunes in `model`, in `named_modules` order, by clean name (`named_weights(model)` maps
+    them to the parameters).
 
     By default: the weights of the `nn.Linear` / GPT-2 `Conv1D` layers inside the Transformer blocks (modules
     under an indexed `ModuleList`, such as `encoder.layer.3`), so embeddings, LayerNorms, biases, the pooler
@@ -83,6 +100,7 @@ def find_targets(model: nn.Module, config: PruningConfig) -> list[Target]:
         ValueError: when `target_modules` or `exclude_modules` matches no prunable module, nothing is left, or a
             target sits in a peft `modules_to_save` copy.
     """
+    model = without_peft_wrapper(model)
     embedding_storage = {_storage(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     candidates = [(name, module) for name, module in prunable_modules(model).items()
                   if _storage(module.weight) not in embedding_storage]
@@ -108,9 +126,5 @@ def find_targets(model: nn.Module, config: PruningConfig) -> list[Target]:
                          f"{config.target_modules!r}, exclude_modules={config.exclude_modules!r}, prune_head="
                          f"{config.prune_head} (no Linear layer sits inside an indexed block); set `target_modules`.")
     copies = trained_copies(model)
-    copied = [n for n, module in candidates if n in selected and id(module) in copies]
-    if copied:
-        raise ValueError(f"{copies[id(dict(candidates)[copied[0]])]} is a peft `modules_to_save` module (a trained "
-                         "copy beside the original), which hf_prune does not prune; leave it out (exclude_modules="
-                         f"{copied!r}), or prune_head=False.")
+    refuse_trained_copies([n for n, module in candidates if n in selected and id(module) in copies])
     return [Target(f"{n}.weight", n, weight_class(n, config.class_granularity)) for n in selected]

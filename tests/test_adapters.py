@@ -87,12 +87,14 @@ def test_lora_pruning_resumes_to_the_same_masks_and_adapters(tmp_path):
 
 
 @pytest.mark.parametrize("config, options, message", [
-    (PruningConfig(final_sparsity=0.5, end_step=4), {}, r"carry peft adapters.*exclude_modules=\['attention.output.dense', 'attention.self.query', 'intermediate.dense'"),
+    (PruningConfig(final_sparsity=0.5, end_step=4), {},
+     r'8 pruned layers carry peft adapters.*exclude_modules=r"bert\\\.encoder\\\.layer\\\.\\d\+\\\.attention'),
     (PruningConfig(final_sparsity=0.5, end_step=4, criterion="obd", fisher_steps=1, start_step=1,
                    exclude_modules=["intermediate.dense", "output.dense", "query"]), {}, "frozen"),
     (structured_config("bert"), {"use_dora": True}, "DoRA adapter"),
     (PruningConfig(final_sparsity=0.5, end_step=4, prune_head=True,
                    exclude_modules=["intermediate.dense", "output.dense", "query"]), {}, "modules_to_save"),
+    (structured_config("bert"), {"modules_to_save": ["layer.0.intermediate.dense"]}, "modules_to_save"),
 ])
 def test_what_cannot_be_masked_under_lora_is_refused_before_any_step(tmp_path, config, options, message):
     model = lora_model("bert", **options)
@@ -119,10 +121,34 @@ def test_unstructured_pruning_of_the_layers_without_adapters_trains_and_merges(t
     assert merged.sparsity_report().overall == pytest.approx(0.5, abs=1e-3)
 
 
-def test_lora_over_a_saved_structured_model_keeps_its_masks_and_merges_to_the_trained_model(tmp_path):
+def test_reports_regularization_and_compiled_models_use_the_plain_names(tmp_path):
+    from hf_prune import RegularizationCallback, sparsity_report
+
+    lora = lora_model("bert")
+    names = [layer.name for layer in sparsity_report(lora).layers]
+    assert names == [layer.name for layer in sparsity_report(TINY_MODELS["bert"]()).layers]
+    compiled = Pruner(torch.compile(lora), structured_config("bert"))
+    assert compiled.masks.keys() == Pruner(lora_model("bert"), structured_config("bert")).masks.keys()
+    regularization = RegularizationCallback(config=PruningConfig(exclude_modules=["intermediate.dense", "query"]))
+    Trainer(model=lora, args=tiny_training_args(tmp_path, max_steps=2), train_dataset=TinyClassificationDataset(16),
+            callbacks=[regularization]).train()
+    assert regularization.params and not any("base_layer" in n for n in regularization.params)
+
+
+def test_save_pretrained_of_a_peft_model_says_to_merge_first(tmp_path):
+    trainer = lora_trainer("bert", tmp_path / "run", structured_config("bert"))
+    trainer.train()
+    with pytest.raises(ValueError, match="merge_and_unload"):
+        PrunedModel.from_trainer(trainer).save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()
+    assert trainer.model.config.architectures != ["PeftModelForSequenceClassification"]
+
+
+@pytest.mark.parametrize("criterion", ["magnitude", "obd"])
+def test_lora_over_a_saved_structured_model_keeps_its_masks_and_merges_to_the_trained_model(tmp_path, criterion):
+    config = structured_config("bert", criterion=criterion, fisher_steps=1)
     first = Trainer(model=TINY_MODELS["bert"](), args=tiny_training_args(tmp_path / "prune", max_steps=6),
-                    train_dataset=TinyClassificationDataset(48),
-                    callbacks=[MagnitudePruningCallback(structured_config("bert"))])
+                    train_dataset=TinyClassificationDataset(48), callbacks=[MagnitudePruningCallback(config)])
     first.train()
     PrunedModel.from_trainer(first).save_pretrained(tmp_path / "pruned")
     saved = PrunedModel.from_pretrained(tmp_path / "pruned")

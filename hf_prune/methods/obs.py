@@ -28,7 +28,7 @@ from ..callbacks import MagnitudePruningCallback
 from ..config import PruningConfig
 from ..distributed import refuse_sharded
 from ..pruner import Pruner
-from ..targets import Target, find_targets
+from ..targets import Target, find_targets, prunable_modules
 from ..validation import check_int, check_number
 
 
@@ -290,7 +290,7 @@ def obs_prune(model: nn.Module, calibration_dataloader: Iterable[Any], sparsity:
     nm = parse_pattern(pattern)
     sparsity = _resolve_sparsity(sparsity, nm)
     targets = find_targets(model, config or PruningConfig())
-    modules = dict(model.named_modules())
+    modules = prunable_modules(model)
     _check_calibration_data(calibration_dataloader)
     _check_solver_arguments({t.module_name: modules[t.module_name] for t in targets}, nm, block_size, dampening)
     was_training = model.training

@@ -12,7 +12,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from ..config import PruningConfig
 from ..distributed import refuse_sharded
-from ..targets import find_targets
+from ..targets import find_targets, named_weights
 from ..validation import check_choice, check_number
 
 
@@ -86,7 +86,7 @@ class RegularizationCallback(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model: nn.Module | None = None, **kwargs: Any) -> None:
         model = extract_model_from_parallel(model)
-        params = dict(model.named_parameters())
+        params = named_weights(model)
         self.params = {t.name: params[t.name] for t in find_targets(model, self.config)}
         refuse_sharded(self.params.values(), "RegularizationCallback")
 

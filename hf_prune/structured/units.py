@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..targets import Target, clean_name, matches, prunable_modules, weight_class
+from ..adapters import trained_copies
+from ..targets import Target, clean_name, matches, prunable_modules, refuse_trained_copies, weight_class
 
 
 if TYPE_CHECKING:
@@ -171,6 +172,10 @@ def find_units(model: nn.Module, structures: Sequence[str]) -> list[Unit]:
         ValueError: naming the structure when `model` has none of its units.
     """
     everything = {clean_name(name): m for name, m in model.named_modules()}
+    members = {name for rule in (*FFN_RULES, *ATTENTION_RULES, ATTENTION_FUSED) for part in rule
+               for name in ((part,) if isinstance(part, str) else part)}
+    copied = {clean_name(name) for name in trained_copies(model).values()}
+    refuse_trained_copies(sorted(n for n in copied if any(n == m or n.endswith("." + m) for m in members)))
     modules = prunable_modules(model)
     units: list[Unit] = []
     seen: set[str] = set()
