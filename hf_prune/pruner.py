@@ -110,6 +110,7 @@ class Pruner:
         self.target_sparsity = 0.0
         self.thresholds: dict[str, float] = {}
         self._recording_inputs = False
+        self._gradients_checked = False  # by the first `update` with events ahead (the masks may load before)
         if self.criterion.needs_inputs:
             self._register_input_hooks(module)
             self._record_inputs_for(1)
@@ -154,8 +155,9 @@ class Pruner:
         With an `optimizer`, its per-weight state (Adam's moments, momentum) is cleared at the newly pruned
         positions, so no stale momentum pushes a pruned weight off zero.
         """
-        if self.schedule.final > self.target_sparsity:  # events lie ahead
+        if not self._gradients_checked and self.schedule.final > self.target_sparsity:  # events lie ahead
             self._check_gradients_reach_targets()
+            self._gradients_checked = True
         target = self.schedule(step)
         if target <= self.target_sparsity:
             return False
