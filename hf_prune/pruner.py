@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -23,7 +22,7 @@ from .schedules import SparsitySchedule
 from .structured.selection import update_group_masks_
 from .structured.shrink import heads_unexpressible
 from .structured.units import HEADS, Unit, unit_targets, units_for
-from .targets import Target, clean_name, find_targets, named_weights, prunable_modules, weight_class
+from .targets import Target, clean_name, exclusion_for, find_targets, named_weights, prunable_modules
 from .validation import check_int
 
 
@@ -122,12 +121,11 @@ class Pruner:
         adapted = {clean_name(name): layer for name, layer in tuner_layers(module) if clean_name(name) in targeted}
         if adapted and not self.units:
             names = sorted(adapted)
-            roles = "|".join(sorted({re.escape(weight_class(n)).replace(r"\*", r"\d+") for n in names}))
             raise ValueError(f"{len(names)} pruned layers carry peft adapters, such as {names[0]}. With `structure` "
                              f"{self.config.structure!r} their update B @ A stays dense, so merge_and_unload() would "
-                             f'not give the model that was trained. Leave them out (exclude_modules=r"{roles}" matches '
-                             "their roles), or prune whole neurons / heads (structure='neurons' or 'heads': the LoRA "
-                             "factors are masked with them).")
+                             "not give the model that was trained. Leave them out "
+                             f"({exclusion_for(names, sorted(targeted))}), or prune whole neurons / heads "
+                             "(structure='neurons' or 'heads': the LoRA factors are masked with them).")
         ids = {id(p): name for name, p in params.items()}
         return {f.name: f for f in lora_factors(adapted, {t.module_name: t.name for t in targets}, ids)}
 

@@ -70,6 +70,15 @@ def weight_class(module_name: str, granularity: str = "role") -> str:
     return _BLOCK_INDEX.sub(r"\1*", module_name)
 
 
+def exclusion_for(names: Sequence[str], among: Sequence[str]) -> str:
+    """An `exclude_modules` value that matches exactly `names` of the modules `among`: a regex of their roles
+    (`r"encoder\\.layer\\.\\d+\\.attention\\.self\\.query"`) where it matches nothing else there, else the list."""
+    roles = "|".join(sorted({re.escape(weight_class(n)).replace(r"\*", r"\d+") for n in names}))
+    if {n for n in among if re.fullmatch(roles, n)} == set(names):
+        return f'exclude_modules=r"{roles}"'
+    return f"exclude_modules={sorted(names)!r}"
+
+
 def _storage(weight: torch.Tensor) -> int:
     """What tied weights share: their storage, or for a sharded weight (an FSDP2 DTensor, an FSDP1 or ZeRO-3 shard,
     whose local part may be empty, with `data_ptr()` 0) the parameter itself."""

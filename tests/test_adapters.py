@@ -89,6 +89,8 @@ def test_lora_pruning_resumes_to_the_same_masks_and_adapters(tmp_path):
 @pytest.mark.parametrize("config, options, message", [
     (PruningConfig(final_sparsity=0.5, end_step=4), {},
      r'8 pruned layers carry peft adapters.*exclude_modules=r"bert\\\.encoder\\\.layer\\\.\\d\+\\\.attention'),
+    (PruningConfig(final_sparsity=0.5, end_step=4), {"layers_to_transform": [0]},  # the roles would match layer 1
+     r"4 pruned layers carry peft adapters.*exclude_modules=\['bert\.encoder\.layer\.0\.attention\.output\.dense', 'bert"),
     (PruningConfig(final_sparsity=0.5, end_step=4, criterion="obd", fisher_steps=1, start_step=1,
                    exclude_modules=["intermediate.dense", "output.dense", "query"]), {}, "frozen"),
     (structured_config("bert"), {"use_dora": True}, "DoRA adapter"),
