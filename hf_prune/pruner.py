@@ -198,8 +198,8 @@ class Pruner:
         """Sets the pruned weights (and the biases of pruned neurons / heads) to exactly zero, in place (under
         ZeRO-3, the optimizer's fp32 copy too)."""
         self.layout.zero_pruned_(self.params, self.masks)
-        for name, param in itertools.chain(self.bias_params.items(), self.factor_params.items()):
-            zero_pruned_(param, self._mask_of(name))
+        for param, mask in self._follower_masks():
+            zero_pruned_(param, mask)
 
     def _update_follower_masks(self) -> None:
         """A bias entry of a unit member is kept while its output feature's row of the weight mask keeps anything;
@@ -295,27 +295,26 @@ class Pruner:
     @torch.no_grad()
     def mask_gradients_(self) -> None:
         """Zeroes the gradients of pruned weights (call before `optimizer.step()`)."""
-        for name, param in self._masked_params():
+        for param, mask in self._masked_params():
             if param.grad is not None:
-                zero_pruned_(self.layout.local(param.grad), self._mask_of(name))
+                zero_pruned_(self.layout.local(param.grad), mask)
 
     @torch.no_grad()
     def mask_optimizer_state_(self, optimizer: torch.optim.Optimizer) -> None:
         """Zeroes every per-weight optimizer buffer (same shape as the weight) at the pruned positions."""
-        for name, param in self._masked_params():
+        for param, mask in self._masked_params():
             for value in optimizer.state.get(param, {}).values():
                 if isinstance(value, torch.Tensor) and value.shape == param.shape:
-                    zero_pruned_(self.layout.local(value), self._mask_of(name))
+                    zero_pruned_(self.layout.local(value), mask)
 
-    def _masked_params(self) -> Iterable[tuple[str, nn.Parameter]]:
-        """The targeted weights, then the biases of structured units, then the LoRA factors."""
-        return itertools.chain(self.params.items(), self.bias_params.items(), self.factor_params.items())
+    def _masked_params(self) -> Iterable[tuple[nn.Parameter, torch.Tensor]]:
+        """Each masked parameter with its mask: the targeted weights, then `_follower_masks()`."""
+        return itertools.chain(((p, self.masks[n]) for n, p in self.params.items()), self._follower_masks())
 
-    def _mask_of(self, name: str) -> torch.Tensor:
-        for masks in (self.masks, self.bias_masks, self.factor_masks):
-            if name in masks:
-                return masks[name]
-        raise KeyError(name)
+    def _follower_masks(self) -> Iterable[tuple[nn.Parameter, torch.Tensor]]:
+        """The biases of structured units and the LoRA factors, each with its mask (they follow the weights')."""
+        return itertools.chain(((p, self.bias_masks[n]) for n, p in self.bias_params.items()),
+                               ((p, self.factor_masks[n]) for n, p in self.factor_params.items()))
 
     def sparsity(self) -> float:
         """Fraction of the targeted weights that are pruned (over all shards)."""
