@@ -94,6 +94,18 @@ def refuse_trained_copies(names: list[str]) -> None:
                          "out (exclude_modules, prune_head=False), or train it as a LoRA target instead.")
 
 
+def _refuse_quantized(weights: list[tuple[str, torch.Tensor]]) -> None:
+    """Raises a `ValueError` naming the modules whose weights are stored quantized (bitsandbytes' 4-bit / 8-bit
+    layers, as under QLoRA): a mask on packed integers is not a mask on the weights."""
+    quantized = [(n, w.dtype) for n, w in weights if not w.dtype.is_floating_point]
+    if quantized:
+        name, dtype = quantized[0]
+        raise ValueError(f"{name} stores its weight as {dtype} ({len(quantized)} targeted modules are quantized, as "
+                         "in a bitsandbytes 4-bit / 8-bit model), which hf_prune cannot mask. Prune the model in "
+                         "full or half precision and quantize it afterwards, or leave these modules out "
+                         "(`exclude_modules`).")
+
+
 def find_targets(model: nn.Module, config: PruningConfig) -> list[Target]:
     """The weights `config` prunes in `model`, in `named_modules` order, by clean name (`named_weights(model)` maps
     them to the parameters).
@@ -106,8 +118,8 @@ def find_targets(model: nn.Module, config: PruningConfig) -> list[Target]:
     `exclude_modules` removes modules from it.
 
     Raises:
-        ValueError: when `target_modules` or `exclude_modules` matches no prunable module, nothing is left, or a
-            target sits in a peft `modules_to_save` copy.
+        ValueError: when `target_modules` or `exclude_modules` matches no prunable module, nothing is left, a
+            target sits in a peft `modules_to_save` copy, or its weight is stored quantized (an integer dtype).
     """
     model = without_peft_wrapper(model)
     embedding_storage = {_storage(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
@@ -136,4 +148,5 @@ def find_targets(model: nn.Module, config: PruningConfig) -> list[Target]:
                          f"{config.prune_head} (no Linear layer sits inside an indexed block); set `target_modules`.")
     copies = trained_copies(model)
     refuse_trained_copies([n for n, module in candidates if n in selected and id(module) in copies])
+    _refuse_quantized([(n, module.weight) for n, module in candidates if n in selected])
     return [Target(f"{n}.weight", n, weight_class(n, config.class_granularity)) for n in selected]

@@ -90,6 +90,17 @@ def test_model_without_blocks_is_an_error():
         find_targets(model, PruningConfig())
 
 
+def test_quantized_weights_are_refused_by_name_unless_left_out():
+    model = tiny_bert()
+    layer = model.bert.encoder.layer[1].intermediate.dense
+    layer.weight = torch.nn.Parameter(torch.zeros_like(layer.weight, dtype=torch.uint8), requires_grad=False)
+    with pytest.raises(ValueError, match=r"bert\.encoder\.layer\.1\.intermediate\.dense stores its weight as "
+                                         r"torch\.uint8 \(1 targeted modules"):
+        find_targets(model, PruningConfig())
+    names = {t.module_name for t in find_targets(model, PruningConfig(exclude_modules=["1.intermediate.dense"]))}
+    assert len(names) == 11 and "bert.encoder.layer.1.intermediate.dense" not in names
+
+
 @pytest.mark.parametrize("config_cls, roles", [
     ("RobertaConfig", EXPECTED_ROLES["bert"]),
     ("DistilBertConfig", {"attention.q_lin", "attention.k_lin", "attention.v_lin", "attention.out_lin", "ffn.lin1",
