@@ -211,6 +211,7 @@ def test_shrink_keeps_dtypes_and_what_lives_beside_the_weights(tmp_path):
     model.model.embed_tokens.weight.requires_grad_(False)
     model.activation_checkpointing_enable()
     model.generation_config.num_beams = 3
+    model.train().model.layers[0].eval()  # one block in eval mode, the rest training
     config = PruningConfig(structure="neurons", scheme="class-uniform", schedule="oneshot", final_sparsity=0.5)
     pruner = Pruner(model, config)
     pruner.prune_to(0.5)
@@ -220,7 +221,8 @@ def test_shrink_keeps_dtypes_and_what_lives_beside_the_weights(tmp_path):
     assert small.model.rotary_emb.inv_freq.dtype == torch.float32
     assert {p.dtype for p in small.parameters()} == {torch.bfloat16}
     assert not small.model.embed_tokens.weight.requires_grad and small.lm_head.weight.requires_grad
-    assert all(block.gradient_checkpointing for block in small.model.layers) and small.training == model.training
+    assert all(block.gradient_checkpointing for block in small.model.layers)
+    assert [m.training for m in small.modules()] == [m.training for m in model.modules()]
     assert small.generation_config.num_beams == 3
     with torch.no_grad():
         ids = inputs_for("llama")["input_ids"]

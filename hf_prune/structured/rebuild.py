@@ -4,7 +4,8 @@
 The new model is built on the meta device, so nothing is initialised at random and no random number is drawn; every
 parameter and buffer (the non-persistent ones, such as rotary frequencies, too) is then a copy of its counterpart in
 the original, with its dtype and device. What lives beside the weights is carried over as well: which parameters
-train (`requires_grad`), gradient checkpointing, and the generation config.
+train (`requires_grad`), each module's train / eval mode, gradient checkpointing, and the generation config. Hooks
+registered on the original's modules are not: register them on the new model.
 """
 
 from __future__ import annotations
@@ -117,10 +118,11 @@ def rebuild(model: nn.Module, config: Any, origin: Callable[[str], str],
     modules = dict(model.named_modules())
     for name, module in new.named_modules():
         source = modules.get(origin(name)) if name else model
+        module.training = source.training if source is not None else model.training
         if getattr(source, "gradient_checkpointing", False):
             module.gradient_checkpointing = True
             if hasattr(source, "_gradient_checkpointing_func"):
                 module._gradient_checkpointing_func = source._gradient_checkpointing_func
     if getattr(model, "generation_config", None) is not None and hasattr(new, "generation_config"):
         new.generation_config = copy.deepcopy(model.generation_config)
-    return new.train(model.training)
+    return new
