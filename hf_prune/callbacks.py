@@ -201,7 +201,7 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
         pruner_state = {key: value for key, value in metadata.items() if key != "pruning_config"}
         self.pruner.load_state_dict({**pruner_state, "masks": load_masks(path, self.pruner.target_shapes())})
         logger.info("Restored pruning masks from %s (sparsity %.4f).", path, self.pruner.sparsity())
-        if changes:
+        if changes and state.is_world_process_zero:
             reached, final = self.pruner.target_sparsity, self.config.final_sparsity
             kept = (f" Masks never shrink: the run ends at the checkpoint's sparsity, above the new final_sparsity "
                     f"{final}.") if reached > final else ""

@@ -16,7 +16,14 @@ from transformers.pytorch_utils import Conv1D
 from .adapters import Factor, factor_mask, lora_factors, tuner_layers, without_peft_wrapper
 from .config import PruningConfig
 from .criteria import CRITERIA
-from .distributed import Replicated, ZeroPartitions, check_ranks_agree, check_thresholds_agree, layout_of
+from .distributed import (
+    Replicated,
+    ZeroPartitions,
+    check_ranks_agree,
+    check_thresholds_agree,
+    is_main_rank,
+    layout_of,
+)
 from .masks import check_masks_match, update_masks_, zero_pruned_
 from .schedules import SparsitySchedule
 from .structured.selection import update_group_masks_
@@ -73,7 +80,7 @@ class Pruner:
         model_config = getattr(module, "config", None)
         reason = (heads_unexpressible(model_config)
                   if model_config is not None and any(unit.kind == HEADS for unit in self.units) else None)
-        if reason:
+        if reason and is_main_rank():
             logger.warning("%s The head masks train, save and load as usual.", reason)
         params = named_weights(module)
         hidden = [t.name for t in targets if t.name not in params]

@@ -12,6 +12,11 @@ def is_distributed(group: dist.ProcessGroup | None = None) -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
+def is_main_rank() -> bool:
+    """Whether this process is rank 0 of the world, or the only process: the one that logs warnings."""
+    return not is_distributed() or dist.get_rank() == 0
+
+
 def collective_device(group: dist.ProcessGroup | None) -> torch.device:
     """CPU for gloo and MPI, else the current accelerator (NCCL and its kind only reduce device tensors)."""
     backend = dist.get_backend(group)

@@ -274,7 +274,8 @@ class RPPCallback(MagnitudePruningCallback):
                        **kwargs: Any) -> None:
         super().on_train_begin(args, state, control, **kwargs)
         window, step = self.pruner.penalty_schedule, state.global_step + 1
-        if state.global_step > 0 and window.active(step) and not window.reweights_at(step):
+        if (state.global_step > 0 and window.active(step) and not window.reweights_at(step)
+                and state.is_world_process_zero):
             logger.warning("Resuming RPP at step %d, between two refreshes of α (every %d steps from step %d): α is "
                            "recomputed from the checkpoint's weights, so the run differs slightly from an "
                            "uninterrupted one. Save at multiples of reweight_every to resume exactly.",
