@@ -21,13 +21,15 @@ if TYPE_CHECKING:
 
 PRUNABLE_MODULES = (nn.Linear, Conv1D)
 _BLOCK_INDEX = re.compile(r"(^|\.)\d+(?=\.|$)")
-_WRAPPERS = re.compile(r"(^|\.)(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod|base_layer)(?=\.|$)")
+_WRAPPERS = re.compile(r"(^|\.)(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod|base_layer|original_module"
+                       r"|modules_to_save\.[^.]+)(?=\.|$)")
 
 
 def clean_name(name: str) -> str:
     """A module or parameter name without the wrapper levels FSDP1, activation checkpointing, `torch.compile` and
     peft's adapted layers insert (`encoder.layer.0._fsdp_wrapped_module.attention` -> `encoder.layer.0.attention`,
-    `attention.self.query.base_layer.weight` -> `attention.self.query.weight`), as the unwrapped model names it."""
+    `attention.self.query.base_layer.weight` -> `attention.self.query.weight`), as the unwrapped model names it. A
+    peft `modules_to_save` wrapper's original and trained copy both get the wrapped module's name."""
     return _WRAPPERS.sub("", name).lstrip(".")
 
 
@@ -94,7 +96,7 @@ def refuse_trained_copies(names: list[str]) -> None:
                          "out (exclude_modules, prune_head=False), or train it as a LoRA target instead.")
 
 
-def _refuse_quantized(weights: list[tuple[str, torch.Tensor]]) -> None:
+def refuse_quantized(weights: list[tuple[str, torch.Tensor]]) -> None:
     """Raises a `ValueError` naming the modules whose weights are stored quantized (bitsandbytes' 4-bit / 8-bit
     layers, as under QLoRA): a mask on packed integers is not a mask on the weights."""
     quantized = [(n, w.dtype) for n, w in weights if not w.dtype.is_floating_point]
@@ -148,5 +150,5 @@ def find_targets(model: nn.Module, config: PruningConfig) -> list[Target]:
                          f"{config.prune_head} (no Linear layer sits inside an indexed block); set `target_modules`.")
     copies = trained_copies(model)
     refuse_trained_copies([n for n, module in candidates if n in selected and id(module) in copies])
-    _refuse_quantized([(n, module.weight) for n, module in candidates if n in selected])
+    refuse_quantized([(n, module.weight) for n, module in candidates if n in selected])
     return [Target(f"{n}.weight", n, weight_class(n, config.class_granularity)) for n in selected]

@@ -108,6 +108,20 @@ def test_what_cannot_be_masked_under_lora_is_refused_before_any_step(tmp_path, c
     assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
 
 
+@pytest.mark.parametrize("config", [
+    structured_config("bert", exclude_modules=["layer.0.intermediate.dense"]),
+    PruningConfig(final_sparsity=0.5, end_step=4, target_modules=["key", "value"],
+                  exclude_modules=["layer.0.intermediate.dense"]),
+])
+def test_a_modules_to_save_copy_left_out_by_its_plain_name_trains(tmp_path, config):
+    model = lora_model("bert", modules_to_save=["layer.0.intermediate.dense"])
+    trainer = lora_trainer("bert", tmp_path, config, model=model)
+    trainer.train()
+    assert trainer.state.global_step == 6
+    masks = pruner_of(trainer).masks
+    assert masks and not any("layer.0.intermediate" in n or "original_module" in n for n in masks)
+
+
 def test_unstructured_pruning_of_the_layers_without_adapters_trains_and_merges(tmp_path):
     config = PruningConfig(final_sparsity=0.5, end_step=4, target_modules=["key", "value"])
     trainer = lora_trainer("bert", tmp_path, config)

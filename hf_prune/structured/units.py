@@ -22,7 +22,15 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..adapters import trained_copies
-from ..targets import Target, clean_name, matches, prunable_modules, refuse_trained_copies, weight_class
+from ..targets import (
+    Target,
+    clean_name,
+    matches,
+    prunable_modules,
+    refuse_quantized,
+    refuse_trained_copies,
+    weight_class,
+)
 
 
 if TYPE_CHECKING:
@@ -172,10 +180,6 @@ def find_units(model: nn.Module, structures: Sequence[str]) -> list[Unit]:
         ValueError: naming the structure when `model` has none of its units.
     """
     everything = {clean_name(name): m for name, m in model.named_modules()}
-    members = {name for rule in (*FFN_RULES, *ATTENTION_RULES, ATTENTION_FUSED) for part in rule
-               for name in ((part,) if isinstance(part, str) else part)}
-    copied = {clean_name(name) for name in trained_copies(model).values()}
-    refuse_trained_copies(sorted(n for n in copied if any(n == m or n.endswith("." + m) for m in members)))
     modules = prunable_modules(model)
     units: list[Unit] = []
     seen: set[str] = set()
@@ -223,7 +227,8 @@ def units_for(model: nn.Module, config: PruningConfig) -> list[Unit]:
     matched by `config.exclude_modules`.
 
     Raises:
-        ValueError: when a kind has no unit in `model`, `exclude_modules` matches no member, or nothing is left.
+        ValueError: when a kind has no unit in `model`, `exclude_modules` matches no member, nothing is left, or a
+            member lies in a peft `modules_to_save` copy or stores its weight quantized.
     """
     units = find_units(model, config.structures())
     if config.exclude_modules is not None:
@@ -235,6 +240,11 @@ def units_for(model: nn.Module, config: PruningConfig) -> list[Unit]:
             raise ValueError(f"`exclude_modules` {config.exclude_modules!r} leaves no {config.structure!r} block of "
                              f"{type(model).__name__} to prune.")
         units = kept
+    modules = prunable_modules(model)
+    copies = trained_copies(model)
+    members = sorted({m.module_name for unit in units for m in unit.members})
+    refuse_trained_copies([name for name in members if id(modules[name]) in copies])
+    refuse_quantized([(name, modules[name].weight) for name in members])
     return units
 
 
