@@ -48,7 +48,7 @@ class Pruner:
     pruner.update(0)
     for step, batch in enumerate(loader, start=1):
         model(**batch).loss.backward()
-        pruner.observe_gradients_(step)  # only does something for criterion="obd"
+        pruner.observe_gradients_(step)  # only does something for criterion="obd" (gradients)
         pruner.mask_gradients_()
         optimizer.step()
         pruner.apply_()
@@ -116,6 +116,7 @@ class Pruner:
         self.target_sparsity = 0.0
         self.thresholds: dict[str, float] = {}
         self._recording_inputs = False
+        self._estimating = False  # estimate_fisher's passes, in eval mode
         self._gradients_checked = False  # by the first `update` with events ahead (the masks may load before)
         if self.criterion.needs_inputs:
             self._register_input_hooks(module)
@@ -137,14 +138,16 @@ class Pruner:
         return {f.name: f for f in lora_factors(adapted, {t.module_name: t.name for t in targets}, ids)}
 
     def _register_input_hooks(self, module: nn.Module) -> None:
-        """Forward pre-hooks that pass each targeted layer's inputs to the criterion while `_recording_inputs`."""
+        """Forward pre-hooks that pass each targeted layer's inputs to the criterion: in training mode while
+        `_recording_inputs` (an event's window; evaluation passes in between are not recorded), and in
+        `estimate_fisher`."""
         modules = prunable_modules(module)
         for name in self.params:
             layer = modules[name.rpartition(".")[0]]
             input_dim = 0 if isinstance(layer, Conv1D) else 1
 
             def observe(layer: nn.Module, args: tuple[Any, ...], name: str = name, input_dim: int = input_dim) -> None:
-                if self._recording_inputs:
+                if (self._recording_inputs and layer.training) or self._estimating:
                     self.criterion.observe_inputs(name, args[0], input_dim)
 
             layer.register_forward_pre_hook(observe)
@@ -158,18 +161,20 @@ class Pruner:
         """Prunes to the schedule's target at `step` if it is above the current one; returns whether it did.
 
         With an `optimizer`, its per-weight state (Adam's moments, momentum) is cleared at the newly pruned
-        positions, so no stale momentum pushes a pruned weight off zero.
+        positions, so no stale momentum pushes a pruned weight off zero. For a criterion that ranks by layer inputs
+        ("wanda"), it also decides whether the forward passes of step `step + 1` are recorded (an event's window),
+        so call it after every optimizer step, and once with the step reached before resuming.
         """
         if not self._gradients_checked and self.schedule.final > self.target_sparsity:  # events lie ahead
             self._check_gradients_reach_targets()
             self._gradients_checked = True
         target = self.schedule(step)
-        if target <= self.target_sparsity:
-            return False
-        self.prune_to(target, optimizer)
-        if self.criterion.needs_inputs:
+        pruned = target > self.target_sparsity
+        if pruned:
+            self.prune_to(target, optimizer)
+        if self.criterion.needs_inputs:  # the next forward pass is that of step + 1 (after a resume too)
             self._record_inputs_for(step + 1)
-        return True
+        return pruned
 
     def _check_gradients_reach_targets(self) -> None:
         """Refuses a gradient criterion ("obd") while targeted weights are frozen: they would score zero."""
@@ -239,8 +244,6 @@ class Pruner:
         those of steps `e - fisher_steps + 1 ... e`, and between these windows the criterion holds no statistics
         and no memory. Returns whether the gradients were recorded.
         """
-        if self.criterion.needs_inputs:  # the next forward pass is that of step + 1
-            self._record_inputs_for(step + 1)
         window_end = step + self.config.fisher_steps - 1
         if not self.criterion.needs_gradients or self.schedule(window_end) <= self.target_sparsity:
             return False
@@ -285,7 +288,7 @@ class Pruner:
         device = next(iter(self.params.values())).device
         was_training = model.training
         model.eval()
-        self._recording_inputs = self.criterion.needs_inputs
+        self._estimating = self.criterion.needs_inputs
         try:
             with torch.set_grad_enabled(self.criterion.needs_gradients):
                 for batch in itertools.islice(dataloader, num_batches):
@@ -296,7 +299,7 @@ class Pruner:
                     self.criterion.observe_gradients({n: self.layout.local(g) for n, g in zip(params, gradients)
                                                       if g is not None})
         finally:
-            self._recording_inputs = False
+            self._estimating = False
             model.train(was_training)
 
     @torch.no_grad()

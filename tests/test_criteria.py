@@ -217,3 +217,42 @@ def test_resumed_obd_run_restores_the_masks_and_ends_with_the_same_ones(tmp_path
     for name, mask in full_callback.masks.items():
         assert torch.equal(mask, resumed_callback.masks[name]), name
         assert not (mask & ~saved[name]).any(), name  # masks restored at step 4 only lost entries since
+
+
+# ----------------------------------------------------------------------------------- wanda's recording windows
+WANDA = dict(initial_sparsity=0.1, final_sparsity=0.8, schedule="cubic", start_step=2, end_step=10,
+             pruning_frequency=4, criterion="wanda", fisher_steps=2)  # events at 2, 6 and 10; windows 1-2, 5-6, 9-10
+
+
+def test_wanda_records_the_training_passes_of_event_windows_only_also_after_a_resume():
+    model = tiny_bert().train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 8))
+    trained = Pruner(model, PruningConfig(**WANDA))
+    trained.update(0)
+    model(input_ids=ids)  # step 1: in the window of the event at 2
+    assert trained.update(2)
+    resumed = Pruner(model, PruningConfig(**WANDA))  # a resume at step 3: step 4 lies outside every window
+    resumed.load_state_dict(trained.state_dict())
+    resumed.update(3)
+    model(input_ids=ids)
+    assert resumed.criterion.squared_inputs == {}
+    resumed.update(4)  # step 5 opens the window of the event at 6
+    model(input_ids=ids)
+    recorded = {name: squares.clone() for name, (squares, _) in resumed.criterion.squared_inputs.items()}
+    assert sorted(recorded) == sorted(resumed.params)
+    model.eval()(input_ids=ids)  # an evaluation inside the window adds nothing
+    assert all(torch.equal(resumed.criterion.squared_inputs[n][0], s) for n, s in recorded.items())
+
+
+@pytest.mark.slow
+def test_resumed_wanda_run_ends_with_the_same_masks(tmp_path):
+    full, full_callback, _ = magnitude_trainer(tmp_path / "a", PruningConfig(**WANDA))
+    full.train()
+    first, _, _ = magnitude_trainer(tmp_path / "b", PruningConfig(**WANDA), save_strategy="steps", save_steps=3)
+    checkpoint = train_until_first_checkpoint(first)
+    resumed, resumed_callback, checker = magnitude_trainer(tmp_path / "b", PruningConfig(**WANDA),
+                                                           save_strategy="steps", save_steps=3)
+    resumed.train(resume_from_checkpoint=checkpoint)
+    assert resumed.state.global_step == 12 and checker.violations == []
+    assert all(torch.equal(mask, resumed_callback.masks[name]) for name, mask in full_callback.masks.items())
+    assert resumed_callback.pruner.criterion.squared_inputs == {}  # steps 11 and 12 are outside every window
