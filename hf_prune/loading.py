@@ -38,14 +38,15 @@ def parameter_shapes(config: transformers.PretrainedConfig, model_class: type | 
 
 
 def load_state(model: nn.Module, state: dict[str, torch.Tensor], path: str, kwargs: Mapping[str, Any]) -> nn.Module:
-    """`model` with `state` loaded; tied weights re-tied, every other key checked."""
+    """`model` with `state` loaded; tied weights re-tied, every other key checked. A tied weight may be missing
+    from `state` only when another name of its group was loaded (a file holds one name per shared tensor)."""
     missing, unexpected = model.load_state_dict(state, strict=False)
     model.tie_weights()
     by_storage = defaultdict(list)
     for name, tensor in model.state_dict().items():
         by_storage[tensor.data_ptr()].append(name)
-    tied = {name for names in by_storage.values() if len(names) > 1 for name in names}
-    missing = [name for name in missing if name not in tied]
+    loaded_with = {name: any(other in state for other in names) for names in by_storage.values() for name in names}
+    missing = [name for name in missing if not loaded_with.get(name, False)]
     if missing or unexpected:
         raise ValueError(f"{path} does not match {type(model).__name__}: missing {missing}, unexpected {unexpected}.")
     dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))

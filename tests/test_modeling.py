@@ -652,3 +652,21 @@ def test_callback_checks_saved_masks_against_the_model_before_decoding(tmp_path,
     args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=1, report_to="none", use_cpu=True)
     with pytest.raises(ValueError, match=rf"{MASKS_NAME}.*{name}"):
         callback.on_train_begin(args, TrainerState(), TrainerControl(), model=TINY_MODELS["bert"]())
+
+
+def test_a_tied_weight_may_be_missing_only_when_its_group_loaded():
+    from hf_prune.loading import load_state
+
+    def blank():
+        model = TINY_MODELS["gpt2"]()
+        torch.nn.init.zeros_(model.transformer.wte.weight)
+        return model
+
+    original = TINY_MODELS["gpt2"]()
+    state = {n: t.clone() for n, t in original.state_dict().items() if n != "lm_head.weight"}  # tied to wte
+    loaded = load_state(blank(), state, "weights.safetensors", {})
+    assert torch.equal(loaded.lm_head.weight, original.lm_head.weight) and loaded.lm_head.weight.abs().sum() > 0
+    del state["transformer.wte.weight"]  # nothing of the group left: it would stay as initialised
+    with pytest.raises(ValueError, match=r"weights\.safetensors does not match GPT2LMHeadModel: missing \[.*"
+                                         r"'lm_head\.weight'"):
+        load_state(blank(), state, "weights.safetensors", {})
