@@ -71,10 +71,20 @@ class PrunedModel(nn.Module):
         self.model = model
         self.pruning_config = pruning_config or PruningConfig()
         self._param_names = _parameter_names(model, masks)
-        params = dict(model.named_parameters())
-        self.masks = {name: mask.to(device=params[self._param_names[name]].device, dtype=torch.bool)
-                      for name, mask in masks.items()}
+        self.masks = {name: mask.to(dtype=torch.bool) for name, mask in masks.items()}
+        self._masks_to_their_weights()
         self.apply_masks_()
+
+    def _apply(self, fn: Any, recurse: bool = True) -> PrunedModel:
+        """`nn.Module`'s `to()` / `cuda()` / `cpu()` / `half()`: the masks follow their weights' devices."""
+        super()._apply(fn, recurse)
+        self._masks_to_their_weights()
+        return self
+
+    def _masks_to_their_weights(self) -> None:
+        params = dict(self.model.named_parameters())
+        self.masks = {name: mask.to(params[self._param_names[name]].device) if self._param_names[name] in params
+                      else mask for name, mask in self.masks.items()}
 
     def get_base_model(self) -> nn.Module:
         """The wrapped model (`self.model`), with the pruned weights as zeros."""

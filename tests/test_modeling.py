@@ -670,3 +670,14 @@ def test_a_tied_weight_may_be_missing_only_when_its_group_loaded():
     with pytest.raises(ValueError, match=r"weights\.safetensors does not match GPT2LMHeadModel: missing \[.*"
                                          r"'lm_head\.weight'"):
         load_state(blank(), state, "weights.safetensors", {})
+
+
+def test_masks_follow_the_weights_to_another_device_and_dtype():
+    model = tiny_bert()
+    pruner = Pruner(model, PruningConfig(schedule="oneshot", final_sparsity=0.5))
+    pruner.prune_to(0.5)
+    pruned = PrunedModel(model, pruner.masks)
+    assert pruned.half() is pruned and {m.dtype for m in pruned.masks.values()} == {torch.bool}
+    pruned.to("meta")  # the device a CPU-only machine can move to
+    assert {m.device.type for m in pruned.masks.values()} == {"meta"}
+    assert {p.device.type for p in pruned.model.parameters()} == {"meta"}
