@@ -1,10 +1,9 @@
-"""Building a transformers model for a saved folder: its class, its parameter shapes before anything is
-allocated, and loading weights with every key checked (transformers only reports what did not load)."""
+"""Building a transformers model for a saved folder: its class, its names and shapes before anything is allocated,
+and loading weights with every key checked (transformers only reports what did not load)."""
 
 from __future__ import annotations
 
 import os
-from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,43 +21,34 @@ def auto_model_class(config: transformers.PretrainedConfig) -> type:
     return transformers.AutoModel
 
 
-def new_model(model_class: type, config: transformers.PretrainedConfig) -> nn.Module:
-    """A freshly initialised `model_class` (a model class, or an `AutoModel*` class) of `config`."""
+def meta_model(model_class: type, config: transformers.PretrainedConfig) -> nn.Module:
+    """`model_class` (a model class, or an `AutoModel*` class) of `config` on the meta device: its names and
+    shapes, with nothing allocated."""
     from_config = getattr(model_class, "from_config", None)  # the AutoModel* classes
-    return from_config(config) if from_config is not None else model_class(config)
+    with torch.device("meta"):
+        return from_config(config) if from_config is not None else model_class(config)
 
 
 def parameter_shapes(config: transformers.PretrainedConfig, model_class: type | None = None
                      ) -> dict[str, tuple[int, ...]]:
-    """The parameter shapes of `model_class` (default: the class `config` names) built on the meta device: what
-    a masks file may name, known before anything is allocated."""
-    with torch.device("meta"):
-        model = new_model(model_class or auto_model_class(config), config)
+    """The parameter shapes of `model_class` (default: the class `config` names): what a masks file may name,
+    known before anything is allocated."""
+    model = meta_model(model_class or auto_model_class(config), config)
     return {name: tuple(param.shape) for name, param in model.named_parameters()}
 
 
-def load_state(model: nn.Module, state: dict[str, torch.Tensor], path: str, kwargs: Mapping[str, Any]) -> nn.Module:
-    """`model` with `state` loaded; tied weights re-tied, every other key checked. A tied weight may be missing
-    from `state` only when another name of its group was loaded (a file holds one name per shared tensor)."""
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    model.tie_weights()
-    by_storage = defaultdict(list)
-    for name, tensor in model.state_dict().items():
-        by_storage[tensor.data_ptr()].append(name)
-    loaded_with = {name: any(other in state for other in names) for names in by_storage.values() for name in names}
-    missing = [name for name in missing if not loaded_with.get(name, False)]
-    if missing or unexpected:
-        raise ValueError(f"{path} does not match {type(model).__name__}: missing {missing}, unexpected {unexpected}.")
-    dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
-    return model.to(dtype) if isinstance(dtype, torch.dtype) else model
-
-
 def load_dense(model_class: type, path: str | os.PathLike, config: transformers.PretrainedConfig,
-                kwargs: Mapping[str, Any]) -> nn.Module:
-    """`model_class.from_pretrained(path)`, refused when a saved tensor did not load or a weight was left newly
-    initialised (transformers only lists those in its load report): a folder saved from another head."""
+               kwargs: Mapping[str, Any], state_dict: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """`model_class.from_pretrained(path)` (or, with `state_dict`, the model of `config` with those tensors, as
+    transformers loads them: `dtype`, `device_map`, `attn_implementation` and tied weights as for a folder),
+    refused when a saved tensor did not load or a weight was left newly initialised (transformers only lists
+    those in its load report): a folder saved from another head."""
     kwargs = {key: value for key, value in kwargs.items() if key != "output_loading_info"}
-    model, info = model_class.from_pretrained(path, output_loading_info=True, **kwargs)
+    if state_dict is None:
+        model, info = model_class.from_pretrained(path, output_loading_info=True, **kwargs)
+    else:
+        model, info = model_class.from_pretrained(None, config=config, state_dict=state_dict,
+                                                  output_loading_info=True, **kwargs)
     problems = {"weights the folder lacks (they would be random)": sorted(info.get("missing_keys") or ()),
                 "saved tensors the model has no place for": sorted(info.get("unexpected_keys") or ()),
                 "saved tensors of another shape": sorted(str(key) for key in info.get("mismatched_keys") or ()),

@@ -29,7 +29,7 @@ from .distributed import gather_unsharded
 from .folders import STALE_PATTERNS, check_saved_files, commit, files_under, remove_temporaries, weights_format
 from .hub import HUB_KWARGS, resolve_file
 from .inference import SparseInferenceReport, SparseLinear, to_sparse_inference
-from .loading import auto_model_class, load_dense, load_state, new_model
+from .loading import auto_model_class, load_dense, meta_model
 from .masks import check_masks_match, zero_pruned_
 from .report import SparsityReport, sparsity_report
 from .serialization import atomic_write_text, file_record, load_masks, save_masks
@@ -356,15 +356,14 @@ class PrunedModel(nn.Module):
         config = transformers.AutoConfig.from_pretrained(path, **hub_kwargs)
         model_class = model_class or auto_model_class(config)
         masks_file = resolve_file(path, MASKS_NAME, **hub_kwargs)
+        skeleton = meta_model(model_class, config)  # names and shapes, checked before anything is allocated
+        masks = load_masks(masks_file, {name: tuple(p.shape) for name, p in skeleton.named_parameters()})
         if kind == "dense":
             model = load_dense(model_class, path, config, kwargs)
         else:
-            model = new_model(model_class, config)
-        masks = load_masks(masks_file, {name: tuple(p.shape) for name, p in model.named_parameters()})
-        if kind != "dense":
-            shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+            shapes = {name: tuple(tensor.shape) for name, tensor in skeleton.state_dict().items()}
             read = read_sparse if kind == "sparse" else read_deep_state_dict
-            model = load_state(model, read(weights_file, masks, shapes), weights_file, kwargs)
+            model = load_dense(model_class, path, config, kwargs, state_dict=read(weights_file, masks, shapes))
         _parameter_names(model, masks)
         params = dict(model.named_parameters())
         revived = [n for n, mask in masks.items() if bool(params[n].detach()[~mask.to(params[n].device)].any())]

@@ -9,6 +9,7 @@ import pytest
 import torch
 import transformers
 from conftest import TINY_MODELS, TinyClassificationDataset, tiny_bert
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModelForCausalLM,
@@ -545,8 +546,6 @@ def test_a_dense_folder_naming_another_head_is_refused(tmp_path):
 
 
 def test_a_deep_folder_stores_the_positions_once_in_the_gap_coded_masks_file(tmp_path):
-    from safetensors import safe_open
-
     from hf_prune.constants import DEEP_COMPRESSED_WEIGHTS_NAME, GAP_MASK_FORMAT
 
     torch.manual_seed(0)  # masks large enough for Huffman-coded gaps to beat 1 bit per weight at 90%
@@ -597,8 +596,6 @@ def test_a_deep_folder_of_format_v1_still_loads(tmp_path):
 
 
 def safetensors_metadata(path) -> dict[str, str]:
-    from safetensors import safe_open
-
     with safe_open(str(path), "pt") as f:
         return dict(f.metadata())
 
@@ -654,22 +651,54 @@ def test_callback_checks_saved_masks_against_the_model_before_decoding(tmp_path,
         callback.on_train_begin(args, TrainerState(), TrainerControl(), model=TINY_MODELS["bert"]())
 
 
-def test_a_tied_weight_may_be_missing_only_when_its_group_loaded():
-    from hf_prune.loading import load_state
+@pytest.mark.parametrize("compression", [None, "sparse"])
+def test_a_masks_file_that_does_not_fit_fails_before_the_model_is_loaded(tmp_path, monkeypatch, compression):
+    from hf_prune import modeling
+    from hf_prune.serialization import save_masks
 
-    def blank():
-        model = TINY_MODELS["gpt2"]()
-        torch.nn.init.zeros_(model.transformer.wte.weight)
-        return model
+    model = pruned("bert", 0.9)
+    model.save_pretrained(tmp_path, compression=compression)
+    forget_file_records(tmp_path)
+    name = next(iter(model.masks))
+    save_masks({**model.masks, name: torch.rand(512, 4096) > 0.9}, str(tmp_path / MASKS_NAME),
+               {"achieved_sparsity": 0.9})
 
-    original = TINY_MODELS["gpt2"]()
-    state = {n: t.clone() for n, t in original.state_dict().items() if n != "lm_head.weight"}  # tied to wte
-    loaded = load_state(blank(), state, "weights.safetensors", {})
-    assert torch.equal(loaded.lm_head.weight, original.lm_head.weight) and loaded.lm_head.weight.abs().sum() > 0
-    del state["transformer.wte.weight"]  # nothing of the group left: it would stay as initialised
-    with pytest.raises(ValueError, match=r"weights\.safetensors does not match GPT2LMHeadModel: missing \[.*"
-                                         r"'lm_head\.weight'"):
-        load_state(blank(), state, "weights.safetensors", {})
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the masks were checked")
+
+    monkeypatch.setattr(modeling, "load_dense", no_loading)
+    with pytest.raises(ValueError, match=rf"{MASKS_NAME}.*{name}"):
+        PrunedModel.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("dropped, loads", [(["lm_head.weight"], True),  # tied to wte: one name is enough
+                                             (["lm_head.weight", "transformer.wte.weight"], False)])
+def test_a_compressed_folder_may_lack_a_tied_name_only_when_its_group_loaded(tmp_path, dropped, loads):
+    original = pruned("gpt2")
+    original.save_pretrained(tmp_path, compression="sparse")
+    forget_file_records(tmp_path)
+    path = str(tmp_path / COMPRESSED_WEIGHTS_NAME)
+    save_file({n: t for n, t in load_file(path).items() if n not in dropped}, path,
+              metadata=safetensors_metadata(path))
+    if loads:
+        assert_same(original, PrunedModel.from_pretrained(tmp_path))
+    else:
+        with pytest.raises(ValueError, match=r"weights the folder lacks .*'transformer\.wte\.weight'"):
+            PrunedModel.from_pretrained(tmp_path)
+
+
+def test_a_compressed_folder_loads_with_from_pretrained_options(tmp_path):
+    original = pruned("t5")
+    original.save_pretrained(tmp_path, compression="sparse")
+    loaded = PrunedModel.from_pretrained(tmp_path, dtype="float16", attn_implementation="eager")
+    dtypes = {n: p.dtype for n, p in loaded.model.named_parameters()}
+    assert dtypes["encoder.block.0.layer.0.SelfAttention.q.weight"] == torch.float16
+    assert dtypes["encoder.block.0.layer.1.DenseReluDense.wo.weight"] == torch.float32  # T5 keeps wo in fp32
+    assert loaded.model.config._attn_implementation == "eager"
+    params = dict(original.model.named_parameters())
+    for name, mask in loaded.masks.items():
+        assert torch.equal(mask, original.masks[name])
+        assert torch.equal(dict(loaded.model.named_parameters())[name], params[name].to(dtypes[name])), name
 
 
 def test_masks_follow_the_weights_to_another_device_and_dtype():
