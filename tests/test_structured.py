@@ -233,6 +233,8 @@ def test_shrink_keeps_dtypes_and_what_lives_beside_the_weights(tmp_path):
     (dict(structure="heads"), "derives the head size"),  # BERT: head size = hidden / heads
     (dict(structure="neurons", scheme="class-blind"), "scheme='class-uniform'"),
     (dict(structure="unstructured"), "structure"),
+    (dict(structure="neurons", exclude_modules=["layer.1.intermediate.dense"]),
+     r"1 blocks left out of pruning \(`exclude_modules`\), such as bert\.encoder\.layer\.1"),
 ])
 def test_shrink_that_cannot_be_expressed_is_a_value_error_and_changes_nothing(config, message):
     model = tiny_bert()
@@ -240,7 +242,7 @@ def test_shrink_that_cannot_be_expressed_is_a_value_error_and_changes_nothing(co
     pruner = Pruner(model, pruning)
     pruner.prune_to(0.5)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    if pruning.structure == "neurons":  # class-blind: make the layers' widths differ
+    if pruning.scheme == "class-blind":  # make the layers' widths differ
         unit = pruner.units[0]
         pruner.masks[unit.members[0].name][:3] = False
         pruner.masks[unit.members[1].name][:, :3] = False

@@ -20,7 +20,7 @@ from torch import nn
 
 from .rebuild import check_transformers_model, rebuild
 from .selection import group_view
-from .units import HEADS, NEURONS, Member, Unit
+from .units import HEADS, NEURONS, Member, Unit, find_units
 
 
 #: Config keys that hold the feed-forward width, in the order they are looked for.
@@ -67,16 +67,21 @@ def heads_unexpressible(config: object) -> str | None:
             "head masks (PrunedModel) without shrinking.")
 
 
-def _new_config(model: nn.Module, units: Sequence[Unit], kept: Mapping[str, torch.Tensor]) -> object:
-    """A copy of the model's config with the kept widths; every unit of a config key must keep the same count."""
+def _new_config(model: nn.Module, units: Sequence[Unit], kept: Mapping[str, torch.Tensor],
+                left_out: Sequence[Unit]) -> object:
+    """A copy of the model's config with the kept widths; every unit of a config key, including those `left_out`
+    of pruning (full width), must keep the same count."""
     config = copy.deepcopy(model.config)
     widths: dict[str, set[int]] = defaultdict(set)
-    for unit in units:
-        if unit.kind == NEURONS:
-            widths[_width_key(config, unit)].add(len(kept[unit.prefix]))
-        else:
-            widths["num_key_value_heads"].add(len(kept[unit.prefix]))
+    for unit in (*units, *left_out):
+        width = len(kept[unit.prefix]) if unit.prefix in kept else unit.num_groups
+        widths[_width_key(config, unit) if unit.kind == NEURONS else "num_key_value_heads"].add(width)
     uneven = {key: sorted(values) for key, values in widths.items() if len(values) > 1}
+    if uneven and left_out:
+        raise ValueError(f"The layers keep different widths ({uneven}): {len(left_out)} blocks left out of pruning "
+                         f"(`exclude_modules`), such as {left_out[0].prefix.rstrip('.')}, keep their full width "
+                         "beside the shrunk ones, which a standard config cannot express. Prune every block of the "
+                         "kind, or remove whole blocks with drop_layers.")
     if uneven:
         raise ValueError(f"The layers keep different widths ({uneven}), which a standard config cannot express: "
                          "prune with scheme='class-uniform' so that every layer keeps the same number of neurons and "
@@ -90,7 +95,7 @@ def _new_config(model: nn.Module, units: Sequence[Unit], kept: Mapping[str, torc
     return config
 
 
-def _entries(members: Sequence[Member], unit: Unit, groups: torch.Tensor) -> torch.Tensor:
+def _entries(members: Sequence[Member], groups: torch.Tensor) -> torch.Tensor:
     """The positions, along the members' dimension, of the kept groups of every member (in offset order)."""
     ordered = sorted(members, key=lambda m: m.offset)
     within = torch.arange(ordered[0].width)
@@ -109,22 +114,23 @@ def shrink(model: nn.Module, masks: Mapping[str, torch.Tensor], units: Sequence[
 
     Raises:
         ValueError: for a model that is not a transformers model (a peft model: merge it first), when a group is
-            pruned in part, the layers keep different widths, or the config cannot express fewer heads; the model
-            is left as it is.
+            pruned in part, the layers keep different widths (blocks left out by `exclude_modules` keep their
+            full width), or the config cannot express fewer heads; the model is left as it is.
     """
     check_transformers_model(model, "shrink()")
     reason = heads_unexpressible(model.config) if any(unit.kind == HEADS for unit in units) else None
     if reason:
         raise ValueError(reason)
     kept = {unit.prefix: kept_groups(unit, masks) for unit in units}
-    config = _new_config(model, units, kept)
+    left_out = [u for u in find_units(model, sorted({u.kind for u in units})) if u.prefix not in kept]
+    config = _new_config(model, units, kept, left_out)
     index: dict[str, tuple[int, torch.Tensor]] = {}
     for unit in units:
         by_param: dict[str, list[Member]] = defaultdict(list)
         for member in unit.members:
             by_param[member.name].append(member)
         for name, members in by_param.items():
-            index[name] = (members[0].dim, _entries(members, unit, kept[unit.prefix]))
+            index[name] = (members[0].dim, _entries(members, kept[unit.prefix]))
             if members[0].bias is not None:
                 index[members[0].bias] = (0, index[name][1])
 
