@@ -50,6 +50,14 @@ def trained_copies(model: nn.Module) -> dict[int, str]:
             for m in wrapper.modules() if m is not wrapper}
 
 
+def adapter_kind(layer: BaseTunerLayer) -> str:
+    """The peft method of a tuner layer, for messages: `"LoRA"`, `"DoRA"`, or the tuner's package (`"ia3"`)."""
+    if isinstance(layer, LoraLayer):
+        return "DoRA" if any(layer.use_dora.values()) or layer.lora_magnitude_vector else "LoRA"
+    parts = type(layer).__module__.split(".")
+    return parts[2] if parts[:2] == ["peft", "tuners"] and len(parts) > 2 else type(layer).__name__
+
+
 @dataclass(frozen=True)
 class Factor:
     """One LoRA factor parameter of an adapted pruned weight: `side` is `"output"` for `lora_B` (its weight's rows
@@ -71,11 +79,10 @@ def lora_factors(layers: dict[str, BaseTunerLayer], weight_names: dict[str, str]
     """
     factors = []
     for module_name, layer in layers.items():
-        if not isinstance(layer, LoraLayer) or any(layer.use_dora.values()) or layer.lora_magnitude_vector:
-            kind = "DoRA" if isinstance(layer, LoraLayer) else type(layer).__name__
-            raise ValueError(f"{module_name} carries a {kind} adapter, whose update hf_prune cannot mask with the "
-                             "pruned weight; prune it under plain LoRA, exclude it (`exclude_modules`), or merge the "
-                             "adapter first (merge_and_unload()).")
+        if adapter_kind(layer) != "LoRA":
+            raise ValueError(f"{module_name} carries a {adapter_kind(layer)} adapter, whose update hf_prune cannot "
+                             "mask with the pruned weight; prune it under plain LoRA, exclude it (`exclude_modules`), "
+                             "or merge the adapter first (merge_and_unload()).")
         output_dim = 1 if isinstance(layer.get_base_layer(), Conv1D) else 0
         weight = weight_names[module_name]
         for adapter in layer.lora_A:

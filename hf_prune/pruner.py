@@ -13,7 +13,7 @@ from accelerate.utils import extract_model_from_parallel
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .adapters import Factor, factor_mask, lora_factors, tuner_layers, without_peft_wrapper
+from .adapters import Factor, adapter_kind, factor_mask, lora_factors, tuner_layers, without_peft_wrapper
 from .config import PruningConfig
 from .criteria import CRITERIA
 from .distributed import (
@@ -129,9 +129,10 @@ class Pruner:
         adapted = {clean_name(name): layer for name, layer in tuner_layers(module) if clean_name(name) in targeted}
         if adapted and not self.units:
             names = sorted(adapted)
-            raise ValueError(f"{len(names)} pruned layers carry peft adapters, such as {names[0]}. With `structure` "
-                             f"{self.config.structure!r} their update B @ A stays dense, so merge_and_unload() would "
-                             "not give the model that was trained. Leave them out "
+            kinds = ", ".join(sorted({adapter_kind(layer) for layer in adapted.values()}))
+            raise ValueError(f"{len(names)} pruned layers carry peft adapters ({kinds}), such as {names[0]}. With "
+                             f"`structure` {self.config.structure!r} the adapters' update (LoRA's B @ A) stays "
+                             "dense, so merge_and_unload() would not give the model that was trained. Leave them out "
                              f"({exclusion_for(names, sorted(targeted))}), or prune whole neurons / heads "
                              "(structure='neurons' or 'heads': the LoRA factors are masked with them).")
         ids = {id(p): name for name, p in params.items()}

@@ -122,6 +122,20 @@ def test_a_modules_to_save_copy_left_out_by_its_plain_name_trains(tmp_path, conf
     assert masks and not any("layer.0.intermediate" in n or "original_module" in n for n in masks)
 
 
+@pytest.mark.parametrize("config, message", [
+    (structured_config("bert"), r"bert\.encoder\.layer\.0\.intermediate\.dense carries a ia3 adapter"),
+    (PruningConfig(final_sparsity=0.5, end_step=4), r"6 pruned layers carry peft adapters \(ia3\)"),
+])
+def test_other_peft_methods_are_named_in_the_refusal(config, message):
+    from peft import IA3Config
+
+    model = get_peft_model(TINY_MODELS["bert"](), IA3Config(task_type="SEQ_CLS",
+                                                            target_modules=["intermediate.dense", "output.dense"],
+                                                            feedforward_modules=["output.dense"]))
+    with pytest.raises(ValueError, match=message):
+        Pruner(model, config)
+
+
 def test_unstructured_pruning_of_the_layers_without_adapters_trains_and_merges(tmp_path):
     config = PruningConfig(final_sparsity=0.5, end_step=4, target_modules=["key", "value"])
     trainer = lora_trainer("bert", tmp_path, config)
