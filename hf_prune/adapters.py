@@ -20,6 +20,8 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .masks import kept_along
+
 
 def without_peft_wrapper(model: nn.Module) -> nn.Module:
     """The transformers model inside a `PeftModel` (whose adapted layers stay in it; also under `torch.compile`),
@@ -95,7 +97,7 @@ def lora_factors(layers: dict[str, BaseTunerLayer], weight_names: dict[str, str]
 def factor_mask(factor: Factor, weight_mask: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """The mask of a factor parameter: the output features (or inputs) its weight's mask keeps anything of."""
     along = factor.output_dim if factor.side == "output" else 1 - factor.output_dim
-    kept = weight_mask.movedim(along, 0).reshape(weight_mask.shape[along], -1).any(1)
+    kept = kept_along(weight_mask, along)
     if param.dim() == 1:  # lora_B's bias
         return kept.clone()
     return (kept[:, None] if factor.side == "output" else kept[None, :]).expand_as(param).clone()

@@ -213,6 +213,11 @@ def zero_pruned_(tensor: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return tensor.mul_(mask.view(torch.uint8))
 
 
+def kept_along(mask: torch.Tensor, dim: int) -> torch.Tensor:
+    """Which indices along `dim` of `mask` (a weight's rows for `dim=0`) keep any entry: a 1-D `torch.bool`."""
+    return mask.movedim(dim, 0).reshape(mask.shape[dim], -1).any(1)
+
+
 def check_masks_match(masks: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]],
                       require_all: bool = True) -> None:
     """The one check of masks against the weights they belong to (`shapes`: weight name -> shape).

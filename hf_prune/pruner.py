@@ -24,7 +24,7 @@ from .distributed import (
     is_main_rank,
     layout_of,
 )
-from .masks import check_masks_match, update_masks_, zero_pruned_
+from .masks import check_masks_match, kept_along, update_masks_, zero_pruned_
 from .schedules import SparsitySchedule
 from .structured.selection import update_group_masks_
 from .structured.shrink import heads_unexpressible
@@ -85,7 +85,7 @@ class Pruner:
         params = named_weights(module)
         hidden = [t.name for t in targets if t.name not in params]
         if hidden:
-            raise ValueError(f"{hidden[0]} and {len(hidden) - 1} more targeted weights are not parameters of "
+            raise ValueError(f"{len(hidden)} targeted weights, such as {hidden[0]}, are not parameters of "
                              f"{type(module).__name__}: FSDP1 with use_orig_params=False flattens them away. Set "
                              "fsdp_config={'use_orig_params': True}, or use FSDP2 ({'fsdp_version': 2}).")
         self.params: dict[str, nn.Parameter] = {t.name: params[t.name] for t in targets}
@@ -224,7 +224,7 @@ class Pruner:
                 if member.bias is None:
                     continue
                 mask = self.masks[member.name]
-                kept = mask.movedim(member.dim, 0).reshape(mask.shape[member.dim], -1).any(1)
+                kept = kept_along(mask, member.dim)
                 span = slice(member.offset, member.offset + unit.num_groups * member.width)
                 self.bias_masks[member.bias][span] = kept[span]
 
@@ -276,8 +276,8 @@ class Pruner:
             num_batches (`int`, *optional*): how many batches to use; all by default.
 
         Raises:
-            ValueError: when the criterion does not use gradients, `num_batches` is not a positive integer, or a
-                batch is not a dict or gives no loss.
+            ValueError: when the criterion uses no data ("magnitude"), a gradient criterion's targeted weights are
+                frozen, `num_batches` is not a positive integer, or a batch is not a dict or gives no loss.
         """
         if not (self.criterion.needs_gradients or self.criterion.needs_inputs):
             accepted = ", ".join(repr(name) for name, cls in CRITERIA.items() if cls.needs_gradients or cls.needs_inputs)
@@ -359,8 +359,9 @@ class Pruner:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restores `state_dict()` output (masks and `target_sparsity`, the schedule's sparsity reached so far) and
         re-applies the masks to the weights."""
+        target_sparsity = float(state["target_sparsity"])  # a state without it fails before anything changes
         self.load_masks(state["masks"])
-        self.target_sparsity = float(state["target_sparsity"])
+        self.target_sparsity = target_sparsity
 
     def target_shapes(self) -> dict[str, tuple[int, ...]]:
         """The full (unsharded) shape of every targeted weight, by name: what a masks file for it may hold."""

@@ -226,14 +226,20 @@ def read_masks_metadata(path: str | os.PathLike) -> dict[str, object]:
     """The `metadata` dict stored by `save_masks`.
 
     Raises:
-        ValueError: when the file is unreadable or its `metadata` entry is not a JSON object.
+        ValueError: when the file is unreadable, its `metadata` entry is not a JSON object, or a sparsity it
+            records (`target_sparsity`, `achieved_sparsity`) is not a number in [0, 1].
     """
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{path} is not a readable hf_prune masks file: {err}") from None
-    return header_json(path, {"metadata": "{}", **header}, "metadata", dict)
+    metadata = header_json(path, {"metadata": "{}", **header}, "metadata", dict)
+    for key in ("target_sparsity", "achieved_sparsity"):
+        value = metadata.get(key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise ValueError(f"{path}: metadata field `{key}` must be a number in [0, 1]; got {value!r}.")
+    return metadata
 
 
 def read_tagged_safetensors(path: str | os.PathLike, expected_format: str | tuple[str, ...], what: str,

@@ -107,6 +107,15 @@ def test_masks_metadata_that_is_not_an_object_is_a_value_error(tmp_path, metadat
         read_masks_metadata(path)
 
 
+@pytest.mark.parametrize("metadata", ['{"target_sparsity": "0.5"}', '{"achieved_sparsity": 1.5}',
+                                      '{"target_sparsity": true}'])
+def test_masks_metadata_with_a_bad_sparsity_is_a_value_error_naming_it(tmp_path, metadata):
+    path = tmp_path / "m.safetensors"
+    write_masks_header(path, metadata=metadata)
+    with pytest.raises(ValueError, match=f"^{path}: metadata field `(target|achieved)_sparsity` must be a number"):
+        read_masks_metadata(path)
+
+
 def test_masks_are_checked_against_the_model_before_decoding(tmp_path):
     path = tmp_path / "m.safetensors"
     save_masks({"a.weight": torch.ones(4, 4, dtype=torch.bool), "b.weight": torch.ones(3, dtype=torch.bool)}, path)

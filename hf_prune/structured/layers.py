@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..batches import model_inputs
-from ..targets import clean_name
+from ..targets import clean_name, matches
 from .rebuild import rebuild
 
 
@@ -61,7 +61,7 @@ def find_stacks(model: nn.Module) -> dict[str, str]:
         if not isinstance(module, nn.ModuleList) or not len(module):
             continue
         for suffix, key in STACK_RULES:
-            if (name == suffix or name.endswith("." + suffix)) and getattr(config, key, None) == len(module):
+            if matches(name, [suffix]) and getattr(config, key, None) == len(module):
                 stacks[name] = key
                 break
     if not stacks:

@@ -203,19 +203,19 @@ def _units_named(model: nn.Module, everything: dict[str, nn.Module], modules: di
     found = []
     if kind == NEURONS:
         for ups, down in FFN_RULES:
-            if name.endswith(ups[0]) and (name == ups[0] or name.endswith("." + ups[0])):
+            if matches(name, [ups[0]]):
                 unit = _ffn_unit(modules, name[:-len(ups[0])], ups, down)
                 if unit is not None:
                     found.append(unit)
                     break
     else:
         for rule in ATTENTION_RULES:
-            if name == rule[0] or name.endswith("." + rule[0]):
+            if matches(name, [rule[0]]):
                 unit = _attention_unit(model, everything, modules, name[:-len(rule[0])], rule)
                 if unit is not None:
                     found.append(unit)
                     break
-        if not found and (name == ATTENTION_FUSED[0] or name.endswith("." + ATTENTION_FUSED[0])):
+        if not found and matches(name, [ATTENTION_FUSED[0]]):
             unit = _fused_attention_unit(model, everything, modules, name[:-len(ATTENTION_FUSED[0])])
             if unit is not None:
                 found.append(unit)
