@@ -20,7 +20,7 @@ from transformers.utils import (
 
 from .constants import COMPRESSED_WEIGHTS_NAME, DEEP_COMPRESSED_WEIGHTS_NAME, TEMP_PREFIX
 from .hub import resolve_file
-from .serialization import file_record, is_count, read_json_object
+from .serialization import file_record, fsync_directory, fsync_file, is_count, read_json_object
 
 
 #: The weights file(s) of each way a folder can hold the model's weights; one folder holds one of them.
@@ -111,10 +111,16 @@ def remove_temporaries(folder: str) -> None:
 
 def commit(staging: str, folder: str, members: Mapping[str, Any]) -> None:
     """Moves every file of `staging` into `folder` (the save's own files last), then removes the weights of other
-    formats and a generation config that the new save does not have."""
-    for name in sorted(files_under(staging), key=lambda name: name in members):
+    formats and a generation config that the new save does not have. Each file reaches the disk before it is
+    moved, and the moves before anything is removed."""
+    names = sorted(files_under(staging), key=lambda name: name in members)
+    for name in names:
+        fsync_file(os.path.join(staging, name))
+    for name in names:
         os.makedirs(os.path.dirname(os.path.join(folder, name)), exist_ok=True)
         os.replace(os.path.join(staging, name), os.path.join(folder, name))
+    for directory in {os.path.dirname(os.path.join(folder, name)) for name in names}:
+        fsync_directory(directory)
     for name in os.listdir(folder):
         if name not in members and (_isweights_format(name) or name == GENERATION_CONFIG_NAME):
             os.remove(os.path.join(folder, name))

@@ -56,7 +56,16 @@ def writable_target(path: str | os.PathLike) -> tuple[str, int | None]:
     return target, stat.S_IMODE(status.st_mode)
 
 
-def _fsync_directory(directory: str) -> None:
+def fsync_file(path: str) -> None:
+    """Writes a file's content through to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_directory(directory: str) -> None:
     """Makes a rename in `directory` durable (where the platform allows opening a folder)."""
     with contextlib.suppress(OSError):
         fd = os.open(directory, os.O_RDONLY)
@@ -84,12 +93,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     try:
         write(tmp)
         os.chmod(tmp, mode)  # `write` may have replaced the file (safetensors writes 0o600)
+        fsync_file(tmp)  # the content is on disk before the rename makes it the target
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
-    _fsync_directory(directory)
+    fsync_directory(directory)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -98,8 +108,6 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
 
     atomic_write(path, write)
 
