@@ -81,8 +81,9 @@ def lora_factors(layers: dict[str, BaseTunerLayer], weight_names: dict[str, str]
     """
     factors = []
     for module_name, layer in layers.items():
-        if adapter_kind(layer) != "LoRA":
-            raise ValueError(f"{module_name} carries a {adapter_kind(layer)} adapter, whose update hf_prune cannot "
+        kind = adapter_kind(layer)
+        if kind != "LoRA":
+            raise ValueError(f"{module_name} carries a {kind} adapter, whose update hf_prune cannot "
                              "mask with the pruned weight; prune it under plain LoRA, exclude it (`exclude_modules`), "
                              "or merge the adapter first (merge_and_unload()).")
         output_dim = 1 if isinstance(layer.get_base_layer(), Conv1D) else 0
