@@ -123,6 +123,9 @@ class PrunedModel(nn.Module):
         to full size on the CPU of the main process, as `Trainer.save_model` gathers a full state dict, into an
         unsharded copy of the model. The other ranks get the model on the meta device: pass `is_main_process` to
         `save_pretrained`.
+
+        Without sharding it wraps the trainer's own model and the pruner's masks, not copies: training on afterwards
+        changes both together (`copy.deepcopy` it first to keep this state).
         """
         from .callbacks import MagnitudePruningCallback
 

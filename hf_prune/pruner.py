@@ -36,6 +36,12 @@ from .validation import check_int
 logger = logging.getLogger(__name__)
 
 
+def _in_backward_pass() -> bool:
+    """Whether autograd is running a backward pass on this thread: where activation checkpointing re-runs the
+    forward of a checkpointed block (both its reentrant and non-reentrant forms recompute inside backward)."""
+    return torch._C._current_graph_task_id() != -1
+
+
 class Pruner:
     """Masks for `model` under `config`, updated on a schedule and applied in place.
 
@@ -141,14 +147,15 @@ class Pruner:
     def _register_input_hooks(self, module: nn.Module) -> None:
         """Forward pre-hooks that pass each targeted layer's inputs to the criterion: in training mode while
         `_recording_inputs` (an event's window; evaluation passes in between are not recorded), and in
-        `estimate_fisher`."""
+        `estimate_fisher`. The forward passes that activation checkpointing re-runs during the backward pass are
+        not recorded a second time."""
         modules = prunable_modules(module)
         for name in self.params:
             layer = modules[name.rpartition(".")[0]]
             input_dim = 0 if isinstance(layer, Conv1D) else 1
 
             def observe(layer: nn.Module, args: tuple[Any, ...], name: str = name, input_dim: int = input_dim) -> None:
-                if (self._recording_inputs and layer.training) or self._estimating:
+                if ((self._recording_inputs and layer.training) or self._estimating) and not _in_backward_pass():
                     self.criterion.observe_inputs(name, args[0], input_dim)
 
             layer.register_forward_pre_hook(observe)

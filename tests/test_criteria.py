@@ -256,3 +256,21 @@ def test_resumed_wanda_run_ends_with_the_same_masks(tmp_path):
     assert resumed.state.global_step == 12 and checker.violations == []
     assert all(torch.equal(mask, resumed_callback.masks[name]) for name, mask in full_callback.masks.items())
     assert resumed_callback.pruner.criterion.squared_inputs == {}  # steps 11 and 12 are outside every window
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_wanda_records_each_training_pass_once_under_activation_checkpointing(use_reentrant):
+    ids = torch.randint(0, 100, (2, 8))
+    recorded = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = tiny_bert().train()
+        if checkpointing:
+            model.activation_checkpointing_enable({"use_reentrant": use_reentrant})
+        pruner = Pruner(model, PruningConfig(**WANDA))
+        pruner.update(0)
+        model(input_ids=ids, labels=torch.tensor([0, 1])).loss.backward()  # recomputes each block in backward
+        recorded.append({name: squares for name, (squares, _) in pruner.criterion.squared_inputs.items()})
+    plain, checkpointed = recorded
+    assert sorted(plain) == sorted(checkpointed) and len(plain) > 0
+    assert all(torch.allclose(plain[name], checkpointed[name]) for name in plain)
