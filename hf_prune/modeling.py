@@ -35,7 +35,7 @@ from .report import SparsityReport, sparsity_report
 from .serialization import atomic_write_text, file_record, load_masks, save_masks
 from .structured.shrink import shrink
 from .structured.units import units_for
-from .targets import find_targets, named_weights
+from .targets import clean_name, find_targets, named_weights
 from .validation import check_choice
 from .version import __version__
 
@@ -410,15 +410,13 @@ class PrunedModel(nn.Module):
 
 
 def _parameter_names(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[str, str]:
-    """Maps each mask's plain transformers parameter name to the model's own name for it (the same, or the
-    one inside a peft wrapper: `base_model.model.<name>`, with `.base_layer` for adapted layers); checks shapes."""
+    """Maps each mask's plain transformers parameter name (`clean_name`) to the model's own name for it (the same,
+    or the one inside a peft wrapper, FSDP1 or `torch.compile`: `base_model.model.<module>.base_layer.weight`, ...);
+    checks shapes. For a peft `modules_to_save` layer that is the trained copy's."""
+    inner = without_peft_wrapper(model)
+    prefix = next(f"{name}." for name, module in model.named_modules() if module is inner).lstrip(".")
+    own = {clean_name(name): prefix + name for name, _ in inner.named_parameters()}
+    names = {name: own[name] for name in masks if name in own}
     params = dict(model.named_parameters())
-    names = {}
-    for name in masks:
-        module, _, leaf = name.rpartition(".")
-        candidates = (name, f"base_model.model.{name}", f"base_model.model.{module}.base_layer.{leaf}")
-        found = next((c for c in candidates if c in params), None)
-        if found is not None:
-            names[name] = found
     check_masks_match(masks, {name: tuple(params[found].shape) for name, found in names.items()}, require_all=False)
     return names

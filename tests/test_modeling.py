@@ -710,3 +710,16 @@ def test_masks_follow_the_weights_to_another_device_and_dtype():
     pruned.to("meta")  # the device a CPU-only machine can move to
     assert {m.device.type for m in pruned.masks.values()} == {"meta"}
     assert {p.device.type for p in pruned.model.parameters()} == {"meta"}
+
+
+def test_wraps_a_compiled_model_under_its_own_parameter_names():
+    model = tiny_bert()
+    pruner = Pruner(model, PruningConfig(schedule="oneshot", final_sparsity=0.5))
+    pruner.prune_to(0.5)
+    masks = {name: mask.clone() for name, mask in pruner.masks.items()}
+    with torch.no_grad():
+        for param in model.parameters():
+            param.fill_(1.0)  # pruned positions are no longer zero
+    PrunedModel(torch.compile(model), masks)  # parameters named `_orig_mod.<name>`
+    weights = dict(model.named_parameters())
+    assert all(torch.equal(weights[name] != 0, mask) for name, mask in masks.items())
