@@ -134,7 +134,8 @@ class PruningArguments:
                                  "to `method` 'rpp' only.")
         names = {f.name for f in dataclasses.fields(config_class)}
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in names}
-        values["structure"] = self.structure[0] if len(self.structure) == 1 else list(self.structure)
+        structures = [self.structure] if isinstance(self.structure, str) else list(self.structure)
+        values["structure"] = structures[0] if len(structures) == 1 else structures
         config = config_class(**values)
         if max_steps is not None:
             METHODS[self.method][1].check_schedule(config, max_steps)

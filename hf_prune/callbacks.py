@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import uuid
 from typing import Any
 
 import torch
@@ -13,6 +14,7 @@ from transformers.trainer_callback import ExportableState
 
 from .config import PruningConfig
 from .constants import MASKS_NAME
+from .distributed import is_main_rank
 from .hub import resolve_file
 from .pruner import Pruner
 from .schedules import SparsitySchedule
@@ -60,8 +62,14 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
     Per optimizer step: gradients of pruned weights are zeroed before the step (`on_pre_optimizer_step`),
     the weights re-masked after it (`on_optimizer_step`), and at each pruning event (`on_step_end`) the masks
     grow and the optimizer's moments are cleared at the newly pruned positions, before any log or checkpoint
-    of that step. Every checkpoint gets `pruning_masks.safetensors`, and `resume_from_checkpoint` restores it.
-    Sparsity (overall and per weight class) is added to the logs.
+    of that step. Every checkpoint gets `pruning_masks.safetensors`, and `resume_from_checkpoint` restores it
+    (after checking it belongs to the checkpoint's `trainer_state.json`). With `load_best_model_at_end`, the best
+    checkpoint's masks are loaded with its weights; a run that ends before the schedule does (early stopping) says
+    so. Sparsity (overall and per weight class) is added to the logs.
+
+    With `TrainingArguments(restore_callback_states_from_checkpoint=True)` the Trainer replaces this callback on a
+    resume by one built from the checkpoint's `state()` (its config): take the masks from
+    `PrunedModel.from_trainer(trainer)`, not from the object passed in.
 
     ```python
     from hf_prune import MagnitudePruningCallback, PruningConfig
@@ -95,6 +103,8 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
         self.override_checkpoint_config = override_checkpoint_config
         self.pruner: Pruner | None = None
         self._initial_state: dict[str, Any] | None = None
+        self._run_id: str | None = None  # made at each train(): ties each checkpoint's masks to its trainer_state
+        self._step = 0
 
     @classmethod
     def from_pretrained(cls, pretrained_path: str | os.PathLike, config: PruningConfig | None = None,
@@ -124,7 +134,10 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
                        **kwargs: Any) -> None:
+        if self.pruner is not None:  # an earlier train() of this callback
+            self.pruner.remove_hooks()
         self.pruner = self.make_pruner(model, state.max_steps)
+        self._run_id, self._step = uuid.uuid4().hex, state.global_step
         if state.global_step > 0:
             self._restore_from_checkpoint(args, state)
         elif self._initial_state is not None:
@@ -164,6 +177,7 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     optimizer: torch.optim.Optimizer | None = None, **kwargs: Any) -> None:
+        self._step = state.global_step
         if self.pruner.update(state.global_step, optimizer):
             self.pruner.check_ranks_agree(state.global_step)
             logger.info("Step %d: pruned to %.4f sparsity (%s).", state.global_step, self.pruner.target_sparsity,
@@ -187,20 +201,69 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
             return
         masks = pruner_state.pop("masks")
         save_masks(masks, os.path.join(checkpoint_folder(args, state), MASKS_NAME),
-                   {"global_step": state.global_step, **pruner_state, "pruning_config": self.config.to_dict()})
+                   {"global_step": state.global_step, **pruner_state, "pruning_config": self.config.to_dict(),
+                    "masks_id": self._masks_id()})
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     **kwargs: Any) -> None:
+        if self.pruner is None:
+            return
+        best = state.best_model_checkpoint
+        if args.load_best_model_at_end and best is not None:  # the Trainer has loaded that checkpoint's weights
+            path = os.path.join(best, MASKS_NAME)
+            if os.path.isfile(path):
+                self._load_masks_file(path, read_masks_metadata(path))
+                logger.info("Loaded the masks of the best checkpoint %s with its weights (sparsity %.4f).", best,
+                            self.pruner.target_sparsity)
+            elif is_main_rank():
+                logger.warning("The best checkpoint %s has no %s: the masks are the last step's, not those of the "
+                               "weights the Trainer loaded from it.", best, MASKS_NAME)
+        final = self.pruner.schedule.final
+        if self.pruner.target_sparsity < final and is_main_rank():
+            loaded = f" (the best checkpoint, {best}, was loaded)" if args.load_best_model_at_end and best else ""
+            logger.warning("Training ended at step %d with the masks at sparsity %.4f, below the schedule's "
+                           "final_sparsity %s%s: the pruning schedule did not finish (early stopping, or a "
+                           "checkpoint from before its end).", state.global_step, self.pruner.target_sparsity,
+                           final, loaded)
 
     def state(self) -> dict[str, Any]:
-        return {"args": {"config": self.config.to_dict(),
-                         "override_checkpoint_config": self.override_checkpoint_config}, "attributes": {}}
+        state = {"args": {"config": self.config.to_dict(),
+                          "override_checkpoint_config": self.override_checkpoint_config}, "attributes": {}}
+        return state if self._run_id is None else {**state, "masks_id": self._masks_id()}
+
+    def _masks_id(self) -> str:
+        """Names the masks of the current step of this `train()`: written both into the checkpoint's masks file
+        (`on_save`) and, through `state()`, into its `trainer_state.json`, so a resume can tell they belong."""
+        return f"{self._run_id}-{self._step}"
+
+    def _load_masks_file(self, path: str, metadata: dict[str, Any]) -> None:
+        """Loads the pruner's state from a masks file written by `on_save` (`metadata`: its metadata)."""
+        pruner_state = {key: value for key, value in metadata.items() if key not in ("pruning_config", "masks_id")}
+        self.pruner.load_state_dict({**pruner_state, "masks": load_masks(path, self.pruner.target_shapes())})
 
     def _restore_from_checkpoint(self, args: TrainingArguments, state: TrainerState) -> None:
-        """Loads the pruner's state from the masks file of the checkpoint being resumed (see `on_save`)."""
+        """Loads the pruner's state from the masks file of the checkpoint being resumed (see `on_save`), after
+        checking that the file is that checkpoint's and was written under the same config."""
         path = find_checkpoint_file(args, state, MASKS_NAME, type(self).__name__)
         metadata = read_masks_metadata(path)
+        saved_state = (state.stateful_callbacks or {}).get(type(self).__name__)
+        expected = saved_state.get("masks_id") if isinstance(saved_state, dict) else None
+        if expected is not None and metadata.get("masks_id") != expected:
+            raise ValueError(
+                f"{path} holds the masks of another checkpoint than the one being resumed (its trainer_state.json "
+                f"names masks {expected!r}, the file {metadata.get('masks_id')!r}): the checkpoint is outside "
+                f"output_dir ({args.output_dir}), which holds a checkpoint-{state.global_step} of another run. Set "
+                "TrainingArguments.resume_from_checkpoint to the checkpoint's folder, or resume in its output_dir.")
         changes = self._check_checkpoint_config(metadata.get("pruning_config"), path)
-        pruner_state = {key: value for key, value in metadata.items() if key != "pruning_config"}
-        self.pruner.load_state_dict({**pruner_state, "masks": load_masks(path, self.pruner.target_shapes())})
+        self._load_masks_file(path, metadata)
         logger.info("Restored pruning masks from %s (sparsity %.4f).", path, self.pruner.sparsity())
+        step, window = state.global_step, self.pruner.config.fisher_steps
+        gathers = self.pruner.criterion.needs_gradients or self.pruner.criterion.needs_inputs
+        if gathers and window > 1 and self.pruner.schedule(step + window - 1) > self.pruner.target_sparsity \
+                and is_main_rank():
+            logger.warning("Resuming at step %d inside the %d-step window of statistics of the next pruning event "
+                           "(criterion %r): statistics are not checkpointed, so that event ranks by the steps after "
+                           "the resume only.", step, window, self.pruner.config.criterion)
         if changes and state.is_world_process_zero:
             reached, final = self.pruner.target_sparsity, self.config.final_sparsity
             kept = (f" Masks never shrink: the run ends at the checkpoint's sparsity, above the new final_sparsity "

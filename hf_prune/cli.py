@@ -23,7 +23,7 @@ from .constants import CONFIG_NAME, MASKS_NAME
 from .hub import resolve_file
 from .loading import auto_model_class, parameter_shapes
 from .report import SparsityReport, sparsity_report
-from .serialization import load_masks, read_json_object
+from .serialization import load_masks, read_json_object, read_masks_metadata
 
 
 TRAINER_STATE_NAME = "trainer_state.json"
@@ -47,8 +47,10 @@ def load_report(path_or_repo: str) -> tuple[SparsityReport, str]:
             raise FileNotFoundError(f"{path_or_repo} has neither {MASKS_NAME} nor a transformers {MODEL_CONFIG_NAME}.")
         model_class = auto_model_class(AutoConfig.from_pretrained(path_or_repo))
         return sparsity_report(model_class.from_pretrained(path_or_repo)), "zero weights"
-    has_config = resolve_file(path_or_repo, CONFIG_NAME, required=False) is not None
-    config = PruningConfig.from_pretrained(path_or_repo) if has_config else PruningConfig()
+    if resolve_file(path_or_repo, CONFIG_NAME, required=False) is not None:
+        config = PruningConfig.from_pretrained(path_or_repo)
+    else:  # a Trainer checkpoint: the callback stores its config in the masks' metadata
+        config = PruningConfig.from_dict(read_masks_metadata(masks_file).get("pruning_config") or {})
     return SparsityReport.from_masks(load_masks(masks_file, _model_shapes(path_or_repo)), config.class_granularity), \
         MASKS_NAME
 

@@ -113,11 +113,14 @@ class WandaCriterion(Criterion):
     tokens the layer saw, so a small weight on a large activation is kept.
 
     During training the inputs are those of the forward passes of the `fisher_steps` optimizer steps before each
-    pruning event; `Pruner.estimate_fisher` records them from data without training (one-shot). For a group (a
+    pruning event (after a resume inside such a window, only those after the resume: the statistics are not
+    checkpointed); `Pruner.estimate_fisher` records them from data without training (one-shot). For a group (a
     neuron or a head, `PruningConfig.structure`) the score is the sum over its weights,
     `S_g = Σ_{(i, j) ∈ g} |W_ij|·‖X_j‖₂`: a neuron's up / gate rows weighted by the block's input norms, and its
     down-projection column by the neuron's own activation norm. Memory: one float32 accumulator per input feature
-    of each targeted layer, freed after each event. An event with no recorded inputs is an error.
+    of each targeted layer, freed after each event. An event with no recorded inputs is an error; a layer that saw
+    none while others did (layerdrop, an expert no token was routed to) has ‖X‖ = 0, so its weights score 0, as
+    under OBD a weight that no gradient reached.
     """
 
     needs_inputs = True
@@ -138,12 +141,14 @@ class WandaCriterion(Criterion):
 
     @torch.no_grad()
     def score(self, name: str, weight: torch.Tensor, rows: slice = ALL_ROWS) -> torch.Tensor:
-        if name not in self.squared_inputs:
+        if not self.squared_inputs:
             raise ValueError(
-                f"criterion 'wanda' has no inputs of {name} for this pruning event. During training it records the "
+                "criterion 'wanda' has no layer inputs for this pruning event. During training it records the "
                 "inputs of the forward passes of the `fisher_steps` optimizer steps before each event, so the first "
                 "event needs `start_step` >= `fisher_steps`; for one-shot pruning call `Pruner.estimate_fisher` first."
             )
+        if name not in self.squared_inputs:  # the layer ran on no input: ‖X‖ = 0
+            return torch.zeros_like(weight[rows], dtype=torch.float32)
         squares, input_dim = self.squared_inputs[name]
         norms = squares.sqrt().to(weight.device)
         norms = norms[None, :] if input_dim == 1 else norms[rows, None]

@@ -76,6 +76,7 @@ class Pruner:
     """
 
     def __init__(self, model: nn.Module, config: PruningConfig, max_steps: int | None = None) -> None:
+        config.validate()  # again: a field may have been set after construction
         self.config = config
         self.schedule = SparsitySchedule.from_config(config, max_steps)
         # the module that owns the weights (inside a peft model: the transformers model with its adapted layers)
@@ -124,6 +125,7 @@ class Pruner:
         self._recording_inputs = False
         self._estimating = False  # estimate_fisher's passes, in eval mode
         self._gradients_checked = False  # by the first `update` with events ahead (the masks may load before)
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         if self.criterion.needs_inputs:
             self._register_input_hooks(module)
             self._record_inputs_for(1)
@@ -158,7 +160,14 @@ class Pruner:
                 if ((self._recording_inputs and layer.training) or self._estimating) and not _in_backward_pass():
                     self.criterion.observe_inputs(name, args[0], input_dim)
 
-            layer.register_forward_pre_hook(observe)
+            self._hooks.append(layer.register_forward_pre_hook(observe))
+
+    def remove_hooks(self) -> None:
+        """Removes the forward hooks that record layer inputs ("wanda"); the pruner records nothing afterwards.
+        `MagnitudePruningCallback` calls it when a new `train()` replaces this pruner."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
 
     def _record_inputs_for(self, step: int) -> None:
         """Whether the forward passes of optimizer step `step` are recorded: a pruning event falls on one of the

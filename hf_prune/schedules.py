@@ -81,8 +81,9 @@ def resolve_end_step(start_step: int, end_step: int | None, max_steps: int | Non
         raise ValueError("`end_step` is None and there is no Trainer `max_steps` to derive it from; set `end_step`.")
     end = min(start_step + REFERENCE_WINDOW, int(DEFAULT_END_FRACTION * max_steps))
     if end <= start_step:
+        remedy = "Lower `start_step`, or set `end_step`" if start_step > 0 else "Set `end_step`, or train longer"
         raise ValueError(f"`start_step` ({start_step}) leaves no room for a schedule within max_steps ({max_steps}): "
-                         f"the default end_step would be {end}. Lower `start_step`.")
+                         f"the default end_step (0.75 · max_steps) would be {end}. {remedy}.")
     return end
 
 

@@ -5,7 +5,7 @@ import torch
 from conftest import TinyClassificationDataset, tiny_bert
 from safetensors.torch import load_file
 from testing_utils import ZeroChecker, magnitude_trainer, tiny_training_args, train_until_first_checkpoint
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from hf_prune import MagnitudePruningCallback, PruningConfig, SparsitySchedule
 from hf_prune.constants import MASKS_NAME
@@ -244,3 +244,68 @@ def test_method_callbacks_check_the_checkpoint_config_too(tmp_path, make, change
     resumed, checker = resumable_trainer(tmp_path, callback)
     resumed.train(resume_from_checkpoint=checkpoint)
     assert resumed.state.global_step == 12 and checker.violations == [] and callback.pruner.sparsity() > 0
+
+
+# ---------------------------------------------------------------- which checkpoint's masks, and the run's end
+def test_resuming_a_checkpoint_outside_output_dir_never_takes_the_masks_of_another_run(tmp_path):
+    other, _, _ = magnitude_trainer(tmp_path / "b", PruningConfig(**CUBIC), save_strategy="steps", save_steps=4)
+    train_until_first_checkpoint(other)  # output_dir b now holds checkpoint-4 of another run
+    first, _, _ = magnitude_trainer(tmp_path / "a", PruningConfig(**CUBIC), save_strategy="steps", save_steps=4)
+    checkpoint = train_until_first_checkpoint(first)
+    resumed, _, _ = magnitude_trainer(tmp_path / "b", PruningConfig(**CUBIC), save_strategy="steps", save_steps=4)
+    with pytest.raises(ValueError, match="another checkpoint than the one being resumed.*resume_from_checkpoint"):
+        resumed.train(resume_from_checkpoint=checkpoint)  # before the first step
+    pointed, callback, checker = magnitude_trainer(tmp_path / "b", PruningConfig(**CUBIC), save_strategy="steps",
+                                                   save_steps=4, resume_from_checkpoint=checkpoint)
+    pointed.train(resume_from_checkpoint=checkpoint)  # TrainingArguments.resume_from_checkpoint names the folder
+    assert pointed.state.global_step == 12 and checker.violations == []
+
+
+class BestAtFirstEvaluation(TrainerCallback):
+    """Adds `eval_earliness` (higher for earlier evaluations), so the first checkpoint is the best one."""
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        metrics["eval_earliness"] = -state.global_step
+
+
+def test_load_best_model_at_end_loads_the_best_checkpoints_masks_with_its_weights(tmp_path, caplog):
+    callback = MagnitudePruningCallback(PruningConfig(**CUBIC))
+    args = tiny_training_args(tmp_path / "out", save_strategy="steps", save_steps=4, eval_strategy="steps",
+                              eval_steps=4, load_best_model_at_end=True, metric_for_best_model="earliness",
+                              greater_is_better=True)
+    trainer = Trainer(model=tiny_bert(), args=args, train_dataset=TinyClassificationDataset(96),
+                      eval_dataset=TinyClassificationDataset(16, seed=1),
+                      callbacks=[callback, BestAtFirstEvaluation()])
+    with caplog.at_level("WARNING", logger="hf_prune.callbacks"):
+        trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best == str(tmp_path / "out" / "checkpoint-4")
+    saved = load_masks(os.path.join(best, MASKS_NAME))
+    assert all(torch.equal(callback.masks[name], mask) for name, mask in saved.items())
+    params = dict(trainer.model.named_parameters())
+    assert all((params[name][mask] != 0).all() for name, mask in saved.items())  # the best weights, not re-zeroed
+    assert callback.pruner.target_sparsity == pytest.approx(SparsitySchedule.from_config(PruningConfig(**CUBIC))(4))
+    assert "below the schedule's final_sparsity 0.8" in caplog.text and "best checkpoint" in caplog.text
+
+
+def test_a_run_stopped_before_the_schedule_ends_warns(tmp_path, caplog):
+    trainer, _, _ = magnitude_trainer(tmp_path, PruningConfig(**CUBIC), save_strategy="steps", save_steps=4)
+    with caplog.at_level("WARNING", logger="hf_prune.callbacks"):
+        train_until_first_checkpoint(trainer)  # stops at step 4, as early stopping would
+    assert "Training ended at step 4" in caplog.text and "did not finish" in caplog.text
+    finished, _, _ = magnitude_trainer(tmp_path / "full", PruningConfig(**CUBIC))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hf_prune.callbacks"):
+        finished.train()
+    assert "did not finish" not in caplog.text
+
+
+def test_a_second_train_replaces_the_first_pruners_input_hooks(tmp_path):
+    wanda = dict(CUBIC, start_step=2, criterion="wanda", fisher_steps=1)
+    trainer, callback, _ = magnitude_trainer(tmp_path, PruningConfig(**wanda), checker=False)
+    trainer.train()
+    first = callback.pruner
+    trainer.train()
+    layer = trainer.model.bert.encoder.layer[0].attention.self.query
+    assert callback.pruner is not first and len(layer._forward_pre_hooks) == 1
+    assert first.criterion.squared_inputs == {}

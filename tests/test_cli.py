@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -16,8 +17,11 @@ from conftest import TinyClassificationDataset, tiny_bert
 from transformers import EvalPrediction, Trainer, TrainingArguments
 
 from hf_prune import MagnitudePruningCallback, PrunedModel, Pruner, PruningConfig
-from hf_prune.cli import find_trainer_state, main
+from hf_prune.cli import find_trainer_state, load_report, main
+from hf_prune.constants import MASKS_NAME
 from hf_prune.plots import plot_sparsity_heatmap, short_labels, sparsity_grid
+from hf_prune.report import SparsityReport
+from hf_prune.serialization import load_masks, read_masks_metadata, save_masks
 
 
 mpimg = pytest.importorskip("matplotlib.image")
@@ -241,3 +245,17 @@ def test_report_of_a_deep_folder(tmp_path, capsys):
     PrunedModel(model, pruner.masks, pruner.config).save_pretrained(tmp_path, compression="deep")
     assert main(["report", str(tmp_path)]) == 0
     assert total_line(capsys.readouterr().out).split()[-1] == "90.00%"
+
+
+def test_report_of_a_checkpoint_uses_the_config_in_its_masks_metadata(trainer_run, tmp_path):
+    checkpoint = tmp_path / "checkpoint-6"
+    shutil.copytree(os.path.join(trainer_run, "checkpoint-6"), checkpoint)
+    masks_file = checkpoint / MASKS_NAME
+    metadata = read_masks_metadata(masks_file)
+    masks = load_masks(masks_file)
+    config = {**metadata["pruning_config"], "class_granularity": "tensor"}
+    save_masks(masks, masks_file, {**metadata, "pruning_config": config})
+    report, source = load_report(str(checkpoint))
+    assert source == MASKS_NAME
+    assert sorted(report.by_class()) == sorted(SparsityReport.from_masks(masks, "tensor").by_class())
+    assert len(report.by_class()) == len(masks)  # one class per weight, not the 6 roles

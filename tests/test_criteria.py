@@ -274,3 +274,32 @@ def test_wanda_records_each_training_pass_once_under_activation_checkpointing(us
     plain, checkpointed = recorded
     assert sorted(plain) == sorted(checkpointed) and len(plain) > 0
     assert all(torch.allclose(plain[name], checkpointed[name]) for name in plain)
+
+
+def test_wanda_scores_a_layer_that_saw_no_input_zero_and_fails_only_with_no_inputs_at_all():
+    model = tiny_bert().train()
+    pruner = Pruner(model, PruningConfig(**{**WANDA, "scheme": "class-uniform"}))
+    before = {name: mask.clone() for name, mask in pruner.masks.items()}
+    with pytest.raises(ValueError, match="no layer inputs"):
+        pruner.prune_to(0.5)
+    assert pruner.target_sparsity == 0.0 and all(torch.equal(m, before[n]) for n, m in pruner.masks.items())
+    seen = next(iter(pruner.params))  # as with layerdrop, or an expert no token was routed to: one layer ran
+    inputs = torch.randn(2, 8, pruner.params[seen].shape[1])
+    pruner.criterion.observe_inputs(seen, inputs, 1)
+    unseen = list(pruner.params)[1]
+    assert torch.equal(pruner.criterion.score(unseen, pruner.params[unseen]),
+                       torch.zeros_like(pruner.params[unseen]))
+    assert torch.allclose(pruner.criterion.score(seen, pruner.params[seen]),
+                          pruner.params[seen].detach().abs() * inputs.reshape(-1, inputs.shape[-1]).norm(dim=0))
+    pruner.prune_to(0.5)  # class-uniform: every class to 0.5, the unseen layers in a fixed order of their ties
+    assert pruner.sparsity() == pytest.approx(0.5, abs=1e-3) and pruner.target_sparsity == 0.5
+
+
+@pytest.mark.slow
+def test_a_resume_inside_a_window_of_statistics_warns(tmp_path, caplog):
+    first, _, _ = magnitude_trainer(tmp_path, PruningConfig(**WANDA), save_strategy="steps", save_steps=5)
+    checkpoint = train_until_first_checkpoint(first)  # step 5: the window of the event at 6 is steps 5-6
+    resumed, _, _ = magnitude_trainer(tmp_path, PruningConfig(**WANDA), save_strategy="steps", save_steps=5)
+    with caplog.at_level("WARNING", logger="hf_prune.callbacks"):
+        resumed.train(resume_from_checkpoint=checkpoint)
+    assert "Resuming at step 5 inside the 2-step window" in caplog.text

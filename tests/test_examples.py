@@ -529,6 +529,14 @@ def test_pruning_arguments_mirror_pruning_config() -> None:
     assert PruningArguments().to_config() == PruningConfig()
 
 
+@pytest.mark.parametrize("structure", ["neurons", ["neurons"], ["neurons", "heads"], "unstructured"])
+def test_pruning_arguments_take_a_structure_as_a_name_or_a_list(structure) -> None:
+    expected = structure[0] if isinstance(structure, list) and len(structure) == 1 else structure
+    scheme = "class-uniform" if expected != "unstructured" else "class-blind"
+    assert PruningArguments(structure=structure, scheme=scheme).to_config() == \
+        PruningConfig(structure=expected, scheme=scheme)
+
+
 def test_pruning_arguments_parse_to_config() -> None:
     parser = HfArgumentParser(PruningArguments)
     (args,) = parser.parse_args_into_dataclasses(

@@ -68,3 +68,10 @@ def test_pruner_of_a_compiled_model_names_and_prunes_as_the_plain_model():
     plain.update(0)
     assert compiled.masks.keys() == plain.masks.keys()
     assert all(torch.equal(compiled.masks[name], mask) for name, mask in plain.masks.items())
+
+
+def test_a_config_field_set_after_construction_is_checked_again():
+    config = PruningConfig(final_sparsity=0.5, schedule="oneshot")
+    config.final_sparsity = 1.5
+    with pytest.raises(ValueError, match="`final_sparsity`"):
+        Pruner(tiny_bert(), config)

@@ -48,7 +48,8 @@ def test_defaults_follow_cheong_and_daniel_on_long_runs_and_scale_down():
         ({"schedule": "oneshot", "start_step": 200, "max_steps": 100}, "cannot finish inside max_steps"),
         ({"end_step": 50, "pruning_frequency": 60}, "pruning_frequency"),
         ({}, "end_step"),
-        ({"start_step": 90, "max_steps": 100}, "start_step"),
+        ({"start_step": 90, "max_steps": 100}, "Lower `start_step`, or set `end_step`"),
+        ({"max_steps": 1}, r"would be 0\. Set `end_step`, or train longer"),  # start_step 0 cannot be lowered
     ],
 )
 def test_schedules_that_cannot_run_are_rejected(kwargs, message):
