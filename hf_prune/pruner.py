@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 from collections import defaultdict
@@ -34,6 +35,11 @@ from .validation import check_int
 
 
 logger = logging.getLogger(__name__)
+
+
+def _kept_gradient(masks: Mapping[str, torch.Tensor], name: str, gradient: torch.Tensor) -> torch.Tensor:
+    """`gradient` with the entries `masks[name]` prunes set to zero (the mask looked up when backward runs)."""
+    return gradient * masks[name]
 
 
 def _in_backward_pass() -> bool:
@@ -126,6 +132,8 @@ class Pruner:
         self._estimating = False  # estimate_fisher's passes, in eval mode
         self._gradients_checked = False  # by the first `update` with events ahead (the masks may load before)
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        if type(self.layout) is Replicated:
+            self._register_gradient_hooks()
         if self.criterion.needs_inputs:
             self._register_input_hooks(module)
             self._record_inputs_for(1)
@@ -146,6 +154,17 @@ class Pruner:
         ids = {id(p): name for name, p in params.items()}
         return {f.name: f for f in lora_factors(adapted, {t.module_name: t.name for t in targets}, ids)}
 
+    def _register_gradient_hooks(self) -> None:
+        """Tensor hooks that zero the pruned entries of each gradient as backward produces it, before it is
+        accumulated: gradient clipping, the logged `grad_norm` and DDP's all-reduce see the kept weights' gradients
+        only, as if the pruned weights were not there. Unsharded weights only; `mask_gradients_` (before each
+        optimizer step) is what guarantees the zeros under every layout."""
+        for params, masks in ((self.params, self.masks), (self.bias_params, self.bias_masks),
+                              (self.factor_params, self.factor_masks)):
+            for name, param in params.items():
+                if param.requires_grad:
+                    self._hooks.append(param.register_hook(functools.partial(_kept_gradient, masks, name)))
+
     def _register_input_hooks(self, module: nn.Module) -> None:
         """Forward pre-hooks that pass each targeted layer's inputs to the criterion: in training mode while
         `_recording_inputs` (an event's window; evaluation passes in between are not recorded), and in
@@ -163,8 +182,8 @@ class Pruner:
             self._hooks.append(layer.register_forward_pre_hook(observe))
 
     def remove_hooks(self) -> None:
-        """Removes the forward hooks that record layer inputs ("wanda"); the pruner records nothing afterwards.
-        `MagnitudePruningCallback` calls it when a new `train()` replaces this pruner."""
+        """Removes the pruner's hooks on the model: those that mask gradients as they arrive and those that record
+        layer inputs ("wanda"). `MagnitudePruningCallback` calls it when a new `train()` replaces this pruner."""
         for handle in self._hooks:
             handle.remove()
         self._hooks = []

@@ -309,3 +309,34 @@ def test_a_second_train_replaces_the_first_pruners_input_hooks(tmp_path):
     layer = trainer.model.bert.encoder.layer[0].attention.self.query
     assert callback.pruner is not first and len(layer._forward_pre_hooks) == 1
     assert first.criterion.squared_inputs == {}
+
+
+class ClippedGradients(TrainerCallback):
+    """Placed before the pruning callback: the gradients as the Trainer clipped them, before any other callback."""
+
+    def __init__(self, pruning: MagnitudePruningCallback) -> None:
+        self.pruning = pruning
+        self.pruned_nonzero: list[int] = []
+        self.norms: list[float] = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if not self.pruning.masks:
+            return
+        params = dict(model.named_parameters())
+        self.pruned_nonzero.append(sum(int((params[n].grad[~m] != 0).sum()) for n, m in self.pruning.masks.items()))
+        self.norms.append(float(torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in params.values()
+                                                                   if p.grad is not None]))))
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_gradient_clipping_sees_only_the_kept_weights_gradients(tmp_path, accumulation):
+    callback = MagnitudePruningCallback(PruningConfig(**CUBIC))
+    clipped = ClippedGradients(callback)
+    args = tiny_training_args(tmp_path / "out", max_grad_norm=0.05, gradient_accumulation_steps=accumulation)
+    trainer = Trainer(model=tiny_bert(), args=args, train_dataset=TinyClassificationDataset(96),
+                      callbacks=[clipped, callback])
+    trainer.train()
+    assert len(clipped.pruned_nonzero) == 12 and set(clipped.pruned_nonzero) == {0}
+    # clipped by the norm of what the optimizer gets: every step's total norm is max_grad_norm (the raw norms are
+    # far above it), not less, as it would be if the pruned weights' gradients had counted in the norm
+    assert clipped.norms == pytest.approx([0.05] * 12, rel=1e-3)
