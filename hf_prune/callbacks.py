@@ -202,7 +202,7 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
         masks = pruner_state.pop("masks")
         save_masks(masks, os.path.join(checkpoint_folder(args, state), MASKS_NAME),
                    {"global_step": state.global_step, **pruner_state, "pruning_config": self.config.to_dict(),
-                    "masks_id": self._masks_id()})
+                    "schedule": dataclasses.asdict(self.pruner.schedule), "masks_id": self._masks_id()})
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:
@@ -238,7 +238,8 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
 
     def _load_masks_file(self, path: str, metadata: dict[str, Any]) -> None:
         """Loads the pruner's state from a masks file written by `on_save` (`metadata`: its metadata)."""
-        pruner_state = {key: value for key, value in metadata.items() if key not in ("pruning_config", "masks_id")}
+        pruner_state = {key: value for key, value in metadata.items()
+                        if key not in ("pruning_config", "schedule", "masks_id")}
         self.pruner.load_state_dict({**pruner_state, "masks": load_masks(path, self.pruner.target_shapes())})
 
     def _restore_from_checkpoint(self, args: TrainingArguments, state: TrainerState) -> None:
@@ -254,7 +255,7 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
                 f"names masks {expected!r}, the file {metadata.get('masks_id')!r}): the checkpoint is outside "
                 f"output_dir ({args.output_dir}), which holds a checkpoint-{state.global_step} of another run. Set "
                 "TrainingArguments.resume_from_checkpoint to the checkpoint's folder, or resume in its output_dir.")
-        changes = self._check_checkpoint_config(metadata.get("pruning_config"), path)
+        changes = self._check_checkpoint_config(metadata.get("pruning_config"), metadata.get("schedule"), path)
         self._load_masks_file(path, metadata)
         logger.info("Restored pruning masks from %s (sparsity %.4f).", path, self.pruner.sparsity())
         step, window = state.global_step, self.pruner.config.fisher_steps
@@ -272,15 +273,22 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
                            "override_checkpoint_config=True: the masks continue from the checkpoint's (sparsity "
                            "%.4f) under the new config.%s", path, changes, reached, kept)
 
-    def _check_checkpoint_config(self, saved: dict[str, Any] | None, path: str) -> str:
-        """Raises `ValueError` when the checkpoint's masks were made under a config that prunes differently (unless
-        `override_checkpoint_config`); returns the differences (`""` for none, or a checkpoint without a config)."""
+    def _check_checkpoint_config(self, saved: dict[str, Any] | None, saved_schedule: dict[str, Any] | None,
+                                 path: str) -> str:
+        """Raises `ValueError` when the checkpoint's masks were made under a config that prunes differently, or
+        whose schedule resolved differently (defaults derived from another `max_steps`), unless
+        `override_checkpoint_config`; returns the differences (`""` for none, or a checkpoint without a config)."""
         if saved is None:
             return ""
         current = self.config.to_dict()
         changed = sorted(key for key in saved.keys() | current.keys()
                          if key not in _FIELDS_THAT_KEEP_MASKS and saved.get(key) != current.get(key))
         details = "; ".join(f"{key}: checkpoint {saved.get(key)!r}, now {current.get(key)!r}" for key in changed)
+        schedule = dataclasses.asdict(self.pruner.schedule)
+        if not changed and saved_schedule is not None and saved_schedule != schedule:
+            changed = [key for key in schedule if saved_schedule.get(key) != schedule[key]]
+            details = ("the schedule its defaults resolve to (the run's max_steps changed?): " + "; ".join(
+                f"{key}: checkpoint {saved_schedule.get(key)!r}, now {schedule[key]!r}" for key in changed))
         if changed and not self.override_checkpoint_config:
             raise ValueError(f"The checkpoint {path} was pruned under another config ({details}). Resume with the "
                              f"checkpoint's config, or pass override_checkpoint_config=True to "

@@ -340,3 +340,17 @@ def test_gradient_clipping_sees_only_the_kept_weights_gradients(tmp_path, accumu
     # clipped by the norm of what the optimizer gets: every step's total norm is max_grad_norm (the raw norms are
     # far above it), not less, as it would be if the pruned weights' gradients had counted in the norm
     assert clipped.norms == pytest.approx([0.05] * 12, rel=1e-3)
+
+
+def test_resume_with_another_max_steps_that_moves_the_default_end_step_is_a_config_change(tmp_path):
+    config = dict(initial_sparsity=0.1, final_sparsity=0.8, schedule="cubic", pruning_frequency=2)  # end: 0.75 · max
+    first, _, _ = magnitude_trainer(tmp_path, PruningConfig(**config), save_strategy="steps", save_steps=4)
+    checkpoint = train_until_first_checkpoint(first)
+    longer, _, _ = magnitude_trainer(tmp_path, PruningConfig(**config), max_steps=16)
+    with pytest.raises(ValueError, match="max_steps changed.*end: checkpoint 9, now 12"):
+        longer.train(resume_from_checkpoint=checkpoint)
+    callback = MagnitudePruningCallback(PruningConfig(**config), override_checkpoint_config=True)
+    trainer = Trainer(model=tiny_bert(), args=tiny_training_args(tmp_path / "out", max_steps=16),
+                      train_dataset=TinyClassificationDataset(96), callbacks=[callback])
+    trainer.train(resume_from_checkpoint=checkpoint)
+    assert callback.pruner.target_sparsity == pytest.approx(0.8)
