@@ -153,7 +153,9 @@ class PruningConfig:
         check_int("start_step", self.start_step, 0)
         check_int("end_step", self.end_step, 0, optional=True)
         check_int("pruning_frequency", self.pruning_frequency, 1, optional=True)
-        if self.end_step is not None and self.schedule != "oneshot" and self.end_step <= self.start_step:
+        if self.schedule == "oneshot":
+            self._check_oneshot_fields()
+        elif self.end_step is not None and self.end_step <= self.start_step:
             raise ValueError(f"`end_step` ({self.end_step}) must be greater than `start_step` ({self.start_step}).")
         _check_patterns("target_modules", self.target_modules)
         _check_patterns("exclude_modules", self.exclude_modules)
@@ -173,6 +175,18 @@ class PruningConfig:
         if self.base_model_name_or_path is not None and not isinstance(self.base_model_name_or_path, str):
             raise ValueError(f"`base_model_name_or_path` must be None or a string; got "
                              f"{self.base_model_name_or_path!r}.")
+
+    def _check_oneshot_fields(self) -> None:
+        """`schedule="oneshot"` prunes once, to `final_sparsity` at `start_step`: the fields of a gradual schedule
+        would be silently ignored, so setting them is an error. Methods that give them a meaning override this."""
+        for name in ("end_step", "pruning_frequency"):
+            if getattr(self, name) is not None:
+                raise ValueError(f"`{name}` must be None with schedule='oneshot' (it prunes once, to final_sparsity "
+                                 f"at start_step); got {getattr(self, name)!r}. Use schedule='cubic' or 'iterative' "
+                                 "for a gradual schedule.")
+        if self.initial_sparsity != 0.0:
+            raise ValueError(f"`initial_sparsity` must be 0.0 with schedule='oneshot' (it prunes once, to "
+                             f"final_sparsity at start_step); got {self.initial_sparsity!r}.")
 
     def structures(self) -> tuple[str, ...]:
         """The structure kinds pruned (`"neurons"`, `"heads"`); empty for unstructured pruning."""

@@ -46,6 +46,9 @@ def test_missing_config_file_is_a_clear_error(tmp_path):
         ({"start_step": -1}, "start_step"),
         ({"start_step": 10, "end_step": 10}, "end_step"),
         ({"pruning_frequency": 0}, "pruning_frequency"),
+        ({"schedule": "oneshot", "end_step": 100}, "end_step"),  # oneshot prunes once: it would be ignored
+        ({"schedule": "oneshot", "pruning_frequency": 10}, "pruning_frequency"),
+        ({"schedule": "oneshot", "initial_sparsity": 0.2}, "initial_sparsity"),
         ({"target_modules": "("}, "target_modules"),
         ({"exclude_modules": []}, "exclude_modules"),
     ],

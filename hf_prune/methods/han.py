@@ -74,17 +74,20 @@ class HanConfig(PruningConfig):
             self.quality = list(self.quality)
         super().__post_init__()
 
-    def validate(self) -> None:
-        """`PruningConfig.validate()`, then the Han fields; raises `ValueError` naming field, value and range."""
-        super().validate()
-        check_choice("schedule", self.schedule, ("oneshot",))
-        check_choice("criterion", self.criterion, ("magnitude",))
+    def _check_oneshot_fields(self) -> None:
+        """Han's events are set by `iterations` and `pruning_frequency`; `initial_sparsity` and `end_step` unused."""
         if self.initial_sparsity != 0.0:
             raise ValueError(f"`initial_sparsity` must be 0.0 for HanConfig (the sparsity is set by `quality`); "
                              f"got {self.initial_sparsity!r}.")
         if self.end_step is not None:
             raise ValueError(f"`end_step` must be None for HanConfig (events are set by `iterations` and "
                              f"`pruning_frequency`); got {self.end_step!r}.")
+
+    def validate(self) -> None:
+        """`PruningConfig.validate()`, then the Han fields; raises `ValueError` naming field, value and range."""
+        super().validate()
+        check_choice("schedule", self.schedule, ("oneshot",))
+        check_choice("criterion", self.criterion, ("magnitude",))
         qualities = self.quality if isinstance(self.quality, list) else [self.quality]
         if not qualities or not all(is_finite_number(q) and q > 0 for q in qualities):
             raise ValueError(f"`quality` must be a finite number > 0 or a non-empty list of them; "

@@ -84,15 +84,18 @@ class RPPConfig(PruningConfig):
     epsilon: float = field(default=1e-3, metadata={"help": "ε > 0 in α = 1 / (|w| + ε)."})
     reweight_every: int = field(default=10, metadata={"help": "Optimizer steps between refreshes of α (>= 1)."})
 
+    def _check_oneshot_fields(self) -> None:
+        """With `schedule="oneshot"` RPP prunes once, at `end_step`: `end_step` is the step of that prune."""
+        if self.initial_sparsity != 0.0:
+            raise ValueError(f"`initial_sparsity` must be 0.0 for RPP with schedule='oneshot' (it prunes once, at "
+                             f"end_step); got {self.initial_sparsity!r}.")
+        if self.pruning_frequency is not None:
+            raise ValueError(f"`pruning_frequency` must be None for RPP with schedule='oneshot' (it prunes once, "
+                             f"at end_step); got {self.pruning_frequency!r}.")
+
     def validate(self) -> None:
         """`PruningConfig.validate()`, then the RPP fields; raises `ValueError` naming field, value and range."""
         super().validate()
-        if self.schedule == "oneshot" and self.initial_sparsity != 0.0:
-            raise ValueError(f"`initial_sparsity` must be 0.0 for RPP with schedule='oneshot' (it prunes once, at "
-                             f"end_step); got {self.initial_sparsity!r}.")
-        if self.schedule == "oneshot" and self.pruning_frequency is not None:
-            raise ValueError(f"`pruning_frequency` must be None for RPP with schedule='oneshot' (it prunes once, "
-                             f"at end_step); got {self.pruning_frequency!r}.")
         if self.end_step is not None and self.end_step <= self.start_step:
             raise ValueError(f"`end_step` ({self.end_step}) must be greater than `start_step` ({self.start_step}).")
         check_number("penalty", self.penalty, 0.0)
