@@ -234,7 +234,8 @@ class PrunedModel(nn.Module):
             if compression is None:
                 model.save_pretrained(staging, **kwargs)
             else:
-                model.config.architectures = [type(model).__name__]  # as transformers' save_pretrained does
+                model.config.architectures = [type(model).__name__]  # as transformers' save_pretrained does,
+                model.config.dtype = str(model.dtype).split(".")[1]  # so a bf16 model reloads as bf16
                 model.config.save_pretrained(staging)
                 if getattr(model, "generation_config", None) is not None and model.can_generate():
                     model.generation_config.save_pretrained(staging)

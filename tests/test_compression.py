@@ -16,6 +16,7 @@ from hf_prune.compression import (
     HuffmanTable,
     QuantizationCallback,
     QuantizedWeight,
+    TrainedQuantizer,
     deep_compression_sizes,
     deep_format,
     dequantize,
@@ -252,6 +253,26 @@ def test_callback_update_rule_is_sgd_on_grouped_gradients():
         assert params[name].grad is None and torch.equal(params[name].detach(), dequantize(q))
 
 
+def test_a_step_with_non_finite_gradients_moves_no_centroid():
+    """An fp16 overflow: the scaler skips the optimizer step, and the centroids must not take it either."""
+    model, masks = pruned_bert()
+    quantizer = TrainedQuantizer(model, bits=2, learning_rate=0.05)
+    quantizer.quantize_(masks)
+    before = {name: q.centroids.clone() for name, q in quantizer.quantized.items()}
+    params = dict(model.named_parameters())
+    model(**batch()).loss.backward()
+    first = next(iter(quantizer.quantized))
+    params[first].grad[masks[first]] = float("inf")  # one overflowed entry in one layer
+    quantizer.step_()
+    quantizer.write_weights_()
+    for name, q in quantizer.quantized.items():
+        assert torch.equal(q.centroids, before[name]) and params[name].grad is None
+        assert torch.isfinite(params[name]).all()
+    model(**batch()).loss.backward()  # the next, finite step moves them again
+    quantizer.step_()
+    assert any(not torch.equal(q.centroids, before[name]) for name, q in quantizer.quantized.items())
+
+
 def test_callback_refuses_missing_masks_and_running_schedules():
     model = tiny_bert()
     state = TrainerState(global_step=0, max_steps=10)
@@ -429,8 +450,6 @@ def test_consistent_checksums_over_an_undecodable_layer_raise(tmp_path):
     ({"max_iter": None}, "max_iter", ">= 1"),
 ])
 def test_quantizer_arguments_are_checked_before_training(kwargs, field, accepted):
-    from hf_prune.compression import TrainedQuantizer  # here: this module's imports are shared, tests are appended
-
     model, masks = pruned_bert()
     for make in (lambda: QuantizationCallback(masks, **kwargs), lambda: TrainedQuantizer(model, **kwargs)):
         with pytest.raises(ValueError, match=f"`{field}`") as error:

@@ -701,6 +701,18 @@ def test_a_compressed_folder_loads_with_from_pretrained_options(tmp_path):
         assert torch.equal(dict(loaded.model.named_parameters())[name], params[name].to(dtypes[name])), name
 
 
+@pytest.mark.parametrize("compression", [None, "sparse", "deep"])
+def test_a_bf16_model_reloads_as_bf16(tmp_path, compression):
+    original = pruned("bert")
+    original.model.to(torch.bfloat16)
+    original.save_pretrained(tmp_path, compression=compression)
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
+    loaded = PrunedModel.from_pretrained(tmp_path)
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
+    if compression != "deep":  # deep stores the kept weights' shared values
+        assert_same(original, loaded)
+
+
 def test_masks_follow_the_weights_to_another_device_and_dtype():
     model = tiny_bert()
     pruner = Pruner(model, PruningConfig(schedule="oneshot", final_sparsity=0.5))

@@ -4,6 +4,7 @@ gradients during training (`TrainedQuantizer`, driven by `QuantizationCallback` 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,8 @@ from ..distributed import refuse_sharded
 from ..masks import check_masks_match
 from ..validation import check_int, check_number
 
+
+logger = logging.getLogger(__name__)
 
 MIN_BITS, MAX_BITS = 1, 8
 
@@ -226,12 +229,16 @@ class TrainedQuantizer:
     def step_(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """One SGD step of every centroid on its weights' gradients, which are then dropped.
 
+        A step whose gradients are not all finite (an fp16 overflow, which the gradient scaler answers by skipping
+        the optimizer step) moves no centroid: the gradients are dropped, the shared values stay as they were.
+
         Raises:
             ValueError: when a quantized weight has a gradient but no learning rate (neither `learning_rate` nor
                 an optimizer group holding it).
         """
         lrs = {} if self.learning_rate is not None or optimizer is None else {
             id(param): group["lr"] for group in optimizer.param_groups for param in group["params"]}
+        updates = {}
         for name, quantized in self.quantized.items():
             param = self.params[name]
             if param.grad is None:
@@ -239,8 +246,13 @@ class TrainedQuantizer:
             lr = lrs.get(id(param), self.learning_rate)
             if lr is None:
                 raise ValueError(f"{name} is not in the optimizer, so it has no learning rate; pass `learning_rate`.")
-            quantized.centroids.sub_(centroid_gradients(quantized, param.grad), alpha=lr)
+            updates[name] = (lr, centroid_gradients(quantized, param.grad))
             param.grad = None
+        if not all(bool(torch.isfinite(gradient).all()) for _, gradient in updates.values()):
+            logger.warning("Non-finite gradients at this step: no centroid moved (as an fp16 scaler skips the step).")
+            return
+        for name, (lr, gradient) in updates.items():
+            self.quantized[name].centroids.sub_(gradient, alpha=lr)
 
     @torch.no_grad()
     def write_weights_(self) -> None:
