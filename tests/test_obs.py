@@ -227,10 +227,26 @@ def test_bad_inputs_raise_before_touching_the_model(kwargs, message):
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
 
 
+class FirstPassOnly:
+    """Calibration data that runs dry after one pass: the second block gets nothing."""
+
+    def __init__(self, batches):
+        self.batches, self.passes = batches, 0
+
+    def __iter__(self):
+        self.passes += 1
+        return iter(self.batches if self.passes == 1 else [])
+
+
 def test_one_shot_generator_and_singular_hessian_raise():
-    batches = (batch for batch in bert_loader())
-    with pytest.raises(ValueError, match="exhausted"):
-        obs_prune(tiny_bert(), batches, sparsity=0.5, show_progress=False)
+    model = tiny_bert()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        obs_prune(model, (batch for batch in bert_loader()), sparsity=0.5, show_progress=False)
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+    with pytest.raises(ValueError, match="received no input") as error:
+        obs_prune(model, FirstPassOnly(list(bert_loader())), sparsity=0.5, show_progress=False)
+    assert "already pruned and updated 6 of 12 layers in place (bert.encoder.layer.0." in str(error.value.__notes__)
     few_tokens = [correlated_inputs(4, 8)]
     with pytest.raises(ValueError, match="not positive definite.*dampening"):
         obs_prune(single_linear(torch.ones(2, 8, dtype=torch.float64)), few_tokens, 0.5, dampening=0.0,

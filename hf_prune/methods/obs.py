@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -224,6 +224,9 @@ def _check_calibration_data(calibration_dataloader: Any) -> None:
     if calibration_dataloader is None:
         raise ValueError("`calibration_dataloader` is None; OBS needs calibration batches to estimate each layer's "
                          "input Hessian (e.g. a DataLoader of 128 training examples).")
+    if isinstance(calibration_dataloader, Iterator):
+        raise ValueError(f"`calibration_dataloader` is a one-shot iterator ({type(calibration_dataloader).__name__}):"
+                         " OBS iterates it once per Transformer block; pass a DataLoader or a list of batches.")
 
 
 def _check_solver_arguments(modules: Mapping[str, nn.Module], nm: tuple[int, int] | None, block_size: int,
@@ -264,7 +267,8 @@ def obs_prune(model: nn.Module, calibration_dataloader: Iterable[Any], sparsity:
     ```
 
     Args:
-        model (`nn.Module`): the model; its targeted weights are modified in place. It runs in eval mode during
+        model (`nn.Module`): the model; its targeted weights are modified in place, block by block (an error
+            after the first block says which layers were already changed). It runs in eval mode during
             calibration and gets its training mode back afterwards.
         calibration_dataloader (`Iterable`): batches for `model(**batch)` (dicts) or `model(batch)` (tensors),
             iterated once per block, so not a one-shot generator.
@@ -312,6 +316,12 @@ def obs_prune(model: nn.Module, calibration_dataloader: Iterable[Any], sparsity:
                     transposed = isinstance(modules[target.module_name], Conv1D)
                     masks[target.name] = (kept.T if transposed else kept).contiguous()
                     bar.update()
+    except Exception as error:  # the solved layers are written in place: bounded memory keeps no originals
+        if masks:
+            names = list(masks)
+            error.add_note(f"OBS had already pruned and updated {len(names)} of {len(targets)} layers in place "
+                           f"({names[0]} ... {names[-1]}): reload the model before trying again.")
+        raise
     finally:
         model.train(was_training)
     return masks
