@@ -121,6 +121,41 @@ def test_sparse_linear_state_dict_is_the_dense_layers():
         assert all(torch.equal(restored.state_dict()[k], v) for k, v in layer.state_dict().items())
 
 
+def test_sparse_linear_under_autocast_and_half_casts_around_the_float32_kernel():
+    layer = masked_linear(8, 12)
+    sparse = SparseLinear.from_module(layer, KernelSpec("csr"))
+    x = torch.randn(5, 12)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = layer(x)
+        out = sparse(x)
+    assert out.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)
+    assert sparse.half() is sparse and sparse.weight.dtype == torch.float32  # no fp16 CPU sparse kernel
+    assert sparse(x.half()).dtype == torch.float16
+    torch.testing.assert_close(sparse(x.half()).float(), layer(x.half().float()), atol=1e-2, rtol=1e-2)
+
+
+def test_sparse_linear_deep_copies_and_refuses_unexpected_keys():
+    import copy
+
+    sparse = SparseLinear.from_module(masked_linear(8, 12, bias=False), KernelSpec("csr")).eval()
+    twin = copy.deepcopy(sparse)
+    assert twin.weight.layout == torch.sparse_csr and not twin.training
+    assert torch.equal(twin.dense_weight(), sparse.dense_weight())
+    state = {"weight": sparse.dense_weight(), "bias": torch.zeros(8)}
+    with pytest.raises(RuntimeError, match='Unexpected key.*"bias"'):
+        twin.load_state_dict(state)
+    twin.load_state_dict(state, strict=False)
+
+
+def test_threshold_rule_is_exact_at_the_threshold():
+    layer = nn.Linear(10, 10, bias=False)
+    with torch.no_grad():
+        layer.weight.fill_(1.0).view(-1)[:20] = 0  # exactly 20% zeros
+    choice = select_kernel(layer, measure=False, min_sparsity=0.2)
+    assert choice.is_sparse and choice.sparsity == 0.2
+
+
 # --------------------------------------------------------------------------------------------- whole models
 @pytest.mark.parametrize("kind", sorted(TINY_MODELS))
 def test_sparse_model_gives_the_dense_outputs(kind):
@@ -383,6 +418,14 @@ def test_bad_layer_raises_and_changes_nothing(layer, match):
     with pytest.raises(ValueError, match=match):
         model.to_sparse_inference(layers=["bert.encoder.layer.0.intermediate.dense", layer], kernel="sparse")
     unchanged(model, True)
+
+
+def test_a_tied_layer_is_refused():
+    model = TINY_MODELS["gpt2"]()
+    masks = {"lm_head.weight": torch.ones_like(model.lm_head.weight, dtype=torch.bool)}
+    with pytest.raises(ValueError, match="'lm_head' shares its weight with transformer.wte.weight"):
+        to_sparse_inference(model, masks, kernel="sparse")
+    assert model.lm_head.weight is model.transformer.wte.weight
 
 
 def test_converting_twice_names_the_converted_layer():

@@ -84,7 +84,8 @@ def to_sparse_inference(model: nn.Module, masks: Mapping[str, torch.Tensor], lay
 
     Raises:
         ValueError: for no masks, a peft model, a layer that is not a module of the model, not an `nn.Linear` /
-            `Conv1D` (e.g. one already converted), without a mask or on the meta device, or an invalid option.
+            `Conv1D` (e.g. one already converted), without a mask, tied to another module's weight or on the meta
+            device, or an invalid option.
     """
     check_selection_options(kernel, measure, num_tokens, repeats, min_speedup, min_sparsity)
     if not masks:
@@ -94,6 +95,9 @@ def to_sparse_inference(model: nn.Module, masks: Mapping[str, torch.Tensor], lay
                          "first (PrunedModel.merge_and_unload()).")
     names = {clean_name(name): name for name, _ in model.named_modules()}
     modules = dict(model.named_modules())
+    shared: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        shared.setdefault(id(param), []).append(name)
     selected = []
     for layer in _layer_names(masks, layers):
         module = modules[names[layer]] if layer in names else None
@@ -107,6 +111,10 @@ def to_sparse_inference(model: nn.Module, masks: Mapping[str, torch.Tensor], lay
         if f"{layer}.weight" not in masks:
             raise ValueError(f"Layer {layer!r} has no pruning mask; masked layers include "
                              f"{list(masks)[:3]}.")
+        tied = [name for name in shared.get(id(module.weight), ()) if clean_name(name) != f"{layer}.weight"]
+        if tied:
+            raise ValueError(f"Layer {layer!r} shares its weight with {tied[0]} (tied embeddings): a sparse copy "
+                             "would untie them; leave it out of `layers`.")
         if module.weight.is_meta:
             raise ValueError(f"Layer {layer!r} is on the meta device (a sharded or not yet loaded model).")
         selected.append((layer, module))

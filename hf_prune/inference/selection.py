@@ -255,7 +255,7 @@ def select_kernel(module: nn.Linear | Conv1D, layer: str = "", kernel: str = "au
     """
     check_selection_options(kernel, measure, num_tokens, repeats, min_speedup, min_sparsity)
     weight = weight_matrix(module)
-    sparsity = 1.0 - int(torch.count_nonzero(weight)) / max(1, weight.numel())
+    sparsity = (weight.numel() - int(torch.count_nonzero(weight))) / max(1, weight.numel())  # exact at 20% zeros
     if kernel == "dense":
         return KernelChoice(layer, None, sparsity, None, "kernel='dense'")
     specs, why_not = sparse_candidates(weight, platform_of(weight.device), num_tokens)

@@ -156,18 +156,41 @@ class SparseLinear(nn.Module):
         return module
 
     def multiply(self, x: torch.Tensor) -> torch.Tensor:
-        """`x @ W.T + b` without the autograd guard of `forward`."""
+        """`x @ W.T + b` without the autograd guard of `forward`. CSR/BSR: `x` is multiplied in the weight's dtype
+        (MKL has no bfloat16 / float16 kernel) and the result returned in the dtype a Linear layer would give:
+        autocast's where it is on, else `x`'s."""
         flat = x.reshape(-1, self.in_features)
         if self.spec.format == "semi_structured":
             out = F.linear(flat.contiguous(), self.weight, self.bias)
         else:
-            out = sparse_addmm(self.weight, self.bias, flat, self.spec.chunk_size)
+            device = x.device.type
+            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+            with torch.autocast(device, enabled=False):
+                out = sparse_addmm(self.weight, self.bias, flat.to(self.weight.dtype), self.spec.chunk_size)
+            out = out.to(dtype)
         return out.view(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
             return _InferenceOnly.apply(x, self)
         return self.multiply(x)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> SparseLinear:
+        """`.to(device)` / `.cuda()` move a CSR/BSR weight; `.half()` / `.to(dtype)` leave its dtype (float32 or
+        float64: torch's CPU sparse kernels have no other), `multiply` casts the inputs to it."""
+        if self.spec.format == "semi_structured":
+            return super()._apply(fn, recurse)
+        device = fn(torch.empty(0, dtype=self.weight.dtype, device=self.weight.device)).device
+        self.weight = self.weight.to(device)
+        if self.bias is not None:
+            self.bias = self.bias.to(device)
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SparseLinear:
+        """A copy rebuilt from the dense weight (torch cannot deep-copy a sparse CSR/BSR tensor's storage)."""
+        copy = SparseLinear(self.dense_weight(), self.bias, self.spec, self.transposed).train(self.training)
+        memo[id(self)] = copy
+        return copy
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -183,7 +206,11 @@ class SparseLinear(nn.Module):
                               strict: bool, missing_keys: list[str], unexpected_keys: list[str],
                               error_msgs: list[str]) -> None:
         shape = (self.in_features, self.out_features) if self.transposed else (self.out_features, self.in_features)
-        for name in ("weight", "bias") if self.bias is not None else ("weight",):
+        names = ("weight", "bias") if self.bias is not None else ("weight",)
+        if strict:  # as nn.Module does: keys under this layer's prefix that are none of its tensors
+            unexpected_keys.extend(key for key in state_dict if key.startswith(prefix)
+                                   and "." not in key[len(prefix):] and key[len(prefix):] not in names)
+        for name in names:
             key = prefix + name
             if key not in state_dict:
                 missing_keys.append(key)
