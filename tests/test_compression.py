@@ -130,6 +130,10 @@ def test_huffman_rejects_bad_input():
     incomplete[14] += 1  # one more code of length 1
     with pytest.raises(ValueError, match="prefix code|distinct"):
         HuffmanTable.from_bytes(bytes(incomplete))
+    for bits in (0, 6 * 2 + 1):  # 6 symbols of 1..2-bit codes take 6..12 bits
+        with pytest.raises(ValueError, match=f"block 0 of 6 symbols {bits} bits"):
+            HuffmanTable(table.num_symbols, table.dtype, table.symbols, table.length_counts,
+                         np.array([bits], dtype=np.uint16))
 
 
 def test_gap_symbols_round_trip_with_fillers():

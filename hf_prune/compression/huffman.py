@@ -54,6 +54,17 @@ class HuffmanTable:
         kraft = sum(int(count) << (longest - length) for length, count in enumerate(self.length_counts, start=1))
         if longest and (int(self.length_counts.sum()) != distinct or kraft != 1 << longest):
             raise ValueError("Huffman table is not a complete prefix code (corrupt code-length counts).")
+        if longest:  # a block of n symbols takes n * shortest ... n * longest bits
+            sizes = np.full(blocks, BLOCK_SIZE, dtype=np.int64)
+            sizes[-1] = self.num_symbols - BLOCK_SIZE * (blocks - 1)
+            shortest = int(np.flatnonzero(self.length_counts)[0]) + 1
+            bits = self.block_bits.astype(np.int64)
+            bad = np.flatnonzero((bits < sizes * shortest) | (bits > sizes * longest))
+            if bad.size:
+                k = int(bad[0])
+                raise ValueError(f"Huffman table gives block {k} of {int(sizes[k])} symbols {int(bits[k])} bits; codes "
+                                 f"of {shortest}..{longest} bits need {int(sizes[k]) * shortest}.."
+                                 f"{int(sizes[k]) * longest} (corrupt block lengths).")
 
     def to_bytes(self) -> bytes:
         """Little-endian: the header, the code-length counts (uint32), the symbols, the block bit lengths (uint16)."""
