@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import glob
 import logging
 import os
 import uuid
@@ -13,8 +14,8 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_callback import ExportableState
 
 from .config import PruningConfig
-from .constants import MASKS_NAME
-from .distributed import is_main_rank
+from .constants import MASKS_NAME, TRAINER_STATE_NAME
+from .distributed import Replicated, is_main_rank
 from .hub import resolve_file
 from .pruner import Pruner
 from .schedules import SparsitySchedule
@@ -28,12 +29,37 @@ logger = logging.getLogger(__name__)
 _FIELDS_THAT_KEEP_MASKS = ("base_model_name_or_path",)
 
 
-def checkpoint_folder(args: TrainingArguments, state: TrainerState) -> str:
-    """The folder of the checkpoint the Trainer writes at `state.global_step` (made if needed): where a callback's
-    `on_save` puts its own files."""
-    folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-    os.makedirs(folder, exist_ok=True)
+def checkpoint_folder(args: TrainingArguments, state: TrainerState, create: bool = True) -> str:
+    """The folder of the checkpoint the Trainer writes at `state.global_step` (made if needed, with `create`): where
+    a callback's `on_save` puts its own files. `output_dir/checkpoint-<step>`; in a hyperparameter-search trial, the
+    trial's `output_dir/<run name>/checkpoint-<step>` (with no `hp_name`, the run name holds a trial id the callbacks
+    are not given: the folder of that step whose `trainer_state.json` the Trainer wrote last)."""
+    name = f"checkpoint-{state.global_step}"
+    if state.trial_params is None:
+        folder = os.path.join(args.output_dir, name)
+    elif state.trial_name is not None:
+        folder = os.path.join(args.output_dir, state.trial_name, name)
+    else:
+        written = glob.glob(os.path.join(glob.escape(args.output_dir), "*", name, TRAINER_STATE_NAME))
+        if not written:
+            raise FileNotFoundError(f"A hyperparameter-search trial saves at step {state.global_step}, but no "
+                                    f"{os.path.join(args.output_dir, '<run>', name)} holds the Trainer's "
+                                    f"{TRAINER_STATE_NAME}.")
+        folder = os.path.dirname(max(written, key=os.path.getmtime))
+    if create:
+        os.makedirs(folder, exist_ok=True)
     return folder
+
+
+def checkpoint_being_pushed(args: TrainingArguments, state: TrainerState, filename: str) -> str | None:
+    """In `on_push_begin`: the checkpoint folder the Trainer has just written and is about to upload (with
+    `push_to_hub`, before `on_save` runs) when it still lacks `filename`; else None (the push at the end of
+    training, or a step without a checkpoint)."""
+    if not args.push_to_hub:
+        return None
+    folder = checkpoint_folder(args, state, create=False)
+    written = os.path.isfile(os.path.join(folder, TRAINER_STATE_NAME))
+    return folder if written and not os.path.isfile(os.path.join(folder, filename)) else None
 
 
 def find_checkpoint_file(args: TrainingArguments, state: TrainerState, filename: str, written_by: str) -> str:
@@ -197,12 +223,24 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
         if self.pruner is None:
             return
         pruner_state = self.pruner.state_dict()  # collective when the weights are sharded
-        if not state.is_world_process_zero:
+        if state.is_world_process_zero:
+            self._save_masks(os.path.join(checkpoint_folder(args, state), MASKS_NAME), pruner_state, state)
+
+    def on_push_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                      **kwargs: Any) -> None:
+        # With push_to_hub the Trainer uploads a checkpoint before on_save: the masks go in first (main process
+        # only, so only where they need no collective), and a Hub checkpoint resumes like a local one.
+        if self.pruner is None or type(self.pruner.layout) is not Replicated:
             return
+        folder = checkpoint_being_pushed(args, state, MASKS_NAME)
+        if folder is not None:
+            self._save_masks(os.path.join(folder, MASKS_NAME), self.pruner.state_dict(), state)
+
+    def _save_masks(self, path: str, pruner_state: dict[str, Any], state: TrainerState) -> None:
         masks = pruner_state.pop("masks")
-        save_masks(masks, os.path.join(checkpoint_folder(args, state), MASKS_NAME),
-                   {"global_step": state.global_step, **pruner_state, "pruning_config": self.config.to_dict(),
-                    "schedule": dataclasses.asdict(self.pruner.schedule), "masks_id": self._masks_id()})
+        save_masks(masks, path, {"global_step": state.global_step, **pruner_state,
+                                 "pruning_config": self.config.to_dict(),
+                                 "schedule": dataclasses.asdict(self.pruner.schedule), "masks_id": self._masks_id()})
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:

@@ -19,14 +19,13 @@ from transformers.utils import CONFIG_NAME as MODEL_CONFIG_NAME
 
 from . import plots
 from .config import PruningConfig
-from .constants import CONFIG_NAME, MASKS_NAME
+from .constants import CONFIG_NAME, MASKS_NAME, TRAINER_STATE_NAME
 from .hub import resolve_file
 from .loading import auto_model_class, parameter_shapes
 from .report import SparsityReport, sparsity_report
 from .serialization import load_masks, read_json_object, read_masks_metadata
 
 
-TRAINER_STATE_NAME = "trainer_state.json"
 CURVES_NAME = "pruning_curves.png"
 
 

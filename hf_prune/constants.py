@@ -8,6 +8,8 @@ DEEP_COMPRESSED_WEIGHTS_NAME = "deep_compressed_weights.safetensors"
 QUANTIZATION_STATE_NAME = "quantization_state.safetensors"
 #: Prefix of the temporary files and folders a write goes through; loading ignores them, a save removes them.
 TEMP_PREFIX = ".tmp-"
+#: The Trainer's own file in each checkpoint (transformers' `trainer.TRAINER_STATE_NAME`).
+TRAINER_STATE_NAME = "trainer_state.json"
 
 MASK_FORMAT = "hf_prune.bitmask.v1"
 #: The masks as Huffman-coded gaps between kept positions (`save_pretrained(compression="deep")`).

@@ -2,12 +2,20 @@ import os
 
 import pytest
 import torch
+import transformers
 from conftest import TinyClassificationDataset, tiny_bert
 from safetensors.torch import load_file
-from testing_utils import ZeroChecker, magnitude_trainer, tiny_training_args, train_until_first_checkpoint
-from transformers import Trainer, TrainerCallback
+from testing_utils import (
+    RecordingHubApi,
+    ZeroChecker,
+    magnitude_trainer,
+    tiny_training_args,
+    train_until_first_checkpoint,
+)
+from transformers import Trainer, TrainerCallback, TrainerState
 
 from hf_prune import MagnitudePruningCallback, PruningConfig, SparsitySchedule
+from hf_prune.callbacks import checkpoint_folder
 from hf_prune.constants import MASKS_NAME
 from hf_prune.methods.han import HanConfig, HanPruningCallback
 from hf_prune.methods.rpp import RPPCallback, RPPConfig
@@ -87,6 +95,35 @@ def test_every_checkpoint_is_sparse_and_carries_its_masks(tmp_path):
         expected = SparsitySchedule.from_config(callback.config, max_steps=12)(step)
         pruned = sum(int((~m).sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
         assert pruned == pytest.approx(expected, abs=1e-4)
+
+
+def test_checkpoints_pushed_to_the_hub_carry_their_masks(tmp_path, monkeypatch):
+    """The Trainer uploads a checkpoint before on_save: the masks must be in it already, so it resumes."""
+    hub = RecordingHubApi()
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: hub)
+    trainer, _, _ = magnitude_trainer(tmp_path, PruningConfig(**CUBIC), save_strategy="steps", save_steps=4,
+                                      push_to_hub=True, hub_model_id="user/pruned", hub_strategy="all_checkpoints")
+    trainer.train()
+    checkpoints = [(path, files) for path, files in hub.uploads if path.startswith("checkpoint-")]
+    assert [path for path, _ in checkpoints] == ["checkpoint-4", "checkpoint-8", "checkpoint-12"]
+    assert all(MASKS_NAME in files and "trainer_state.json" in files for _, files in checkpoints)
+    for step in (4, 8, 12):
+        folder = tmp_path / "out" / f"checkpoint-{step}"
+        assert read_masks_metadata(folder / MASKS_NAME)["global_step"] == step  # on_save's rewrite: same step
+
+
+def test_a_hyperparameter_search_trial_saves_its_masks_in_its_own_run_folder(tmp_path):
+    args = tiny_training_args(tmp_path)
+    state = TrainerState(global_step=4, trial_params={"learning_rate": 1e-3})
+    for trial, age in (("run-0", 100), ("run-1", 0)):  # run-1 is the trial being trained
+        (tmp_path / trial / "checkpoint-4").mkdir(parents=True)
+        (tmp_path / trial / "checkpoint-4" / "trainer_state.json").write_text("{}")
+        os.utime(tmp_path / trial / "checkpoint-4" / "trainer_state.json", (1e9 - age, 1e9 - age))
+    assert checkpoint_folder(args, state) == str(tmp_path / "run-1" / "checkpoint-4")
+    state.trial_name = "named-trial"  # TrainingArguments' hp_name gives the run folder's name
+    assert checkpoint_folder(args, state) == str(tmp_path / "named-trial" / "checkpoint-4")
+    assert checkpoint_folder(args, TrainerState(global_step=4)) == str(tmp_path / "checkpoint-4")
+    assert not (tmp_path / "checkpoint-4" / MASKS_NAME).exists()
 
 
 @pytest.mark.slow

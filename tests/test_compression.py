@@ -4,11 +4,13 @@ import os
 import numpy as np
 import pytest
 import torch
+import transformers
 from conftest import TinyClassificationDataset, tiny_bert
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from testing_utils import RecordingHubApi
 from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
 
 from hf_prune import MagnitudePruningCallback, Pruner, PruningConfig
@@ -31,7 +33,7 @@ from hf_prune.compression import (
 from hf_prune.compression.huffman import BLOCK_SIZE, huffman_code_lengths
 from hf_prune.compression.positions import GAP_LIMIT, encode_positions, gap_symbols, positions_from_gaps
 from hf_prune.compression.quantization import centroid_gradients
-from hf_prune.constants import QUANTIZATION_STATE_NAME
+from hf_prune.constants import MASKS_NAME, QUANTIZATION_STATE_NAME
 
 
 DTYPES = {np.uint8: 255, np.uint16: 65535, np.uint32: 2**32 - 1}
@@ -289,12 +291,12 @@ def test_callback_refuses_missing_masks_and_running_schedules():
         QuantizationCallback(pruning, bits=4).on_train_begin(None, state, TrainerControl(), model=model)
 
 
-def quantization_trainer(tmp_path, model, max_steps=6):
+def quantization_trainer(tmp_path, model, max_steps=6, **overrides):
     pruning = MagnitudePruningCallback(PruningConfig(final_sparsity=0.9, schedule="oneshot"))
     quantization = QuantizationCallback(pruning, bits=3)
     args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=max_steps, per_device_train_batch_size=8,
                              learning_rate=5e-3, weight_decay=0.1, save_steps=3, report_to="none", use_cpu=True,
-                             seed=0, disable_tqdm=True)
+                             seed=0, disable_tqdm=True, **overrides)
     trainer = Trainer(model=model, args=args, train_dataset=TinyClassificationDataset(64),
                       callbacks=[pruning, quantization])
     return trainer, pruning, quantization
@@ -321,6 +323,16 @@ def test_trainer_run_keeps_weights_on_centroids_and_pruned_weights_zero(tmp_path
     resumed.train(resume_from_checkpoint=checkpoint)
     for name, q in resumed_quantization.quantized.items():
         assert torch.equal(q.indices, saved[name].indices) and torch.equal(q.mask, saved[name].mask)
+
+
+def test_checkpoints_pushed_to_the_hub_carry_the_clusters(tmp_path, monkeypatch):
+    hub = RecordingHubApi()
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: hub)
+    trainer, _, _ = quantization_trainer(tmp_path, tiny_bert(), push_to_hub=True, hub_model_id="user/deep",
+                                         hub_strategy="checkpoint")
+    trainer.train()
+    checkpoints = [files for path, files in hub.uploads if path == "last-checkpoint"]
+    assert len(checkpoints) == 2 and all({QUANTIZATION_STATE_NAME, MASKS_NAME} <= files for files in checkpoints)
 
 
 # ------------------------------------------------------------------------------------------------ file format

@@ -3,7 +3,9 @@ callback that checks pruned weights stay exactly zero, and training interrupted 
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
+import types
 
 import torch
 from conftest import TinyClassificationDataset, tiny_bert
@@ -79,3 +81,19 @@ def magnitude_trainer(tmp_path, config: PruningConfig, max_steps: int = 12, chec
     trainer = Trainer(model=model, args=tiny_training_args(tmp_path / "out", max_steps=max_steps, **overrides),
                       train_dataset=TinyClassificationDataset(96), callbacks=callbacks, optimizers=optimizers)
     return trainer, callback, callbacks[-1]
+
+
+class RecordingHubApi:
+    """Stands in for the Hub: records the files of every folder the Trainer uploads, at the moment it uploads."""
+
+    def __init__(self):
+        self.uploads: list[tuple[str, set[str]]] = []
+
+    def create_repo(self, repo_id, **kwargs):
+        return types.SimpleNamespace(repo_id=repo_id)
+
+    def upload_folder(self, folder_path, path_in_repo=None, **kwargs):
+        self.uploads.append((path_in_repo or ".", set(os.listdir(folder_path))))
+        done = concurrent.futures.Future()
+        done.set_result(None)
+        return done

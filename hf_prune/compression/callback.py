@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ..callbacks import checkpoint_folder, find_checkpoint_file
+from ..callbacks import checkpoint_being_pushed, checkpoint_folder, find_checkpoint_file
 from ..constants import QUANTIZATION_STATE_NAME
 from .deep_format import read_deep_compressed, save_deep_compressed
 from .quantization import QuantizedWeight, TrainedQuantizer, check_quantizer_arguments
@@ -102,7 +102,16 @@ class QuantizationCallback(TrainerCallback):
         self.quantizer.write_weights_()
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        if not self.quantized or not state.is_world_process_zero:
-            return
-        save_deep_compressed(os.path.join(checkpoint_folder(args, state), QUANTIZATION_STATE_NAME), self.quantized,
-                             {}, {"global_step": state.global_step})
+        if self.quantized and state.is_world_process_zero:
+            self._save_state(checkpoint_folder(args, state), state)
+
+    def on_push_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                      **kwargs: Any) -> None:
+        # the Trainer uploads a checkpoint before on_save: the clusters go in first (see MagnitudePruningCallback)
+        folder = checkpoint_being_pushed(args, state, QUANTIZATION_STATE_NAME) if self.quantized else None
+        if folder is not None:
+            self._save_state(folder, state)
+
+    def _save_state(self, folder: str, state: TrainerState) -> None:
+        save_deep_compressed(os.path.join(folder, QUANTIZATION_STATE_NAME), self.quantized, {},
+                             {"global_step": state.global_step})
