@@ -27,19 +27,21 @@ def resolve_file(path_or_repo_id: str | os.PathLike, filename: str, required: bo
         filename (`str`): the file's name inside it.
         required (`bool`, *optional*, defaults to `True`): whether a folder or repo without the file is an error;
             if not, `None` is returned for it.
-        hub_kwargs: forwarded to `hf_hub_download` (`revision`, `token`, `cache_dir`, ...).
+        hub_kwargs: forwarded to `hf_hub_download` (`revision`, `token`, `cache_dir`, ...); `subfolder` also
+            applies to a local folder.
 
     Raises:
         FileNotFoundError: when `path_or_repo_id` is a file, neither a folder nor a reachable Hub repo, or (with
             `required`) lacks `filename`.
     """
     path = os.fspath(path_or_repo_id)
-    if os.path.isdir(path):
-        local = os.path.join(path, filename)
+    if os.path.isdir(path):  # `subfolder` applies to a local folder as it does for transformers
+        folder = os.path.join(path, hub_kwargs.get("subfolder") or "")
+        local = os.path.join(folder, filename)
         if os.path.isfile(local):
             return local
         if required:
-            raise FileNotFoundError(f"No {filename} in {path}.")
+            raise FileNotFoundError(f"No {filename} in {os.path.normpath(folder)}.")
         return None
     if os.path.exists(path):
         raise FileNotFoundError(f"{path} is a file; expected a model folder or a Hub repo id.")

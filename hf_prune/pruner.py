@@ -6,7 +6,7 @@ import functools
 import itertools
 import logging
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -46,6 +46,19 @@ def _in_backward_pass() -> bool:
     """Whether autograd is running a backward pass on this thread: where activation checkpointing re-runs the
     forward of a checkpointed block (both its reentrant and non-reentrant forms recompute inside backward)."""
     return torch._C._current_graph_task_id() != -1
+
+
+def _check_heads_left(units: Sequence[Unit], config: PruningConfig) -> None:
+    """Under `class-uniform`, `final_sparsity` must leave every attention block at least one (key/value) head."""
+    if config.scheme != "class-uniform":
+        return
+    for unit in units:
+        n = unit.num_groups
+        if unit.kind == HEADS and round(config.final_sparsity * n) >= n:
+            raise ValueError(f"`final_sparsity` {config.final_sparsity} with scheme='class-uniform' prunes all "
+                             f"{n} (key/value) heads of every attention block, such as {unit.prefix.rstrip('.')}: "
+                             f"nothing of attention would be left. Accepted: at most {(n - 1) / n:.4g} for this "
+                             "model, or prune the feed-forward neurons only (structure='neurons').")
 
 
 class Pruner:
@@ -89,6 +102,7 @@ class Pruner:
         self.module = module = without_peft_wrapper(extract_model_from_parallel(model))
         #: With `config.structure`: the feed-forward / attention blocks whose neurons / heads are pruned whole.
         self.units: list[Unit] = units_for(module, config) if config.structures() else []
+        _check_heads_left(self.units, config)
         targets = unit_targets(self.units, config.class_granularity) if self.units else find_targets(module, config)
         model_config = getattr(module, "config", None)
         reason = (heads_unexpressible(model_config)

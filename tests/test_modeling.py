@@ -701,6 +701,16 @@ def test_a_compressed_folder_loads_with_from_pretrained_options(tmp_path):
         assert torch.equal(dict(loaded.model.named_parameters())[name], params[name].to(dtypes[name])), name
 
 
+@pytest.mark.parametrize("compression", [None, "sparse"])
+def test_subfolder_loads_the_save_inside_it_not_the_one_beside(tmp_path, compression):
+    pruned("bert", 0.2).save_pretrained(tmp_path, compression=compression)  # another save in the root
+    inner = pruned("bert", 0.8)
+    inner.save_pretrained(tmp_path / "sub", compression=compression)
+    loaded = PrunedModel.from_pretrained(tmp_path, subfolder="sub")
+    assert loaded.sparsity_report().overall == pytest.approx(0.8, abs=1e-3)
+    assert_same(inner, loaded)
+
+
 @pytest.mark.parametrize("compression", [None, "sparse", "deep"])
 def test_a_bf16_model_reloads_as_bf16(tmp_path, compression):
     original = pruned("bert")

@@ -253,6 +253,23 @@ def test_shrink_that_cannot_be_expressed_is_a_value_error_and_changes_nothing(co
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
 
 
+def test_a_class_uniform_target_that_prunes_every_head_is_refused_before_training():
+    with pytest.raises(ValueError, match=r"`final_sparsity` 0.8 .* prunes all 2 \(key/value\) heads.*at most 0.5"):
+        Pruner(tiny_llama(), PruningConfig(structure="heads", scheme="class-uniform", schedule="oneshot", final_sparsity=0.8))
+
+
+def test_shrink_with_every_head_pruned_is_a_value_error():
+    model = tiny_llama()
+    pruning = PruningConfig(structure="heads", scheme="class-uniform", schedule="oneshot", final_sparsity=0.5)
+    pruner = Pruner(model, pruning)
+    for unit in pruner.units:  # every key/value group of every layer
+        for member in unit.members:
+            pruner.masks[member.name].fill_(False)
+    pruner.apply_()
+    with pytest.raises(ValueError, match="Every attention head of every layer is pruned"):
+        PrunedModel(model, pruner.masks, pruning).shrink()
+
+
 @pytest.mark.parametrize("model, warned", [(tiny_bert, True), (tiny_t5, True), (tiny_llama, False)])
 def test_head_pruning_that_shrink_cannot_remove_is_told_when_the_pruner_is_built(model, warned, caplog):
     with caplog.at_level("WARNING", logger="hf_prune.pruner"):

@@ -87,6 +87,10 @@ def _new_config(model: nn.Module, units: Sequence[Unit], kept: Mapping[str, torc
                          "prune with scheme='class-uniform' so that every layer keeps the same number of neurons and "
                          "heads.")
     for key, (width,) in widths.items():
+        if key == "num_key_value_heads" and width == 0:
+            raise ValueError("Every attention head of every layer is pruned, which no config can express (the "
+                             "model code divides by the number of heads). Prune a lower `final_sparsity` of the "
+                             "heads, or remove whole blocks with drop_layers.")
         if key == "num_key_value_heads":
             per_group = next(u.queries_per_group for u in units if u.kind == HEADS)
             config.head_dim = next(u.head_dim for u in units if u.kind == HEADS)
@@ -115,7 +119,8 @@ def shrink(model: nn.Module, masks: Mapping[str, torch.Tensor], units: Sequence[
     Raises:
         ValueError: for a model that is not a transformers model (a peft model: merge it first), when a group is
             pruned in part, the layers keep different widths (blocks left out by `exclude_modules` keep their
-            full width), or the config cannot express fewer heads; the model is left as it is.
+            full width), every head is pruned, or the config cannot express fewer heads; the model is left as it
+            is.
     """
     check_transformers_model(model, "shrink()")
     reason = heads_unexpressible(model.config) if any(unit.kind == HEADS for unit in units) else None
