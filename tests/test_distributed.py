@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import tiny_bert
+from conftest import TINY_MODELS, tiny_bert
 from distributed_worker_common import (
     OBD_CONFIG,
     PARTITIONED,
@@ -221,6 +221,25 @@ def test_rank_checks_are_no_ops_in_one_process(tmp_path, monkeypatch):
     finally:
         dist.destroy_process_group()
     assert collectives == ["all_reduce", "all_reduce"]
+
+
+def test_the_gathered_copy_keeps_the_generation_config_and_a_peft_model_is_refused(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from hf_prune.distributed import gather_unsharded
+
+    model = TINY_MODELS["llama"]()
+    model.generation_config.num_beams, model.generation_config.max_length = 4, 77
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:  # a group of one: the same full-state-dict path as under FSDP, on one process
+        gathered = gather_unsharded(model, is_main_process=True)
+        assert (gathered.generation_config.num_beams, gathered.generation_config.max_length) == (4, 77)
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), gathered.state_dict().values()))
+        peft_model = get_peft_model(TINY_MODELS["llama"](), LoraConfig(target_modules=["q_proj"], r=2))
+        with pytest.raises(ValueError, match="sharded PeftModel cannot be gathered"):
+            gather_unsharded(peft_model, is_main_process=True)
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.mark.slow
