@@ -163,14 +163,19 @@ class PrunedModel(nn.Module):
             ValueError: when the masks are not structured (`pruning_config.structure` is "unstructured", or
                 groups are pruned in part), the layers keep different widths (`scheme="class-blind"`), or the
                 config cannot express fewer heads (BERT-, GPT-2-, BART-style and T5 configs: use
-                `structure="neurons"`), or the model is a peft model (merge its adapters first). Nothing is
-                changed then.
+                `structure="neurons"`), the model is a peft model (merge its adapters first), or layers were
+                converted by `to_sparse_inference`. Nothing is changed then.
         """
         if not self.pruning_config.structures():
             raise ValueError("`pruning_config.structure` is 'unstructured': shrink removes whole neurons and heads, "
                              "so prune with PruningConfig(structure='neurons' or 'heads', scheme='class-uniform'); "
                              "for unstructured masks use to_sparse_inference().")
         model = self.get_base_model()
+        converted = [name for name, module in model.named_modules() if isinstance(module, SparseLinear)]
+        if converted:
+            raise ValueError(f"{len(converted)} layers, such as {converted[0]}, were converted by "
+                             "to_sparse_inference(); shrink the masked model, or call "
+                             "hf_prune.inference.restore_dense_layers(pruned.model) first.")
         return shrink(model, self.masks, units_for(model, self.pruning_config))
 
     # ----------------------------------------------------------------------------------------------- saving

@@ -251,6 +251,10 @@ def test_block_influence_of_a_decoder_leaves_out_the_padded_labels():
     both = block_influence(model, [{"input_ids": ids, "labels": padded}])["decoder.block"]
     weighted = [(6 * a + 3 * b) / 9 for a, b in zip(*alone)]  # 1 - mean cosine over the 9 real label positions
     assert both == pytest.approx(weighted, abs=1e-5)
+    # DataCollatorForSeq2Seq(model=...) also passes the decoder inputs shifted from the labels
+    shifted = model.prepare_decoder_input_ids_from_labels(labels=padded)
+    collated = block_influence(model, [{"input_ids": ids, "labels": padded, "decoder_input_ids": shifted}])
+    assert collated["decoder.block"] == pytest.approx(weighted, abs=1e-5)
 
 
 def test_block_influence_scores_both_stacks_of_an_encoder_decoder_and_refuses_batches_that_reach_none():

@@ -258,6 +258,17 @@ def test_a_class_uniform_target_that_prunes_every_head_is_refused_before_trainin
         Pruner(tiny_llama(), PruningConfig(structure="heads", scheme="class-uniform", schedule="oneshot", final_sparsity=0.8))
 
 
+def test_shrink_after_sparse_inference_says_to_restore_the_dense_layers():
+    model = tiny_llama()
+    pruning = PruningConfig(structure="neurons", scheme="class-uniform", schedule="oneshot", final_sparsity=0.5)
+    pruner = Pruner(model, pruning)
+    pruner.prune_to(0.5)
+    pruned = PrunedModel(model, pruner.masks, pruning)
+    pruned.to_sparse_inference(kernel="sparse")
+    with pytest.raises(ValueError, match="converted by to_sparse_inference.*restore_dense_layers"):
+        pruned.shrink()
+
+
 def test_shrink_with_every_head_pruned_is_a_value_error():
     model = tiny_llama()
     pruning = PruningConfig(structure="heads", scheme="class-uniform", schedule="oneshot", final_sparsity=0.5)

@@ -221,8 +221,10 @@ def _token_weights(kwargs: Mapping[str, Any], decoder: bool) -> torch.Tensor | N
     elif kwargs.get("decoder_attention_mask") is not None:
         mask = kwargs["decoder_attention_mask"]
     else:
-        labels = kwargs.get("labels")
-        mask = labels.ne(-100) if isinstance(labels, torch.Tensor) and kwargs.get("decoder_input_ids") is None else None
+        labels, inputs = kwargs.get("labels"), kwargs.get("decoder_input_ids")
+        # DataCollatorForSeq2Seq(model=...) adds decoder_input_ids shifted from the labels: position for position
+        aligned = isinstance(labels, torch.Tensor) and (inputs is None or tuple(inputs.shape) == tuple(labels.shape))
+        mask = labels.ne(-100) if aligned else None
     return None if mask is None else mask.float()
 
 
