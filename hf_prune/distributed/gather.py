@@ -39,7 +39,8 @@ def gather_unsharded(model: nn.Module, is_main_process: bool) -> nn.Module:
     if any(is_zero3(p) for p in module.parameters()):
         import deepspeed
 
-        state = dict(module.named_buffers())
+        saved_names = module.state_dict().keys()  # no gathering: ZeRO-3 parameters are empty placeholders here
+        state = {name: buffer for name, buffer in module.named_buffers() if name in saved_names}  # persistent ones
         for name, param in module.named_parameters():
             with deepspeed.zero.GatheredParameters([param]):
                 if is_main_process:
@@ -53,7 +54,7 @@ def gather_unsharded(model: nn.Module, is_main_process: bool) -> nn.Module:
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=not on_cpu))
     with _without_zero3_init():
         if is_main_process:
-            gathered = load_dense(model_class, "the gathered weights", module.config, {}, state_dict=state)
+            gathered = load_dense(model_class, "the gathered state dict", module.config, {}, state_dict=state)
         else:
             with torch.device("meta"):
                 gathered = model_class(module.config)
