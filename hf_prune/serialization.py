@@ -285,45 +285,58 @@ def load_masks(path: str | os.PathLike, expected: Mapping[str, Sequence[int]] | 
     Args:
         path (`str`): the file.
         expected (`dict[str, tuple]`, *optional*): the model's weight shapes by name. When given, every mask must
-            name one of them with its shape, checked before any mask is decoded (a gap-coded file is the only
-            bound on what it decodes to).
+            name one of them with its shape. Every check (names, shapes, byte counts, `expected`) runs on the
+            file's header, before any mask is read.
 
     Raises:
         ValueError: naming the file and the field, on a corrupt or foreign file or one that does not fit `expected`.
     """
-    header, packed = read_tagged_safetensors(path, (MASK_FORMAT, GAP_MASK_FORMAT), "hf_prune masks file")
-    declared = header_json(path, header, "shapes", dict)
-    shapes = {name: checked_shape(path, f"shapes[{name!r}]", shape) for name, shape in declared.items()}
-    if set(shapes) != set(packed):
-        raise ValueError(f"{path} is corrupt: masks {sorted(set(packed) ^ set(shapes))} lack a shape or data.")
-    bad = sorted(name for name, tensor in packed.items() if tensor.dtype != torch.uint8 or tensor.dim() != 1)
-    if bad:
-        raise ValueError(f"{path} is corrupt: the data of masks {bad} is not 1-D uint8.")
-    check_against_model(path, shapes, expected)
+    shapes: dict[str, tuple[int, ...]] = {}
+    kept: dict[str, int] = {}
+
+    def check(header: dict[str, str], layout: dict[str, tuple[str, tuple[int, ...]]]) -> None:
+        declared = header_json(path, header, "shapes", dict)
+        shapes.update({name: checked_shape(path, f"shapes[{name!r}]", shape) for name, shape in declared.items()})
+        if set(shapes) != set(layout):
+            raise ValueError(f"{path} is corrupt: masks {sorted(set(layout) ^ set(shapes))} lack a shape or data.")
+        bad = sorted(name for name, (dtype, shape) in layout.items() if dtype != "U8" or len(shape) != 1)
+        if bad:
+            raise ValueError(f"{path} is corrupt: the data of masks {bad} is not 1-D uint8.")
+        if header["format"] == GAP_MASK_FORMAT:
+            kept.update(_checked_kept_counts(path, header, shapes))
+        else:
+            for name, shape in shapes.items():
+                needed = (math.prod(shape) + 7) // 8
+                if layout[name][1][0] != needed:
+                    raise ValueError(f"{path} is corrupt: mask {name!r} holds {layout[name][1][0]} bytes, "
+                                     f"shape {list(shape)} needs {needed}.")
+        check_against_model(path, shapes, expected)
+
+    header, packed = read_tagged_safetensors(path, (MASK_FORMAT, GAP_MASK_FORMAT), "hf_prune masks file", check)
     if header["format"] == GAP_MASK_FORMAT:
-        return _decode_gap_masks(path, header, packed, shapes)
-    masks = {}
-    for name, shape in shapes.items():
-        numel = math.prod(shape)
-        if packed[name].numel() != (numel + 7) // 8:
-            raise ValueError(f"{path} is corrupt: mask {name!r} holds {packed[name].numel()} bytes, "
-                             f"shape {list(shape)} needs {(numel + 7) // 8}.")
-        masks[name] = unpack_mask(packed[name], shape)
-    return masks
+        return _decode_gap_masks(path, packed, shapes, kept)
+    return {name: unpack_mask(packed[name], shape) for name, shape in shapes.items()}
 
 
-def _decode_gap_masks(path: str | os.PathLike, header: Mapping[str, str], coded: Mapping[str, torch.Tensor],
-                      shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-    from .compression.positions import decode_positions
-
+def _checked_kept_counts(path: str | os.PathLike, header: Mapping[str, str],
+                         shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
+    """The kept count of each gap-coded mask, from the header: one per mask, each in 0..its number of entries."""
     kept = header_json(path, header, "kept", dict)
     if set(kept) != set(shapes):
         raise ValueError(f"{path} is corrupt: header entry `kept` names {sorted(kept)}, `shapes` {sorted(shapes)}.")
-    masks = {}
     for name, shape in shapes.items():
         if not is_count(kept[name]) or kept[name] > math.prod(shape):
             raise ValueError(f"{path} is corrupt: `kept[{name!r}]` must be an integer in 0..{math.prod(shape)} "
                              f"(the entries of shape {list(shape)}); got {kept[name]!r}.")
+    return kept
+
+
+def _decode_gap_masks(path: str | os.PathLike, coded: Mapping[str, torch.Tensor],
+                      shapes: Mapping[str, tuple[int, ...]], kept: Mapping[str, int]) -> dict[str, torch.Tensor]:
+    from .compression.positions import decode_positions
+
+    masks = {}
+    for name, shape in shapes.items():
         try:
             masks[name] = decode_positions(coded[name].numpy().tobytes(), shape, kept[name])
         except ValueError as err:

@@ -91,8 +91,41 @@ BAD_HEADERS = {
 }
 
 
+def forbid_tensor_reads(monkeypatch) -> None:
+    """Makes reading any tensor out of a safetensors file an AssertionError: what a check refuses, it refuses
+    from the header alone."""
+    import hf_prune.serialization as serialization
+
+    real_safe_open = serialization.safe_open
+
+    class HeaderOnly:
+        def __init__(self, *args, **kwargs):
+            self.file = real_safe_open(*args, **kwargs)
+
+        def __enter__(self):
+            self.file.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.file.__exit__(*exc)
+
+        def get_tensor(self, name):
+            raise AssertionError(f"tensor {name} was read before the file was checked")
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+    monkeypatch.setattr(serialization, "safe_open", HeaderOnly)
+
+
+@pytest.fixture
+def tensor_reads_fail(monkeypatch):
+    forbid_tensor_reads(monkeypatch)
+
+
 @pytest.mark.parametrize("entries, message", BAD_HEADERS.values(), ids=BAD_HEADERS.keys())
-def test_a_masks_file_with_a_bad_header_is_a_value_error_naming_file_and_field(tmp_path, entries, message):
+def test_a_masks_file_with_a_bad_header_is_a_value_error_naming_file_and_field(tmp_path, entries, message,
+                                                                               tensor_reads_fail):
     path = tmp_path / "m.safetensors"
     write_masks_header(path, **entries)
     with pytest.raises(ValueError, match=f"^{path}.*{message}"):
@@ -116,12 +149,16 @@ def test_masks_metadata_with_a_bad_sparsity_is_a_value_error_naming_it(tmp_path,
         read_masks_metadata(path)
 
 
-def test_masks_are_checked_against_the_model_before_decoding(tmp_path):
+@pytest.mark.parametrize("encoding", ["bitmask", "gaps"])
+def test_masks_are_checked_against_the_model_before_any_is_read(tmp_path, monkeypatch, encoding):
     path = tmp_path / "m.safetensors"
-    save_masks({"a.weight": torch.ones(4, 4, dtype=torch.bool), "b.weight": torch.ones(3, dtype=torch.bool)}, path)
-    with pytest.raises(ValueError, match=f"^{path}: Masks do not match the model: unexpected mask b.weight .*; mask "
-                                         "a.weight has shape \\(4, 4\\), weight has \\(4, 5\\)"):
-        load_masks(path, {"a.weight": (4, 5)})
+    save_masks({"a.weight": torch.ones(4, 4, dtype=torch.bool), "b.weight": torch.ones(3, dtype=torch.bool)}, path,
+               encoding=encoding)
+    with monkeypatch.context() as patch:
+        forbid_tensor_reads(patch)
+        with pytest.raises(ValueError, match=f"^{path}: Masks do not match the model: unexpected mask b.weight .*; "
+                                             "mask a.weight has shape \\(4, 4\\), weight has \\(4, 5\\)"):
+            load_masks(path, {"a.weight": (4, 5)})
     assert load_masks(path, {"a.weight": (4, 4), "b.weight": (3,), "c.weight": (2,)}).keys() == {"a.weight",
                                                                                                  "b.weight"}
 
