@@ -259,8 +259,10 @@ def test_callback_update_rule_is_sgd_on_grouped_gradients():
         assert params[name].grad is None and torch.equal(params[name].detach(), dequantize(q))
 
 
-def test_a_step_with_non_finite_gradients_moves_no_centroid():
-    """An fp16 overflow: the scaler skips the optimizer step, and the centroids must not take it either."""
+@pytest.mark.parametrize("where", ["quantized weight", "other parameter"])
+def test_a_step_with_non_finite_gradients_moves_no_centroid(where):
+    """An fp16 overflow: the scaler skips the optimizer step (an inf in any parameter's gradient), and the
+    centroids must not take it either."""
     model, masks = pruned_bert()
     quantizer = TrainedQuantizer(model, bits=2, learning_rate=0.05)
     quantizer.quantize_(masks)
@@ -268,12 +270,17 @@ def test_a_step_with_non_finite_gradients_moves_no_centroid():
     params = dict(model.named_parameters())
     model(**batch()).loss.backward()
     first = next(iter(quantizer.quantized))
-    params[first].grad[masks[first]] = float("inf")  # one overflowed entry in one layer
+    if where == "quantized weight":
+        params[first].grad[masks[first]] = float("inf")  # one overflowed entry in one layer
+    else:
+        other = next(name for name in params if name not in masks and params[name].grad is not None)
+        params[other].grad.view(-1)[0] = float("nan")
     quantizer.step_()
     quantizer.write_weights_()
     for name, q in quantizer.quantized.items():
         assert torch.equal(q.centroids, before[name]) and params[name].grad is None
         assert torch.isfinite(params[name]).all()
+    model.zero_grad()
     model(**batch()).loss.backward()  # the next, finite step moves them again
     quantizer.step_()
     assert any(not torch.equal(q.centroids, before[name]) for name, q in quantizer.quantized.items())

@@ -165,6 +165,11 @@ def dequantize(quantized: QuantizedWeight) -> torch.Tensor:
     return dense.masked_scatter_(quantized.mask, quantized.kept_values())
 
 
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every entry of every tensor is finite, with one host synchronisation."""
+    return not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
 def centroid_gradients(quantized: QuantizedWeight, weight_grad: torch.Tensor) -> torch.Tensor:
     """dL/dc_k = sum of dL/dw over the kept entries assigned to centroid k (Han et al. 2016, eq. 3)."""
     kept = weight_grad.detach()[quantized.mask].float()
@@ -229,8 +234,9 @@ class TrainedQuantizer:
     def step_(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """One SGD step of every centroid on its weights' gradients, which are then dropped.
 
-        A step whose gradients are not all finite (an fp16 overflow, which the gradient scaler answers by skipping
-        the optimizer step) moves no centroid: the gradients are dropped, the shared values stay as they were.
+        A step where any parameter of the model has a gradient that is not finite (an fp16 overflow, which the
+        gradient scaler answers by skipping the optimizer step) moves no centroid: the quantized weights'
+        gradients are dropped, the shared values stay as they were.
 
         Raises:
             ValueError: when a quantized weight has a gradient but no learning rate (neither `learning_rate` nor
@@ -238,6 +244,7 @@ class TrainedQuantizer:
         """
         lrs = {} if self.learning_rate is not None or optimizer is None else {
             id(param): group["lr"] for group in optimizer.param_groups for param in group["params"]}
+        finite = _all_finite([param.grad for param in self.params.values() if param.grad is not None])
         updates = {}
         for name, quantized in self.quantized.items():
             param = self.params[name]
@@ -248,7 +255,7 @@ class TrainedQuantizer:
                 raise ValueError(f"{name} is not in the optimizer, so it has no learning rate; pass `learning_rate`.")
             updates[name] = (lr, centroid_gradients(quantized, param.grad))
             param.grad = None
-        if not all(bool(torch.isfinite(gradient).all()) for _, gradient in updates.values()):
+        if not finite:
             logger.warning("Non-finite gradients at this step: no centroid moved (as an fp16 scaler skips the step).")
             return
         for name, (lr, gradient) in updates.items():
