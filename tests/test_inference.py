@@ -135,6 +135,22 @@ def test_sparse_linear_under_autocast_and_half_casts_around_the_float32_kernel()
     torch.testing.assert_close(sparse(x.half()).float(), layer(x.half().float()), atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("spec", [KernelSpec("csr"), KernelSpec("bsr", blocksize=(4, 4))], ids=["csr", "bsr"])
+def test_sparse_linear_moves_to_the_meta_device_and_back_with_its_layout(spec):
+    layer = masked_linear(8, 12)
+    sparse = SparseLinear.from_module(layer, spec)
+    assert sparse.to("meta") is sparse and sparse.weight.device.type == sparse.bias.device.type == "meta"
+    assert sparse.weight.layout == (torch.sparse_csr if spec.format == "csr" else torch.sparse_bsr)
+    assert {name: tuple(t.shape) for name, t in sparse.state_dict().items()} == {"weight": (8, 12), "bias": (8,)}
+    with pytest.raises(NotImplementedError, match="meta tensor"):  # as for any module: a meta tensor has no data
+        sparse.to("cpu")
+    sparse.to_empty(device="cpu").load_state_dict(layer.state_dict())  # as after init_empty_weights()
+    assert sparse.weight.device.type == "cpu" and torch.equal(sparse.dense_weight(), layer.weight.detach())
+    x = torch.randn(5, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), layer(x))
+
+
 def test_sparse_linear_deep_copies_and_refuses_unexpected_keys():
     import copy
 

@@ -176,11 +176,17 @@ class SparseLinear(nn.Module):
         return self.multiply(x)
 
     def _apply(self, fn: Any, recurse: bool = True) -> SparseLinear:
-        """`.to(device)` / `.cuda()` move a CSR/BSR weight; `.half()` / `.to(dtype)` leave its dtype (float32 or
-        float64: torch's CPU sparse kernels have no other), `multiply` casts the inputs to it."""
+        """`.to(device)` / `.cuda()` move a CSR/BSR weight (`.to_empty(device)` of a meta one gives an empty
+        weight for `load_state_dict` to fill); `.half()` / `.to(dtype)` leave its dtype (float32 or float64:
+        torch's CPU sparse kernels have no other), `multiply` casts the inputs to it."""
         if self.spec.format == "semi_structured":
             return super()._apply(fn, recurse)
-        device = fn(torch.empty(0, dtype=self.weight.dtype, device=self.weight.device)).device
+        device = fn(torch.empty(0, dtype=self.weight.dtype, device=self.weight.device)).device  # raises as `.to`
+        if self.weight.is_meta and device.type != "meta":  # `to_empty()`: no entries to move, `load_state_dict` sets them
+            shape = (self.out_features, self.in_features)
+            self.weight = to_sparse_tensor(torch.zeros(shape, dtype=self.weight.dtype, device=device), self.spec)
+            self.bias = None if self.bias is None else torch.empty_like(self.bias, device=device)
+            return self
         self.weight = self.weight.to(device)
         if self.bias is not None:
             self.bias = self.bias.to(device)
