@@ -194,3 +194,31 @@ def test_lora_over_a_saved_structured_model_keeps_its_masks_and_merges_to_the_tr
     merged = PrunedModel(lora, saved.masks, saved.pruning_config).merge_and_unload()
     with torch.no_grad():
         assert torch.allclose(merged.model.eval()(**inputs()).logits, trained, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_obs_over_lora_prunes_the_base_weights_and_merges_to_a_model_with_those_zeros(kind):
+    """SparseGPT on a model with adapters: the base weights are solved on the inputs the adapted model gives them;
+    `PrunedModel(...).merge_and_unload()` then keeps the pruned positions exactly zero."""
+    import copy
+
+    from hf_prune.methods.obs import obs_prune
+
+    model = lora_model(kind)
+    plain = copy.deepcopy(model).unload()  # the same base weights, without adapters
+    loader = [inputs(), inputs()]
+    masks = obs_prune(model, loader, sparsity=0.5, block_size=16, show_progress=False)
+    base = {name: p for name, p in model.get_base_model().named_parameters()}
+    assert set(masks) == set(Pruner(TINY_MODELS[kind](), PruningConfig(schedule="oneshot")).masks)
+    for name, mask in masks.items():
+        weight = base[name] if name in base else base[name.replace(".weight", ".base_layer.weight")]
+        assert mask.numel() - int(mask.sum()) == mask.numel() // 2 and not weight[~mask].any(), name
+    first = obs_prune(plain, loader, sparsity=0.5, block_size=16, show_progress=False)
+    qkv = [name for name in masks if ".0.attention.self." in name or ".h.0.attn.c_attn" in name]
+    assert qkv and all(torch.equal(masks[name], first[name]) for name in qkv)  # same inputs: the embeddings'
+    solved = {name: p.detach().clone() for name, p in base.items()}
+    params = dict(PrunedModel(model, masks).merge_and_unload().model.named_parameters())
+    assert all(not params[name][~mask].any() for name, mask in masks.items())
+    adapted = [name for name in masks if name.replace(".weight", ".base_layer.weight") in solved]
+    assert adapted and all(not torch.equal(params[name], solved[name.replace(".weight", ".base_layer.weight")])
+                           for name in adapted)  # the update was merged where the weights are kept
