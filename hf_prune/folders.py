@@ -7,7 +7,8 @@ import contextlib
 import os
 import re
 import shutil
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from transformers.utils import (
@@ -21,6 +22,12 @@ from transformers.utils import (
 from .constants import COMPRESSED_WEIGHTS_NAME, DEEP_COMPRESSED_WEIGHTS_NAME, TEMP_PREFIX
 from .hub import resolve_file
 from .serialization import file_record, fsync_directory, fsync_file, is_count, read_json_object
+
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; a concurrent save's staging folder is not protected there
+    fcntl = None
 
 
 #: The weights file(s) of each way a folder can hold the model's weights; one folder holds one of them.
@@ -100,13 +107,44 @@ def _isweights_format(name: str) -> bool:
     return bool(_DENSE_WEIGHTS_FILE.fullmatch(name)) or name in WEIGHT_FORMATS
 
 
+@contextlib.contextmanager
+def staging_folder(folder: str) -> Iterator[str]:
+    """A new temporary folder inside `folder` for a save to write into, removed afterwards. It is locked
+    (`flock`) while the save runs, so that `remove_temporaries` of another process leaves it alone."""
+    staging = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=folder)
+    try:
+        with _locked(staging, blocking=True):
+            yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def remove_temporaries(folder: str) -> None:
-    """Removes what interrupted writes left in `folder` (names starting with `TEMP_PREFIX`)."""
+    """Removes what interrupted writes left in `folder` (names starting with `TEMP_PREFIX`); a staging folder
+    that a running save holds locked is left alone."""
     for name in os.listdir(folder):
         if name.startswith(TEMP_PREFIX):
             target = os.path.join(folder, name)
             with contextlib.suppress(OSError):
-                shutil.rmtree(target) if os.path.isdir(target) and not os.path.islink(target) else os.remove(target)
+                if not os.path.isdir(target) or os.path.islink(target):
+                    os.remove(target)
+                    continue
+                with _locked(target, blocking=False):  # BlockingIOError (an OSError) while a save holds it
+                    shutil.rmtree(target)
+
+
+@contextlib.contextmanager
+def _locked(directory: str, blocking: bool) -> Iterator[None]:
+    """An exclusive advisory lock on `directory` (none where the platform has no `flock`)."""
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def commit(staging: str, folder: str, members: Mapping[str, Any]) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 import warnings
 from collections.abc import Mapping
@@ -24,9 +23,17 @@ from .compression import (
     save_sparse,
 )
 from .config import PruningConfig
-from .constants import COMPRESSED_WEIGHTS_NAME, CONFIG_NAME, DEEP_COMPRESSED_WEIGHTS_NAME, MASKS_NAME, TEMP_PREFIX
+from .constants import COMPRESSED_WEIGHTS_NAME, CONFIG_NAME, DEEP_COMPRESSED_WEIGHTS_NAME, MASKS_NAME
 from .distributed import gather_unsharded
-from .folders import STALE_PATTERNS, check_saved_files, commit, files_under, remove_temporaries, weights_format
+from .folders import (
+    STALE_PATTERNS,
+    check_saved_files,
+    commit,
+    files_under,
+    remove_temporaries,
+    staging_folder,
+    weights_format,
+)
 from .hub import HUB_KWARGS, resolve_file
 from .inference import SparseInferenceReport, SparseLinear, to_sparse_inference
 from .loading import auto_model_class, load_dense, meta_model
@@ -190,7 +197,7 @@ class PrunedModel(nn.Module):
         weights file(s), the masks file, `generation_config.json`), checked by `from_pretrained`. A process killed
         at any moment leaves a folder that loads as the previous save, as the new one, or fails with a
         `ValueError` naming the file that belongs to the other save; what a killed save left (`.tmp-*`) is
-        ignored on load and removed by the next save.
+        ignored on load and removed by the next save (not the staging folder of a save still running).
 
         Args:
             save_directory (`str`): the folder (created if needed).
@@ -233,8 +240,7 @@ class PrunedModel(nn.Module):
             return
         os.makedirs(save_directory, exist_ok=True)
         remove_temporaries(save_directory)
-        staging = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=save_directory)
-        try:
+        with staging_folder(save_directory) as staging:
             model = self.model
             if compression is None:
                 model.save_pretrained(staging, **kwargs)
@@ -260,8 +266,6 @@ class PrunedModel(nn.Module):
             # last: until this rename the folder's pruning_config.json records the files of the previous save
             config.save_pretrained(save_directory, achieved_sparsity=report.overall,
                                    sparsity_by_class=report.by_class(), files=members)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
 
     def _save_compressed(self, save_directory: str | os.PathLike, compression: str, bits: int) -> None:
         """Targeted weights in the chosen compressed form; every other tensor as it is (tied copies dropped)."""

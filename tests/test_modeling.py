@@ -368,6 +368,26 @@ def test_file_records_and_leftover_temporaries(tmp_path):
     assert "generation_config.json" in os.listdir(tmp_path)
 
 
+def test_a_save_leaves_the_staging_folder_of_a_running_save_alone(tmp_path):
+    import fcntl
+
+    model = pruned("bert")
+    running, abandoned = tmp_path / ".tmp-running", tmp_path / ".tmp-abandoned"
+    running.mkdir()
+    (running / "model.safetensors").write_bytes(b"being written")
+    abandoned.mkdir()
+    fd = os.open(running, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as the other process's save holds its staging folder
+        model.save_pretrained(tmp_path)
+        assert (running / "model.safetensors").read_bytes() == b"being written" and not abandoned.exists()
+    finally:
+        os.close(fd)
+    PrunedModel.from_pretrained(tmp_path)
+    model.save_pretrained(tmp_path)  # once that save has ended (or died: the kernel drops its lock), it goes
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".tmp-")]
+
+
 KILL_DRIVER = r'''
 import json, os, random, signal, sys, time
 import tqdm
