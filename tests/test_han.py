@@ -285,6 +285,7 @@ def test_trainer_run_iterates_three_times_and_resumes_to_the_same_model(tmp_path
     ({"end_step": 10}, "end_step", "None"),
     ({"adjust_dropout": "yes"}, "adjust_dropout", "True or False"),
     ({"pruning_frequency": 0}, "pruning_frequency", ">= 1"),
+    ({"structure": "neurons"}, "structure", "'unstructured'"),
 ])
 def test_bad_han_config_raises_naming_field_value_and_range(overrides, field, accepted):
     with pytest.raises(ValueError, match=f"`{field}`") as error:

@@ -66,7 +66,7 @@ class DistillationTrainer(Trainer):
 
     ```python
     from hf_prune import MagnitudePruningCallback, PruningConfig
-    from hf_prune.distillation import DistillationTrainer
+    from hf_prune import DistillationTrainer
 
     trainer = DistillationTrainer(model=student, teacher_model=dense_fine_tuned, temperature=2.0, alpha=0.5,
                                   args=args, train_dataset=ds,

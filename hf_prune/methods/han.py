@@ -88,6 +88,10 @@ class HanConfig(PruningConfig):
         super().validate()
         check_choice("schedule", self.schedule, ("oneshot",))
         check_choice("criterion", self.criterion, ("magnitude",))
+        if self.structures():
+            raise ValueError(f"`structure` must be 'unstructured' for HanConfig (Han et al. prune single weights below "
+                             f"quality x std); got {self.structure!r}. For neurons or heads use PruningConfig with "
+                             "MagnitudePruningCallback.")
         qualities = self.quality if isinstance(self.quality, list) else [self.quality]
         if not qualities or not all(is_finite_number(q) and q > 0 for q in qualities):
             raise ValueError(f"`quality` must be a finite number > 0 or a non-empty list of them; "
