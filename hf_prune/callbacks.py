@@ -29,6 +29,20 @@ logger = logging.getLogger(__name__)
 _FIELDS_THAT_KEEP_MASKS = ("base_model_name_or_path",)
 
 
+def add_to_logs(logs: dict[str, float], state: TrainerState, entries: dict[str, float]) -> None:
+    """Adds a callback's `entries` to what `Trainer.log` is logging: to its `log_history` entry always, and to
+    `logs`, which the console and the callbacks after this one see, only for a training step's logs.
+
+    The Trainer passes its callbacks the very dict that `evaluate()` and the end of `train()` return to their
+    caller; a hyperparameter search sums that dict into its objective, so extra keys there would change what is
+    optimised. A training step's logs (the ones with `loss`) are a dict of the Trainer's own, used for nothing else.
+    """
+    if state.log_history:
+        state.log_history[-1].update(entries)
+    if "loss" in logs:
+        logs.update(entries)
+
+
 def checkpoint_folder(args: TrainingArguments, state: TrainerState, create: bool = True) -> str:
     """The folder of the checkpoint the Trainer writes at `state.global_step` (made if needed, with `create`): where
     a callback's `on_save` puts its own files. `output_dir/checkpoint-<step>`; in a hyperparameter-search trial, the
@@ -213,10 +227,7 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
                logs: dict[str, float] | None = None, **kwargs: Any) -> None:
         if self.pruner is None or logs is None:
             return
-        entries = self.log_entries(state)
-        logs.update(entries)
-        if state.log_history:
-            state.log_history[-1].update(entries)
+        add_to_logs(logs, state, self.log_entries(state))
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                 **kwargs: Any) -> None:

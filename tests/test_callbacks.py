@@ -13,11 +13,13 @@ from testing_utils import (
     train_until_first_checkpoint,
 )
 from transformers import Trainer, TrainerCallback, TrainerState
+from transformers.trainer_utils import default_compute_objective
 
 from hf_prune import MagnitudePruningCallback, PruningConfig, SparsitySchedule
 from hf_prune.callbacks import checkpoint_folder
 from hf_prune.constants import MASKS_NAME
 from hf_prune.methods.han import HanConfig, HanPruningCallback
+from hf_prune.methods.regularization import RegularizationCallback
 from hf_prune.methods.rpp import RPPCallback, RPPConfig
 from hf_prune.serialization import load_masks, read_masks_metadata
 
@@ -81,6 +83,21 @@ def test_sparsity_is_logged_overall_and_per_class(tmp_path):
     assert logged[-1]["sparsity"] == pytest.approx(0.8, abs=1e-4)
     classes = {key for key in logged[-1] if key.startswith("sparsity/")}
     assert classes == {f"sparsity/{c}" for c in callback.pruner.classes.values()}
+
+
+def test_evaluate_returns_its_metrics_unchanged(tmp_path):
+    # evaluate() and train() hand their callbacks the dict they return; a hyperparameter search sums it into its
+    # objective (`default_compute_objective`), so the sparsity must go to the log history only.
+    trainer, callback, _ = magnitude_trainer(tmp_path, PruningConfig(**CUBIC))
+    regularization = RegularizationCallback("l2", strength=1e-4)
+    trainer.add_callback(regularization)
+    summary = trainer.train().metrics
+    metrics = trainer.evaluate(TinyClassificationDataset(8))
+    assert not [key for key in {*metrics, *summary} if key.startswith(("sparsity", "l2_"))]
+    assert default_compute_objective(dict(metrics)) == metrics["eval_loss"]
+    evaluated = trainer.state.log_history[-1]
+    assert evaluated["eval_loss"] == metrics["eval_loss"] and evaluated["sparsity"] == callback.pruner.sparsity()
+    assert "l2_penalty" in evaluated and "sparsity" in trainer.state.log_history[-2]  # train()'s summary
 
 
 def test_every_checkpoint_is_sparse_and_carries_its_masks(tmp_path):

@@ -10,6 +10,7 @@ from accelerate.utils import extract_model_from_parallel
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from ..callbacks import add_to_logs
 from ..config import PruningConfig
 from ..distributed import refuse_sharded
 from ..targets import find_targets, named_weights
@@ -100,6 +101,4 @@ class RegularizationCallback(TrainerCallback):
             return
         entries = {f"{self.penalty}_strength": self.strength,
                    f"{self.penalty}_penalty": penalty_value(self.params, self.penalty, self.strength)}
-        logs.update(entries)
-        if state.log_history:
-            state.log_history[-1].update(entries)
+        add_to_logs(logs, state, entries)
