@@ -174,7 +174,7 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
                        **kwargs: Any) -> None:
-        if self.pruner is not None:  # an earlier train() of this callback
+        if self.pruner is not None:  # an earlier train() of this callback, interrupted before on_train_end
             self.pruner.remove_hooks()
         self.pruner = self.make_pruner(model, state.max_steps)
         self._run_id, self._step = uuid.uuid4().hex, state.global_step
@@ -274,6 +274,9 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
                            "final_sparsity %s%s: the pruning schedule did not finish (early stopping, or a "
                            "checkpoint from before its end).", state.global_step, self.pruner.target_sparsity,
                            final, loaded)
+        # The masks stay (for `PrunedModel.from_trainer`); the gradient hooks go, or any later training of this model,
+        # by a Trainer without this callback or a loop of the user's, would silently keep the pruned weights at 0.
+        self.pruner.remove_hooks()
 
     def state(self) -> dict[str, Any]:
         state = {"args": {"config": self.config.to_dict(),

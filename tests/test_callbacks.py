@@ -100,6 +100,20 @@ def test_evaluate_returns_its_metrics_unchanged(tmp_path):
     assert "l2_penalty" in evaluated and "sparsity" in trainer.state.log_history[-2]  # train()'s summary
 
 
+def test_the_model_trains_as_an_ordinary_model_once_train_ends(tmp_path):
+    # The masks stay with the callback, the gradient hooks go: a later Trainer without the callback, or a loop of
+    # the user's, would otherwise keep every pruned weight at 0 without saying so.
+    trainer, callback, _ = magnitude_trainer(tmp_path, PruningConfig(**CUBIC), checker=False)
+    trainer.train()
+    model, masks = trainer.model, callback.masks
+    batch = TinyClassificationDataset(8)[:8]
+    model.train()
+    model(**batch).loss.backward()
+    params = dict(model.named_parameters())
+    assert all(params[name].grad[~mask].abs().sum() > 0 for name, mask in masks.items())
+    assert callback.pruner.sparsity() == pytest.approx(0.8, abs=1e-4)  # the masks themselves are unchanged
+
+
 def test_every_checkpoint_is_sparse_and_carries_its_masks(tmp_path):
     trainer, callback, _ = magnitude_trainer(tmp_path, PruningConfig(**CUBIC), save_strategy="steps", save_steps=3)
     trainer.train()
