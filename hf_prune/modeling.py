@@ -41,8 +41,8 @@ from .masks import check_masks_match, zero_pruned_
 from .report import SparsityReport, sparsity_report
 from .serialization import atomic_write_text, file_record, load_masks, save_masks
 from .structured.shrink import shrink
-from .structured.units import units_for
-from .targets import clean_name, find_targets, named_weights
+from .structured.units import pruned_targets, units_for
+from .targets import clean_name, named_weights
 from .validation import check_choice
 from .version import __version__
 
@@ -357,7 +357,7 @@ class PrunedModel(nn.Module):
             pruning_config = pruning_config or PruningConfig()
             model = model_class.from_pretrained(path, **kwargs)
             params = named_weights(model)
-            masks = {t.name: params[t.name] != 0 for t in find_targets(model, pruning_config)}
+            masks = {t.name: params[t.name] != 0 for t in pruned_targets(model, pruning_config)}
             pruning_config.prepare_loaded_model(model, masks)
             return cls(model, masks, pruning_config)
 

@@ -29,8 +29,8 @@ from .masks import check_masks_match, kept_along, update_masks_, zero_pruned_
 from .schedules import SparsitySchedule
 from .structured.selection import update_group_masks_
 from .structured.shrink import heads_unexpressible
-from .structured.units import HEADS, Unit, unit_targets, units_for
-from .targets import Target, clean_name, exclusion_for, find_targets, named_weights, prunable_modules
+from .structured.units import HEADS, Unit, pruned_targets, units_for
+from .targets import Target, clean_name, exclusion_for, named_weights, prunable_modules
 from .validation import check_int
 
 
@@ -103,7 +103,7 @@ class Pruner:
         #: With `config.structure`: the feed-forward / attention blocks whose neurons / heads are pruned whole.
         self.units: list[Unit] = units_for(module, config) if config.structures() else []
         _check_heads_left(self.units, config)
-        targets = unit_targets(self.units, config.class_granularity) if self.units else find_targets(module, config)
+        targets = pruned_targets(module, config, self.units)
         model_config = getattr(module, "config", None)
         reason = (heads_unexpressible(model_config)
                   if model_config is not None and any(unit.kind == HEADS for unit in self.units) else None)

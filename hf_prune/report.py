@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from .config import PruningConfig
-from .targets import find_targets, named_weights, weight_class
+from .structured.units import pruned_targets
+from .targets import named_weights, weight_class
 
 
 @dataclass(frozen=True)
@@ -87,8 +88,9 @@ def sparsity_report(model: nn.Module, masks: Mapping[str, torch.Tensor] | None =
                     config: PruningConfig | None = None) -> SparsityReport:
     """Per-layer sparsity of `model`'s targeted weights.
 
-    With `masks`, the masked weights are reported (pruned = mask False); without, the weights `config` targets
-    (default: the Linear layers inside the Transformer blocks) and their zeros.
+    With `masks`, the masked weights are reported (pruned = mask False); without, the weights pruning under
+    `config` would mask (default: the Linear layers inside the Transformer blocks; with a `structure`, those of
+    its neurons / heads) and their zeros.
     """
     config = config or PruningConfig()
     if masks is not None:
@@ -96,4 +98,4 @@ def sparsity_report(model: nn.Module, masks: Mapping[str, torch.Tensor] | None =
     params = named_weights(model)
     return SparsityReport(tuple(LayerSparsity(t.name, t.weight_class, tuple(params[t.name].shape),
                                               params[t.name].numel(), int((params[t.name] == 0).sum()))
-                                for t in find_targets(model, config)))
+                                for t in pruned_targets(model, config)))

@@ -215,6 +215,7 @@ def test_callback_prunes_once_with_obs_in_trainer_and_resumes_without_recalibrat
     ({"sparsity": None, "pattern": "2:4", "block_size": 6}, "`block_size` must be a multiple of M=4"),
     ({"sparsity": 0.5, "dampening": -0.1}, "`dampening` must be a finite number >= 0"),
     ({"sparsity": None, "pattern": "2:4"}, "bert.encoder.layer.0.output.dense (37 inputs)"),
+    ({"sparsity": 0.5, "config": PruningConfig(structure="neurons")}, "`structure` must be 'unstructured'"),
 ])
 def test_bad_inputs_raise_before_touching_the_model(kwargs, message):
     model = tiny_bert()

@@ -15,7 +15,15 @@ from transformers import (
     Trainer,
 )
 
-from hf_prune import MagnitudePruningCallback, PrunedModel, Pruner, PruningConfig, drop_layers
+from hf_prune import (
+    MagnitudePruningCallback,
+    PrunedModel,
+    Pruner,
+    PruningConfig,
+    RegularizationCallback,
+    drop_layers,
+    sparsity_report,
+)
 from hf_prune.structured.selection import group_view
 from hf_prune.structured.units import find_units
 
@@ -339,3 +347,22 @@ def test_a_saved_structured_model_reloads_with_its_config_and_shrinks_alike(tmp_
     before, after = PrunedModel(model, pruner.masks, config).shrink(), loaded.shrink()
     assert after.config.intermediate_size == before.config.intermediate_size == 37 - round(0.5 * 37)
     assert all(torch.equal(after.state_dict()[n], t) for n, t in before.state_dict().items())
+
+
+def test_a_structured_config_selects_the_same_weights_everywhere(tmp_path):
+    # The report, the regulariser and masks_from_zeros take the weights a structured pruner masks (the members of
+    # its neurons), not the unstructured targets of the same config (which add the attention weights).
+    model = tiny_bert().eval()
+    config = PruningConfig(structure="neurons", scheme="class-uniform", schedule="oneshot", final_sparsity=0.5)
+    pruner = Pruner(model, config)
+    pruner.prune_to(0.5)
+    report = sparsity_report(model, config=config)
+    assert [row.name for row in report.layers] == list(pruner.masks)
+    assert report.overall == pytest.approx(pruner.sparsity())
+    regularization = RegularizationCallback("l1", config=config)
+    regularization.on_train_begin(None, None, None, model=model)
+    assert list(regularization.params) == list(pruner.masks)
+    model.save_pretrained(tmp_path / "plain")
+    loaded = PrunedModel.from_pretrained(tmp_path / "plain", masks_from_zeros=True, pruning_config=config)
+    assert loaded.masks.keys() == pruner.masks.keys()
+    assert all(torch.equal(loaded.masks[name], mask) for name, mask in pruner.masks.items())

@@ -277,7 +277,7 @@ def obs_prune(model: nn.Module, calibration_dataloader: Iterable[Any], sparsity:
         pattern (`str`, *optional*): `"N:M"` semi-structured sparsity: in each group of M consecutive weights along
             the input dimension exactly N are kept (`"2:4"` keeps 2 of every 4).
         config (`PruningConfig`, *optional*): which weights are targeted (`target_modules`, `exclude_modules`,
-            `prune_head`). Defaults to `PruningConfig()`.
+            `prune_head`; `structure` must be "unstructured"). Defaults to `PruningConfig()`.
         block_size (`int`, *optional*, defaults to 128): columns updated together; a multiple of M for N:M.
         dampening (`float`, *optional*, defaults to 0.01): `λ / mean(diag H)`, added to the diagonal of `H`.
         show_progress (`bool`, *optional*, defaults to `True`): a progress bar over the layers.
@@ -287,13 +287,18 @@ def obs_prune(model: nn.Module, calibration_dataloader: Iterable[Any], sparsity:
         `PrunedModel`. The pruned weights are exactly zero in `model`.
 
     Raises:
-        ValueError: on a malformed `pattern`, a `sparsity` it cannot express, missing or unusable calibration data,
+        ValueError: on a malformed `pattern`, a `sparsity` it cannot express, a structured `config`, missing or unusable calibration data,
             a layer whose input count the pattern does not divide, or a Hessian that dampening cannot make
             positive definite.
     """
     nm = parse_pattern(pattern)
     sparsity = _resolve_sparsity(sparsity, nm)
-    targets = find_targets(model, config or PruningConfig())
+    config = config or PruningConfig()
+    if config.structures():
+        raise ValueError(f"`structure` must be 'unstructured' for obs_prune (OBS prunes single weights, or N:M "
+                         f"groups of them); got {config.structure!r}. For neurons or heads use a "
+                         "MagnitudePruningCallback with that config.")
+    targets = find_targets(model, config)
     modules = prunable_modules(model)
     _check_calibration_data(calibration_dataloader)
     _check_solver_arguments({t.module_name: modules[t.module_name] for t in targets}, nm, block_size, dampening)

@@ -13,7 +13,8 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from ..callbacks import add_to_logs
 from ..config import PruningConfig
 from ..distributed import refuse_sharded
-from ..targets import find_targets, named_weights
+from ..structured.units import pruned_targets
+from ..targets import named_weights
 from ..validation import check_choice, check_number
 
 
@@ -46,8 +47,8 @@ class RegularizationCallback(TrainerCallback):
     """L1 or L2 regularisation of the targeted weights (Han et al. 2015, Section 3.1) during `Trainer.train()`.
 
     Before each optimizer step (`on_pre_optimizer_step`) the gradient of the penalty, `λ·sign(w)` for L1 or `2λ·w`
-    for L2, is added to the gradients of the targeted weights (those `find_targets(model, config)` selects; pass
-    the pruning callback's config to regularise the weights it prunes). The logs get `<penalty>_strength` (λ) and
+    for L2, is added to the gradients of the targeted weights (those pruning under `config` masks; pass the
+    pruning callback's config to regularise the weights it prunes). The logs get `<penalty>_strength` (λ) and
     `<penalty>_penalty` (its value `λ·Σ|w|` or `λ·Σw²` at logging time).
 
     Why through the gradients and not the loss: a callback has no access to the loss, only to the model, its
@@ -73,7 +74,7 @@ class RegularizationCallback(TrainerCallback):
         penalty (`str`, *optional*, defaults to `"l2"`): `"l1"` (`λ·Σ|w|`) or `"l2"` (`λ·Σw²`).
         strength (`float`, *optional*, defaults to `1e-5`): λ ≥ 0.
         config (`PruningConfig`, *optional*): which weights are regularised (`target_modules`,
-            `exclude_modules`, `prune_head`); defaults to `PruningConfig()`'s targets.
+            `exclude_modules`, `prune_head`, `structure`); defaults to `PruningConfig()`'s targets.
     """
 
     def __init__(self, penalty: str = "l2", strength: float = 1e-5, config: PruningConfig | None = None) -> None:
@@ -88,7 +89,7 @@ class RegularizationCallback(TrainerCallback):
                        model: nn.Module | None = None, **kwargs: Any) -> None:
         model = extract_model_from_parallel(model)
         params = named_weights(model)
-        self.params = {t.name: params[t.name] for t in find_targets(model, self.config)}
+        self.params = {t.name: params[t.name] for t in pruned_targets(model, self.config)}
         refuse_sharded(self.params.values(), "RegularizationCallback")
 
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,

@@ -25,6 +25,7 @@ from ..adapters import trained_copies
 from ..targets import (
     Target,
     clean_name,
+    find_targets,
     matches,
     prunable_modules,
     refuse_quantized,
@@ -255,3 +256,11 @@ def unit_targets(units: Sequence[Unit], granularity: str) -> list[Target]:
         for m in unit.members:
             targets.setdefault(m.name, Target(m.name, m.module_name, weight_class(m.module_name, granularity)))
     return list(targets.values())
+
+
+def pruned_targets(model: nn.Module, config: PruningConfig, units: Sequence[Unit] | None = None) -> list[Target]:
+    """The weights that pruning under `config` masks in `model`: with a `structure`, the members of its neuron /
+    head units (`units`, found with `units_for` when not given); unstructured, `find_targets(model, config)`."""
+    if not config.structures():
+        return find_targets(model, config)
+    return unit_targets(units_for(model, config) if units is None else units, config.class_granularity)
