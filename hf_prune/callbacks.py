@@ -181,8 +181,9 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
         if state.global_step > 0:
             self._restore_from_checkpoint(args, state)
         elif self._initial_state is not None:
-            masks = load_masks(self._initial_state["masks_file"], self.pruner.target_shapes())
-            self.pruner.load_state_dict({"masks": masks, "target_sparsity": self._initial_state["target_sparsity"]})
+            initial = dict(self._initial_state)
+            masks = load_masks(initial.pop("masks_file"), self.pruner.target_shapes())
+            self.pruner.load_state_dict({**initial, "masks": masks})
         self.pruner.update(state.global_step, optimizer)
         self.pruner.check_ranks_agree(state.global_step)
 
@@ -251,7 +252,7 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
         masks = pruner_state.pop("masks")
         save_masks(masks, path, {"global_step": state.global_step, **pruner_state,
                                  "pruning_config": self.config.to_dict(),
-                                 "schedule": dataclasses.asdict(self.pruner.schedule), "masks_id": self._masks_id()})
+                                 "schedule": self.pruner.resolved_schedule(), "masks_id": self._masks_id()})
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:
@@ -336,9 +337,9 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
         changed = sorted(key for key in saved.keys() | current.keys()
                          if key not in _FIELDS_THAT_KEEP_MASKS and saved.get(key) != current.get(key))
         details = "; ".join(f"{key}: checkpoint {saved.get(key)!r}, now {current.get(key)!r}" for key in changed)
-        schedule = dataclasses.asdict(self.pruner.schedule)
-        if not changed and saved_schedule is not None and saved_schedule != schedule:
-            changed = [key for key in schedule if saved_schedule.get(key) != schedule[key]]
+        schedule = self.pruner.resolved_schedule()
+        if not changed and saved_schedule is not None:  # a checkpoint of an older hf_prune may lack some keys
+            changed = [key for key in schedule if key in saved_schedule and saved_schedule[key] != schedule[key]]
             details = ("the schedule its defaults resolve to (the run's max_steps changed?): " + "; ".join(
                 f"{key}: checkpoint {saved_schedule.get(key)!r}, now {schedule[key]!r}" for key in changed))
         if changed and not self.override_checkpoint_config:

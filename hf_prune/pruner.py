@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import logging
@@ -399,6 +400,12 @@ class Pruner:
     def full_masks(self) -> dict[str, torch.Tensor]:
         """The masks at the weights' full shapes: `masks` itself unsharded, else gathered from every rank (CPU)."""
         return {name: self.layout.gather(mask, self.params[name]) for name, mask in self.masks.items()}
+
+    def resolved_schedule(self) -> dict[str, Any]:
+        """When the pruning events fall in this run, with the config's defaults resolved (`end_step`,
+        `pruning_frequency` derived from `max_steps`), as JSON values: a checkpoint records it, so that resuming
+        under another `max_steps`, which would move the remaining events, is caught."""
+        return dataclasses.asdict(self.schedule)
 
     def state_dict(self) -> dict[str, Any]:
         """Full-size masks and schedule position (for `accelerate`'s `register_for_checkpointing` or a custom

@@ -368,15 +368,18 @@ def test_a_run_stopped_before_the_schedule_ends_warns(tmp_path, caplog):
     assert "did not finish" not in caplog.text
 
 
-def test_a_second_train_replaces_the_first_pruners_input_hooks(tmp_path):
+def test_each_train_removes_its_pruners_input_hooks(tmp_path):
     wanda = dict(CUBIC, start_step=2, criterion="wanda", fisher_steps=1)
     trainer, callback, _ = magnitude_trainer(tmp_path, PruningConfig(**wanda), checker=False)
+    layer = trainer.model.bert.encoder.layer[0].attention.self.query
+    hooks_during_training = []
+    trainer.add_callback(type("CountHooks", (TrainerCallback,), {"on_step_end": lambda self, *args, **kwargs: (
+        hooks_during_training.append(len(layer._forward_pre_hooks)))})())
     trainer.train()
     first = callback.pruner
     trainer.train()
-    layer = trainer.model.bert.encoder.layer[0].attention.self.query
-    assert callback.pruner is not first and len(layer._forward_pre_hooks) == 1
-    assert first.criterion.squared_inputs == {}
+    assert callback.pruner is not first and first.criterion.squared_inputs == {}
+    assert set(hooks_during_training) == {1} and len(layer._forward_pre_hooks) == 0
 
 
 class ClippedGradients(TrainerCallback):

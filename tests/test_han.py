@@ -269,6 +269,35 @@ def test_trainer_run_iterates_three_times_and_resumes_to_the_same_model(tmp_path
     assert apply_dropout_adjustment(loaded.model, loaded.masks) == callback.pruner.dropout
 
 
+def test_resuming_under_another_max_steps_that_moves_the_events_is_refused(tmp_path):
+    # Without pruning_frequency the events are spread over max_steps: resuming a 12-step run's checkpoint in a
+    # 24-step run would move its remaining events (4, 8 -> 8, 16) without a word.
+    config = dict(quality=0.6, iterations=3)
+    first = Trainer(model=tiny_bert(), args=tiny_training_args(tmp_path / "out", save_strategy="steps", save_steps=6),
+                    train_dataset=TinyClassificationDataset(96), callbacks=[HanPruningCallback(HanConfig(**config))])
+    first.train()
+    longer = Trainer(model=tiny_bert(), args=tiny_training_args(tmp_path / "out", max_steps=24),
+                     train_dataset=TinyClassificationDataset(96), callbacks=[HanPruningCallback(HanConfig(**config))])
+    with pytest.raises(ValueError, match=r"max_steps changed\?\): events: checkpoint \[0, 4, 8\], now \[0, 8, 16\]"):
+        longer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-6"))
+
+
+def test_from_pretrained_without_a_config_holds_the_saved_masks_fixed(tmp_path):
+    model = tiny_bert()
+    pruner = HanPruner(model, HanConfig(**HAN), max_steps=12)
+    pruner.update(0)
+    PrunedModel(model, pruner.masks, pruner.config).save_pretrained(tmp_path / "pruned")
+    loaded = PrunedModel.from_pretrained(tmp_path / "pruned")
+    callback = HanPruningCallback.from_pretrained(tmp_path / "pruned")
+    checker = ZeroChecker(callback)
+    trainer = Trainer(model=loaded.model, args=tiny_training_args(tmp_path / "out", max_steps=6),
+                      train_dataset=TinyClassificationDataset(96), callbacks=[callback, checker])
+    trainer.train()
+    assert checker.violations == [] and callback.pruner.iteration == 3
+    assert all(torch.equal(callback.masks[name], mask) for name, mask in pruner.masks.items())
+    assert callback.pruner.dropout == apply_dropout_adjustment(tiny_bert(), pruner.masks)
+
+
 # ----------------------------------------------------------------------------------------------- bad inputs
 @pytest.mark.parametrize("overrides, field, accepted", [
     ({"quality": 0.0}, "quality", "> 0"),

@@ -16,6 +16,7 @@ trainer.train()   # dense training, then prune / retrain three times; the logs c
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -207,6 +208,9 @@ class HanPruner(Pruner):
         super().load_masks(masks)
         self.adjust_dropout_()
 
+    def resolved_schedule(self) -> dict[str, Any]:
+        return {"events": list(self.events)}
+
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "iteration": self.iteration}
 
@@ -240,6 +244,20 @@ class HanPruningCallback(MagnitudePruningCallback):
         super().__init__(config if config is not None else HanConfig(), override_checkpoint_config)
         if not isinstance(self.config, HanConfig):
             raise ValueError(f"`config` must be a HanConfig (or its to_dict()); got {type(self.config).__name__}.")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_path: str | os.PathLike, config: HanConfig | None = None,
+                        **hub_kwargs: Any) -> HanPruningCallback:
+        """A callback that starts from the masks `PrunedModel.save_pretrained` saved after Han pruning.
+
+        With no `config` the masks are held fixed: every event of the saved config counts as done (none runs),
+        and the dropouts are adjusted to the masks (with `adjust_dropout`). Pass a `HanConfig` to run its events
+        from the saved masks.
+        """
+        callback = super().from_pretrained(pretrained_path, config, **hub_kwargs)
+        if config is None:
+            callback._initial_state["iteration"] = len(callback.config.qualities())
+        return callback
 
     def make_pruner(self, model: nn.Module, max_steps: int | None) -> Pruner:
         return HanPruner(model, self.config, max_steps=max_steps)
