@@ -8,7 +8,7 @@ from peft import LoraConfig, get_peft_model
 from testing_utils import tiny_training_args, train_until_first_checkpoint
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, Trainer
 
-from hf_prune import MagnitudePruningCallback, PrunedModel, Pruner, PruningConfig
+from hf_prune import MagnitudePruningCallback, PrunedModel, Pruner, PruningConfig, RPPCallback, RPPConfig
 
 
 #: LoRA target modules of each tiny model: its feed-forward projections and one attention projection.
@@ -36,7 +36,7 @@ def lora_trainer(kind: str, output_dir, config: PruningConfig, model=None, **arg
     dataset = TinyClassificationDataset(48) if kind == "bert" else TinyLMDataset(48)
     return Trainer(model=model if model is not None else lora_model(kind),
                    args=tiny_training_args(output_dir, max_steps=6, **args), train_dataset=dataset,
-                   callbacks=[MagnitudePruningCallback(config)])
+                   callbacks=[(RPPCallback if isinstance(config, RPPConfig) else MagnitudePruningCallback)(config)])
 
 
 def pruner_of(trainer: Trainer) -> Pruner:
@@ -93,6 +93,8 @@ def test_lora_pruning_resumes_to_the_same_masks_and_adapters(tmp_path):
      r"4 pruned layers carry peft adapters.*exclude_modules=\['bert\.encoder\.layer\.0\.attention\.output\.dense', 'bert"),
     (PruningConfig(final_sparsity=0.5, end_step=4, criterion="obd", fisher_steps=1, start_step=1,
                    exclude_modules=["intermediate.dense", "output.dense", "query"]), {}, "frozen"),
+    (RPPConfig(final_sparsity=0.5, end_step=4, exclude_modules=["intermediate.dense", "output.dense", "query"]), {},
+     "RPP's proximal step .* 4 targeted weights are frozen"),
     (structured_config("bert"), {"use_dora": True}, "DoRA adapter"),
     (PruningConfig(final_sparsity=0.5, end_step=4, prune_head=True,
                    exclude_modules=["intermediate.dense", "output.dense", "query"]), {}, "modules_to_save"),

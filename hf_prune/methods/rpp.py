@@ -215,6 +215,13 @@ class RPPPruner(Pruner):
         # A one-shot Pruner prunes at end_step, not at the start of the proximal window (config.start_step).
         super().__init__(model, mask_config(config, self.penalty_schedule.end), max_steps=max_steps)
         refuse_sharded(self.params.values(), "RPP")
+        frozen = [name for name, p in self.params.items() if not p.requires_grad]
+        if frozen:
+            raise ValueError(f"RPP's proximal step moves the targeted weights at their optimizer's learning rate, but "
+                             f"{len(frozen)} targeted weights are frozen (requires_grad=False, as under LoRA), such "
+                             f"as {frozen[0]}: they would be cut once by magnitude, without the reweighted-L1 phase. "
+                             "Train them, leave them out (`exclude_modules`), or prune them with "
+                             "MagnitudePruningCallback.")
         self.alphas: dict[str, torch.Tensor] | None = None
         self._zeros: torch.Tensor | None = None
 
