@@ -128,13 +128,16 @@ class PruningConfig:
         "help": f"What is pruned together: one of {STRUCTURES}, or a list of 'neurons' and 'heads'."})
     base_model_name_or_path: str | None = field(default=None, metadata={"help": "Model the run started from."})
 
+    #: Fields that may hold a list: a tuple given for one, at construction or set later, is stored as a list (what
+    #: JSON gives back), so a config compares equal to its saved copy.
+    list_fields = ("target_modules", "exclude_modules", "structure")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self.list_fields and isinstance(value, tuple):
+            value = list(value)
+        super().__setattr__(name, value)
+
     def __post_init__(self) -> None:
-        if isinstance(self.target_modules, tuple):
-            self.target_modules = list(self.target_modules)
-        if isinstance(self.exclude_modules, tuple):
-            self.exclude_modules = list(self.exclude_modules)
-        if isinstance(self.structure, tuple):
-            self.structure = list(self.structure)
         self.validate()
 
     def validate(self) -> None:

@@ -32,7 +32,7 @@ from .structured.selection import update_group_masks_
 from .structured.shrink import heads_unexpressible
 from .structured.units import HEADS, Unit, pruned_targets, units_for
 from .targets import Target, clean_name, exclusion_for, named_weights, prunable_modules
-from .validation import check_int
+from .validation import check_int, check_number
 
 
 logger = logging.getLogger(__name__)
@@ -241,7 +241,11 @@ class Pruner:
         """Prunes the targeted weights to `sparsity` now, whatever the schedule says.
 
         A criterion's gradient statistics ("obd") are used and then freed.
+
+        Raises:
+            ValueError: when `sparsity` is not a number in [0, 1); nothing changes.
         """
+        check_number("sparsity", sparsity, 0.0, 1.0, strict_maximum=True)
         weights = {name: self.layout.local(p) for name, p in self.params.items()}
         if self.units:
             self.thresholds = {**self.thresholds, **update_group_masks_(  # a kind that lost no group keeps its own

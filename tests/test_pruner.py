@@ -1,6 +1,8 @@
+import json
+
 import pytest
 import torch
-from conftest import TinyClassificationDataset, tiny_bert
+from conftest import TinyClassificationDataset, tiny_bert, tiny_llama
 
 from hf_prune import Pruner, PruningConfig
 
@@ -75,3 +77,26 @@ def test_a_config_field_set_after_construction_is_checked_again():
     config.final_sparsity = 1.5
     with pytest.raises(ValueError, match="`final_sparsity`"):
         Pruner(tiny_bert(), config)
+
+
+@pytest.mark.parametrize("sparsity", [1.5, 1.0, -0.1, float("nan"), "0.5", True])
+def test_prune_to_refuses_a_sparsity_outside_0_1_and_changes_nothing(sparsity):
+    model = tiny_bert()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    pruner = Pruner(model, PruningConfig(final_sparsity=0.5, schedule="oneshot"))
+    with pytest.raises(ValueError, match=r"`sparsity` must be a number in \[0, 1\)"):
+        pruner.prune_to(sparsity)
+    assert all(mask.all() for mask in pruner.masks.values()) and pruner.target_sparsity == 0.0
+    assert all(torch.equal(before[name], p) for name, p in model.named_parameters())
+
+
+def test_tuples_set_after_construction_are_stored_as_lists():
+    # As JSON gives them back: a resumed run compares the config with its checkpoint's copy.
+    config = PruningConfig(target_modules=("query", "key"))
+    config.exclude_modules = ("layer.0.attention",)
+    assert (config.target_modules, config.exclude_modules) == (["query", "key"], ["layer.0.attention"])
+    assert PruningConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    structured = PruningConfig(structure="neurons", scheme="class-uniform", schedule="oneshot")
+    structured.structure = ("neurons", "heads")
+    assert structured.structure == ["neurons", "heads"]
+    Pruner(tiny_llama(), structured)  # validates again: a tuple is a valid structure

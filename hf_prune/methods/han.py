@@ -70,10 +70,7 @@ class HanConfig(PruningConfig):
     iterations: int | None = field(default=None, metadata={"help": "Number of pruning events (>= 1)."})
     adjust_dropout: bool = field(default=True, metadata={"help": "Scale dropout by sqrt(C_r / C_o) per layer."})
 
-    def __post_init__(self) -> None:
-        if isinstance(self.quality, tuple):
-            self.quality = list(self.quality)
-        super().__post_init__()
+    list_fields = (*PruningConfig.list_fields, "quality")
 
     def _check_oneshot_fields(self) -> None:
         """Han's events are set by `iterations` and `pruning_frequency`; `initial_sparsity` and `end_step` unused."""
