@@ -62,8 +62,9 @@ class PruningArguments:
                 "2019), with the rpp: options.", "choices": tuple(METHODS)})
     initial_sparsity: float = _option("initial_sparsity")
     final_sparsity: float = _option("final_sparsity")
-    schedule: str = _option("schedule", "How sparsity grows: oneshot (all at start_step), iterative (equal steps "
-                                        "every pruning_frequency) or cubic (Zhu & Gupta 2017).", choices=SCHEDULES)
+    schedule: str = _option("schedule", "How sparsity grows: oneshot (all at once: at start_step; with --method "
+                                        "rpp at end_step), iterative (equal steps every pruning_frequency) or "
+                                        "cubic (Zhu & Gupta 2017).", choices=SCHEDULES)
     start_step: int = _option("start_step")
     end_step: int | None = _option("end_step", "Optimizer step where final_sparsity is reached; None: 3/4 of the "
                                                "run's steps, at most start_step + 10000.")

@@ -13,6 +13,7 @@ import argparse
 import os
 import sys
 
+from safetensors import SafetensorError
 from transformers import AutoConfig
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import CONFIG_NAME as MODEL_CONFIG_NAME
@@ -38,6 +39,7 @@ def load_report(path_or_repo: str) -> tuple[SparsityReport, str]:
 
     Raises:
         FileNotFoundError: when `path_or_repo` is neither a model folder nor a reachable Hub repo.
+        ValueError: when a file of it cannot be read (a corrupt masks or weights file, a config that is not JSON).
     """
     masks_file = resolve_file(path_or_repo, MASKS_NAME, required=False)
     if masks_file is None:
@@ -45,7 +47,11 @@ def load_report(path_or_repo: str) -> tuple[SparsityReport, str]:
         if resolve_file(path_or_repo, MODEL_CONFIG_NAME, required=not os.path.isdir(path_or_repo)) is None:
             raise FileNotFoundError(f"{path_or_repo} has neither {MASKS_NAME} nor a transformers {MODEL_CONFIG_NAME}.")
         model_class = auto_model_class(AutoConfig.from_pretrained(path_or_repo))
-        return sparsity_report(model_class.from_pretrained(path_or_repo)), "zero weights"
+        try:
+            model = model_class.from_pretrained(path_or_repo)
+        except SafetensorError as err:
+            raise ValueError(f"{path_or_repo}: its weights cannot be read ({err}).") from None
+        return sparsity_report(model), "zero weights"
     if resolve_file(path_or_repo, CONFIG_NAME, required=False) is not None:
         config = PruningConfig.from_pretrained(path_or_repo)
     else:  # a Trainer checkpoint: the callback stores its config in the masks' metadata

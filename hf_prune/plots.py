@@ -162,9 +162,24 @@ def plot_sparsity_heatmap(report: SparsityReport, path: str | os.PathLike, title
 
 
 # --------------------------------------------------------------------------------------------------- curves
+def _check_log_history(log_history: Any) -> None:
+    """Every entry of a `log_history` must be a dict with an integer `step` (as `Trainer.log` writes them)."""
+    if not isinstance(log_history, Sequence) or isinstance(log_history, str):
+        raise ValueError(f"`log_history` must be a list of dicts; got {type(log_history).__name__}.")
+    for i, entry in enumerate(log_history):
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"`log_history` entry {i} must be a dict; got {entry!r}.")
+        step = entry.get("step")
+        if not isinstance(step, int) or isinstance(step, bool):
+            raise ValueError(f"`log_history` entry {i} must have an integer `step`; got {step!r}.")
+
+
 def _series(log_history: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int], list[float]]:
     """`(steps, values)` of `key` in the Trainer's `log_history`, one value per step (the last logged)."""
     points = {entry["step"]: entry[key] for entry in log_history if key in entry}
+    for step, value in points.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ValueError(f"`{key}` at step {step} of the `log_history` must be a number; got {value!r}.")
     steps = sorted(points)
     return steps, [points[step] for step in steps]
 
@@ -236,8 +251,10 @@ def plot_training_curves(log_history: Sequence[Mapping[str, Any]], path: str | o
         title (`str`, *optional*): the figure's title.
 
     Raises:
-        ValueError: when no sparsity was logged or a requested metric was not.
+        ValueError: when an entry is not a dict with an integer `step`, a plotted value is not a number, no
+            sparsity was logged or a requested metric was not.
     """
+    _check_log_history(log_history)
     if not _series(log_history, "sparsity")[0]:
         raise ValueError("No `sparsity` in the logs: was the run trained with a MagnitudePruningCallback and did it "
                          "log (logging_steps)?")

@@ -222,6 +222,29 @@ def test_plot_of_a_trainer_state_that_is_not_a_json_object_exits_2(tmp_path, cap
     assert f"{state} " in err and message in err
 
 
+@pytest.mark.parametrize("log_history, message", [
+    ([{"step": 1, "sparsity": 0.5}, "not an entry"], "`log_history` entry 1 must be a dict; got 'not an entry'"),
+    ([{"sparsity": 0.5}], "`log_history` entry 0 must have an integer `step`; got None"),
+    ([{"step": "1", "sparsity": 0.5}], "`log_history` entry 0 must have an integer `step`; got '1'"),
+    ([{"step": 1, "sparsity": "half"}], "`sparsity` at step 1 of the `log_history` must be a number; got 'half'"),
+])
+def test_plot_of_a_malformed_log_history_exits_2_with_one_line(tmp_path, capsys, log_history, message):
+    state = tmp_path / "trainer_state.json"
+    state.write_text(json.dumps({"log_history": log_history}))
+    assert main(["plot", str(tmp_path)]) == 2
+    err = one_line_error(capsys)
+    assert f"{state}: " in err and message in err
+    assert not (tmp_path / "pruning_curves.png").exists()
+
+
+def test_report_of_a_plain_folder_with_corrupt_weights_exits_2_with_one_line(tmp_path, capsys):
+    tiny_bert().save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\x10" + bytes(7) + b'{"not a header')
+    capsys.readouterr()  # save_pretrained's progress bar
+    assert main(["report", str(tmp_path)]) == 2
+    assert f"{tmp_path}: its weights cannot be read (" in one_line_error(capsys)
+
+
 def test_report_png_writes_through_a_symlink_and_refuses_what_is_not_a_file(pruned_folder, tmp_path, capsys):
     target = tmp_path / "real.png"
     (tmp_path / "link.png").symlink_to(target)

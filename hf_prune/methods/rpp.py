@@ -81,7 +81,7 @@ class RPPConfig(PruningConfig):
                                                                 "'iterative' (masks grow over the window)."})
     penalty: float = field(default=0.01, metadata={"help": "λ >= 0, reweighted L1 penalty strength."})
     penalty_schedule: str = field(default="constant", metadata={"help": f"One of {PENALTY_SCHEDULES}."})
-    epsilon: float = field(default=1e-3, metadata={"help": "ε > 0 in α = 1 / (|w| + ε)."})
+    epsilon: float = field(default=1e-3, metadata={"help": f"ε >= {MIN_EPSILON:g} in α = 1 / (|w| + ε)."})
     reweight_every: int = field(default=10, metadata={"help": "Optimizer steps between refreshes of α (>= 1)."})
 
     def _check_oneshot_fields(self) -> None:
