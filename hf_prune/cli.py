@@ -13,7 +13,6 @@ import argparse
 import os
 import sys
 
-from safetensors import SafetensorError
 from transformers import AutoConfig
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import CONFIG_NAME as MODEL_CONFIG_NAME
@@ -22,7 +21,7 @@ from . import plots
 from .config import PruningConfig
 from .constants import CONFIG_NAME, MASKS_NAME, TRAINER_STATE_NAME
 from .hub import resolve_file
-from .loading import auto_model_class, parameter_shapes
+from .loading import auto_model_class, load_dense, parameter_shapes
 from .report import SparsityReport, sparsity_report
 from .serialization import load_masks, read_json_object, read_masks_metadata
 
@@ -46,12 +45,8 @@ def load_report(path_or_repo: str) -> tuple[SparsityReport, str]:
         # a Hub repo must have a config.json: requiring it names why a repo cannot be read (offline, no such repo)
         if resolve_file(path_or_repo, MODEL_CONFIG_NAME, required=not os.path.isdir(path_or_repo)) is None:
             raise FileNotFoundError(f"{path_or_repo} has neither {MASKS_NAME} nor a transformers {MODEL_CONFIG_NAME}.")
-        model_class = auto_model_class(AutoConfig.from_pretrained(path_or_repo))
-        try:
-            model = model_class.from_pretrained(path_or_repo)
-        except SafetensorError as err:
-            raise ValueError(f"{path_or_repo}: its weights cannot be read ({err}).") from None
-        return sparsity_report(model), "zero weights"
+        config = AutoConfig.from_pretrained(path_or_repo)
+        return sparsity_report(load_dense(auto_model_class(config), path_or_repo, config, {})), "zero weights"
     if resolve_file(path_or_repo, CONFIG_NAME, required=False) is not None:
         config = PruningConfig.from_pretrained(path_or_repo)
     else:  # a Trainer checkpoint: the callback stores its config in the masks' metadata

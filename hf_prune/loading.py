@@ -4,11 +4,12 @@ and loading weights with every key checked (transformers only reports what did n
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import torch
 import transformers
+from safetensors import SafetensorError
 from torch import nn
 
 
@@ -38,20 +39,32 @@ def parameter_shapes(config: transformers.PretrainedConfig, model_class: type | 
 
 
 def load_dense(model_class: type, path: str | os.PathLike, config: transformers.PretrainedConfig,
-               kwargs: Mapping[str, Any], state_dict: dict[str, torch.Tensor] | None = None) -> nn.Module:
+               kwargs: Mapping[str, Any], state_dict: dict[str, torch.Tensor] | None = None,
+               needed: Callable[[nn.Module], Collection[str]] | None = None) -> nn.Module:
     """`model_class.from_pretrained(path)` (or, with `state_dict`, the model of `config` with those tensors, as
     transformers loads them: `dtype`, `device_map`, `attn_implementation` and tied weights as for a folder),
     refused when a saved tensor did not load or a weight was left newly initialised (transformers only lists
-    those in its load report): a folder saved from another head."""
+    those in its load report): a folder saved from another head. With `needed` (the loaded model -> names), only
+    those weights must load (the others may be new: a fresh head on a saved body). A weights file that cannot be
+    read is a `ValueError`."""
     kwargs = {key: value for key, value in kwargs.items() if key != "output_loading_info"}
-    if state_dict is None:
-        model, info = model_class.from_pretrained(path, output_loading_info=True, **kwargs)
-    else:
-        model, info = model_class.from_pretrained(None, config=config, state_dict=state_dict,
-                                                  output_loading_info=True, **kwargs)
-    problems = {"weights the folder lacks (they would be random)": sorted(info.get("missing_keys") or ()),
-                "saved tensors the model has no place for": sorted(info.get("unexpected_keys") or ()),
-                "saved tensors of another shape": sorted(str(key) for key in info.get("mismatched_keys") or ()),
+    try:
+        if state_dict is None:
+            model, info = model_class.from_pretrained(path, output_loading_info=True, **kwargs)
+        else:
+            model, info = model_class.from_pretrained(None, config=config, state_dict=state_dict,
+                                                      output_loading_info=True, **kwargs)
+    except SafetensorError as err:
+        raise ValueError(f"{path}: a weights file cannot be read ({err}).") from None
+    missing, mismatched = sorted(info.get("missing_keys") or ()), info.get("mismatched_keys") or ()
+    unexpected = sorted(info.get("unexpected_keys") or ()) if needed is None else []
+    if needed is not None:
+        needed = set(needed(model))
+        missing = [key for key in missing if key in needed]
+        mismatched = [key for key in mismatched if (key[0] if isinstance(key, tuple) else key) in needed]
+    problems = {"weights the folder lacks (they would be random)": missing,
+                "saved tensors the model has no place for": unexpected,
+                "saved tensors of another shape": sorted(str(key) for key in mismatched),
                 "errors": list(info.get("error_msgs") or ())}
     problems = {what: keys for what, keys in problems.items() if keys}
     if problems:

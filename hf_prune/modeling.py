@@ -337,7 +337,8 @@ class PrunedModel(nn.Module):
                 `config.json`'s `architectures` (else `AutoModel`).
             masks_from_zeros (`bool`, *optional*, defaults to `False`): derive the masks from the zero weights of
                 a folder without hf_prune files (a model pruned elsewhere); the targets are those of
-                `pruning_config` (default `PruningConfig()`).
+                `pruning_config` (default `PruningConfig()`), and each of them must be in the folder (another
+                head may be newly initialised).
             reapply_masks (`bool`, *optional*, defaults to `False`): zero pruned weights that are not zero
                 instead of raising.
             kwargs: forwarded to the model's `from_pretrained` (`revision`, `dtype`, `device_map`, `token`, ...).
@@ -355,9 +356,14 @@ class PrunedModel(nn.Module):
             config = transformers.AutoConfig.from_pretrained(path, **hub_kwargs)
             model_class = model_class or auto_model_class(config)
             pruning_config = pruning_config or PruningConfig()
-            model = model_class.from_pretrained(path, **kwargs)
+
+            def targeted(model: nn.Module) -> list[str]:
+                return [t.name for t in pruned_targets(model, pruning_config)]
+
+            # the weights the masks come from must load (another head, newly initialised, may not)
+            model = load_dense(model_class, path, config, kwargs, needed=targeted)
             params = named_weights(model)
-            masks = {t.name: params[t.name] != 0 for t in pruned_targets(model, pruning_config)}
+            masks = {name: params[name] != 0 for name in targeted(model)}
             pruning_config.prepare_loaded_model(model, masks)
             return cls(model, masks, pruning_config)
 

@@ -242,7 +242,7 @@ def test_report_of_a_plain_folder_with_corrupt_weights_exits_2_with_one_line(tmp
     (tmp_path / "model.safetensors").write_bytes(b"\x10" + bytes(7) + b'{"not a header')
     capsys.readouterr()  # save_pretrained's progress bar
     assert main(["report", str(tmp_path)]) == 2
-    assert f"{tmp_path}: its weights cannot be read (" in one_line_error(capsys)
+    assert f"{tmp_path}: a weights file cannot be read (" in one_line_error(capsys)
 
 
 def test_report_png_writes_through_a_symlink_and_refuses_what_is_not_a_file(pruned_folder, tmp_path, capsys):

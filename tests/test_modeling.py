@@ -765,3 +765,22 @@ def test_wraps_a_compiled_model_under_its_own_parameter_names():
     PrunedModel(torch.compile(model), masks)  # parameters named `_orig_mod.<name>`
     weights = dict(model.named_parameters())
     assert all(torch.equal(weights[name] != 0, mask) for name, mask in masks.items())
+
+
+def test_masks_from_zeros_refuses_targeted_weights_the_folder_lacks_and_allows_a_new_head(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    original = pruned("bert", 0.6)
+    original.model.save_pretrained(tmp_path)
+    config = transformers.AutoConfig.from_pretrained(tmp_path)
+    config.num_labels = 5  # a new head: initialised afresh, not a target
+    loaded = PrunedModel.from_pretrained(tmp_path, masks_from_zeros=True, config=config, ignore_mismatched_sizes=True)
+    assert all(torch.equal(loaded.masks[n], m) for n, m in original.masks.items())
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    del weights["bert.encoder.layer.1.intermediate.dense.weight"]  # its random init would read as "nothing pruned"
+    save_file(weights, str(tmp_path / "model.safetensors"), {"format": "pt"})
+    with pytest.raises(ValueError, match=r"lacks .*'bert\.encoder\.layer\.1\.intermediate\.dense\.weight'"):
+        PrunedModel.from_pretrained(tmp_path, masks_from_zeros=True)
+    (tmp_path / "model.safetensors").write_bytes(b"\x10" + bytes(7) + b'{"not a header')
+    with pytest.raises(ValueError, match="a weights file cannot be read"):
+        PrunedModel.from_pretrained(tmp_path, masks_from_zeros=True)
