@@ -171,7 +171,8 @@ class PrunedModel(nn.Module):
                 groups are pruned in part), the layers keep different widths (`scheme="class-blind"`), or the
                 config cannot express fewer heads (BERT-, GPT-2-, BART-style and T5 configs: use
                 `structure="neurons"`), the model is a peft model (merge its adapters first), or layers were
-                converted by `to_sparse_inference`. Nothing is changed then.
+                converted by `to_sparse_inference`, or the masks lack weights of the config's neurons / heads (made
+                under another `structure` or `exclude_modules`). Nothing is changed then.
         """
         if not self.pruning_config.structures():
             raise ValueError("`pruning_config.structure` is 'unstructured': shrink removes whole neurons and heads, "

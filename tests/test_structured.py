@@ -1,5 +1,7 @@
 """Structured pruning: whole neurons and heads (`PruningConfig.structure`), `PrunedModel.shrink`, and bad input."""
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import TINY_MODELS, TinyClassificationDataset, TinyLMDataset, tiny_bert, tiny_llama, tiny_t5
@@ -366,3 +368,18 @@ def test_a_structured_config_selects_the_same_weights_everywhere(tmp_path):
     loaded = PrunedModel.from_pretrained(tmp_path / "plain", masks_from_zeros=True, pruning_config=config)
     assert loaded.masks.keys() == pruner.masks.keys()
     assert all(torch.equal(loaded.masks[name], mask) for name, mask in pruner.masks.items())
+
+
+@pytest.mark.parametrize("wrapped_with", [dict(structure=["neurons", "heads"]),
+                                          dict(structure="neurons", exclude_modules=None)])
+def test_shrink_of_masks_made_under_another_config_is_a_value_error(wrapped_with):
+    model = tiny_llama()
+    made_with = PruningConfig(structure="neurons", scheme="class-uniform", schedule="oneshot", final_sparsity=0.5,
+                              exclude_modules=["layers.0.mlp.up_proj"])
+    pruner = Pruner(model, made_with)
+    pruner.prune_to(0.5)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    pruned = PrunedModel(model, pruner.masks, dataclasses.replace(made_with, **wrapped_with))
+    with pytest.raises(ValueError, match=r"no mask for \d+ weights of the units to shrink, such as model\.layers\.0\."):
+        pruned.shrink()
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())

@@ -117,12 +117,18 @@ def shrink(model: nn.Module, masks: Mapping[str, torch.Tensor], units: Sequence[
         units (`list[Unit]`): the units the masks were made over (`hf_prune.structured.units.units_for`).
 
     Raises:
-        ValueError: for a model that is not a transformers model (a peft model: merge it first), when a group is
+        ValueError: for a model that is not a transformers model (a peft model: merge it first), when `masks`
+            lack a member weight of `units` (masks made under another config), when a group is
             pruned in part, the layers keep different widths (blocks left out by `exclude_modules` keep their
             full width), every head is pruned, or the config cannot express fewer heads; the model is left as it
             is.
     """
     check_transformers_model(model, "shrink()")
+    missing = sorted({m.name for unit in units for m in unit.members} - masks.keys())
+    if missing:
+        raise ValueError(f"The masks have no mask for {len(missing)} weights of the units to shrink, such as "
+                         f"{missing[0]}: they were made under another `structure` or `exclude_modules` than the "
+                         "pruning config's. Wrap them with the config of the run that made them.")
     reason = heads_unexpressible(model.config) if any(unit.kind == HEADS for unit in units) else None
     if reason:
         raise ValueError(reason)
