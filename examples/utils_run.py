@@ -232,6 +232,9 @@ def train_evaluate_save(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, sc
     if args.do_train:
         metrics = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint).metrics
         metrics["train_samples"] = num_train
+        if script_args.pruning.enabled:  # train() returns the Trainer's own metrics, without the callback's logs
+            [callback] = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, MagnitudePruningCallback)]
+            metrics["sparsity"] = callback.pruner.sparsity()  # a collective under FSDP / ZeRO-3: every rank is here
         trainer.log_metrics("train", metrics)
         trainer.save_metrics("train", metrics)
         trainer.save_state()

@@ -146,7 +146,7 @@ def log_and_save(callback: MagnitudePruningCallback, model: torch.nn.Module, arg
                  pruned_folder: str) -> dict[str, float]:
     """What the Trainer does after training with the callback: a log (returned), a checkpoint, and the script's
     `PrunedModel.from_trainer(trainer).save_pretrained(pruned_folder)` on every rank."""
-    logs: dict[str, float] = {}
+    logs: dict[str, float] = {"loss": 0.0}  # a training step's logs (the Trainer's own dict)
     callback.on_log(args, state, TrainerControl(), logs=logs)
     callback.on_save(args, state, TrainerControl())
     trainer = SimpleNamespace(callback_handler=SimpleNamespace(callbacks=[callback]), model=model,
