@@ -3,6 +3,7 @@ and loading weights with every key checked (transformers only reports what did n
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
@@ -11,6 +12,9 @@ import torch
 import transformers
 from safetensors import SafetensorError
 from torch import nn
+from transformers.utils import GENERATION_CONFIG_NAME
+
+from .hub import resolve_file
 
 
 def auto_model_class(config: transformers.PretrainedConfig) -> type:
@@ -36,6 +40,27 @@ def parameter_shapes(config: transformers.PretrainedConfig, model_class: type | 
     known before anything is allocated."""
     model = meta_model(model_class or auto_model_class(config), config)
     return {name: tuple(param.shape) for name, param in model.named_parameters()}
+
+
+def config_and_model_kwargs(path: str | os.PathLike, kwargs: Mapping[str, Any], hub_kwargs: Mapping[str, Any]
+                            ) -> tuple[transformers.PretrainedConfig, dict[str, Any]]:
+    """The config of the folder with the config attributes among `kwargs` applied (`output_hidden_states=True`,
+    ...), and the keyword arguments left for the model's `from_pretrained`: what `from_pretrained(path, **kwargs)`
+    does with them, for a model built from a config and a state dict (whose config transformers leaves as it is)."""
+    named = inspect.signature(transformers.PreTrainedModel.from_pretrained).parameters
+    attributes = {key: value for key, value in kwargs.items() if key not in named and key not in hub_kwargs}
+    config, unused = transformers.AutoConfig.from_pretrained(path, return_unused_kwargs=True, **hub_kwargs,
+                                                             **attributes)
+    return config, {**{key: value for key, value in kwargs.items() if key not in attributes}, **unused}
+
+
+def load_generation_config(model: nn.Module, path: str | os.PathLike, hub_kwargs: Mapping[str, Any]) -> None:
+    """Gives `model` the folder's `generation_config.json`, if it generates and the folder has one (transformers
+    reads it only when it loads the weights from the folder itself)."""
+    if not getattr(model, "can_generate", lambda: False)():
+        return
+    if resolve_file(path, GENERATION_CONFIG_NAME, required=False, **hub_kwargs) is not None:
+        model.generation_config = transformers.GenerationConfig.from_pretrained(path, **hub_kwargs)
 
 
 def load_dense(model_class: type, path: str | os.PathLike, config: transformers.PretrainedConfig,

@@ -36,7 +36,7 @@ from .folders import (
 )
 from .hub import HUB_KWARGS, resolve_file
 from .inference import SparseInferenceReport, SparseLinear, to_sparse_inference
-from .loading import auto_model_class, load_dense, meta_model
+from .loading import auto_model_class, config_and_model_kwargs, load_dense, load_generation_config, meta_model
 from .masks import check_masks_match, zero_pruned_
 from .report import SparsityReport, sparsity_report
 from .serialization import atomic_write_text, file_record, load_masks, save_masks
@@ -317,7 +317,11 @@ class PrunedModel(nn.Module):
         `processing_class`, ...) and uploads the folder as one commit to `repo_id`; returns the commit info.
 
         The same commit deletes the repo's weights files of the formats this save does not write (and a generation
-        config it does not have), as `save_pretrained` does in a folder: the repo holds one save."""
+        config it does not have), as `save_pretrained` does in a folder: the repo holds one save. On a process
+        that is not the main one (`is_main_process=False`) nothing is saved or uploaded, and it returns None."""
+        if not save_kwargs.get("is_main_process", True):
+            self.apply_masks_()  # as save_pretrained does on every process
+            return None
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as folder:
@@ -383,7 +387,9 @@ class PrunedModel(nn.Module):
         else:
             shapes = {name: tuple(tensor.shape) for name, tensor in skeleton.state_dict().items()}
             read = read_sparse if kind == "sparse" else read_deep_state_dict
-            model = load_dense(model_class, path, config, kwargs, state_dict=read(weights_file, masks, shapes))
+            config, model_kwargs = config_and_model_kwargs(path, kwargs, hub_kwargs)
+            model = load_dense(model_class, path, config, model_kwargs, state_dict=read(weights_file, masks, shapes))
+            load_generation_config(model, path, hub_kwargs)
         _parameter_names(model, masks)
         params = dict(model.named_parameters())
         revived = [n for n, mask in masks.items() if bool(params[n].detach()[~mask.to(params[n].device)].any())]

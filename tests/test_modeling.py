@@ -59,6 +59,17 @@ def test_round_trip_keeps_masks_and_weights(tmp_path, kind, compressed):
     assert loaded.sparsity_report().overall == pytest.approx(0.9, abs=1e-4)
 
 
+@pytest.mark.parametrize("compression", [None, "sparse", "deep"])
+def test_every_format_loads_the_generation_config_and_config_keyword_arguments(tmp_path, compression):
+    original = pruned("gpt2")
+    original.model.generation_config.num_beams, original.model.generation_config.max_new_tokens = 3, 7
+    original.save_pretrained(tmp_path, compression=compression)
+    loaded = PrunedModel.from_pretrained(tmp_path, output_hidden_states=True)
+    assert (loaded.model.generation_config.num_beams, loaded.model.generation_config.max_new_tokens) == (3, 7)
+    assert loaded.model.config.output_hidden_states is True
+    assert loaded.masks.keys() == original.masks.keys()
+
+
 def test_compressed_checkpoint_stores_only_kept_values(tmp_path):
     model = pruned("bert")
     model.save_pretrained(tmp_path / "dense")
@@ -637,6 +648,16 @@ def test_push_to_hub_deletes_the_other_formats_in_the_same_commit():
     assert not any(fnmatch.fnmatch(name, p) for p in calls["delete"] for name in {"config.json", MASKS_NAME,
                                                                                  CONFIG_NAME, "README.md"})
     assert "deep_compressed_weights.safetensors" in calls["files"]  # uploaded, so kept (upload_folder's rule)
+
+
+def test_push_to_hub_on_a_process_that_is_not_the_main_one_does_nothing():
+    # Its save writes nothing: an upload of the empty folder would commit only the deletions of the repo's weights.
+    from hf_prune import modeling
+
+    api = mock.Mock()
+    with mock.patch.object(modeling, "HfApi", return_value=api):
+        assert pruned("bert").push_to_hub("user/m", is_main_process=False) is None
+    assert api.mock_calls == []
 
 
 @pytest.mark.parametrize("files", ["all", {"../config.json": {"sha256": "0" * 64, "size": 1}},
