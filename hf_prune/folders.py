@@ -36,8 +36,11 @@ WEIGHT_FORMATS = {SAFE_WEIGHTS_NAME: "dense", SAFE_WEIGHTS_INDEX_NAME: "dense, s
                   DEEP_COMPRESSED_WEIGHTS_NAME: "deep"}
 #: transformers' weights files: one file or shards and their index, safetensors or the older .bin.
 _DENSE_WEIGHTS_FILE = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?")
+#: A peft adapter's files: transformers loads an adapter it finds beside the weights on top of them.
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 #: What `push_to_hub` deletes from the repo unless the new save uploads it (the same files as `commit` removes).
-STALE_PATTERNS = (*WEIGHT_FORMATS, "model-*-of-*.safetensors", "pytorch_model-*-of-*.bin", GENERATION_CONFIG_NAME)
+STALE_PATTERNS = (*WEIGHT_FORMATS, "model-*-of-*.safetensors", "pytorch_model-*-of-*.bin", GENERATION_CONFIG_NAME,
+                  *ADAPTER_FILES)
 
 
 def weights_format(path: str | os.PathLike, hub_kwargs: Mapping[str, Any]) -> tuple[str, str | None]:
@@ -149,7 +152,7 @@ def _locked(directory: str, blocking: bool) -> Iterator[None]:
 
 def commit(staging: str, folder: str, members: Mapping[str, Any]) -> None:
     """Moves every file of `staging` into `folder` (the save's own files last), then removes the weights of other
-    formats and a generation config that the new save does not have. Each file reaches the disk before it is
+    formats, a generation config and a peft adapter that the new save does not have. Each file reaches the disk before it is
     moved, and the moves before anything is removed."""
     names = sorted(files_under(staging), key=lambda name: name in members)
     for name in names:
@@ -160,5 +163,5 @@ def commit(staging: str, folder: str, members: Mapping[str, Any]) -> None:
     for directory in {os.path.dirname(os.path.join(folder, name)) for name in names}:
         fsync_directory(directory)
     for name in os.listdir(folder):
-        if name not in members and (_isweights_format(name) or name == GENERATION_CONFIG_NAME):
+        if name not in members and (_isweights_format(name) or name in (GENERATION_CONFIG_NAME, *ADAPTER_FILES)):
             os.remove(os.path.join(folder, name))

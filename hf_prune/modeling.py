@@ -193,7 +193,8 @@ class PrunedModel(nn.Module):
         """Writes the model, `pruning_masks.safetensors`, `pruning_config.json` and a model card README.md.
 
         The folder changes as one save. Every file is written into a temporary folder inside it first, then renamed
-        into place; weights of other formats (and a generation config the new save lacks) are removed; last comes
+        into place; weights of other formats (and a generation config or peft adapter files the new save lacks:
+        transformers would load such an adapter on top of the weights) are removed; last comes
         `pruning_config.json`, which records the sha256 and size of each file of the save (`config.json`, the
         weights file(s), the masks file, `generation_config.json`), checked by `from_pretrained`. A process killed
         at any moment leaves a folder that loads as the previous save, as the new one, or fails with a
@@ -390,9 +391,10 @@ class PrunedModel(nn.Module):
             config, model_kwargs = config_and_model_kwargs(path, kwargs, hub_kwargs)
             model = load_dense(model_class, path, config, model_kwargs, state_dict=read(weights_file, masks, shapes))
             load_generation_config(model, path, hub_kwargs)
-        _parameter_names(model, masks)
+        names = _parameter_names(model, masks)  # the model's own names: a peft adapter may have been loaded too
         params = dict(model.named_parameters())
-        revived = [n for n, mask in masks.items() if bool(params[n].detach()[~mask.to(params[n].device)].any())]
+        revived = [n for n, mask in masks.items()
+                   if bool(params[names[n]].detach()[~mask.to(params[names[n]].device)].any())]
         if revived and not reapply_masks:
             raise ValueError(f"Weights pruned by {masks_file} are non-zero in the loaded model: {revived}. The "
                              "weights and masks come from different saves; pass reapply_masks=True to zero them.")

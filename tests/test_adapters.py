@@ -1,6 +1,8 @@
 """Pruning a peft (LoRA) model while its adapters train: base weights under their plain names, LoRA factors masked
 with them, so that `merge_and_unload()` gives the model that was trained; what cannot be masked is refused."""
 
+import os
+
 import pytest
 import torch
 from conftest import TINY_MODELS, TinyClassificationDataset, TinyLMDataset
@@ -224,3 +226,21 @@ def test_obs_over_lora_prunes_the_base_weights_and_merges_to_a_model_with_those_
     adapted = [name for name in masks if name.replace(".weight", ".base_layer.weight") in solved]
     assert adapted and all(not torch.equal(params[name], solved[name.replace(".weight", ".base_layer.weight")])
                            for name in adapted)  # the update was merged where the weights are kept
+
+
+def test_a_save_removes_an_adapter_left_in_the_folder_and_a_folder_with_one_loads(tmp_path):
+    # transformers loads an adapter_config.json it finds beside the weights on top of them.
+    model = TINY_MODELS["bert"]()
+    pruner = Pruner(model, PruningConfig(final_sparsity=0.8, schedule="oneshot"))
+    pruner.prune_to(0.8)
+    pruned = PrunedModel(model, pruner.masks, pruner.config)
+    lora_model("bert").save_pretrained(tmp_path)  # an earlier save of adapters into the same folder
+    pruned.save_pretrained(tmp_path)
+    assert not {"adapter_config.json", "adapter_model.safetensors"} & set(os.listdir(tmp_path))
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    assert not any("lora" in name for name, _ in plain.named_parameters())
+    assert all(torch.equal(plain.state_dict()[name], tensor) for name, tensor in model.state_dict().items())
+    lora_model("bert").save_pretrained(tmp_path)  # adapters saved after: loaded on top, by transformers' rules
+    loaded = PrunedModel.from_pretrained(tmp_path)
+    assert any("lora" in name for name, _ in loaded.model.named_parameters())
+    assert loaded.masks.keys() == pruner.masks.keys()

@@ -643,7 +643,8 @@ def test_push_to_hub_deletes_the_other_formats_in_the_same_commit():
             mock.patch("huggingface_hub.HfApi.upload_folder", upload_folder):
         pruned("bert").push_to_hub("user/m", compression="deep")
     stale = ["model.safetensors", "model-00001-of-00002.safetensors", "model.safetensors.index.json",
-             COMPRESSED_WEIGHTS_NAME, "pytorch_model.bin", "generation_config.json"]
+             COMPRESSED_WEIGHTS_NAME, "pytorch_model.bin", "generation_config.json", "adapter_config.json",
+             "adapter_model.safetensors"]
     assert all(any(fnmatch.fnmatch(name, p) for p in calls["delete"]) for name in stale)
     assert not any(fnmatch.fnmatch(name, p) for p in calls["delete"] for name in {"config.json", MASKS_NAME,
                                                                                  CONFIG_NAME, "README.md"})
