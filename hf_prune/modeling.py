@@ -243,7 +243,7 @@ class PrunedModel(nn.Module):
         os.makedirs(save_directory, exist_ok=True)
         remove_temporaries(save_directory)
         with staging_folder(save_directory) as staging:
-            model = self.model
+            model = getattr(self.model, "_orig_mod", self.model)  # torch.compile's wrapper: the model it compiled
             if compression is None:
                 model.save_pretrained(staging, **kwargs)
             else:
@@ -252,7 +252,7 @@ class PrunedModel(nn.Module):
                 model.config.save_pretrained(staging)
                 if getattr(model, "generation_config", None) is not None and model.can_generate():
                     model.generation_config.save_pretrained(staging)
-                self._save_compressed(staging, compression, bits)
+                self._save_compressed(model, staging, compression, bits)
             report = self.sparsity_report()
             save_masks(self.masks, os.path.join(staging, MASKS_NAME), {"achieved_sparsity": report.overall},
                        encoding="smallest" if compression == "deep" else "bitmask")
@@ -263,16 +263,18 @@ class PrunedModel(nn.Module):
             if config.base_model_name_or_path is None:
                 name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
                 config = PruningConfig.from_dict({**config.to_dict(), "base_model_name_or_path": name})
-            atomic_write_text(os.path.join(staging, "README.md"), self._model_card(report, config))
+            atomic_write_text(os.path.join(staging, "README.md"), self._model_card(model, report, config))
             commit(staging, save_directory, members)
             # last: until this rename the folder's pruning_config.json records the files of the previous save
             config.save_pretrained(save_directory, achieved_sparsity=report.overall,
                                    sparsity_by_class=report.by_class(), files=members)
 
-    def _save_compressed(self, save_directory: str | os.PathLike, compression: str, bits: int) -> None:
-        """Targeted weights in the chosen compressed form; every other tensor as it is (tied copies dropped)."""
+    def _save_compressed(self, model: nn.Module, save_directory: str | os.PathLike, compression: str,
+                         bits: int) -> None:
+        """`model`'s targeted weights in the chosen compressed form; every other tensor as it is (tied copies
+        dropped)."""
         others, targeted, seen = {}, {}, set()
-        for name, tensor in self.model.state_dict().items():
+        for name, tensor in model.state_dict().items():
             if tensor.data_ptr() in seen:  # tied weight, restored by tie_weights() on load
                 continue
             seen.add(tensor.data_ptr())
@@ -284,11 +286,11 @@ class PrunedModel(nn.Module):
         else:
             save_sparse(os.path.join(save_directory, COMPRESSED_WEIGHTS_NAME), targeted, self.masks, others)
 
-    def _model_card(self, report: SparsityReport, config: PruningConfig) -> str:
+    def _model_card(self, model: nn.Module, report: SparsityReport, config: PruningConfig) -> str:
         data = ModelCardData(library_name="transformers", base_model=config.base_model_name_or_path,
                              tags=["hf_prune", "pruned", "sparse", f"sparsity-{round(100 * report.overall)}"])
         classes = "\n".join(f"| {cls} | {value:.2%} |" for cls, value in report.by_class().items())
-        body = (f"# Pruned {type(self.model).__name__}\n\n"
+        body = (f"# Pruned {type(model).__name__}\n\n"
                 f"Pruned with [hf_prune](https://pypi.org/project/hf-prune/) {__version__}: "
                 f"**{report.overall:.2%}** of the targeted weights are zero "
                 f"(schedule `{config.schedule}`, scheme `{config.scheme}`, criterion `{config.criterion}`; "

@@ -789,6 +789,20 @@ def test_wraps_a_compiled_model_under_its_own_parameter_names():
     assert all(torch.equal(weights[name] != 0, mask) for name, mask in masks.items())
 
 
+@pytest.mark.parametrize("compression", [None, "sparse", "deep"])
+def test_a_compiled_model_saves_as_the_model_it_compiled(tmp_path, compression):
+    original = pruned("bert")
+    PrunedModel(torch.compile(original.model), original.masks, original.pruning_config).save_pretrained(
+        tmp_path, compression=compression)
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["BertForSequenceClassification"]
+    assert (tmp_path / "README.md").read_text().count("# Pruned BertForSequenceClassification") == 1
+    loaded = PrunedModel.from_pretrained(tmp_path)
+    if compression == "deep":  # quantized kept values: the positions are exact
+        assert all(torch.equal(loaded.masks[n], m) for n, m in original.masks.items())
+    else:
+        assert_same(original, loaded)
+
+
 def test_masks_from_zeros_refuses_targeted_weights_the_folder_lacks_and_allows_a_new_head(tmp_path):
     from safetensors.torch import load_file, save_file
 
