@@ -63,18 +63,26 @@ def weights_format(path: str | os.PathLike, hub_kwargs: Mapping[str, Any]) -> tu
     return kind, local
 
 
-def check_saved_files(path: str | os.PathLike, config_file: str, hub_kwargs: Mapping[str, Any]) -> None:
+def _identity(local: str) -> tuple[int, ...]:
+    """What changes when a file is replaced or rewritten: device, inode, size, modification time."""
+    st = os.stat(local)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def check_saved_files(path: str | os.PathLike, config_file: str, hub_kwargs: Mapping[str, Any]
+                      ) -> dict[str, tuple[int, ...]]:
     """Checks every file `pruning_config.json` (`config_file`) records as part of its save (`files`: name ->
     sha256 and size) against the file of that name in `path`; a folder without a record (written before hf_prune
-    recorded its files) passes.
+    recorded its files) passes. Returns the identity of each checked file, for `check_unchanged` once they are read.
 
     Raises:
         ValueError: naming the first file that is missing or differs from the recorded one: the folder mixes
             two saves (an interrupted `save_pretrained`) or was edited.
     """
+    identities = {config_file: _identity(config_file)}
     records = read_json_object(config_file, "a PruningConfig").get("files")
     if records is None:
-        return
+        return identities
     if not isinstance(records, dict) or not all(
             os.path.basename(name) == name and name not in ("", ".", "..") and isinstance(record, dict)
             and isinstance(record.get("sha256"), str) and is_count(record.get("size")) for name, record in records.items()):
@@ -85,6 +93,7 @@ def check_saved_files(path: str | os.PathLike, config_file: str, hub_kwargs: Map
         if local is None:
             raise ValueError(f"{path} has no {name}, which {config_file} records as part of its save: the folder is "
                              "incomplete or mixes two saves (an interrupted save_pretrained?). Save the model again.")
+        identities[local] = _identity(local)
         found = {"size": os.path.getsize(local)}
         if found["size"] == record["size"]:
             found = file_record(local)
@@ -93,6 +102,16 @@ def check_saved_files(path: str | os.PathLike, config_file: str, hub_kwargs: Map
                              f"{_describe(found)}, recorded {_describe(record)}): the folder mixes files of two "
                              "saves (an interrupted save_pretrained?) or the file was changed after saving. Save the "
                              f"model again; to load the folder as it is, delete the `files` entry of {config_file}.")
+    return identities
+
+
+def check_unchanged(identities: Mapping[str, tuple[int, ...]]) -> None:
+    """Raises `ValueError` when a file `check_saved_files` checked was replaced or rewritten since (a save into the
+    folder ran while it was being loaded: what was read may mix the two saves)."""
+    for local, identity in identities.items():
+        if not os.path.exists(local) or _identity(local) != identity:
+            raise ValueError(f"{local} changed while the folder was being loaded (a save_pretrained into it ran "
+                             "meanwhile): what was read may mix two saves. Load it again.")
 
 
 def _describe(record: Mapping[str, Any]) -> str:

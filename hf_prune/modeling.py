@@ -28,6 +28,7 @@ from .distributed import gather_unsharded
 from .folders import (
     STALE_PATTERNS,
     check_saved_files,
+    check_unchanged,
     commit,
     files_under,
     remove_temporaries,
@@ -377,8 +378,7 @@ class PrunedModel(nn.Module):
 
         kind, weights_file = weights_format(path, hub_kwargs)
         config_file = resolve_file(path, CONFIG_NAME, required=pruning_config is None, **hub_kwargs)
-        if config_file is not None:
-            check_saved_files(path, config_file, hub_kwargs)
+        checked = check_saved_files(path, config_file, hub_kwargs) if config_file is not None else {}
         pruning_config = pruning_config or PruningConfig.from_pretrained(path, **hub_kwargs)
         config = transformers.AutoConfig.from_pretrained(path, **hub_kwargs)
         model_class = model_class or auto_model_class(config)
@@ -393,6 +393,7 @@ class PrunedModel(nn.Module):
             config, model_kwargs = config_and_model_kwargs(path, kwargs, hub_kwargs)
             model = load_dense(model_class, path, config, model_kwargs, state_dict=read(weights_file, masks, shapes))
             load_generation_config(model, path, hub_kwargs)
+        check_unchanged(checked)  # nothing was replaced while it was read
         names = _parameter_names(model, masks)  # the model's own names: a peft adapter may have been loaded too
         params = dict(model.named_parameters())
         revived = [n for n, mask in masks.items()

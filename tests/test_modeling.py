@@ -713,6 +713,25 @@ def test_a_masks_file_that_does_not_fit_fails_before_the_model_is_loaded(tmp_pat
         PrunedModel.from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("compression", [None, "sparse"])
+def test_a_save_that_lands_while_the_folder_loads_is_a_value_error(tmp_path, monkeypatch, compression):
+    from hf_prune import modeling
+
+    pruned("bert", 0.5).save_pretrained(tmp_path, compression=compression)
+    other = pruned("bert", 0.9)  # another run's save into the same folder, between the masks and the weights read
+    load_dense = modeling.load_dense
+
+    def racing_save(*args, **kwargs):
+        other.save_pretrained(tmp_path, compression=compression)
+        return load_dense(*args, **kwargs)
+
+    monkeypatch.setattr(modeling, "load_dense", racing_save)
+    with pytest.raises(ValueError, match="changed while the folder was being loaded .* Load it again"):
+        PrunedModel.from_pretrained(tmp_path)
+    monkeypatch.setattr(modeling, "load_dense", load_dense)
+    assert_same(other, PrunedModel.from_pretrained(tmp_path))
+
+
 def test_a_compressed_folder_holds_one_name_of_a_tied_group_and_fails_without_it(tmp_path):
     original = pruned("gpt2")
     original.save_pretrained(tmp_path, compression="sparse")
