@@ -217,11 +217,13 @@ class PrunedModel(nn.Module):
             processing_class (*optional*): a tokenizer / processor saved into the same folder.
             is_main_process (`bool`, *optional*, defaults to `True`): only the main process writes.
             compressed (`bool`, *optional*): deprecated, `compressed=True` is `compression="sparse"`.
-            kwargs: forwarded to the model's `save_pretrained` (`max_shard_size`, ...).
+            kwargs: forwarded to the model's `save_pretrained` (`max_shard_size`, ...); with `compression="sparse"`
+                or `"deep"`, which write their own file, none is accepted. Upload with `push_to_hub`, not
+                `push_to_hub=True` here.
 
         Raises:
-            ValueError: for a peft model (merge its adapters first), or a bad `compression` / `bits`; nothing is
-                written then.
+            ValueError: for a peft model (merge its adapters first), a bad `compression` / `bits`, keyword
+                arguments a compressed save would not use, or `push_to_hub=True`; nothing is written then.
         """
         if without_peft_wrapper(self.model) is not self.model:
             raise ValueError(f"save_pretrained writes a transformers model with its masks; this one is a "
@@ -236,6 +238,13 @@ class PrunedModel(nn.Module):
         check_choice("compression", compression, COMPRESSIONS)
         if compression == "deep":
             check_bits(bits)
+        if kwargs.get("push_to_hub"):  # transformers would push the staging folder, to a repo named after it
+            raise ValueError("`push_to_hub=True` is not a save_pretrained option of PrunedModel: call "
+                             "pruned.push_to_hub(repo_id, ...) (it saves and uploads in one commit).")
+        if compression is not None and kwargs:
+            raise ValueError(f"{', '.join(f'`{key}`' for key in sorted(kwargs))} would be ignored: with `compression` "
+                             f"{compression!r} the weights go to hf_prune's own file, not through the model's "
+                             "save_pretrained; use compression=None for its options.")
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory must be a folder, {save_directory} is a file.")
         self.apply_masks_()
@@ -328,6 +337,8 @@ class PrunedModel(nn.Module):
             return None
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        if revision is not None and not revision.startswith("refs/pr"):  # as transformers' push_to_hub does
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
         with tempfile.TemporaryDirectory() as folder:
             self.save_pretrained(folder, **save_kwargs)
             return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message,

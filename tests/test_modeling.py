@@ -661,6 +661,29 @@ def test_push_to_hub_on_a_process_that_is_not_the_main_one_does_nothing():
     assert api.mock_calls == []
 
 
+def test_push_to_hub_to_a_new_branch_creates_it_first():
+    from hf_prune import modeling
+
+    api = mock.Mock()
+    api.create_repo.return_value = mock.Mock(repo_id="user/m")
+    with mock.patch.object(modeling, "HfApi", return_value=api):
+        pruned("bert").push_to_hub("user/m", revision="sparse-80")
+    assert api.create_branch.call_args == mock.call("user/m", branch="sparse-80", exist_ok=True)
+    assert api.upload_folder.call_args.kwargs["revision"] == "sparse-80"
+
+
+@pytest.mark.parametrize("compression, kwargs, message", [
+    (None, {"push_to_hub": True}, "`push_to_hub=True` is not a save_pretrained option"),
+    ("sparse", {"max_shard_size": "1MB"}, "`max_shard_size` would be ignored"),
+    ("deep", {"safe_serialization": True}, "`safe_serialization` would be ignored"),
+])
+def test_save_options_that_would_be_ignored_or_misdirected_raise_before_writing(tmp_path, compression, kwargs,
+                                                                                 message):
+    with pytest.raises(ValueError, match=message):
+        pruned("bert").save_pretrained(tmp_path / "out", compression=compression, **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("files", ["all", {"../config.json": {"sha256": "0" * 64, "size": 1}},
                                    {"config.json": {"sha256": "0" * 64, "size": -1}}, {"config.json": "x"}])
 def test_a_malformed_record_of_the_files_is_a_value_error(tmp_path, files):
