@@ -14,8 +14,9 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_callback import ExportableState
 
 from .config import PruningConfig
-from .constants import MASKS_NAME, TRAINER_STATE_NAME
+from .constants import CONFIG_NAME, MASKS_NAME, TRAINER_STATE_NAME
 from .distributed import Replicated, is_main_rank
+from .folders import check_saved_files
 from .hub import resolve_file
 from .pruner import Pruner
 from .schedules import SparsitySchedule
@@ -154,8 +155,15 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
         With no `config` the saved targets and scheme are kept and the sparsity is held fixed (`oneshot` at the
         saved sparsity); pass a config with a higher `final_sparsity` to prune further. The masks are read when
         training begins, checked against the model's targeted weights (names and shapes) before they are decoded.
+
+        Raises:
+            ValueError: when the masks file is not the one `pruning_config.json` records (a save interrupted
+                between the two, or a file changed after saving).
         """
         saved = PruningConfig.from_pretrained(pretrained_path, **hub_kwargs)
+        # the masks must be those of the save pruning_config.json records, not of a save interrupted after them
+        check_saved_files(pretrained_path, resolve_file(pretrained_path, CONFIG_NAME, **hub_kwargs), hub_kwargs,
+                          only=[MASKS_NAME])
         masks_file = resolve_file(pretrained_path, MASKS_NAME, **hub_kwargs)
         metadata = read_masks_metadata(masks_file)
         target = float(metadata.get("achieved_sparsity", metadata.get("target_sparsity", saved.final_sparsity)))

@@ -8,7 +8,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
 from transformers.utils import (
@@ -69,11 +69,12 @@ def _identity(local: str) -> tuple[int, ...]:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def check_saved_files(path: str | os.PathLike, config_file: str, hub_kwargs: Mapping[str, Any]
-                      ) -> dict[str, tuple[int, ...]]:
+def check_saved_files(path: str | os.PathLike, config_file: str, hub_kwargs: Mapping[str, Any],
+                      only: Collection[str] | None = None) -> dict[str, tuple[int, ...]]:
     """Checks every file `pruning_config.json` (`config_file`) records as part of its save (`files`: name ->
-    sha256 and size) against the file of that name in `path`; a folder without a record (written before hf_prune
-    recorded its files) passes. Returns the identity of each checked file, for `check_unchanged` once they are read.
+    sha256 and size; with `only`, those of these names) against the file of that name in `path`; a folder without
+    a record (written before hf_prune recorded its files) passes. Returns the identity of each checked file, for
+    `check_unchanged` once they are read.
 
     Raises:
         ValueError: naming the first file that is missing or differs from the recorded one: the folder mixes
@@ -89,6 +90,8 @@ def check_saved_files(path: str | os.PathLike, config_file: str, hub_kwargs: Map
         raise ValueError(f"{config_file} is corrupt: `files` must map file names to {{\"sha256\": hex digest, "
                          f"\"size\": bytes}}; got {str(records)[:120]}.")
     for name, record in records.items():
+        if only is not None and name not in only:
+            continue
         local = resolve_file(path, name, required=False, **hub_kwargs)
         if local is None:
             raise ValueError(f"{path} has no {name}, which {config_file} records as part of its save: the folder is "

@@ -694,6 +694,16 @@ def test_a_malformed_record_of_the_files_is_a_value_error(tmp_path, files):
         PrunedModel.from_pretrained(tmp_path)
 
 
+def test_callback_from_pretrained_refuses_masks_of_another_save_than_the_recorded_one(tmp_path):
+    from hf_prune.serialization import save_masks
+
+    pruned("bert", 0.5).save_pretrained(tmp_path)
+    other = pruned("bert", 0.9)  # a save killed after its masks were renamed in, before its pruning_config.json
+    save_masks(other.masks, str(tmp_path / MASKS_NAME), {"achieved_sparsity": 0.9})
+    with pytest.raises(ValueError, match=f"{MASKS_NAME} does not belong to the save that .*{CONFIG_NAME} records"):
+        MagnitudePruningCallback.from_pretrained(tmp_path)
+
+
 @pytest.mark.parametrize("encoding", ["bitmask", "gaps"])
 def test_callback_checks_saved_masks_against_the_model_before_decoding(tmp_path, monkeypatch, encoding):
     from hf_prune import serialization
@@ -704,6 +714,7 @@ def test_callback_checks_saved_masks_against_the_model_before_decoding(tmp_path,
     name = next(iter(model.masks))
     wrong = {**model.masks, name: torch.rand(512, 4096) > 0.9}  # a shape the model does not have
     save_masks(wrong, str(tmp_path / MASKS_NAME), {"achieved_sparsity": 0.9}, encoding=encoding)
+    forget_file_records(tmp_path)  # else refused at once, as a file of another save
     callback = MagnitudePruningCallback.from_pretrained(tmp_path)
 
     def no_decoding(*args, **kwargs):
