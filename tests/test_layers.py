@@ -8,6 +8,7 @@ from conftest import TINY_MODELS, tiny_gpt2, tiny_t5
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
@@ -266,3 +267,21 @@ def test_block_influence_scores_both_stacks_of_an_encoder_decoder_and_refuses_ba
         block_influence(model, [])
     with pytest.raises(ValueError, match="dicts of keyword arguments"):
         block_influence(model, [[1, 2, 3]])
+
+
+def test_drop_layers_of_umt5_keeps_each_blocks_own_position_bias():
+    # UMT5 has a relative position bias in every block (T5 only in the first): the kept blocks keep theirs.
+    config = AutoConfig.for_model("umt5", vocab_size=99, d_model=32, d_kv=8, d_ff=37, num_layers=3,
+                                  num_decoder_layers=3, num_heads=4, decoder_start_token_id=0, pad_token_id=0,
+                                  eos_token_id=1)
+    torch.manual_seed(0)
+    model = AutoModelForSeq2SeqLM.from_config(config).eval()
+    small = drop_layers(model, {"encoder.block": [0], "decoder.block": [1]}).eval()
+    for stack, kept in (("encoder.block", [1, 2]), ("decoder.block", [0, 2])):
+        for new, old in enumerate(kept):
+            bias = "layer.0.SelfAttention.relative_attention_bias.weight"
+            assert torch.equal(small.get_parameter(f"{stack}.{new}.{bias}"), model.get_parameter(f"{stack}.{old}.{bias}"))
+    reference = skipping_blocks(model, {"encoder.block": [1, 2], "decoder.block": [0, 2]})
+    with torch.no_grad():
+        expected = reference(**inputs_for("t5"), use_cache=False).logits
+        assert (expected - small(**inputs_for("t5"), use_cache=False).logits).abs().max() <= 1e-5

@@ -162,7 +162,7 @@ def drop_layers(model: nn.Module, layers: Sequence[int] | Mapping[str, Sequence[
     transformers model whose `save_pretrained` folder loads with `AutoModel*.from_pretrained`. The kept blocks keep
     their weights and order (each block's own index, such as its key/value-cache slot, is renumbered), so its
     outputs are those of the original model with these blocks skipped. T5's relative position bias, which only the
-    first block holds, moves to the new first block; config lists about the blocks (`layer_types`, one entry per
+    first block holds, moves to the new first block (UMT5's, one per block, stays with its block); config lists about the blocks (`layer_types`, one entry per
     block, or `mlp_only_layers`, block indices) are cut and renumbered. Every tensor keeps its dtype and device,
     and which parameters train, gradient checkpointing and the generation config carry over (`rebuild`).
 
@@ -191,12 +191,17 @@ def drop_layers(model: nn.Module, layers: Sequence[int] | Mapping[str, Sequence[
         index, _, rest = name[len(stack) + 1:].partition(".")
         return stack, int(index), rest
 
+    originals = set(model.state_dict())
+
     def origin(name: str) -> str:
         found = block_of(name)
-        if found is None or "relative_attention_bias" in name:  # T5's bias: only the first block has it
+        if found is None:
             return name
         stack, index, rest = found
-        return ".".join(filter(None, (stack, str(kept[stack][index]), rest)))
+        renumbered = ".".join(filter(None, (stack, str(kept[stack][index]), rest)))
+        if "relative_attention_bias" in name and renumbered not in originals:
+            return name  # T5's bias, which only the first block has, stays with the (new) first block; UMT5's own
+        return renumbered
 
     def is_dropped(name: str) -> bool:
         found = block_of(name)
