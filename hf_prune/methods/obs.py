@@ -36,6 +36,8 @@ _PATTERN = re.compile(r"(\d+):(\d+)")
 #: The first indexed module of a name (`"bert.encoder.layer.3"` of `"bert.encoder.layer.3.attention.self.query"`).
 _BLOCK = re.compile(r"(?:^|.*?\.)\d+(?=\.|$)")
 _SOLVER_DTYPE = torch.float64
+#: `obs_prune`'s defaults (columns updated together; dampening as a fraction of mean(diag H)), OBSPruner's settings.
+_BLOCK_SIZE, _DAMPENING = 128, 0.01
 
 
 class _StopForward(Exception):
@@ -229,6 +231,13 @@ def _check_calibration_data(calibration_dataloader: Any) -> None:
                          " OBS iterates it once per Transformer block; pass a DataLoader or a list of batches.")
 
 
+def _check_unstructured(config: PruningConfig, user: str) -> None:
+    if config.structures():
+        raise ValueError(f"`structure` must be 'unstructured' for {user} (OBS prunes single weights, or N:M groups of "
+                         f"them); got {config.structure!r}. For neurons or heads use a MagnitudePruningCallback with "
+                         "that config.")
+
+
 def _check_solver_arguments(modules: Mapping[str, nn.Module], nm: tuple[int, int] | None, block_size: int,
                             dampening: float) -> None:
     check_int("block_size", block_size, 1)
@@ -247,8 +256,8 @@ def _check_solver_arguments(modules: Mapping[str, nn.Module], nm: tuple[int, int
 
 @torch.no_grad()
 def obs_prune(model: nn.Module, calibration_dataloader: Iterable[Any], sparsity: float | None,
-              pattern: str | None = None, config: PruningConfig | None = None, block_size: int = 128,
-              dampening: float = 0.01, show_progress: bool = True) -> dict[str, torch.Tensor]:
+              pattern: str | None = None, config: PruningConfig | None = None, block_size: int = _BLOCK_SIZE,
+              dampening: float = _DAMPENING, show_progress: bool = True) -> dict[str, torch.Tensor]:
     """Prunes `model` one-shot with OBS from calibration data, layer by layer (SparseGPT); no retraining needed.
 
     The targeted layers (`find_targets(model, config)`: by default the Linear / `Conv1D` layers of the Transformer
@@ -294,10 +303,7 @@ def obs_prune(model: nn.Module, calibration_dataloader: Iterable[Any], sparsity:
     nm = parse_pattern(pattern)
     sparsity = _resolve_sparsity(sparsity, nm)
     config = config or PruningConfig()
-    if config.structures():
-        raise ValueError(f"`structure` must be 'unstructured' for obs_prune (OBS prunes single weights, or N:M "
-                         f"groups of them); got {config.structure!r}. For neurons or heads use a "
-                         "MagnitudePruningCallback with that config.")
+    _check_unstructured(config, "obs_prune")
     targets = find_targets(model, config)
     modules = prunable_modules(model)
     _check_calibration_data(calibration_dataloader)
@@ -346,8 +352,13 @@ class OBSPruner(Pruner):
 
     def __init__(self, model: nn.Module, config: PruningConfig, calibration_dataloader: Iterable[Any],
                  pattern: str | None = None, max_steps: int | None = None) -> None:
+        _check_unstructured(config, "OBSPruner")
         super().__init__(model, config, max_steps)
         refuse_sharded(self.params.values(), "OBSPruner")
+        # what obs_prune would refuse at the pruning event, refused now (before any training step)
+        modules = prunable_modules(self.module)
+        _check_solver_arguments({name.rpartition(".")[0]: modules[name.rpartition(".")[0]] for name in self.params},
+                                parse_pattern(pattern), _BLOCK_SIZE, _DAMPENING)
         self.calibration_dataloader = calibration_dataloader
         self.pattern = pattern
 
@@ -381,6 +392,7 @@ class OBSPruningCallback(MagnitudePruningCallback):
     def __init__(self, config: PruningConfig | dict[str, Any] | None, calibration_dataloader: Iterable[Any],
                  pattern: str | None = None) -> None:
         super().__init__(config)
+        _check_unstructured(self.config, "OBSPruningCallback")
         if self.config.schedule != "oneshot":
             raise ValueError(f"`schedule` must be 'oneshot' for OBSPruningCallback (OBS prunes once, at start_step); "
                              f"got {self.config.schedule!r}.")
