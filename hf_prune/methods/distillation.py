@@ -112,6 +112,12 @@ class DistillationTrainer(Trainer):
         if missing:
             raise ValueError(f"The teacher's outputs lack {missing}; it must be the same kind of model as the "
                              f"student (got fields {list(teacher_outputs)}).")
+        mismatched = [f"{key}: student {tuple(outputs[key].shape)}, teacher {tuple(teacher_outputs[key].shape)}"
+                      for key in fields if outputs[key].shape != teacher_outputs[key].shape]
+        if mismatched:  # kl_div would broadcast a one-label teacher over the student's labels without a word
+            raise ValueError(f"The teacher's logits differ in shape from the student's ({'; '.join(mismatched)}): "
+                             "distillation compares them entry by entry, so the teacher must predict the same "
+                             "labels (num_labels) or vocabulary as the student.")
         encoder_decoder = bool(getattr(getattr(self.teacher, "config", None), "is_encoder_decoder", False))
         distill = sum(distillation_loss(outputs[key], teacher_outputs[key], self.temperature,
                                         row_mask(teacher_inputs, outputs[key].shape[:-1], encoder_decoder))
