@@ -201,6 +201,12 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
         `max_steps` optimizer steps (for scripts that check their options before loading a model)."""
         SparsitySchedule.from_config(config, max_steps)
 
+    def prunes_after_train_begin(self) -> bool:
+        """Whether a fresh `train()` with this callback can prune after `on_train_begin`: False only when the masks
+        are final once training begins (`schedule="oneshot"` at `start_step=0`, as `from_pretrained` holds saved
+        masks). What a callback that needs final masks from the start (`QuantizationCallback`) checks up front."""
+        return not (self.config.schedule == "oneshot" and self.config.start_step == 0)
+
     def make_pruner(self, model: torch.nn.Module, max_steps: int | None) -> Pruner:
         """The `Pruner` this callback drives; subclasses with their own pruning event return a subclass."""
         return Pruner(model, self.config, max_steps=max_steps)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from testing_utils import RecordingHubApi
-from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from hf_prune import MagnitudePruningCallback, Pruner, PruningConfig
 from hf_prune.compression import (
@@ -34,6 +34,8 @@ from hf_prune.compression.huffman import BLOCK_SIZE, huffman_code_lengths
 from hf_prune.compression.positions import GAP_LIMIT, encode_positions, gap_symbols, positions_from_gaps
 from hf_prune.compression.quantization import centroid_gradients
 from hf_prune.constants import MASKS_NAME, QUANTIZATION_STATE_NAME
+from hf_prune.methods.han import HanConfig, HanPruningCallback
+from hf_prune.methods.rpp import RPPCallback, RPPConfig
 
 
 DTYPES = {np.uint8: 255, np.uint16: 65535, np.uint32: 2**32 - 1}
@@ -286,16 +288,52 @@ def test_a_step_with_non_finite_gradients_moves_no_centroid(where):
     assert any(not torch.equal(q.centroids, before[name]) for name, q in quantizer.quantized.items())
 
 
+def test_with_load_best_model_at_end_quantized_is_the_codebook_of_the_loaded_weights(tmp_path):
+    class EarliestIsBest(TrainerCallback):
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            metrics["eval_earliness"] = -state.global_step
+
+    pruning = MagnitudePruningCallback(PruningConfig(final_sparsity=0.9, schedule="oneshot"))
+    quantization = QuantizationCallback(pruning, bits=3)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=8, learning_rate=5e-3,
+                             save_steps=2, eval_strategy="steps", eval_steps=2, load_best_model_at_end=True,
+                             metric_for_best_model="earliness", greater_is_better=True, report_to="none",
+                             use_cpu=True, seed=0, disable_tqdm=True)
+    trainer = Trainer(model=tiny_bert(), args=args, train_dataset=TinyClassificationDataset(64),
+                      eval_dataset=TinyClassificationDataset(16, seed=1),
+                      callbacks=[pruning, quantization, EarliestIsBest()])
+    trainer.train()
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-2")
+    params = dict(trainer.model.named_parameters())
+    assert all(torch.equal(params[name].detach(), dequantize(q)) for name, q in quantization.quantized.items())
+
+
+@pytest.mark.parametrize("make_pruning", [
+    lambda: MagnitudePruningCallback(PruningConfig(final_sparsity=0.9, schedule="cubic", end_step=8)),
+    lambda: MagnitudePruningCallback(PruningConfig(final_sparsity=0.9, schedule="oneshot", start_step=2)),
+    lambda: HanPruningCallback(HanConfig(quality=0.5, iterations=2, pruning_frequency=2)),
+    lambda: RPPCallback(RPPConfig(final_sparsity=0.5, end_step=4)),
+])
+def test_a_pruning_callback_that_prunes_after_train_begin_is_refused_before_it_changes_anything(make_pruning):
+    with pytest.raises(ValueError, match="pruning schedule is still running .* prunes after training begins"):
+        QuantizationCallback(make_pruning(), bits=4)
+
+
 def test_callback_refuses_missing_masks_and_running_schedules():
     model = tiny_bert()
     state = TrainerState(global_step=0, max_steps=10)
     with pytest.raises(ValueError, match="`masks` is empty"):
-        QuantizationCallback(MagnitudePruningCallback(), bits=4).on_train_begin(None, state, TrainerControl(),
-                                                                                   model=model)
+        QuantizationCallback(MagnitudePruningCallback(PruningConfig(schedule="oneshot")), bits=4).on_train_begin(
+            None, state, TrainerControl(), model=model)
     pruning = MagnitudePruningCallback(PruningConfig(final_sparsity=0.9, schedule="cubic", end_step=8))
     pruning.on_train_begin(None, state, TrainerControl(), model=model)
     with pytest.raises(ValueError, match="still running"):
         QuantizationCallback(pruning, bits=4).on_train_begin(None, state, TrainerControl(), model=model)
+    held = MagnitudePruningCallback(PruningConfig(final_sparsity=0.9, schedule="oneshot"))
+    quantization = QuantizationCallback(held, bits=4)
+    held.pruner = pruning.pruner  # as a resumed run's: the schedule has not ended at the checkpoint
+    with pytest.raises(ValueError, match=r"still running when quantization starts \(sparsity 0\.\d+ of 0\.9\)"):
+        quantization.on_train_begin(None, state, TrainerControl(), model=model)
 
 
 def quantization_trainer(tmp_path, model, max_steps=6, **overrides):

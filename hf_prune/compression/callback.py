@@ -10,13 +10,16 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ..callbacks import checkpoint_being_pushed, checkpoint_folder, find_checkpoint_file
+from ..callbacks import MagnitudePruningCallback, checkpoint_being_pushed, checkpoint_folder, find_checkpoint_file
 from ..constants import QUANTIZATION_STATE_NAME
 from .deep_format import read_deep_compressed, save_deep_compressed
 from .quantization import QuantizedWeight, TrainedQuantizer, check_quantizer_arguments
 
 
 logger = logging.getLogger(__name__)
+
+_STILL_PRUNING = ("The pruning schedule is still running when quantization starts ({}); Deep Compression quantizes "
+                  "after pruning: finish pruning in an earlier run, or use a oneshot schedule at step 0.")
 
 
 class QuantizationCallback(TrainerCallback):
@@ -31,9 +34,11 @@ class QuantizationCallback(TrainerCallback):
     weight is rewritten from its centroids.
 
     Masks and cluster assignments never change: pruned weights stay exactly 0 and every kept weight is one of its
-    layer's centroids. The other parameters (embeddings, LayerNorms, biases, head) train as usual. Each checkpoint
-    gets `quantization_state.safetensors`, and `resume_from_checkpoint` restores it. After training, pass
-    `callback.quantized` to `save_deep_compressed`. With fp16 mixed precision keep `max_grad_norm > 0`: the
+    layer's centroids (rounded to the weight's dtype: in a bf16 / fp16 model the centroids train in float32, as
+    master weights do, and dequantizing them into the model's dtype gives its weights exactly). The other parameters (embeddings, LayerNorms, biases, head) train as usual. Each checkpoint
+    gets `quantization_state.safetensors`, and `resume_from_checkpoint` restores it; with `load_best_model_at_end`
+    the best checkpoint's is loaded with its weights. After training, pass `callback.quantized` to
+    `save_deep_compressed`. With fp16 mixed precision keep `max_grad_norm > 0`: the
     Trainer unscales the gradients when it clips them, before this callback reads them.
 
     ```python
@@ -54,8 +59,9 @@ class QuantizationCallback(TrainerCallback):
         max_iter (`int`, *optional*, defaults to 100): most k-means iterations per weight (>= 1).
 
     Raises:
-        ValueError: bad `bits`, `learning_rate`, `max_iter` or `masks` (here); at train begin, no masks yet or a
-            pruning schedule still running.
+        ValueError: bad `bits`, `learning_rate`, `max_iter` or `masks`, or a pruning callback that prunes after
+            training begins (here, before it changes the model); at train begin, no masks yet or a pruning schedule
+            still running (a resumed run).
     """
 
     def __init__(self, masks: Any, bits: int = 4, learning_rate: float | None = None, max_iter: int = 100) -> None:
@@ -63,6 +69,10 @@ class QuantizationCallback(TrainerCallback):
         if not (isinstance(masks, Mapping) or hasattr(masks, "masks")):
             raise ValueError(f"`masks` must be a dict of bool masks, a MagnitudePruningCallback or a PrunedModel; got "
                              f"{type(masks).__name__} {masks!r}.")
+        if isinstance(masks, MagnitudePruningCallback) and masks.prunes_after_train_begin():
+            raise ValueError(_STILL_PRUNING.format(f"{type(masks).__name__} prunes after training begins "
+                                                   f"(schedule {masks.config.schedule!r}, start_step "
+                                                   f"{masks.config.start_step})"))
         self.source = masks
         self.bits = bits
         self.learning_rate = learning_rate
@@ -77,9 +87,8 @@ class QuantizationCallback(TrainerCallback):
     def _masks(self) -> Mapping[str, torch.Tensor]:
         pruner = getattr(self.source, "pruner", None)
         if pruner is not None and pruner.target_sparsity < pruner.schedule.final:
-            raise ValueError(f"The pruning schedule is still running (sparsity {pruner.target_sparsity:.4f} of "
-                             f"{pruner.schedule.final}) when quantization starts; Deep Compression quantizes after "
-                             "pruning: finish pruning in an earlier run, or use a oneshot schedule at step 0.")
+            raise ValueError(_STILL_PRUNING.format(f"sparsity {pruner.target_sparsity:.4f} of "
+                                                   f"{pruner.schedule.final}"))
         return self.source if isinstance(self.source, Mapping) else self.source.masks
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
@@ -92,6 +101,21 @@ class QuantizationCallback(TrainerCallback):
             logger.info("Restored %d quantized weights from %s.", len(quantized), path)
         else:
             self.quantizer.quantize_(self._masks())
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     **kwargs: Any) -> None:
+        best = state.best_model_checkpoint
+        if self.quantizer is None or not args.load_best_model_at_end or best is None:
+            return
+        # the Trainer has loaded that checkpoint's weights: `quantized` must be their codebook, not the last step's
+        path = os.path.join(best, QUANTIZATION_STATE_NAME)
+        if not os.path.isfile(path):
+            logger.warning("The best checkpoint %s has no %s: `quantized` is the last step's, not the codebook of "
+                           "the weights the Trainer loaded from it.", best, QUANTIZATION_STATE_NAME)
+            return
+        quantized, _, _ = read_deep_compressed(path, self._masks())
+        self.quantizer.load_quantized_(quantized)
+        logger.info("Loaded the quantized weights of the best checkpoint %s.", best)
 
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                               optimizer: torch.optim.Optimizer | None = None, **kwargs: Any) -> None:

@@ -301,6 +301,9 @@ class RPPCallback(MagnitudePruningCallback):
         """The proximal window, then the mask schedule that ends with it (as `RPPPruner` builds them)."""
         super().check_schedule(mask_config(config, PenaltySchedule.from_config(config, max_steps).end), max_steps)
 
+    def prunes_after_train_begin(self) -> bool:
+        return True  # the proximal step moves and zeroes weights over its window, the hard prune ends it
+
     def make_pruner(self, model: torch.nn.Module, max_steps: int | None) -> Pruner:
         return RPPPruner(model, self.config, max_steps=max_steps)
 
