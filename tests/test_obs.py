@@ -261,6 +261,7 @@ def test_one_shot_generator_and_singular_hessian_raise():
     (PruningConfig(schedule="oneshot"), None, None, "`calibration_dataloader` is None"),
     (PruningConfig(schedule="oneshot", structure="neurons", scheme="class-uniform"), None, [],
      "`structure` must be 'unstructured' for OBSPruningCallback"),
+    (PruningConfig(schedule="oneshot", criterion="obd"), None, [], "`criterion` must be 'magnitude' for OBSPruningCallback"),
 ])
 def test_callback_rejects_bad_arguments(config, pattern, loader, message):
     with pytest.raises(ValueError, match=message):

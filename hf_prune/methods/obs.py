@@ -231,7 +231,10 @@ def _check_calibration_data(calibration_dataloader: Any) -> None:
                          " OBS iterates it once per Transformer block; pass a DataLoader or a list of batches.")
 
 
-def _check_unstructured(config: PruningConfig, user: str) -> None:
+def _check_obs_config(config: PruningConfig, user: str) -> None:
+    if user != "obs_prune" and config.criterion != "magnitude":  # the pruner would gather statistics OBS never reads
+        raise ValueError(f"`criterion` must be 'magnitude' for {user} (OBS ranks weights by its own Hessian-based "
+                         f"saliency); got {config.criterion!r}.")
     if config.structures():
         raise ValueError(f"`structure` must be 'unstructured' for {user} (OBS prunes single weights, or N:M groups of "
                          f"them); got {config.structure!r}. For neurons or heads use a MagnitudePruningCallback with "
@@ -303,7 +306,7 @@ def obs_prune(model: nn.Module, calibration_dataloader: Iterable[Any], sparsity:
     nm = parse_pattern(pattern)
     sparsity = _resolve_sparsity(sparsity, nm)
     config = config or PruningConfig()
-    _check_unstructured(config, "obs_prune")
+    _check_obs_config(config, "obs_prune")
     targets = find_targets(model, config)
     modules = prunable_modules(model)
     _check_calibration_data(calibration_dataloader)
@@ -352,7 +355,7 @@ class OBSPruner(Pruner):
 
     def __init__(self, model: nn.Module, config: PruningConfig, calibration_dataloader: Iterable[Any],
                  pattern: str | None = None, max_steps: int | None = None) -> None:
-        _check_unstructured(config, "OBSPruner")
+        _check_obs_config(config, "OBSPruner")
         super().__init__(model, config, max_steps)
         refuse_sharded(self.params.values(), "OBSPruner")
         # what obs_prune would refuse at the pruning event, refused now (before any training step)
@@ -392,7 +395,7 @@ class OBSPruningCallback(MagnitudePruningCallback):
     def __init__(self, config: PruningConfig | dict[str, Any] | None, calibration_dataloader: Iterable[Any],
                  pattern: str | None = None) -> None:
         super().__init__(config)
-        _check_unstructured(self.config, "OBSPruningCallback")
+        _check_obs_config(self.config, "OBSPruningCallback")
         if self.config.schedule != "oneshot":
             raise ValueError(f"`schedule` must be 'oneshot' for OBSPruningCallback (OBS prunes once, at start_step); "
                              f"got {self.config.schedule!r}.")
