@@ -332,6 +332,8 @@ def test_bad_han_config_raises_naming_field_value_and_range(overrides, field, ac
      "num_update_steps_per_epoch"),
     (lambda: get_see_retraining_schedule(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0), 2, 0),
      "halve_every_epochs"),
+    (lambda: get_see_retraining_schedule(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0), 2, 2, 1.5),
+     "last_epoch"),
     (lambda: see_retraining_arguments(TrainingArguments(output_dir="unused", report_to="none"), 1.5),
      "learning_rate_factor"),
     (lambda: see_retraining_arguments(TrainingArguments(output_dir="unused", report_to="none"), 0.5, 0),

@@ -44,6 +44,7 @@ def get_see_retraining_schedule(optimizer: torch.optim.Optimizer, num_update_ste
     """
     check_int("num_update_steps_per_epoch", num_update_steps_per_epoch, 1)
     check_int("halve_every_epochs", halve_every_epochs, 1)
+    check_int("last_epoch", last_epoch, -1)
     halving = functools.partial(_halving, steps_per_halving=halve_every_epochs * num_update_steps_per_epoch)
     return LambdaLR(optimizer, halving, last_epoch)
 
