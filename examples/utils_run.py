@@ -187,7 +187,8 @@ def pruning_callbacks(script_args: ScriptArguments, num_train_features: int) -> 
         return []
     max_steps = training_args.max_steps
     if max_steps <= 0:
-        batches = math.ceil(num_train_features / (training_args.train_batch_size * training_args.world_size))
+        rounding = math.floor if training_args.dataloader_drop_last else math.ceil
+        batches = rounding(num_train_features / (training_args.train_batch_size * training_args.world_size))
         max_steps = math.ceil(training_args.num_train_epochs
                               * max(1, math.ceil(batches / training_args.gradient_accumulation_steps)))
     try:
