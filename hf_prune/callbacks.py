@@ -354,8 +354,9 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
         schedule = self.pruner.resolved_schedule()
         if not changed and saved_schedule is not None:  # a checkpoint of an older hf_prune may lack some keys
             changed = [key for key in schedule if key in saved_schedule and saved_schedule[key] != schedule[key]]
-            details = ("the schedule its defaults resolve to (the run's max_steps changed?): " + "; ".join(
-                f"{key}: checkpoint {saved_schedule.get(key)!r}, now {schedule[key]!r}" for key in changed))
+            if changed:
+                details = ("the schedule its defaults resolve to (the run's max_steps changed?): " + "; ".join(
+                    f"{key}: checkpoint {saved_schedule[key]!r}, now {schedule[key]!r}" for key in changed))
         if changed and not self.override_checkpoint_config:
             raise ValueError(f"The checkpoint {path} was pruned under another config ({details}). Resume with the "
                              f"checkpoint's config, or pass override_checkpoint_config=True to "

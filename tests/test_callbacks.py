@@ -158,7 +158,7 @@ def test_a_hyperparameter_search_trial_saves_its_masks_in_its_own_run_folder(tmp
 
 
 @pytest.mark.slow
-def test_resumed_run_ends_with_the_same_masks(tmp_path):
+def test_resumed_run_ends_with_the_same_masks(tmp_path, caplog):
     full, full_callback, _ = magnitude_trainer(tmp_path / "a", PruningConfig(**CUBIC), save_strategy="steps",
                                                save_steps=4)
     full.train()
@@ -168,8 +168,11 @@ def test_resumed_run_ends_with_the_same_masks(tmp_path):
     assert first.state.global_step == 4 and checkpoint == str(tmp_path / "b" / "out" / "checkpoint-4")
     resumed, resumed_callback, checker = magnitude_trainer(tmp_path / "b", PruningConfig(**CUBIC),
                                                            save_strategy="steps", save_steps=4)
-    resumed.train(resume_from_checkpoint=checkpoint)
+    caplog.clear()  # the first run stopped at its checkpoint, before its schedule ended: it said so
+    with caplog.at_level("WARNING", logger="hf_prune"):
+        resumed.train(resume_from_checkpoint=checkpoint)
     assert resumed.state.global_step == 12 and checker.violations == []
+    assert not [r for r in caplog.records if r.name.startswith("hf_prune")], "a resume under the same config is quiet"
     for name, mask in full_callback.masks.items():
         assert torch.equal(mask, resumed_callback.masks[name]), name
     full_params, resumed_params = dict(full.model.named_parameters()), dict(resumed.model.named_parameters())
