@@ -83,6 +83,18 @@ class PrunedModel(nn.Module):
         self._masks_to_their_weights()
         self.apply_masks_()
 
+    def __getattr__(self, name: str) -> Any:
+        """`nn.Module`'s (parameters, buffers, submodules: `self.model`); an attribute of the wrapped model is not
+        forwarded, and asking for one here says where it is."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            model = self.__dict__.get("_modules", {}).get("model")
+            if model is not None and hasattr(model, name):
+                raise AttributeError(f"'PrunedModel' object has no attribute {name!r}; it is the wrapped model's: "
+                                     f"use pruned.model.{name}.") from None
+            raise
+
     def _apply(self, fn: Any, recurse: bool = True) -> PrunedModel:
         """`nn.Module`'s `to()` / `cuda()` / `cpu()` / `half()`: the masks follow their weights' devices."""
         super()._apply(fn, recurse)

@@ -873,3 +873,12 @@ def test_masks_from_zeros_refuses_targeted_weights_the_folder_lacks_and_allows_a
     (tmp_path / "model.safetensors").write_bytes(b"\x10" + bytes(7) + b'{"not a header')
     with pytest.raises(ValueError, match="a weights file cannot be read"):
         PrunedModel.from_pretrained(tmp_path, masks_from_zeros=True)
+
+
+def test_an_attribute_of_the_wrapped_model_is_not_forwarded_and_the_error_says_where_it_is():
+    wrapped = pruned("bert")
+    with pytest.raises(AttributeError, match=r"no attribute 'bert'; it is the wrapped model's: use pruned\.model\.bert"):
+        wrapped.bert
+    with pytest.raises(AttributeError, match="no attribute 'nonexistent'$"):
+        wrapped.nonexistent
+    assert wrapped.config is wrapped.model.config and not hasattr(wrapped, "num_parameters")
