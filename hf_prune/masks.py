@@ -227,7 +227,10 @@ def check_masks_match(masks: Mapping[str, torch.Tensor], shapes: Mapping[str, tu
     """
     problems = [f"missing mask for {n}" for n in shapes if n not in masks] if require_all else []
     problems += [f"unexpected mask {n} (not a targeted weight)" for n in masks if n not in shapes]
+    problems += [f"mask {n} is a {type(m).__name__}, not a torch.Tensor" for n, m in masks.items()
+                 if n in shapes and not isinstance(m, torch.Tensor)]
     problems += [f"mask {n} has shape {tuple(m.shape)}, weight has {tuple(shapes[n])}"
-                 for n, m in masks.items() if n in shapes and tuple(m.shape) != tuple(shapes[n])]
+                 for n, m in masks.items() if n in shapes and isinstance(m, torch.Tensor)
+                 and tuple(m.shape) != tuple(shapes[n])]
     if problems:
         raise ValueError("Masks do not match the model: " + "; ".join(problems) + ".")

@@ -31,7 +31,7 @@ from .schedules import SparsitySchedule
 from .structured.selection import update_group_masks_
 from .structured.shrink import heads_unexpressible
 from .structured.units import HEADS, Unit, pruned_targets, units_for
-from .targets import Target, clean_name, exclusion_for, named_weights, prunable_modules
+from .targets import Target, clean_name, exclusion_for, named_weights, prunable_modules, unprunable_block_weights
 from .validation import check_int, check_number
 
 
@@ -101,6 +101,10 @@ class Pruner:
         self.schedule = SparsitySchedule.from_config(config, max_steps)
         # the module that owns the weights (inside a peft model: the transformers model with its adapted layers)
         self.module = module = without_peft_wrapper(extract_model_from_parallel(model))
+        if config.structures() and type(layout_of(named_weights(module), model)) is not Replicated:
+            # before the units are read from the weights' shapes, which a shard does not have
+            raise ValueError(f"`structure` {config.structure!r} does not support sharded weights (FSDP / ZeRO-3) "
+                             "yet; train unsharded (DDP), or use structure='unstructured'.")
         #: With `config.structure`: the feed-forward / attention blocks whose neurons / heads are pruned whole.
         self.units: list[Unit] = units_for(module, config) if config.structures() else []
         _check_heads_left(self.units, config)
@@ -118,10 +122,9 @@ class Pruner:
                              "fsdp_config={'use_orig_params': True}, or use FSDP2 ({'fsdp_version': 2}).")
         self.params: dict[str, nn.Parameter] = {t.name: params[t.name] for t in targets}
         self.classes: dict[str, str] = {t.name: t.weight_class for t in targets}
+        if config.target_modules is None and not self.units:
+            _warn_unprunable(module, self.params)
         self.layout = layout_of(self.params, model)
-        if self.units and type(self.layout) is not Replicated:
-            raise ValueError(f"`structure` {config.structure!r} does not support sharded weights (FSDP / ZeRO-3) "
-                             "yet; train unsharded (DDP), or use structure='unstructured'.")
         self.group = self.layout.group
         #: The biases of pruned neurons / heads (structured pruning) follow their weights' masks.
         self.bias_params: dict[str, nn.Parameter] = {m.bias: params[m.bias] for u in self.units
@@ -216,6 +219,8 @@ class Pruner:
         ("wanda"), it also decides whether the forward passes of step `step + 1` are recorded (an event's window),
         so call it after every optimizer step, and once with the step reached before resuming.
         """
+        check_int("step", step, 0)
+        _check_optimizer(optimizer)
         if not self._gradients_checked and self.schedule.final > self.target_sparsity:  # events lie ahead
             self._check_gradients_reach_targets()
             self._gradients_checked = True
@@ -243,9 +248,11 @@ class Pruner:
         A criterion's gradient statistics ("obd") are used and then freed.
 
         Raises:
-            ValueError: when `sparsity` is not a number in [0, 1); nothing changes.
+            ValueError: when `sparsity` is not a number in [0, 1), or `optimizer` is not an optimizer; nothing
+                changes.
         """
         check_number("sparsity", sparsity, 0.0, 1.0, strict_maximum=True)
+        _check_optimizer(optimizer)
         weights = {name: self.layout.local(p) for name, p in self.params.items()}
         if self.units:
             self.thresholds = {**self.thresholds, **update_group_masks_(  # a kind that lost no group keeps its own
@@ -412,14 +419,19 @@ class Pruner:
         return dataclasses.asdict(self.schedule)
 
     def state_dict(self) -> dict[str, Any]:
-        """Full-size masks and schedule position (for `accelerate`'s `register_for_checkpointing` or a custom
-        loop)."""
-        return {"masks": dict(self.full_masks()), "target_sparsity": self.target_sparsity}
+        """Full-size masks (copies: later events do not change them) and schedule position (for `accelerate`'s
+        `register_for_checkpointing` or a custom loop)."""
+        return {"masks": {name: mask.clone() for name, mask in self.full_masks().items()},
+                "target_sparsity": self.target_sparsity}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restores `state_dict()` output (masks and `target_sparsity`, the schedule's sparsity reached so far) and
         re-applies the masks to the weights."""
-        target_sparsity = float(state["target_sparsity"])  # a state without it fails before anything changes
+        if not isinstance(state, Mapping) or not {"masks", "target_sparsity"} <= state.keys():
+            raise ValueError(f"`state` must be a dict with `masks` and `target_sparsity` (Pruner.state_dict()); got "
+                             f"{sorted(state) if isinstance(state, Mapping) else type(state).__name__}.")
+        check_number("target_sparsity", state["target_sparsity"], 0.0, 1.0, strict_maximum=True)
+        target_sparsity = float(state["target_sparsity"])  # checked before anything changes
         self.load_masks(state["masks"])
         self.target_sparsity = target_sparsity
 
@@ -436,6 +448,25 @@ class Pruner:
             self.masks[name] = local.to(device=self.masks[name].device, dtype=torch.bool).clone()
         self._update_follower_masks()
         self.apply_()
+
+
+def _warn_unprunable(module: nn.Module, params: Mapping[str, nn.Parameter]) -> None:
+    """Says which matrices of the blocks the default targets leave out because no Linear layer holds them (fused
+    mixture-of-experts weights): the sparsity is reached over the targeted weights only."""
+    skipped = unprunable_block_weights(module)
+    if skipped and is_main_rank():
+        share = sum(skipped.values()) / (sum(skipped.values()) + sum(p.numel() for p in params.values()))
+        logger.warning("%d weight matrices inside the blocks are not nn.Linear / Conv1D layers and are not pruned, "
+                       "such as %s (fused mixture-of-experts weights, routers): %.0f%% of the blocks' matrices. "
+                       "`final_sparsity` and the reported sparsity count the targeted weights only.",
+                       len(skipped), max(skipped, key=skipped.get), 100 * share)
+
+
+def _check_optimizer(optimizer: Any) -> None:
+    """`optimizer` must be None or an optimizer (its `state` is cleared at newly pruned positions)."""
+    if optimizer is not None and not (hasattr(optimizer, "state") and hasattr(optimizer, "param_groups")):
+        raise ValueError(f"`optimizer` must be None or a torch optimizer (with `state` and `param_groups`); got "
+                         f"{type(optimizer).__name__}.")
 
 
 def _batch_loss(model: nn.Module, batch: Any, device: torch.device) -> torch.Tensor:

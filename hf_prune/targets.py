@@ -48,6 +48,21 @@ def prunable_modules(model: nn.Module) -> dict[str, nn.Module]:
             if isinstance(module, PRUNABLE_MODULES) and id(module) not in adapters}
 
 
+def unprunable_block_weights(model: nn.Module) -> dict[str, int]:
+    """The matrices inside the Transformer blocks that no Linear / `Conv1D` layer (nor an embedding) holds, by clean
+    name, with their sizes: fused mixture-of-experts weights as transformers v5 stores them (`mlp.experts.gate_up_proj`,
+    3-D), routers, convolutions. hf_prune does not prune them."""
+    model = without_peft_wrapper(model)
+    found = {}
+    for module_name, module in model.named_modules():
+        if isinstance(module, (*PRUNABLE_MODULES, nn.Embedding)) or not _BLOCK_INDEX.search(module_name):
+            continue
+        for param_name, param in module.named_parameters(recurse=False):
+            if param.dim() >= 2:
+                found[clean_name(f"{module_name}.{param_name}")] = param.numel()
+    return found
+
+
 @dataclass(frozen=True)
 class Target:
     """One prunable weight: its parameter name, its module's name and its weight class."""
@@ -124,22 +139,26 @@ def find_targets(model: nn.Module, config: PruningConfig) -> list[Target]:
             target sits in a peft `modules_to_save` copy, or its weight is stored quantized (an integer dtype).
     """
     model = without_peft_wrapper(model)
-    embedding_storage = {_storage(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    candidates = [(name, module) for name, module in prunable_modules(model).items()
-                  if _storage(module.weight) not in embedding_storage]
+    modules = prunable_modules(model)
+    seen = {_storage(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    candidates, tied = [], []
+    for name, module in modules.items():  # a weight shared with an embedding, or an earlier layer: not a target
+        (tied if _storage(module.weight) in seen else candidates).append((name, module))
+        seen.add(_storage(module.weight))
     if not candidates:
         raise ValueError(f"{type(model).__name__} has no nn.Linear or Conv1D layers (other than tied embeddings) "
                          "to prune.")
     names = [name for name, _ in candidates]
+    shared = f" ({', '.join(n for n, _ in tied)}: tied to an embedding or another layer, never pruned)" if tied else ""
     if config.target_modules is not None:
         selected = [n for n in names if matches(n, config.target_modules)]
         if not selected:
-            raise ValueError(f"`target_modules` {config.target_modules!r} matches no Linear/Conv1D module of "
-                             f"{type(model).__name__}; candidates include {names[:6]}.")
+            raise ValueError(f"`target_modules` {config.target_modules!r} matches no prunable Linear/Conv1D module of "
+                             f"{type(model).__name__}{shared}; candidates include {names[:6]}.")
     else:
         selected = [n for n in names if config.prune_head or _BLOCK_INDEX.search(n)]
-    if config.exclude_modules is not None:
-        excluded = [n for n in names if matches(n, config.exclude_modules)]
+    if config.exclude_modules is not None:  # naming a tied layer (never pruned anyway) is fine
+        excluded = [n for n in modules if matches(n, config.exclude_modules)]
         if not excluded:
             raise ValueError(f"`exclude_modules` {config.exclude_modules!r} matches no Linear/Conv1D module of "
                              f"{type(model).__name__}; candidates include {names[:6]}.")

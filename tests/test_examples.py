@@ -289,7 +289,7 @@ BAD_GLUE = {
 }
 #: Errors found once the model is loaded, at train begin, before the first optimizer step.
 BAD_GLUE_WITH_MODEL = {
-    "target matches nothing": (["--target_modules", "nomatch"], "`target_modules` ['nomatch'] matches no Linear/"
+    "target matches nothing": (["--target_modules", "nomatch"], "`target_modules` ['nomatch'] matches no prunable Linear/"
                                                                 "Conv1D module of BertForSequenceClassification"),
     "exclude matches nothing": (["--exclude_modules", "nomatch"], "`exclude_modules` ['nomatch'] matches no"),
     "rpp target matches nothing": (["--method", "rpp", "--target_modules", "nomatch"],
@@ -369,7 +369,7 @@ def test_run_squad_targets_that_match_nothing_exit_2(tiny_model: str, tmp_path: 
     argv = ["--model_name_or_path", tiny_model, *SQUAD, "--do_train", "--output_dir", str(tmp_path / "out"),
             "--max_steps", "4", "--max_train_samples", "8", "--report_to", "none", "--target_modules", "nomatch"]
     line = run_bad(run_squad, "AutoModelForQuestionAnswering", argv, capsys, loads_model=True)
-    assert "`target_modules` ['nomatch'] matches no Linear/Conv1D module of BertForQuestionAnswering" in line
+    assert "`target_modules` ['nomatch'] matches no prunable Linear/Conv1D module of BertForQuestionAnswering" in line
 
 
 def classifier_folder(path: Path, num_labels: int, id2label: dict[int, str] | None = None) -> str:

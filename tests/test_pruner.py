@@ -100,3 +100,37 @@ def test_tuples_set_after_construction_are_stored_as_lists():
     structured.structure = ("neurons", "heads")
     assert structured.structure == ["neurons", "heads"]
     Pruner(tiny_llama(), structured)  # validates again: a tuple is a valid structure
+
+
+def test_state_dict_is_a_snapshot_and_load_state_dict_checks_it():
+    model = tiny_bert()
+    pruner = Pruner(model, PruningConfig(final_sparsity=0.8, schedule="iterative", start_step=0, end_step=4,
+                                         pruning_frequency=1, initial_sparsity=0.2))
+    pruner.update(0)
+    snapshot = pruner.state_dict()
+    pruner.update(4)  # later events change the live masks in place, not the snapshot
+    kept = sum(int(m.sum()) for m in snapshot["masks"].values()) / sum(m.numel() for m in snapshot["masks"].values())
+    assert kept == pytest.approx(0.8, abs=1e-3) and snapshot["target_sparsity"] == 0.2
+    for bad, message in (({**snapshot, "target_sparsity": float("nan")}, "`target_sparsity` must be a number in"),
+                         ({**snapshot, "target_sparsity": 1.0}, "`target_sparsity` must be a number in"),
+                         ({"masks": snapshot["masks"]}, "must be a dict with `masks` and `target_sparsity`"),
+                         ({**snapshot, "masks": {n: m.numpy() for n, m in snapshot["masks"].items()}},
+                          "is a ndarray, not a torch.Tensor")):
+        with pytest.raises(ValueError, match=message):
+            pruner.load_state_dict(bad)
+    assert pruner.target_sparsity == pytest.approx(0.8)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda pruner, model: pruner.prune_to(0.5, model.parameters()), "`optimizer` must be None or a torch optimizer"),
+    (lambda pruner, model: pruner.update(0, [torch.zeros(1)]), "`optimizer` must be None or a torch optimizer"),
+    (lambda pruner, model: pruner.update("3"), "`step` must be an integer >= 0"),
+])
+def test_bad_arguments_of_prune_to_and_update_raise_before_anything_changes(call, message):
+    model = tiny_bert()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    pruner = Pruner(model, PruningConfig(final_sparsity=0.5, schedule="oneshot"))
+    with pytest.raises(ValueError, match=message):
+        call(pruner, model)
+    assert pruner.target_sparsity == 0.0
+    assert all(torch.equal(before[name], p) for name, p in model.named_parameters())

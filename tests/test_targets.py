@@ -1,9 +1,10 @@
 import pytest
 import torch
 from conftest import TINY_MODELS, tiny_bert, tiny_gpt2
+from transformers import AutoModelForCausalLM, MixtralConfig
 
-from hf_prune import PruningConfig
-from hf_prune.targets import clean_name, find_targets, weight_class
+from hf_prune import Pruner, PruningConfig
+from hf_prune.targets import clean_name, find_targets, unprunable_block_weights, weight_class
 
 
 EXPECTED_ROLES = {
@@ -132,3 +133,40 @@ def test_roberta_and_distilbert_targets(config_cls, roles):
 ])
 def test_clean_name_drops_wrapper_levels_only(wrapped, plain):
     assert clean_name(wrapped) == plain
+
+
+def test_a_tied_head_may_be_named_in_exclude_modules_and_target_modules_says_it_is_tied():
+    # GPT-2's lm_head is tied to the input embeddings: never pruned, so excluding it is harmless (a config shared
+    # with untied models), and targeting it alone says why nothing matches.
+    model = tiny_gpt2()
+    assert find_targets(model, PruningConfig(exclude_modules=["lm_head"])) == find_targets(model, PruningConfig())
+    with pytest.raises(ValueError, match=r"matches no prunable Linear/Conv1D module .*\(lm_head: tied to an embedding"):
+        find_targets(model, PruningConfig(target_modules=["lm_head"]))
+
+
+def test_a_weight_shared_by_two_layers_is_one_target():
+    model = tiny_bert()
+    layers = model.bert.encoder.layer
+    layers[1].attention.self.query.weight = layers[0].attention.self.query.weight
+    names = [t.name for t in find_targets(model, PruningConfig())]
+    assert "bert.encoder.layer.0.attention.self.query.weight" in names
+    assert "bert.encoder.layer.1.attention.self.query.weight" not in names
+    Pruner(model, PruningConfig(schedule="oneshot", final_sparsity=0.5)).prune_to(0.5)  # no FSDP1 error
+    assert torch.equal(layers[0].attention.self.query.weight, layers[1].attention.self.query.weight)
+
+
+def test_matrices_no_linear_layer_holds_are_named_in_a_warning(caplog):
+    # transformers v5 fuses MoE experts into 3-D parameters: the default targets cannot cover them
+    config = MixtralConfig(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    model = AutoModelForCausalLM.from_config(config)
+    assert set(unprunable_block_weights(model)) == {f"model.layers.{i}.mlp.{name}" for i in range(2) for name in
+                                                    ("gate.weight", "experts.gate_up_proj", "experts.down_proj")}
+    with caplog.at_level("WARNING", logger="hf_prune"):
+        Pruner(model, PruningConfig(schedule="oneshot", final_sparsity=0.5))
+    assert "6 weight matrices inside the blocks are not nn.Linear / Conv1D layers and are not pruned, such as " \
+           "model.layers.0.mlp.experts.gate_up_proj" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hf_prune"):
+        Pruner(tiny_bert(), PruningConfig(schedule="oneshot", final_sparsity=0.5))
+    assert "not pruned" not in caplog.text
