@@ -41,6 +41,14 @@ class Criterion:
     def reset(self) -> None:
         """Frees whatever was recorded for the pruning event that just happened; by default, nothing."""
 
+    def has_statistics(self) -> bool:
+        """Whether what `score` needs was recorded (always, for a criterion that needs nothing)."""
+        return True
+
+    def missing_statistics(self) -> ValueError:
+        """The error of an event without statistics (raised by `score`, and by the `Pruner` on every rank)."""
+        return ValueError(f"{type(self).__name__} has no statistics for this pruning event.")
+
 
 class MagnitudeCriterion(Criterion):
     """|w|: the magnitude criterion of Han et al. 2015, See et al. 2016 and Zhu & Gupta 2017."""
@@ -91,16 +99,22 @@ class OBDCriterion(Criterion):
         self.squared_gradients = {}
         self.observations = 0
 
+    def has_statistics(self) -> bool:
+        return self.observations > 0
+
+    def missing_statistics(self) -> ValueError:
+        return ValueError(
+            "criterion 'obd' has no gradient statistics for this pruning event. During training it records the "
+            "gradients of the `fisher_steps` optimizer steps before each event (`Pruner.observe_gradients_`, "
+            "called by the callbacks), so the first event needs `start_step` >= `fisher_steps` (an event at "
+            "step 0 has no gradients) and the targeted weights must receive gradients (not frozen); for "
+            "one-shot pruning call `Pruner.estimate_fisher` first."
+        )
+
     @torch.no_grad()
     def score(self, name: str, weight: torch.Tensor, rows: slice = ALL_ROWS) -> torch.Tensor:
-        if not self.observations:
-            raise ValueError(
-                "criterion 'obd' has no gradient statistics for this pruning event. During training it records the "
-                "gradients of the `fisher_steps` optimizer steps before each event (`Pruner.observe_gradients_`, "
-                "called by the callbacks), so the first event needs `start_step` >= `fisher_steps` (an event at "
-                "step 0 has no gradients) and the targeted weights must receive gradients (not frozen); for "
-                "one-shot pruning call `Pruner.estimate_fisher` first."
-            )
+        if not self.has_statistics():
+            raise self.missing_statistics()
         saliency = weight.detach()[rows].float().square()
         if name not in self.squared_gradients:  # no gradient reached this weight: removing it costs nothing
             return saliency.zero_()
@@ -139,14 +153,20 @@ class WandaCriterion(Criterion):
     def reset(self) -> None:
         self.squared_inputs = {}
 
+    def has_statistics(self) -> bool:
+        return bool(self.squared_inputs)
+
+    def missing_statistics(self) -> ValueError:
+        return ValueError(
+            "criterion 'wanda' has no layer inputs for this pruning event. During training it records the "
+            "inputs of the forward passes of the `fisher_steps` optimizer steps before each event, so the first "
+            "event needs `start_step` >= `fisher_steps`; for one-shot pruning call `Pruner.estimate_fisher` first."
+        )
+
     @torch.no_grad()
     def score(self, name: str, weight: torch.Tensor, rows: slice = ALL_ROWS) -> torch.Tensor:
-        if not self.squared_inputs:
-            raise ValueError(
-                "criterion 'wanda' has no layer inputs for this pruning event. During training it records the "
-                "inputs of the forward passes of the `fisher_steps` optimizer steps before each event, so the first "
-                "event needs `start_step` >= `fisher_steps`; for one-shot pruning call `Pruner.estimate_fisher` first."
-            )
+        if not self.has_statistics():
+            raise self.missing_statistics()
         if name not in self.squared_inputs:  # the layer ran on no input: ‖X‖ = 0
             return torch.zeros_like(weight[rows], dtype=torch.float32)
         squares, input_dim = self.squared_inputs[name]

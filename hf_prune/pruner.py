@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from accelerate.utils import extract_model_from_parallel
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -23,9 +24,11 @@ from .distributed import (
     ZeroPartitions,
     check_ranks_agree,
     check_thresholds_agree,
+    is_distributed,
     is_main_rank,
     layout_of,
 )
+from .distributed.collectives import collective_device
 from .masks import check_masks_match, kept_along, update_masks_, zero_pruned_
 from .schedules import SparsitySchedule
 from .structured.selection import update_group_masks_
@@ -144,6 +147,10 @@ class Pruner:
             raise ValueError(f"`criterion` {config.criterion!r} needs each weight's gradient, which DeepSpeed ZeRO-3 "
                              "keeps in its optimizer's flat buffers; use criterion='magnitude' under ZeRO-3, or "
                              "shard with FSDP2.")
+        if self.criterion.needs_inputs and type(self.layout) is not Replicated:
+            raise ValueError(f"`criterion` {config.criterion!r} weighs each input feature of a weight, which FSDP / "
+                             "ZeRO-3 shard along with it; use it unsharded (one process or DDP), or use "
+                             "criterion='magnitude' or 'obd' (FSDP2).")
         self.target_sparsity = 0.0
         self.thresholds: dict[str, float] = {}
         self._recording_inputs = False
@@ -206,6 +213,46 @@ class Pruner:
             handle.remove()
         self._hooks = []
 
+    def _statistics_for_event(self) -> None:
+        """Before the first collective of an event: under DDP, wanda's input norms summed over the batches of every
+        rank (each recorded its own), and under sharding every rank told whether any has statistics, so that a
+        missing-statistics error is raised on all of them (a rank holding no entries of a weight scores none of
+        it, and would otherwise wait in the event's first all-reduce)."""
+        criterion = self.criterion
+        if not (criterion.needs_gradients or criterion.needs_inputs):
+            return
+        if criterion.needs_inputs and self.group is None and is_distributed():
+            self._sum_inputs_over_ranks()
+        elif self.group is not None:
+            flag = torch.tensor([float(criterion.has_statistics())], device=collective_device(self.group))
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+            if not flag.item():
+                raise criterion.missing_statistics()
+            return
+        if not criterion.has_statistics():
+            raise criterion.missing_statistics()
+
+    def _sum_inputs_over_ranks(self) -> None:
+        """Wanda's squared input sums of every targeted layer, summed over the world's ranks (DDP: each rank ran
+        its own batches), in one all-reduce; a layer that ran on no input of a rank adds zeros."""
+        modules = prunable_modules(self.module)
+        layout = {}
+        for name, param in self.params.items():
+            input_dim = 0 if isinstance(modules[name.rpartition(".")[0]], Conv1D) else 1
+            layout[name] = (input_dim, param.shape[input_dim])
+        recorded = self.criterion.squared_inputs
+        device = collective_device(None)
+        parts = [recorded[name][0].to(device) if name in recorded else torch.zeros(size, device=device)
+                 for name, (_, size) in layout.items()]
+        total = torch.cat([*parts, torch.tensor([float(bool(recorded))], device=device)])
+        dist.all_reduce(total)
+        if not total[-1].item():
+            self.criterion.squared_inputs = {}  # no rank recorded anything
+            return
+        sums = total[:-1].split([size for _, size in layout.values()])
+        self.criterion.squared_inputs = {name: (values, input_dim)
+                                         for (name, (input_dim, _)), values in zip(layout.items(), sums)}
+
     def _record_inputs_for(self, step: int) -> None:
         """Whether the forward passes of optimizer step `step` are recorded: a pruning event falls on one of the
         steps `step ... step + fisher_steps - 1`, as for gradients (`observe_gradients_`)."""
@@ -253,6 +300,7 @@ class Pruner:
         """
         check_number("sparsity", sparsity, 0.0, 1.0, strict_maximum=True)
         _check_optimizer(optimizer)
+        self._statistics_for_event()
         weights = {name: self.layout.local(p) for name, p in self.params.items()}
         if self.units:
             self.thresholds = {**self.thresholds, **update_group_masks_(  # a kind that lost no group keeps its own
@@ -345,6 +393,10 @@ class Pruner:
             raise ValueError(f"`criterion` {self.config.criterion!r} does not use data; estimate_fisher is for "
                              f"{accepted}.")
         check_int("num_batches", num_batches, 1, optional=True)
+        if self.criterion.needs_gradients and self.group is not None:
+            raise ValueError(f"estimate_fisher with `criterion` {self.config.criterion!r} takes the gradients of whole "
+                             "weights, which FSDP / ZeRO-3 do not give torch.autograd.grad; estimate it on the "
+                             "unsharded model, or let the callback record the gradients of the steps before the event.")
         self._check_gradients_reach_targets()
         params = {name: p for name, p in self.params.items() if p.requires_grad}
         device = next(iter(self.params.values())).device
@@ -363,6 +415,23 @@ class Pruner:
         finally:
             self._estimating = False
             model.train(was_training)
+        if self.criterion.needs_gradients and is_distributed():  # DDP: each rank took its own batches' gradients
+            self._sum_gradient_statistics_over_ranks()
+
+    def _sum_gradient_statistics_over_ranks(self) -> None:
+        """OBD's squared gradients and observation count summed over the world's ranks (`estimate_fisher` under
+        DDP, where `torch.autograd.grad` bypasses DDP's all-reduce), in one all-reduce: every rank then ranks by the
+        batches of all of them, as one process given them all would."""
+        recorded = self.criterion.squared_gradients
+        device = collective_device(None)
+        parts = [recorded[name].to(device).flatten() if name in recorded else torch.zeros(p.numel(), device=device)
+                 for name, p in self.params.items()]
+        total = torch.cat([*parts, torch.tensor([float(self.criterion.observations)], device=device)])
+        dist.all_reduce(total)
+        sums = total[:-1].split([p.numel() for p in self.params.values()])
+        self.criterion.squared_gradients = {name: values.view(p.shape).to(p.device)
+                                            for (name, p), values in zip(self.params.items(), sums)}
+        self.criterion.observations = int(total[-1].item())
 
     @torch.no_grad()
     def mask_gradients_(self) -> None:

@@ -1,6 +1,7 @@
 """A worker of tests/test_distributed.py, on 2 CPU processes (gloo): the rank-agreement check (identical masks
 pass; a moved pruned entry, a different count or a missing mask on rank 1 raise on every rank) and the radix select
-over row-sharded weights. Writes `agreement<r>.json` and `shards<r>.safetensors` into `--output_dir`."""
+over row-sharded weights, and the data-driven criteria under DDP (each rank estimates from its own batches). Writes
+`agreement<r>.json`, `shards<r>.safetensors` and `<criterion><r>.safetensors` into `--output_dir`."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 import os
 from pathlib import Path
 
-from conftest import tiny_bert
+from conftest import TinyClassificationDataset, tiny_bert
 from distributed_worker_common import WORLD_SIZE, integer_weights, output_dir, process_group, prune_events
 from safetensors.torch import save_file
 
@@ -49,12 +50,30 @@ def prune_row_shards(rank: int, folder: str) -> None:
     save_file(prune_events(shards, classes, ProcessGroupReduce()), os.path.join(folder, f"shards{rank}.safetensors"))
 
 
+def data_criteria(rank: int, folder: str) -> None:
+    """`estimate_fisher` + `prune_to` with "obd" and "wanda", each rank on its own half of the batches of
+    `data_criterion_batches()`: the masks must be those of one process given all of them."""
+    for criterion in ("obd", "wanda"):
+        model = tiny_bert()
+        pruner = Pruner(model, PruningConfig(final_sparsity=0.5, schedule="oneshot", criterion=criterion))
+        pruner.estimate_fisher(model, data_criterion_batches()[rank::WORLD_SIZE])
+        pruner.prune_to(0.5)
+        save_file(pruner.masks, os.path.join(folder, f"{criterion}{rank}.safetensors"))
+
+
+def data_criterion_batches() -> list[dict]:
+    """Four batches of four examples (the test reads them too, for its one-process reference)."""
+    dataset = TinyClassificationDataset(16)
+    return [dataset[i:i + 4] for i in range(0, 16, 4)]
+
+
 def main() -> None:
     folder = output_dir(__doc__.split("\n")[0])
     with process_group() as rank:
         assert is_distributed()
         check_agreement(rank, folder)
         prune_row_shards(rank, folder)
+        data_criteria(rank, folder)
 
 
 if __name__ == "__main__":

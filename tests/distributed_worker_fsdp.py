@@ -28,7 +28,7 @@ from distributed_worker_common import (
 from safetensors.torch import save_file
 from transformers import TrainerControl, TrainerState
 
-from hf_prune import MagnitudePruningCallback, Pruner, RegularizationCallback
+from hf_prune import MagnitudePruningCallback, Pruner, PruningConfig, RegularizationCallback
 from hf_prune.distributed import check_thresholds_agree
 from hf_prune.methods.rpp import RPPCallback, RPPConfig
 
@@ -62,6 +62,9 @@ def fsdp2_training(rank: int, folder: str) -> None:
     refused = {type(unsupported).__name__: error_of(lambda u=unsupported: u.on_train_begin(
         args, TrainerState(max_steps=RUN_STEPS), control, model=resumed_model))
         for unsupported in (RPPCallback(RPPConfig(final_sparsity=0.5)), RegularizationCallback("l1"))}
+    refused["wanda"] = error_of(lambda: Pruner(resumed_model, PruningConfig(schedule="oneshot", criterion="wanda")))
+    obd_pruner = Pruner(resumed_model, PruningConfig(schedule="oneshot", criterion="obd"))
+    refused["estimate_fisher"] = error_of(lambda: obd_pruner.estimate_fisher(resumed_model, [rows(0, 4)]))
     disagreement = error_of(lambda: check_thresholds_agree({"threshold": 0.5 + rank}, step=3), RuntimeError)
     params, resumed_params = dict(model.named_parameters()), dict(resumed_model.named_parameters())
     obd = MagnitudePruningCallback(OBD_CONFIG)

@@ -170,6 +170,21 @@ def zero3_run(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("criterion", ["obd", "wanda"])
+def test_data_criteria_under_ddp_rank_by_the_batches_of_every_rank(collectives_run, criterion):
+    # each rank estimated from its own two batches: the statistics are summed over the ranks before the event
+    from distributed_worker_collectives import data_criterion_batches
+
+    model = tiny_bert()
+    reference = Pruner(model, PruningConfig(final_sparsity=0.5, schedule="oneshot", criterion=criterion))
+    reference.estimate_fisher(model, data_criterion_batches())
+    reference.prune_to(0.5)
+    for rank in range(WORLD_SIZE):
+        masks = load_file(str(collectives_run / f"{criterion}{rank}.safetensors"))
+        assert masks.keys() == reference.masks.keys()
+        assert all(torch.equal(masks[name], mask) for name, mask in reference.masks.items()), rank
+
+
 def test_check_ranks_agree_raises_naming_the_step_and_tensor(collectives_run):
     results = [json.loads((collectives_run / f"agreement{r}.json").read_text()) for r in range(WORLD_SIZE)]
     assert results[0]["fingerprint"] == results[1]["fingerprint"]  # same model, same masks: the check passed
@@ -353,8 +368,10 @@ def test_weights_partly_sharded_are_refused_before_training():
 @pytest.mark.slow
 def test_methods_without_sharding_support_refuse_fsdp2_weights(fsdp_run):
     refused = json.loads(read_sharded_rank(fsdp_run, 0)[1]["refused"])
-    assert refused.keys() == {"RPPCallback", "RegularizationCallback"}
-    assert all("does not support sharded weights" in message for message in refused.values())
+    assert refused.keys() == {"RPPCallback", "RegularizationCallback", "wanda", "estimate_fisher"}
+    assert all("does not support sharded weights" in refused[name] for name in ("RPPCallback", "RegularizationCallback"))
+    assert "`criterion` 'wanda' weighs each input feature of a weight, which FSDP / ZeRO-3 shard" in refused["wanda"]
+    assert "estimate_fisher with `criterion` 'obd' takes the gradients of whole weights" in refused["estimate_fisher"]
 
 
 @pytest.mark.slow
