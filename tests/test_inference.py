@@ -4,6 +4,8 @@ GPU), state dicts, and bad input. No test asserts anything about speed."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import TINY_MODELS
@@ -133,6 +135,43 @@ def test_sparse_linear_under_autocast_and_half_casts_around_the_float32_kernel()
     assert sparse.half() is sparse and sparse.weight.dtype == torch.float32  # no fp16 CPU sparse kernel
     assert sparse(x.half()).dtype == torch.float16
     torch.testing.assert_close(sparse(x.half()).float(), layer(x.half().float()), atol=1e-2, rtol=1e-2)
+
+
+def test_a_float64_input_under_autocast_stays_float64_as_with_a_linear_layer():
+    layer = masked_linear(8, 12).double()
+    sparse = SparseLinear.from_module(layer, KernelSpec("csr"))
+    x = torch.randn(5, 12, dtype=torch.float64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, out = layer(x), sparse(x)
+    assert out.dtype == expected.dtype == torch.float64
+    torch.testing.assert_close(out, expected)
+
+
+def test_a_cast_model_saves_and_restores_in_its_new_dtype():
+    wrapped = pruned("bert")
+    wrapped.to_sparse_inference(kernel="sparse")
+    wrapped.half()
+    assert {t.dtype for t in wrapped.model.state_dict().values() if t.is_floating_point()} == {torch.float16}
+    restore_dense_layers(wrapped.model)
+    assert {p.dtype for p in wrapped.model.parameters()} == {torch.float16}
+    wrapped.model(**batch("bert"))  # one dtype again: the restored layers run with the others
+    again = pruned("bert")
+    again.to_sparse_inference(kernel="sparse")
+    again.half().float()  # a cast back to the kernels' own dtype, after a move: float32 throughout
+    again.to("cpu")
+    assert {t.dtype for t in again.model.state_dict().values() if t.is_floating_point()} == {torch.float32}
+
+
+def test_a_model_converted_under_inference_mode_still_saves_copies_and_restores():
+    wrapped = pruned("bert")
+    with torch.inference_mode():
+        wrapped.to_sparse_inference(kernel="sparse")
+        expected = wrapped.model(**batch("bert")).logits
+    state = wrapped.model.state_dict()
+    copied = copy.deepcopy(wrapped.model)
+    torch.testing.assert_close(copied(**batch("bert")).logits, expected)
+    restore_dense_layers(wrapped.model)
+    assert all(torch.equal(wrapped.model.state_dict()[name], tensor) for name, tensor in state.items())
 
 
 @pytest.mark.parametrize("spec", [KernelSpec("csr"), KernelSpec("bsr", blocksize=(4, 4))], ids=["csr", "bsr"])

@@ -124,8 +124,12 @@ class SparseLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.spec = spec
         self.transposed = transposed
-        self.register_buffer("weight", to_sparse_tensor(weight, spec))
-        self.register_buffer("bias", bias.detach().clone() if bias is not None else None)
+        #: The dtype `.half()` / `.to(dtype)` cast the model to (None: not cast). The sparse weight keeps its own
+        #: (CPU sparse kernels are float32 / float64 only); the state dict and `to_dense_module` take this one.
+        self.cast_dtype: torch.dtype | None = None
+        with torch.inference_mode(False):  # converted under inference_mode, the buffers must still save and copy
+            self.register_buffer("weight", to_sparse_tensor(weight.clone() if weight.is_inference() else weight, spec))
+            self.register_buffer("bias", bias.detach().clone() if bias is not None else None)
 
     @classmethod
     def from_module(cls, module: nn.Linear | Conv1D, spec: KernelSpec) -> SparseLinear:
@@ -141,8 +145,9 @@ class SparseLinear(nn.Module):
         return self.weight.to_dense()
 
     def to_dense_module(self) -> nn.Linear | Conv1D:
-        """The `nn.Linear` (or `Conv1D`) this layer computes, with trainable parameters again."""
-        weight = self.dense_weight()
+        """The `nn.Linear` (or `Conv1D`) this layer computes, with trainable parameters again, in the dtype the
+        model was cast to since the conversion (if it was)."""
+        weight = self.dense_weight().to(self.cast_dtype or self.weight.dtype)
         if self.transposed:
             module = Conv1D(self.out_features, self.in_features).to(device=weight.device, dtype=weight.dtype)
             weight = weight.T
@@ -163,8 +168,9 @@ class SparseLinear(nn.Module):
         if self.spec.format == "semi_structured":
             out = F.linear(flat.contiguous(), self.weight, self.bias)
         else:
-            device = x.device.type
-            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+            device = x.device.type  # autocast leaves float64 alone, as it does for a Linear layer
+            autocast = torch.is_autocast_enabled(device) and x.dtype != torch.float64
+            dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
             with torch.autocast(device, enabled=False):
                 out = sparse_addmm(self.weight, self.bias, flat.to(self.weight.dtype), self.spec.chunk_size)
             out = out.to(dtype)
@@ -178,10 +184,17 @@ class SparseLinear(nn.Module):
     def _apply(self, fn: Any, recurse: bool = True) -> SparseLinear:
         """`.to(device)` / `.cuda()` move a CSR/BSR weight (`.to_empty(device)` of a meta one gives an empty
         weight for `load_state_dict` to fill); `.half()` / `.to(dtype)` leave its dtype (float32 or float64:
-        torch's CPU sparse kernels have no other), `multiply` casts the inputs to it."""
+        torch's CPU sparse kernels have no other), `multiply` casts the inputs to it; the dtype asked for is
+        recorded (`cast_dtype`) for the state dict and `to_dense_module`."""
         if self.spec.format == "semi_structured":
             return super()._apply(fn, recurse)
-        device = fn(torch.empty(0, dtype=self.weight.dtype, device=self.weight.device)).device  # raises as `.to`
+        # two probes tell a cast (`.half()`, `.float()`, `.to(dtype)`) from a move; they raise as `.to` would
+        probes = {dtype: fn(torch.empty(0, dtype=dtype, device=self.weight.device))
+                  for dtype in (torch.float16, torch.float64)}
+        device = probes[torch.float16].device
+        cast = next((probe.dtype for dtype, probe in probes.items() if probe.dtype != dtype), None)
+        if cast is not None:
+            self.cast_dtype = None if cast == self.weight.dtype else cast
         if self.weight.is_meta and device.type != "meta":  # `to_empty()`: no entries to move, `load_state_dict` sets them
             shape = (self.out_features, self.in_features)
             self.weight = to_sparse_tensor(torch.zeros(shape, dtype=self.weight.dtype, device=device), self.spec)
@@ -195,6 +208,7 @@ class SparseLinear(nn.Module):
     def __deepcopy__(self, memo: dict[int, Any]) -> SparseLinear:
         """A copy rebuilt from the dense weight (torch cannot deep-copy a sparse CSR/BSR tensor's storage)."""
         copy = SparseLinear(self.dense_weight(), self.bias, self.spec, self.transposed).train(self.training)
+        copy.cast_dtype = self.cast_dtype
         memo[id(self)] = copy
         return copy
 
@@ -203,10 +217,11 @@ class SparseLinear(nn.Module):
                 f"kernel={self.spec}")
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
-        weight = self.dense_weight()
+        weight = self.dense_weight().to(self.cast_dtype or self.weight.dtype)  # the dtype of the rest of the model
         destination[prefix + "weight"] = weight.T.contiguous() if self.transposed else weight
         if self.bias is not None:
-            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+            bias = self.bias if keep_vars else self.bias.detach()
+            destination[prefix + "bias"] = bias.to(self.cast_dtype or bias.dtype)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any],
                               strict: bool, missing_keys: list[str], unexpected_keys: list[str],
