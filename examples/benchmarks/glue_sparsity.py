@@ -95,6 +95,12 @@ def main() -> None:
     parser.add_argument("--save_dir", type=Path, default=None,
                         help="Save every pruned model here with PrunedModel.save_pretrained (with its masks).")
     args = parser.parse_args()
+    for kind, sparsity, scheme, criterion in itertools.product(args.schedules, args.sparsities, args.schemes,
+                                                                args.criteria):
+        try:  # every config is checked before the first (long) fine-tuning
+            pruning_config(kind, sparsity, args.max_steps, scheme, criterion)
+        except ValueError as error:
+            parser.error(str(error))
     model_path = args.model or default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     collator = DataCollatorWithPadding(tokenizer)

@@ -34,22 +34,30 @@ from statistics import median
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import SHARED_SST2, encode, print_and_write, proc_status_bytes, read_tsv  # noqa: E402
+from common import (  # noqa: E402
+    SHARED_SST2,
+    encode,
+    named_folder,
+    positive_int,
+    print_and_write,
+    proc_status_bytes,
+    read_tsv,
+)
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dense", required=True, help="Folder of the fine-tuned dense classifier.")
-    parser.add_argument("--models", nargs="*", default=[], metavar="NAME=FOLDER",
+    parser.add_argument("--models", type=named_folder, nargs="*", default=[], metavar="NAME=FOLDER",
                         help="Other plain transformers folders (shrunk or small dense models).")
-    parser.add_argument("--pruned", nargs="*", default=[], metavar="NAME=FOLDER",
+    parser.add_argument("--pruned", type=named_folder, nargs="*", default=[], metavar="NAME=FOLDER",
                         help="PrunedModel folders (fine-tuned with masks), each with the dense and the sparse kernel.")
     parser.add_argument("--unstructured", type=float, nargs="*", default=[0.8, 0.9, 0.95],
                         help="Sparsities of one-shot magnitude pruning of the dense model.")
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--threads", type=positive_int, nargs="+", default=[1, 2])
     parser.add_argument("--data_dir", default=str(SHARED_SST2), help="Folder with dev.tsv.")
-    parser.add_argument("--latency_repeats", type=int, default=30)
-    parser.add_argument("--throughput_repeats", type=int, default=8)
+    parser.add_argument("--latency_repeats", type=positive_int, default=30)
+    parser.add_argument("--throughput_repeats", type=positive_int, default=8)
     parser.add_argument("--output", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None, help="PNG of accuracy against 1-thread latency.")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -170,11 +178,9 @@ def main() -> None:
     common = {"latency_repeats": args.latency_repeats, "throughput_repeats": args.throughput_repeats,
               "data_dir": args.data_dir, "tokenizer": args.dense}
     entries = [("dense", {"folder": args.dense}, folder_bytes(args.dense))]
-    for item in args.models:
-        name, _, folder = item.partition("=")
+    for name, folder in args.models:
         entries.append((name, {"folder": folder, "tokenizer": folder}, folder_bytes(folder)))
-    for item in args.pruned:
-        name, _, folder = item.partition("=")
+    for name, folder in args.pruned:
         for kernel in ("dense", "sparse"):
             entries.append((f"{name} ({kernel} kernel)", {"folder": folder, "tokenizer": folder, "masks": True,
                                                           "kernel": kernel}, folder_bytes(folder)))

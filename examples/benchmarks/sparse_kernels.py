@@ -37,7 +37,7 @@ import time
 from collections import defaultdict
 
 import torch
-from common import default_model_path, print_and_write
+from common import batch_shape, default_model_path, positive_int, print_and_write
 from transformers import AutoModel, BertConfig
 
 from hf_prune import PrunedModel, Pruner, PruningConfig
@@ -152,12 +152,15 @@ def main() -> None:
                         help="'N:M' (e.g. '2:4', the CUDA sparse kernel's pattern) instead of --sparsities.")
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.8, 0.9, 0.95])
     parser.add_argument("--schemes", nargs="+", choices=sorted(SCHEMES), default=["class-blind"])
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--shapes", nargs="+", default=["32x64", "1x128"], help="batch x sequence length")
-    parser.add_argument("--repeats", type=int, default=7, help="Timed rounds; medians are compared.")
+    parser.add_argument("--threads", type=positive_int, nargs="+", default=[1, 2])
+    parser.add_argument("--shapes", type=batch_shape, nargs="+", default=[(32, 64), (1, 128)],
+                        help="batch x sequence length (32x64)")
+    parser.add_argument("--repeats", type=positive_int, default=7, help="Timed rounds; medians are compared.")
     parser.add_argument("--output", default=None, help="Also write the Markdown tables to this file.")
     args = parser.parse_args()
-    shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes]
+    shapes = args.shapes
+    if any(not 0 < s < 1 for s in args.sparsities):
+        parser.error(f"--sparsities must be in (0, 1), got {args.sparsities}")
     try:
         parse_pattern(args.pattern)
     except ValueError as error:
