@@ -174,12 +174,17 @@ def main() -> None:
             else AutoModel.from_pretrained(args.model or default_model_path()))
     base = base.to(args.device, DTYPES[args.dtype]).eval()
     torch.set_grad_enabled(False)
-    rows, role_rows = [], []
+    rows, role_rows, mask_rows = [], [], []
     # an N:M pattern prunes every weight alike: one sparsity, no scheme
     settings = [(0.5, "-")] if args.pattern else itertools.product(args.sparsities, args.schemes)
     for sparsity, scheme in settings:
         pruned = prune(base, sparsity, scheme, args.pattern)
-        achieved = f"{pruned.sparsity_report().overall:.0%}" + (f" ({args.pattern})" if args.pattern else "")
+        report = pruned.sparsity_report()
+        achieved = f"{report.overall:.0%}" + (f" ({args.pattern})" if args.pattern else "")
+        by_role = {label: [row for row in report.layers if role(row.name.removesuffix(".weight")) == label]
+                   for label in ROLES.values()}
+        mask_rows.append(f"| {achieved} | {scheme} | " + " | ".join(
+            f"{sum(r.pruned for r in layers) / sum(r.numel for r in layers):.0%}" for layers in by_role.values()) + " |")
         for threads in args.threads:
             torch.set_num_threads(threads)
             for batch_size, seq_len in shapes:
@@ -203,7 +208,12 @@ def main() -> None:
         f"{forced} speedup by layer role",
         "",
         "| sparsity | scheme | threads | batch x seq | " + " | ".join(ROLES.values()) + " |",
-        "|---|---|---|---|" + "---|" * len(ROLES), *role_rows])
+        "|---|---|---|---|" + "---|" * len(ROLES), *role_rows,
+        "",
+        "sparsity of the masks by layer role",
+        "",
+        "| sparsity | scheme | " + " | ".join(ROLES.values()) + " |",
+        "|---|---|" + "---|" * len(ROLES), *mask_rows])
     print_and_write(table, args.output)
 
 
