@@ -15,7 +15,7 @@ from transformers.trainer_callback import ExportableState
 
 from .config import PruningConfig
 from .constants import CONFIG_NAME, MASKS_NAME, TRAINER_STATE_NAME
-from .distributed import Replicated, is_main_rank
+from .distributed import Replicated, from_main_rank, is_main_rank
 from .folders import check_saved_files
 from .hub import resolve_file
 from .pruner import Pruner
@@ -185,7 +185,8 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
         if self.pruner is not None:  # an earlier train() of this callback, interrupted before on_train_end
             self.pruner.remove_hooks()
         self.pruner = self.make_pruner(model, state.max_steps)
-        self._run_id, self._step = uuid.uuid4().hex, state.global_step
+        # one id for every rank: with save_on_each_node each node's checkpoint (and its trainer_state) names it
+        self._run_id, self._step = from_main_rank(uuid.uuid4().hex), state.global_step
         if state.global_step > 0:
             self._restore_from_checkpoint(args, state)
         elif self._initial_state is not None:
@@ -249,7 +250,7 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
         if self.pruner is None:
             return
         pruner_state = self.pruner.state_dict()  # collective when the weights are sharded
-        if state.is_world_process_zero:
+        if args.should_save:  # where the Trainer writes the checkpoint: world rank 0, or each node's first
             self._save_masks(os.path.join(checkpoint_folder(args, state), MASKS_NAME), pruner_state, state)
 
     def on_push_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,

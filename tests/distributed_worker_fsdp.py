@@ -51,7 +51,8 @@ def fsdp2_training(rank: int, folder: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     mesh = init_device_mesh("cpu", (WORLD_SIZE,))
     model = sharded_tiny_bert(mesh)
-    args = SimpleNamespace(output_dir=os.path.join(folder, "fsdp2_trainer"), resume_from_checkpoint=None)
+    args = SimpleNamespace(output_dir=os.path.join(folder, "fsdp2_trainer"), resume_from_checkpoint=None,
+                           should_save=rank == 0)
     state, control = TrainerState(max_steps=RUN_STEPS, is_world_process_zero=rank == 0), TrainerControl()
     callback = MagnitudePruningCallback(RUN_CONFIG)
     first_event = drive_callback(callback, model, rows(4 * rank, 4), args, state)
@@ -97,7 +98,8 @@ def fsdp1_training(rank: int, folder: str) -> None:
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     model = fsdp1_tiny_bert()
-    args = SimpleNamespace(output_dir=os.path.join(folder, "fsdp1_trainer"), resume_from_checkpoint=None)
+    args = SimpleNamespace(output_dir=os.path.join(folder, "fsdp1_trainer"), resume_from_checkpoint=None,
+                           should_save=rank == 0)
     state = TrainerState(max_steps=RUN_STEPS, is_world_process_zero=rank == 0)
     callback = MagnitudePruningCallback(RUN_CONFIG)
     first_event = drive_callback(callback, model, rows(4 * rank, 4), args, state)

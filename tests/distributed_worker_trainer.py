@@ -105,7 +105,8 @@ def train_and_save(output_dir: str, skew_rank: int | None, sharding: str | None)
     metadata = {"world_size": str(trainer.args.world_size), "seen_after_own_save": json.dumps(seen_after_own_save),
                 "parallel_mode": str(trainer.args.parallel_mode), "fsdp": str(trainer.is_fsdp_enabled),
                 "deepspeed": str(trainer.is_deepspeed_enabled),
-                "mask_shapes": json.dumps({n: list(m.shape) for n, m in callback.masks.items()})}
+                "mask_shapes": json.dumps({n: list(m.shape) for n, m in callback.masks.items()}),
+                "masks_id": callback.state().get("masks_id", "")}
     save_file(tensors, os.path.join(output_dir, f"rank{rank}.safetensors"), metadata=metadata)
 
 

@@ -68,7 +68,8 @@ def zero3_training(rank: int, folder: str, engines: list) -> None:
     makes are appended to `engines`."""
     model = tiny_bert()
     engines.append(zero3_engine(model))
-    args = SimpleNamespace(output_dir=os.path.join(folder, "zero3_trainer"), resume_from_checkpoint=None)
+    args = SimpleNamespace(output_dir=os.path.join(folder, "zero3_trainer"), resume_from_checkpoint=None,
+                           should_save=rank == 0)
     state = TrainerState(max_steps=RUN_STEPS, is_world_process_zero=rank == 0)
     callback = MagnitudePruningCallback(RUN_CONFIG)
     first_event = drive_callback(callback, model, rows(4 * rank, 4), args, state, engines[-1])

@@ -94,6 +94,7 @@ def test_ddp_ranks_train_on_identical_sparse_masks(ddp_run):
     (masks0, weights0, meta0), (masks1, weights1, meta1) = (read_rank(ddp_run, r) for r in range(WORLD_SIZE))
     assert meta0["world_size"] == meta1["world_size"] == str(WORLD_SIZE)
     assert meta0["parallel_mode"] == "ParallelMode.DISTRIBUTED"
+    assert meta0["masks_id"] == meta1["masks_id"] != "", "one id per run: each node's checkpoint may name it"
     assert masks0.keys() == masks1.keys() and masks0
     for name, mask in masks0.items():
         assert torch.equal(mask, masks1[name]), name
@@ -380,7 +381,7 @@ def test_obd_on_shards_equals_the_unsharded_run(fsdp_run, sharding):
     """Both ranks train on the same batch, so FSDP's averaged gradients are the single process's, and OBD's
     Fisher statistics gathered per shard rank the weights exactly as unsharded."""
     reference = MagnitudePruningCallback(OBD_CONFIG)
-    args = SimpleNamespace(output_dir=str(fsdp_run / "unused"), resume_from_checkpoint=None)
+    args = SimpleNamespace(output_dir=str(fsdp_run / "unused"), resume_from_checkpoint=None, should_save=True)
     drive_callback(reference, tiny_bert(), rows(0, 4), args, TrainerState(max_steps=RUN_STEPS))
     magnitude = MagnitudePruningCallback(dataclasses.replace(OBD_CONFIG, criterion="magnitude"))
     drive_callback(magnitude, tiny_bert(), rows(0, 4), args, TrainerState(max_steps=RUN_STEPS))

@@ -126,7 +126,7 @@ class QuantizationCallback(TrainerCallback):
         self.quantizer.write_weights_()
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        if self.quantized and state.is_world_process_zero:
+        if self.quantized and args.should_save:  # where the Trainer writes the checkpoint
             self._save_state(checkpoint_folder(args, state), state)
 
     def on_push_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,

@@ -7,7 +7,7 @@ Sharded weights (FSDP1, FSDP2, ZeRO-3) are pruned where they live, each rank hol
 """
 
 from .agreement import check_ranks_agree, check_thresholds_agree, masks_fingerprint
-from .collectives import ProcessGroupReduce, is_distributed, is_main_rank
+from .collectives import ProcessGroupReduce, from_main_rank, is_distributed, is_main_rank
 from .gather import gather_unsharded
 from .layouts import (
     FlatShards,
@@ -30,6 +30,7 @@ __all__ = [
     "check_ranks_agree",
     "check_thresholds_agree",
     "gather_unsharded",
+    "from_main_rank",
     "is_distributed",
     "is_main_rank",
     "is_sharded",

@@ -27,6 +27,16 @@ def collective_device(group: dist.ProcessGroup | None) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
+def from_main_rank(value: str) -> str:
+    """`value` as rank 0 of the world has it (a broadcast; `value` itself in a single process): what every rank must
+    agree on, such as the id a run writes into each checkpoint."""
+    if not is_distributed():
+        return value
+    shared = [value]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
+
+
 def max_and_min(values: torch.Tensor, group: dist.ProcessGroup | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Elementwise maximum and minimum of `values` over the ranks of `group`, in one all-reduce."""
     both = torch.cat([values, -values]).to(collective_device(group))
