@@ -65,7 +65,8 @@ class PruningArguments:
     schedule: str = _option("schedule", "How sparsity grows: oneshot (all at once: at start_step; with --method "
                                         "rpp at end_step), iterative (equal steps every pruning_frequency) or "
                                         "cubic (Zhu & Gupta 2017).", choices=SCHEDULES)
-    start_step: int = _option("start_step")
+    start_step: int = _option("start_step", "Optimizer step of the first pruning event (with --method rpp: the start "
+                                            "of the proximal window; a oneshot RPP prunes at end_step).")
     end_step: int | None = _option("end_step", "Optimizer step where final_sparsity is reached; None: 3/4 of the "
                                                "run's steps, at most start_step + 10000.")
     pruning_frequency: int | None = _option("pruning_frequency", "Optimizer steps between pruning events; "
@@ -78,9 +79,12 @@ class PruningArguments:
     class_granularity: str = _option("class_granularity", choices=CLASS_GRANULARITIES)
     target_modules: list[str] | None = _option(
         "target_modules", "Module names or dotted name suffixes to prune instead of the default (the Linear layers "
-                          "inside the Transformer blocks), e.g. `query key value`.")
+                          "inside the Transformer blocks; outside them only with --prune_head), e.g. `query key "
+                          "value`. In a JSON / YAML file a single string is a regular expression over the whole "
+                          "module name.")
     exclude_modules: list[str] | None = _option("exclude_modules", "Module names or dotted name suffixes never "
-                                                                   "pruned, e.g. `output.dense`.")
+                                                                   "pruned, e.g. `output.dense` (a single string in a "
+                                                                   "JSON / YAML file: a regular expression).")
     prune_head: bool = _option("prune_head")
     structure: list[str] = field(default_factory=lambda: ["unstructured"], metadata={
         "help": "What is pruned together: unstructured (single weights), neurons (feed-forward neurons), heads "
@@ -135,8 +139,9 @@ class PruningArguments:
                                  "to `method` 'rpp' only.")
         names = {f.name for f in dataclasses.fields(config_class)}
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in names}
-        structures = [self.structure] if isinstance(self.structure, str) else list(self.structure)
-        values["structure"] = structures[0] if len(structures) == 1 else structures
+        if isinstance(self.structure, (str, list, tuple)):  # anything else: PruningConfig names the field
+            structures = [self.structure] if isinstance(self.structure, str) else list(self.structure)
+            values["structure"] = structures[0] if len(structures) == 1 else structures
         config = config_class(**values)
         if max_steps is not None:
             METHODS[self.method][1].check_schedule(config, max_steps)

@@ -131,8 +131,9 @@ def find_targets(model: nn.Module, config: PruningConfig) -> list[Target]:
     under an indexed `ModuleList`, such as `encoder.layer.3`), so embeddings, LayerNorms, biases, the pooler
     and the task head are left alone. `prune_head=True` adds the Linear layers outside the blocks. A weight
     shared with an embedding (a tied LM head) is never a target, nor are the layers of peft adapters (an adapted
-    layer's weight is named as in the model without adapters). `target_modules` replaces the default selection and
-    `exclude_modules` removes modules from it.
+    layer's weight is named as in the model without adapters). `target_modules` selects among those layers (the
+    blocks', and with `prune_head` the others) instead of taking them all, and `exclude_modules` removes modules
+    from the selection.
 
     Raises:
         ValueError: when `target_modules` or `exclude_modules` matches no prunable module, nothing is left, a
@@ -150,18 +151,24 @@ def find_targets(model: nn.Module, config: PruningConfig) -> list[Target]:
                          "to prune.")
     names = [name for name, _ in candidates]
     shared = f" ({', '.join(n for n, _ in tied)}: tied to an embedding or another layer, never pruned)" if tied else ""
+    in_scope = [n for n in names if config.prune_head or _BLOCK_INDEX.search(n)]
     if config.target_modules is not None:
-        selected = [n for n in names if matches(n, config.target_modules)]
+        selected = [n for n in in_scope if matches(n, config.target_modules)]
+        outside = [n for n in names if n not in in_scope and matches(n, config.target_modules)]
         if not selected:
-            raise ValueError(f"`target_modules` {config.target_modules!r} matches no prunable Linear/Conv1D module of "
-                             f"{type(model).__name__}{shared}; candidates include {names[:6]}.")
+            hint = (f" inside the Transformer blocks (it matches {outside[:3]}, outside them: set prune_head=True to "
+                    "prune those)" if outside else "")
+            raise ValueError(f"`target_modules` {config.target_modules!r} matches no prunable Linear/Conv1D module"
+                             f"{hint} of {type(model).__name__}{shared}; candidates include {names[:6]} (a string is "
+                             "a regular expression over the whole module name, a list holds name suffixes).")
     else:
-        selected = [n for n in names if config.prune_head or _BLOCK_INDEX.search(n)]
+        selected = in_scope
     if config.exclude_modules is not None:  # naming a tied layer (never pruned anyway) is fine
         excluded = [n for n in modules if matches(n, config.exclude_modules)]
         if not excluded:
             raise ValueError(f"`exclude_modules` {config.exclude_modules!r} matches no Linear/Conv1D module of "
-                             f"{type(model).__name__}; candidates include {names[:6]}.")
+                             f"{type(model).__name__}; candidates include {names[:6]} (a string is a regular "
+                             "expression over the whole module name, a list holds name suffixes).")
         selected = [n for n in selected if n not in set(excluded)]
     if not selected:
         raise ValueError(f"No weights of {type(model).__name__} are left to prune with target_modules="

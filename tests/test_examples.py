@@ -554,6 +554,8 @@ def test_pruning_arguments_parse_to_config() -> None:
     assert not parser.parse_args_into_dataclasses(args=["--no_prune"])[0].enabled
     with pytest.raises(ValueError, match="`initial_sparsity`"):
         PruningArguments(initial_sparsity=-0.1)
+    with pytest.raises(ValueError, match="`structure` must be one of"):  # `structure: null` in a JSON file
+        PruningArguments(structure=None)
 
 
 def test_pruning_arguments_method_rpp() -> None:

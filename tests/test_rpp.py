@@ -308,3 +308,17 @@ def test_trainer_run_with_a_zero_proximal_step_keeps_every_weight_finite(tmp_pat
     else:  # λ = 0: the proximal step is off (AdamW moves the zeros set above), the masks come from the hard prune
         logs = [entry for entry in trainer.state.log_history if "rpp_zero_fraction" in entry]
         assert logs and all(entry["rpp_penalty"] == 0.0 and entry["rpp_zero_fraction"] < 0.01 for entry in logs)
+
+
+@pytest.mark.parametrize("field, value", [("penalty", -1.0), ("penalty_schedule", "cosine"), ("epsilon", 0.0),
+                                          ("reweight_every", 0)])
+def test_an_rpp_field_set_after_construction_is_checked_when_training_begins(tmp_path, field, value):
+    callback = RPPCallback(RPPConfig(final_sparsity=0.5, end_step=4))
+    setattr(callback.config, field, value)
+    model = tiny_bert()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer = Trainer(model=model, args=tiny_training_args(tmp_path), train_dataset=TinyClassificationDataset(32),
+                      callbacks=[callback])
+    with pytest.raises(ValueError, match=f"`{field}`"):
+        trainer.train()
+    assert all(torch.equal(before[name], p) for name, p in model.named_parameters())

@@ -170,3 +170,17 @@ def test_matrices_no_linear_layer_holds_are_named_in_a_warning(caplog):
     with caplog.at_level("WARNING", logger="hf_prune"):
         Pruner(tiny_bert(), PruningConfig(schedule="oneshot", final_sparsity=0.5))
     assert "not pruned" not in caplog.text
+
+
+def test_prune_head_decides_for_target_modules_too():
+    # target_modules picks among the block layers, and the layers outside the blocks only with prune_head
+    model = tiny_bert()
+    inside = {t.name for t in find_targets(model, PruningConfig(target_modules=["dense"]))}
+    assert "bert.pooler.dense.weight" not in inside and "bert.encoder.layer.0.output.dense.weight" in inside
+    with_head = {t.name for t in find_targets(model, PruningConfig(target_modules=["dense"], prune_head=True))}
+    assert with_head == inside | {"bert.pooler.dense.weight"}
+    with pytest.raises(ValueError, match=r"inside the Transformer blocks \(it matches \['classifier'\], outside them: "
+                                         r"set prune_head=True"):
+        find_targets(model, PruningConfig(target_modules=["classifier"]))
+    assert [t.name for t in find_targets(model, PruningConfig(target_modules=["classifier"], prune_head=True))] == \
+        ["classifier.weight"]

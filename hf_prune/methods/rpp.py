@@ -210,6 +210,7 @@ class RPPPruner(Pruner):
     """
 
     def __init__(self, model: nn.Module, config: RPPConfig, max_steps: int | None = None) -> None:
+        config.validate()  # again: a field may have been set after construction (the Pruner sees mask_config's)
         self.rpp_config = config
         self.penalty_schedule = PenaltySchedule.from_config(config, max_steps)
         # A one-shot Pruner prunes at end_step, not at the start of the proximal window (config.start_step).
