@@ -322,3 +322,17 @@ def test_an_rpp_field_set_after_construction_is_checked_when_training_begins(tmp
     with pytest.raises(ValueError, match=f"`{field}`"):
         trainer.train()
     assert all(torch.equal(before[name], p) for name, p in model.named_parameters())
+
+
+def test_an_optimizer_without_the_targeted_weights_is_refused_before_the_first_step(tmp_path):
+    # the proximal step would find no learning rate for them (as under DeepSpeed ZeRO-1/2's flat copies)
+    model = tiny_bert()
+    biases = [p for name, p in model.named_parameters() if name.endswith("bias")]
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer = Trainer(model=model, args=tiny_training_args(tmp_path), train_dataset=TinyClassificationDataset(32),
+                      callbacks=[RPPCallback(RPPConfig(final_sparsity=0.5, schedule="cubic", end_step=4))],
+                      optimizers=(torch.optim.SGD(biases, lr=0.1), None))
+    with pytest.raises(ValueError, match=r"the optimizer \(\w+\) does not hold 12 of them, such as bert\.encoder"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    assert all(torch.equal(before[name], p) for name, p in model.named_parameters())

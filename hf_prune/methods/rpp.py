@@ -225,6 +225,21 @@ class RPPPruner(Pruner):
                              "MagnitudePruningCallback.")
         self.alphas: dict[str, torch.Tensor] | None = None
         self._zeros: torch.Tensor | None = None
+        self._optimizer_checked = False
+
+    def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Raises `ValueError` unless `optimizer` updates every targeted weight: the proximal step takes each
+        weight's learning rate from the optimizer's groups, and finds none for a weight the optimizer does not
+        hold (DeepSpeed ZeRO-1/2 step flat fp32 copies instead; a custom optimizer may leave weights out)."""
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = [name for name, p in self.params.items() if id(p) not in held]
+        if missing:
+            raise ValueError(f"RPP's proximal step moves each targeted weight at its optimizer group's learning rate, "
+                             f"but the optimizer ({type(optimizer).__name__}) does not hold {len(missing)} of them, "
+                             f"such as {missing[0]} (DeepSpeed ZeRO-1/2 step flat copies of the weights); the step "
+                             "would do nothing there. Give the optimizer the model's weights, or leave those out "
+                             "(`exclude_modules`).")
+        self._optimizer_checked = True
 
     def proximal_step_(self, step: int, optimizer: torch.optim.Optimizer) -> None:
         """The proximal step of optimizer step `step`, at the learning rates `optimizer` just used; outside the
@@ -232,6 +247,8 @@ class RPPPruner(Pruner):
         if not self.penalty_schedule.active(step):
             self.alphas = None
             return
+        if not self._optimizer_checked:
+            self.check_optimizer(optimizer)
         if self.alphas is None or self.penalty_schedule.reweights_at(step):
             self.alphas = reweight(self.params, self.rpp_config.epsilon)
         self._zeros = proximal_step_(self.params, self.alphas, learning_rates(optimizer, self.params),
@@ -280,10 +297,15 @@ class RPPCallback(MagnitudePruningCallback):
         super().__init__(config if config is not None else RPPConfig(), override_checkpoint_config)
         if not isinstance(self.config, RPPConfig):
             raise ValueError(f"`config` must be an RPPConfig (or its to_dict()); got {type(self.config).__name__}.")
+        self._optimizer: torch.optim.Optimizer | None = None  # the Trainer's, from on_train_begin to make_pruner
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                       **kwargs: Any) -> None:
-        super().on_train_begin(args, state, control, **kwargs)
+                       optimizer: torch.optim.Optimizer | None = None, **kwargs: Any) -> None:
+        self._optimizer = optimizer  # checked by make_pruner, before anything is pruned
+        try:
+            super().on_train_begin(args, state, control, optimizer=optimizer, **kwargs)
+        finally:
+            self._optimizer = None
         window, step = self.pruner.penalty_schedule, state.global_step + 1
         if (state.global_step > 0 and window.active(step) and not window.reweights_at(step)
                 and state.is_world_process_zero):
@@ -306,7 +328,10 @@ class RPPCallback(MagnitudePruningCallback):
         return True  # the proximal step moves and zeroes weights over its window, the hard prune ends it
 
     def make_pruner(self, model: torch.nn.Module, max_steps: int | None) -> Pruner:
-        return RPPPruner(model, self.config, max_steps=max_steps)
+        pruner = RPPPruner(model, self.config, max_steps=max_steps)
+        if self._optimizer is not None:
+            pruner.check_optimizer(self._optimizer)
+        return pruner
 
     def log_entries(self, state: TrainerState) -> dict[str, float]:
         entries = {**super().log_entries(state), "rpp_penalty": self.pruner.penalty_schedule(state.global_step)}
