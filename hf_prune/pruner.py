@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import numbers
 import logging
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -266,6 +267,8 @@ class Pruner:
         ("wanda"), it also decides whether the forward passes of step `step + 1` are recorded (an event's window),
         so call it after every optimizer step, and once with the step reached before resuming.
         """
+        if isinstance(step, numbers.Integral) and not isinstance(step, bool):
+            step = int(step)  # a NumPy integer too
         check_int("step", step, 0)
         _check_optimizer(optimizer)
         if not self._gradients_checked and self.schedule.final > self.target_sparsity:  # events lie ahead

@@ -134,3 +134,10 @@ def test_bad_arguments_of_prune_to_and_update_raise_before_anything_changes(call
         call(pruner, model)
     assert pruner.target_sparsity == 0.0
     assert all(torch.equal(before[name], p) for name, p in model.named_parameters())
+
+
+def test_update_takes_a_numpy_integer_step():
+    import numpy as np
+
+    pruner = Pruner(tiny_bert(), PruningConfig(final_sparsity=0.5, schedule="oneshot"))
+    assert pruner.update(np.int64(0)) and pruner.sparsity() == pytest.approx(0.5, abs=1e-3)
