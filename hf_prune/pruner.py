@@ -301,6 +301,8 @@ class Pruner:
             ValueError: when `sparsity` is not a number in [0, 1), or `optimizer` is not an optimizer; nothing
                 changes.
         """
+        if isinstance(sparsity, numbers.Real) and not isinstance(sparsity, bool):
+            sparsity = float(sparsity)  # a NumPy float too
         check_number("sparsity", sparsity, 0.0, 1.0, strict_maximum=True)
         _check_optimizer(optimizer)
         self._statistics_for_event()

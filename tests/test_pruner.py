@@ -136,8 +136,10 @@ def test_bad_arguments_of_prune_to_and_update_raise_before_anything_changes(call
     assert all(torch.equal(before[name], p) for name, p in model.named_parameters())
 
 
-def test_update_takes_a_numpy_integer_step():
+def test_update_and_prune_to_take_numpy_numbers():
     import numpy as np
 
     pruner = Pruner(tiny_bert(), PruningConfig(final_sparsity=0.5, schedule="oneshot"))
     assert pruner.update(np.int64(0)) and pruner.sparsity() == pytest.approx(0.5, abs=1e-3)
+    pruner.prune_to(np.float32(0.75))
+    assert pruner.sparsity() == pytest.approx(0.75, abs=1e-3)
