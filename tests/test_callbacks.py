@@ -4,7 +4,7 @@ import pytest
 import torch
 import transformers
 from conftest import TinyClassificationDataset, tiny_bert
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from testing_utils import (
     RecordingHubApi,
     ZeroChecker,
@@ -178,6 +178,24 @@ def test_resumed_run_ends_with_the_same_masks(tmp_path, caplog):
     full_params, resumed_params = dict(full.model.named_parameters()), dict(resumed.model.named_parameters())
     for name in full_callback.masks:
         torch.testing.assert_close(full_params[name], resumed_params[name])
+
+
+def test_resume_restores_the_checkpoints_masks_rather_than_recomputing_them(tmp_path):
+    # A resumed magnitude run would re-prune the checkpoint's zeros even without its masks: make the pruned
+    # positions large, so that only the saved masks say they are pruned.
+    first, _, _ = magnitude_trainer(tmp_path, PruningConfig(**CUBIC), save_strategy="steps", save_steps=4)
+    checkpoint = train_until_first_checkpoint(first)
+    saved = load_masks(os.path.join(checkpoint, MASKS_NAME))
+    weights_file = os.path.join(checkpoint, "model.safetensors")
+    weights = load_file(weights_file)
+    for name, mask in saved.items():
+        weights[name][~mask] = 10.0
+    save_file(weights, weights_file, {"format": "pt"})
+    resumed, callback, checker = magnitude_trainer(tmp_path, PruningConfig(**CUBIC), save_strategy="steps",
+                                                   save_steps=4)
+    resumed.train(resume_from_checkpoint=checkpoint)
+    assert checker.violations == []
+    assert all(not (callback.masks[name] & ~mask).any() for name, mask in saved.items())  # pruned stays pruned
 
 
 def test_resume_without_masks_is_a_clear_error(tmp_path):

@@ -191,7 +191,8 @@ def test_push_to_hub_uploads_the_saved_folder():
 
 
 def test_from_pretrained_with_a_repo_id_reads_the_hub_cache(tmp_path):
-    pruned("bert", 0.9).save_pretrained(tmp_path / "saved")
+    original = pruned("bert", 0.9)
+    original.save_pretrained(tmp_path / "saved")
     snapshot = tmp_path / "cache" / "models--user--tiny-bert-90" / "snapshots" / ("a" * 40)
     shutil.copytree(tmp_path / "saved", snapshot)
     refs = tmp_path / "cache" / "models--user--tiny-bert-90" / "refs"
@@ -200,6 +201,7 @@ def test_from_pretrained_with_a_repo_id_reads_the_hub_cache(tmp_path):
     loaded = PrunedModel.from_pretrained("user/tiny-bert-90", cache_dir=str(tmp_path / "cache"),
                                          local_files_only=True)
     assert loaded.sparsity_report().overall == pytest.approx(0.9, abs=1e-4)
+    assert_same(original, loaded)
 
 
 def test_corrupt_mismatched_and_missing_masks_are_clear_errors(tmp_path):
@@ -250,24 +252,31 @@ def test_from_trainer_needs_a_pruning_callback(tmp_path):
         PrunedModel.from_trainer(trainer)
 
 
-def test_deep_compression_round_trip(tmp_path):
+def assert_deep_round_trip(original: PrunedModel, loaded: PrunedModel, bits: int = 4) -> None:
+    """`loaded` is `original` saved with compression="deep": the same masks, each targeted weight its clustered
+    values (in the model's dtype), every other tensor as it was."""
     from hf_prune import dequantize, quantize_weights
 
-    model = pruned("bert", 0.9)
-    params = dict(model.model.named_parameters())
-    expected = {n: dequantize(q) for n, q in quantize_weights({n: params[n] for n in model.masks}, model.masks,
-                                                             bits=4).items()}
-    model.save_pretrained(tmp_path, compression="deep", bits=4)
-    assert "deep_compressed_weights.safetensors" in os.listdir(tmp_path)
-    loaded = PrunedModel.from_pretrained(tmp_path)
+    model = getattr(original.model, "_orig_mod", original.model)
+    params = dict(model.named_parameters())
+    expected = {n: dequantize(q) for n, q in quantize_weights({n: params[n] for n in original.masks}, original.masks,
+                                                             bits=bits).items()}
+    assert loaded.masks.keys() == original.masks.keys()
+    assert all(torch.equal(loaded.masks[n], m) for n, m in original.masks.items())
     loaded_params = dict(loaded.model.named_parameters())
     for name, weight in expected.items():
-        assert torch.equal(loaded_params[name], weight)
-        assert loaded_params[name].unique().numel() <= 2 ** 4 + 1  # 16 shared values and the zeros
-    for name, tensor in model.model.state_dict().items():  # everything else is stored as it is
+        assert torch.equal(loaded_params[name], weight.to(loaded_params[name].dtype)), name
+        assert loaded_params[name].unique().numel() <= 2 ** bits + 1  # the shared values and the zeros
+    for name, tensor in model.state_dict().items():  # everything else is stored as it is
         if name not in expected:
             assert torch.equal(loaded.model.state_dict()[name], tensor), name
-    assert torch.equal(loaded.masks[next(iter(expected))], model.masks[next(iter(expected))])
+
+
+def test_deep_compression_round_trip(tmp_path):
+    model = pruned("bert", 0.9)
+    model.save_pretrained(tmp_path, compression="deep", bits=4)
+    assert "deep_compressed_weights.safetensors" in os.listdir(tmp_path)
+    assert_deep_round_trip(model, PrunedModel.from_pretrained(tmp_path), bits=4)
 
 
 @pytest.mark.parametrize("kwargs, field", [({"compression": "zip"}, "compression"),
@@ -814,7 +823,9 @@ def test_a_bf16_model_reloads_as_bf16(tmp_path, compression):
     assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
     loaded = PrunedModel.from_pretrained(tmp_path)
     assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
-    if compression != "deep":  # deep stores the kept weights' shared values
+    if compression == "deep":  # the kept weights' shared values
+        assert_deep_round_trip(original, loaded)
+    else:
         assert_same(original, loaded)
 
 
@@ -850,8 +861,8 @@ def test_a_compiled_model_saves_as_the_model_it_compiled(tmp_path, compression):
     assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["BertForSequenceClassification"]
     assert (tmp_path / "README.md").read_text().count("# Pruned BertForSequenceClassification") == 1
     loaded = PrunedModel.from_pretrained(tmp_path)
-    if compression == "deep":  # quantized kept values: the positions are exact
-        assert all(torch.equal(loaded.masks[n], m) for n, m in original.masks.items())
+    if compression == "deep":  # the kept weights' shared values
+        assert_deep_round_trip(original, loaded)
     else:
         assert_same(original, loaded)
 

@@ -7,7 +7,6 @@ import torch
 from conftest import TINY_MODELS, TinyClassificationDataset, TinyLMDataset, tiny_bert, tiny_llama, tiny_t5
 from testing_utils import ZeroChecker, tiny_training_args, train_until_first_checkpoint
 from transformers import (
-    AutoModel,
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
@@ -189,7 +188,13 @@ def test_shrink_of_llama_heads_keeps_grouped_query_attention_standard(tmp_path):
     small = PrunedModel(model, pruner.masks, config).shrink()
     assert (small.config.num_key_value_heads, small.config.num_attention_heads, small.config.head_dim) == (1, 2, 8)
     small.save_pretrained(tmp_path)
-    assert AutoModel.from_pretrained(tmp_path).config.num_attention_heads == 2
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.num_attention_heads == 2
+    assert loaded.state_dict().keys() == small.state_dict().keys()
+    assert all(torch.equal(loaded.state_dict()[name], tensor) for name, tensor in small.state_dict().items())
+    ids = inputs_for("llama")["input_ids"]
+    with torch.no_grad():
+        assert (model(ids).logits - loaded(ids).logits).abs().max() <= 1e-4
 
 
 def test_distilbert_neurons_shrink_and_blocks_drop_to_standard_models(tmp_path, caplog):
