@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import numbers
 import logging
+import numbers
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
