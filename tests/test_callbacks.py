@@ -4,11 +4,12 @@ import pytest
 import torch
 import transformers
 from conftest import TinyClassificationDataset, tiny_bert
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from testing_utils import (
     RecordingHubApi,
     ZeroChecker,
     magnitude_trainer,
+    make_pruned_weights_large,
     tiny_training_args,
     train_until_first_checkpoint,
 )
@@ -185,12 +186,7 @@ def test_resume_restores_the_checkpoints_masks_rather_than_recomputing_them(tmp_
     # positions large, so that only the saved masks say they are pruned.
     first, _, _ = magnitude_trainer(tmp_path, PruningConfig(**CUBIC), save_strategy="steps", save_steps=4)
     checkpoint = train_until_first_checkpoint(first)
-    saved = load_masks(os.path.join(checkpoint, MASKS_NAME))
-    weights_file = os.path.join(checkpoint, "model.safetensors")
-    weights = load_file(weights_file)
-    for name, mask in saved.items():
-        weights[name][~mask] = 10.0
-    save_file(weights, weights_file, {"format": "pt"})
+    saved = make_pruned_weights_large(checkpoint)
     resumed, callback, checker = magnitude_trainer(tmp_path, PruningConfig(**CUBIC), save_strategy="steps",
                                                    save_steps=4)
     resumed.train(resume_from_checkpoint=checkpoint)
@@ -344,10 +340,12 @@ def test_resuming_a_checkpoint_outside_output_dir_never_takes_the_masks_of_anoth
     resumed, _, _ = magnitude_trainer(tmp_path / "b", PruningConfig(**CUBIC), save_strategy="steps", save_steps=4)
     with pytest.raises(ValueError, match="another checkpoint than the one being resumed.*resume_from_checkpoint"):
         resumed.train(resume_from_checkpoint=checkpoint)  # before the first step
+    saved = make_pruned_weights_large(checkpoint)  # only its masks say what is pruned
     pointed, callback, checker = magnitude_trainer(tmp_path / "b", PruningConfig(**CUBIC), save_strategy="steps",
                                                    save_steps=4, resume_from_checkpoint=checkpoint)
     pointed.train(resume_from_checkpoint=checkpoint)  # TrainingArguments.resume_from_checkpoint names the folder
     assert pointed.state.global_step == 12 and checker.violations == []
+    assert all(not (callback.masks[name] & ~mask).any() for name, mask in saved.items())  # the pointed one's masks
 
 
 class BestAtFirstEvaluation(TrainerCallback):

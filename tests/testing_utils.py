@@ -97,3 +97,21 @@ class RecordingHubApi:
         done = concurrent.futures.Future()
         done.set_result(None)
         return done
+
+
+def make_pruned_weights_large(checkpoint: str) -> dict[str, torch.Tensor]:
+    """Sets the pruned weights of a Trainer checkpoint's `model.safetensors` to 10, so that a resume which
+    recomputed the masks from the weights (magnitude would re-prune the zeros) would keep them: only the saved masks
+    say they are pruned. Returns those masks."""
+    from safetensors.torch import load_file, save_file
+
+    from hf_prune.constants import MASKS_NAME
+    from hf_prune.serialization import load_masks
+
+    masks = load_masks(os.path.join(checkpoint, MASKS_NAME))
+    weights_file = os.path.join(checkpoint, "model.safetensors")
+    weights = load_file(weights_file)
+    for name, mask in masks.items():
+        weights[name][~mask] = 10.0
+    save_file(weights, weights_file, {"format": "pt"})
+    return masks
