@@ -11,6 +11,7 @@ from testing_utils import tiny_training_args, train_until_first_checkpoint
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, Trainer
 
 from hf_prune import MagnitudePruningCallback, PrunedModel, Pruner, PruningConfig, RPPCallback, RPPConfig
+from hf_prune.constants import MASKS_NAME
 
 
 #: LoRA target modules of each tiny model: its feed-forward projections and one attention projection.
@@ -86,6 +87,28 @@ def test_lora_pruning_resumes_to_the_same_masks_and_adapters(tmp_path):
     full_pruner, resumed_pruner = map(pruner_of, (full, resumed))
     assert all(torch.equal(resumed_pruner.masks[n], m) for n, m in full_pruner.masks.items())
     assert all(torch.equal(resumed_pruner.factor_masks[n], m) for n, m in full_pruner.factor_masks.items())
+
+
+def test_lora_pruning_resumes_from_the_checkpoints_masks(tmp_path):
+    # The base weights are frozen, so recomputing the masks at the resume would give the checkpoint's: prune one
+    # more neuron in the checkpoint's masks file, the one magnitude would keep longest, and it must stay pruned.
+    from hf_prune.serialization import load_masks, read_masks_metadata, save_masks
+
+    config = structured_config("bert")
+    checkpoint = train_until_first_checkpoint(lora_trainer("bert", tmp_path, config, save_steps=3,
+                                                           save_strategy="steps"))
+    path = os.path.join(checkpoint, MASKS_NAME)
+    saved, metadata = load_masks(path), read_masks_metadata(path)
+    up, down = "bert.encoder.layer.0.intermediate.dense.weight", "bert.encoder.layer.0.output.dense.weight"
+    base = dict(TINY_MODELS["bert"]().named_parameters())
+    norms = base[up].detach().square().sum(1) + base[down].detach().square().sum(0)
+    neuron = int(torch.where(saved[up].all(1), norms, -1.0).argmax())  # the strongest neuron still kept
+    saved[up][neuron], saved[down][:, neuron] = False, False
+    save_masks(saved, path, metadata)
+    resumed = lora_trainer("bert", tmp_path, config, save_steps=3, save_strategy="steps")
+    resumed.train(resume_from_checkpoint=checkpoint)
+    masks = pruner_of(resumed).masks
+    assert not masks[up][neuron].any() and not masks[down][:, neuron].any()
 
 
 @pytest.mark.parametrize("config, options, message", [
