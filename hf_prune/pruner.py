@@ -29,7 +29,7 @@ from .distributed import (
     is_main_rank,
     layout_of,
 )
-from .distributed.collectives import collective_device
+from .distributed.collectives import collective_device, sum_over_ranks
 from .masks import check_masks_match, kept_along, update_masks_, zero_pruned_
 from .schedules import SparsitySchedule
 from .structured.selection import update_group_masks_
@@ -237,22 +237,13 @@ class Pruner:
         """Wanda's squared input sums of every targeted layer, summed over the world's ranks (DDP: each rank ran
         its own batches), in one all-reduce; a layer that ran on no input of a rank adds zeros."""
         modules = prunable_modules(self.module)
-        layout = {}
-        for name, param in self.params.items():
-            input_dim = 0 if isinstance(modules[name.rpartition(".")[0]], Conv1D) else 1
-            layout[name] = (input_dim, param.shape[input_dim])
+        input_dims = {name: 0 if isinstance(modules[name.rpartition(".")[0]], Conv1D) else 1 for name in self.params}
         recorded = self.criterion.squared_inputs
-        device = collective_device(None)
-        parts = [recorded[name][0].to(device) if name in recorded else torch.zeros(size, device=device)
-                 for name, (_, size) in layout.items()]
-        total = torch.cat([*parts, torch.tensor([float(bool(recorded))], device=device)])
-        dist.all_reduce(total)
-        if not total[-1].item():
-            self.criterion.squared_inputs = {}  # no rank recorded anything
-            return
-        sums = total[:-1].split([size for _, size in layout.values()])
-        self.criterion.squared_inputs = {name: (values, input_dim)
-                                         for (name, (input_dim, _)), values in zip(layout.items(), sums)}
+        parts = [recorded[name][0] if name in recorded else torch.zeros(p.shape[input_dims[name]], device=p.device)
+                 for name, p in self.params.items()]
+        *sums, ranks_recording = sum_over_ranks([*parts, torch.tensor([float(bool(recorded))])])
+        self.criterion.squared_inputs = {} if not ranks_recording.item() else {  # empty: no rank recorded anything
+            name: (values, input_dims[name]) for name, values in zip(self.params, sums)}
 
     def _record_inputs_for(self, step: int) -> None:
         """Whether the forward passes of optimizer step `step` are recorded: a pruning event falls on one of the
@@ -428,15 +419,10 @@ class Pruner:
         DDP, where `torch.autograd.grad` bypasses DDP's all-reduce), in one all-reduce: every rank then ranks by the
         batches of all of them, as one process given them all would."""
         recorded = self.criterion.squared_gradients
-        device = collective_device(None)
-        parts = [recorded[name].to(device).flatten() if name in recorded else torch.zeros(p.numel(), device=device)
-                 for name, p in self.params.items()]
-        total = torch.cat([*parts, torch.tensor([float(self.criterion.observations)], device=device)])
-        dist.all_reduce(total)
-        sums = total[:-1].split([p.numel() for p in self.params.values()])
-        self.criterion.squared_gradients = {name: values.view(p.shape).to(p.device)
-                                            for (name, p), values in zip(self.params.items(), sums)}
-        self.criterion.observations = int(total[-1].item())
+        parts = [recorded.get(name, torch.zeros_like(p, dtype=torch.float32)) for name, p in self.params.items()]
+        *sums, observations = sum_over_ranks([*parts, torch.tensor([float(self.criterion.observations)])])
+        self.criterion.squared_gradients = dict(zip(self.params, sums))
+        self.criterion.observations = int(observations.item())
 
     @torch.no_grad()
     def mask_gradients_(self) -> None:

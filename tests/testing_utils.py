@@ -7,6 +7,7 @@ import concurrent.futures
 import os
 import types
 
+import pytest
 import torch
 from conftest import TinyClassificationDataset, tiny_bert
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -115,3 +116,13 @@ def make_pruned_weights_large(checkpoint: str) -> dict[str, torch.Tensor]:
         weights[name][~mask] = 10.0
     save_file(weights, weights_file, {"format": "pt"})
     return masks
+
+
+def assert_refused_before_training(trainer: Trainer, match: str) -> None:
+    """`trainer.train()` raises a `ValueError` matching `match` before its first optimizer step, with every
+    parameter of the model as it was."""
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    with pytest.raises(ValueError, match=match):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    assert all(torch.equal(before[name], p) for name, p in trainer.model.named_parameters())

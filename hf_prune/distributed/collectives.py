@@ -37,6 +37,16 @@ def from_main_rank(value: str) -> str:
     return shared[0]
 
 
+def sum_over_ranks(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Elementwise sums of `tensors` over the world's ranks, in one all-reduce (flattened and concatenated on the
+    collective device); each comes back in its shape, dtype float32, on its device. Every rank passes tensors of
+    the same shapes, in the same order."""
+    device = collective_device(None)
+    total = torch.cat([t.detach().to(device, torch.float32).flatten() for t in tensors])
+    dist.all_reduce(total)
+    return [part.view(t.shape).to(t.device) for part, t in zip(total.split([t.numel() for t in tensors]), tensors)]
+
+
 def max_and_min(values: torch.Tensor, group: dist.ProcessGroup | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Elementwise maximum and minimum of `values` over the ranks of `group`, in one all-reduce."""
     both = torch.cat([values, -values]).to(collective_device(group))

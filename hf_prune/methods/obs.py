@@ -231,8 +231,10 @@ def _check_calibration_data(calibration_dataloader: Any) -> None:
                          " OBS iterates it once per Transformer block; pass a DataLoader or a list of batches.")
 
 
-def _check_obs_config(config: PruningConfig, user: str) -> None:
-    if user != "obs_prune" and config.criterion != "magnitude":  # the pruner would gather statistics OBS never reads
+def _check_obs_config(config: PruningConfig, user: str, prunes_in_training: bool = True) -> None:
+    """Refuses a structured config, and for a pruner of a training run a criterion other than "magnitude" (it would
+    gather gradient / input statistics that OBS never reads)."""
+    if prunes_in_training and config.criterion != "magnitude":
         raise ValueError(f"`criterion` must be 'magnitude' for {user} (OBS ranks weights by its own Hessian-based "
                          f"saliency); got {config.criterion!r}.")
     if config.structures():
@@ -306,7 +308,7 @@ def obs_prune(model: nn.Module, calibration_dataloader: Iterable[Any], sparsity:
     nm = parse_pattern(pattern)
     sparsity = _resolve_sparsity(sparsity, nm)
     config = config or PruningConfig()
-    _check_obs_config(config, "obs_prune")
+    _check_obs_config(config, "obs_prune", prunes_in_training=False)
     targets = find_targets(model, config)
     modules = prunable_modules(model)
     _check_calibration_data(calibration_dataloader)
