@@ -144,6 +144,7 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
         self.override_checkpoint_config = override_checkpoint_config
         self.pruner: Pruner | None = None
         self._initial_state: dict[str, Any] | None = None
+        self._holds_saved_masks = False  # from_pretrained without a config: the saved masks are final
         self._run_id: str | None = None  # made at each train(): ties each checkpoint's masks to its trainer_state
         self._step = 0
 
@@ -167,12 +168,17 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
         masks_file = resolve_file(pretrained_path, MASKS_NAME, **hub_kwargs)
         metadata = read_masks_metadata(masks_file)
         target = float(metadata.get("achieved_sparsity", metadata.get("target_sparsity", saved.final_sparsity)))
-        if config is None:
-            config = dataclasses.replace(saved, schedule="oneshot", initial_sparsity=0.0, final_sparsity=target,
-                                         start_step=0, end_step=None, pruning_frequency=None)
-        callback = cls(config)
+        callback = cls(config if config is not None else cls.holding_config(saved, target))
         callback._initial_state = {"masks_file": masks_file, "target_sparsity": target}
+        callback._holds_saved_masks = config is None
         return callback
+
+    @classmethod
+    def holding_config(cls, saved: PruningConfig, sparsity: float) -> PruningConfig:
+        """The config `from_pretrained` trains under when given none: `saved`'s targets, scheme and criterion,
+        with nothing pruned beyond the saved masks (a one-shot prune at step 0 to their `sparsity`)."""
+        return dataclasses.replace(saved, schedule="oneshot", initial_sparsity=0.0, final_sparsity=sparsity,
+                                   start_step=0, end_step=None, pruning_frequency=None)
 
     @property
     def masks(self) -> dict[str, torch.Tensor]:
@@ -204,9 +210,9 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
 
     def prunes_after_train_begin(self) -> bool:
         """Whether a fresh `train()` with this callback can prune after `on_train_begin`: False only when the masks
-        are final once training begins (`schedule="oneshot"` at `start_step=0`, as `from_pretrained` holds saved
-        masks). What a callback that needs final masks from the start (`QuantizationCallback`) checks up front."""
-        return not (self.config.schedule == "oneshot" and self.config.start_step == 0)
+        are final once training begins (`schedule="oneshot"` at `start_step=0`, or saved masks that
+        `from_pretrained` holds fixed). What a callback that needs final masks from the start (`QuantizationCallback`) checks up front."""
+        return not (self._holds_saved_masks or (self.config.schedule == "oneshot" and self.config.start_step == 0))
 
     def make_pruner(self, model: torch.nn.Module, max_steps: int | None) -> Pruner:
         """The `Pruner` this callback drives; subclasses with their own pruning event return a subclass."""

@@ -6,7 +6,7 @@ from conftest import TinyClassificationDataset, tiny_bert
 from testing_utils import assert_refused_before_training, tiny_training_args
 from transformers import Trainer, TrainerCallback
 
-from hf_prune import PrunedModel, PruningConfig
+from hf_prune import PrunedModel, Pruner, PruningConfig
 from hf_prune.methods.rpp import (
     ALPHA_DTYPE,
     MIN_EPSILON,
@@ -328,3 +328,22 @@ def test_an_optimizer_without_the_targeted_weights_is_refused_before_the_first_s
                       callbacks=[RPPCallback(RPPConfig(final_sparsity=0.5, schedule="cubic", end_step=4))],
                       optimizers=(torch.optim.SGD(biases, lr=0.1), None))
     assert_refused_before_training(trainer, r"the optimizer \(\w+\) does not hold 12 of them, such as bert\.encoder")
+
+
+def test_from_pretrained_without_a_config_holds_the_saved_masks_fixed(tmp_path):
+    model = tiny_bert()
+    pruner = Pruner(model, PruningConfig(final_sparsity=0.6, schedule="oneshot"), max_steps=1)
+    pruner.update(0)
+    PrunedModel(model, pruner.masks, RPPConfig(**CONFIG)).save_pretrained(tmp_path / "pruned")
+    loaded = PrunedModel.from_pretrained(tmp_path / "pruned")
+    callback = RPPCallback.from_pretrained(tmp_path / "pruned")
+    assert not callback.prunes_after_train_begin()  # so QuantizationCallback can follow it
+    trainer = Trainer(model=loaded.model, args=tiny_training_args(tmp_path / "out", max_steps=6),
+                      train_dataset=TinyClassificationDataset(96), callbacks=[callback])
+    trainer.train()
+    params = dict(loaded.model.named_parameters())
+    for name, mask in pruner.masks.items():
+        assert torch.equal(callback.masks[name], mask), name
+        assert (params[name][mask] != 0).all(), f"{name}: the proximal step zeroed kept weights"
+    zero_fractions = [entry["rpp_zero_fraction"] for entry in trainer.state.log_history if "loss" in entry]
+    assert zero_fractions == [pytest.approx(0.6, abs=1e-4)] * 3, "no zeros beyond the saved masks"

@@ -257,10 +257,7 @@ class HanPruningCallback(MagnitudePruningCallback):
         return callback
 
     def prunes_after_train_begin(self) -> bool:
-        events = len(self.config.qualities())
-        if self._initial_state is not None and self._initial_state.get("iteration") == events:
-            return False  # saved masks held fixed
-        return not (events == 1 and self.config.start_step == 0)
+        return not (self._holds_saved_masks or (len(self.config.qualities()) == 1 and self.config.start_step == 0))
 
     def make_pruner(self, model: nn.Module, max_steps: int | None) -> Pruner:
         return HanPruner(model, self.config, max_steps=max_steps)

@@ -324,8 +324,15 @@ class RPPCallback(MagnitudePruningCallback):
         """The proximal window, then the mask schedule that ends with it (as `RPPPruner` builds them)."""
         super().check_schedule(mask_config(config, PenaltySchedule.from_config(config, max_steps).end), max_steps)
 
+    @classmethod
+    def holding_config(cls, saved: RPPConfig, sparsity: float) -> RPPConfig:
+        """As for `MagnitudePruningCallback`, with the proximal operator off (`penalty=0`): it would zero kept
+        weights."""
+        return dataclasses.replace(super().holding_config(saved, sparsity), penalty=0.0)
+
     def prunes_after_train_begin(self) -> bool:
-        return True  # the proximal step moves and zeroes weights over its window, the hard prune ends it
+        # the proximal step moves and zeroes weights over its window, the hard prune ends it
+        return not self._holds_saved_masks
 
     def make_pruner(self, model: torch.nn.Module, max_steps: int | None) -> Pruner:
         pruner = RPPPruner(model, self.config, max_steps=max_steps)
