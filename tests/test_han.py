@@ -298,6 +298,21 @@ def test_from_pretrained_without_a_config_holds_the_saved_masks_fixed(tmp_path):
     assert callback.pruner.dropout == apply_dropout_adjustment(tiny_bert(), pruner.masks)
 
 
+def test_from_pretrained_holds_the_masks_of_events_that_a_short_run_could_not_place(tmp_path):
+    model = tiny_bert()
+    config = HanConfig(quality=[0.4, 0.6, 0.8], start_step=10)  # pruning_frequency from max_steps=1000
+    pruner = HanPruner(model, config, max_steps=1000)
+    pruner.update(1000)
+    PrunedModel(model, pruner.masks, pruner.config).save_pretrained(tmp_path / "pruned")
+    loaded = PrunedModel.from_pretrained(tmp_path / "pruned")
+    callback = HanPruningCallback.from_pretrained(tmp_path / "pruned")
+    trainer = Trainer(model=loaded.model, args=tiny_training_args(tmp_path / "out", max_steps=2),
+                      train_dataset=TinyClassificationDataset(32), callbacks=[callback])
+    trainer.train()
+    assert callback.pruner.iteration == 3
+    assert all(torch.equal(callback.masks[name], mask) for name, mask in pruner.masks.items())
+
+
 # ----------------------------------------------------------------------------------------------- bad inputs
 @pytest.mark.parametrize("overrides, field, accepted", [
     ({"quality": 0.0}, "quality", "> 0"),

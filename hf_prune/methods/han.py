@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -256,11 +256,18 @@ class HanPruningCallback(MagnitudePruningCallback):
             callback._initial_state["iteration"] = len(callback.config.qualities())
         return callback
 
+    @classmethod
+    def holding_config(cls, saved: HanConfig, sparsity: float) -> HanConfig:
+        """`saved`'s qualities with every event at a step of its own from 0 (`pruning_frequency=1`), so that no
+        Trainer `max_steps` is needed to place them; `from_pretrained` counts them all as done."""
+        return replace(super().holding_config(saved, sparsity), pruning_frequency=1)
+
     def prunes_after_train_begin(self) -> bool:
         return not (self._holds_saved_masks or (len(self.config.qualities()) == 1 and self.config.start_step == 0))
 
     def make_pruner(self, model: nn.Module, max_steps: int | None) -> Pruner:
-        return HanPruner(model, self.config, max_steps=max_steps)
+        # held masks: the events are all done, wherever max_steps would put them
+        return HanPruner(model, self.config, max_steps=None if self._holds_saved_masks else max_steps)
 
     def log_entries(self, state: TrainerState) -> dict[str, float]:
         iteration = self.pruner.iteration
