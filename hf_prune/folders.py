@@ -34,13 +34,17 @@ except ImportError:  # Windows: no advisory locks; a concurrent save's staging f
 WEIGHT_FORMATS = {SAFE_WEIGHTS_NAME: "dense", SAFE_WEIGHTS_INDEX_NAME: "dense, sharded", WEIGHTS_NAME: "dense",
                   WEIGHTS_INDEX_NAME: "dense, sharded", COMPRESSED_WEIGHTS_NAME: "sparse",
                   DEEP_COMPRESSED_WEIGHTS_NAME: "deep"}
-#: transformers' weights files: one file or shards and their index, safetensors or the older .bin.
-_DENSE_WEIGHTS_FILE = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?")
+#: transformers' weights files: one file or shards and their index, safetensors or the older .bin, each with or
+#: without a `variant` (`model.fp16.safetensors`, `model.fp16-00001-of-00002.safetensors`,
+#: `model.safetensors.index.fp16.json`).
+_DENSE_WEIGHTS_FILE = re.compile(r"(model|pytorch_model)(\.[\w-]+)?(-\d+-of-\d+)?\.(safetensors|bin)"
+                                 r"|(model|pytorch_model)\.(safetensors|bin)\.index(\.[\w-]+)?\.json")
 #: A peft adapter's files: transformers loads an adapter it finds beside the weights on top of them.
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 #: What `push_to_hub` deletes from the repo unless the new save uploads it (the same files as `commit` removes).
-STALE_PATTERNS = (*WEIGHT_FORMATS, "model-*-of-*.safetensors", "pytorch_model-*-of-*.bin", GENERATION_CONFIG_NAME,
-                  *ADAPTER_FILES)
+STALE_PATTERNS = (*WEIGHT_FORMATS, "model-*-of-*.safetensors", "pytorch_model-*-of-*.bin", "model.*.safetensors",
+                  "pytorch_model.*.bin", "model.safetensors.index.*.json", "pytorch_model.bin.index.*.json",
+                  GENERATION_CONFIG_NAME, *ADAPTER_FILES)
 
 
 def weights_format(path: str | os.PathLike, hub_kwargs: Mapping[str, Any]) -> tuple[str, str | None]:
@@ -89,6 +93,8 @@ def check_saved_files(path: str | os.PathLike, config_file: str, hub_kwargs: Map
             and isinstance(record.get("sha256"), str) and is_count(record.get("size")) for name, record in records.items()):
         raise ValueError(f"{config_file} is corrupt: `files` must map file names to {{\"sha256\": hex digest, "
                          f"\"size\": bytes}}; got {str(records)[:120]}.")
+    if only is None:
+        _check_no_unrecorded_files(path, config_file, records, hub_kwargs)
     for name, record in records.items():
         if only is not None and name not in only:
             continue
@@ -106,6 +112,21 @@ def check_saved_files(path: str | os.PathLike, config_file: str, hub_kwargs: Map
                              "saves (an interrupted save_pretrained?) or the file was changed after saving. Save the "
                              f"model again; to load the folder as it is, delete the `files` entry of {config_file}.")
     return identities
+
+
+def _check_no_unrecorded_files(path: str | os.PathLike, config_file: str, records: Collection[str],
+                               hub_kwargs: Mapping[str, Any]) -> None:
+    """Raises `ValueError` for a weights file in the local folder (of any format, shard or variant) that is not
+    part of the recorded save (a Hub repo holds only what `push_to_hub` uploaded: it deletes the others). A peft
+    adapter or a generation config written after the save is loaded with it, as transformers does."""
+    folder = os.path.join(os.fspath(path), hub_kwargs.get("subfolder") or "")
+    if not os.path.isdir(folder):
+        return
+    for name in sorted(os.listdir(folder)):
+        if name not in records and _is_weights_file(name):
+            raise ValueError(f"{os.path.join(folder, name)} is not part of the save that {config_file} records: "
+                             "weights of another save (another `variant`?), which transformers could load instead "
+                             "of the recorded ones. Delete it, or save the model again.")
 
 
 def check_unchanged(identities: Mapping[str, tuple[int, ...]]) -> None:
@@ -128,7 +149,8 @@ def files_under(folder: str) -> list[str]:
                   for root, _, names in os.walk(folder) for name in names)
 
 
-def _isweights_format(name: str) -> bool:
+def _is_weights_file(name: str) -> bool:
+    """Whether the file `name` of a folder holds model weights (of any format, shard or variant)."""
     return bool(_DENSE_WEIGHTS_FILE.fullmatch(name)) or name in WEIGHT_FORMATS
 
 
@@ -185,5 +207,5 @@ def commit(staging: str, folder: str, members: Mapping[str, Any]) -> None:
     for directory in {os.path.dirname(os.path.join(folder, name)) for name in names}:
         fsync_directory(directory)
     for name in os.listdir(folder):
-        if name not in members and (_isweights_format(name) or name in (GENERATION_CONFIG_NAME, *ADAPTER_FILES)):
+        if name not in members and (_is_weights_file(name) or name in (GENERATION_CONFIG_NAME, *ADAPTER_FILES)):
             os.remove(os.path.join(folder, name))

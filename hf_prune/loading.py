@@ -3,6 +3,7 @@ and loading weights with every key checked (transformers only reports what did n
 
 from __future__ import annotations
 
+import copy
 import inspect
 import os
 from collections.abc import Callable, Collection, Mapping
@@ -26,12 +27,15 @@ def auto_model_class(config: transformers.PretrainedConfig) -> type:
     return transformers.AutoModel
 
 
-def meta_model(model_class: type, config: transformers.PretrainedConfig) -> nn.Module:
+def meta_model(model_class: type, config: transformers.PretrainedConfig, trust_remote_code: bool | None = None
+               ) -> nn.Module:
     """`model_class` (a model class, or an `AutoModel*` class) of `config` on the meta device: its names and
     shapes, with nothing allocated."""
     from_config = getattr(model_class, "from_config", None)  # the AutoModel* classes
     with torch.device("meta"):
-        return from_config(config) if from_config is not None else model_class(config)
+        if from_config is None:
+            return model_class(config)
+        return from_config(config) if trust_remote_code is None else from_config(config, trust_remote_code=trust_remote_code)
 
 
 def parameter_shapes(config: transformers.PretrainedConfig, model_class: type | None = None
@@ -44,14 +48,22 @@ def parameter_shapes(config: transformers.PretrainedConfig, model_class: type | 
 
 def config_and_model_kwargs(path: str | os.PathLike, kwargs: Mapping[str, Any], hub_kwargs: Mapping[str, Any]
                             ) -> tuple[transformers.PretrainedConfig, dict[str, Any]]:
-    """The config of the folder with the config attributes among `kwargs` applied (`output_hidden_states=True`,
-    ...), and the keyword arguments left for the model's `from_pretrained`: what `from_pretrained(path, **kwargs)`
-    does with them, for a model built from a config and a state dict (whose config transformers leaves as it is)."""
+    """The model's config and the keyword arguments left for its `from_pretrained`, as `from_pretrained(path,
+    **kwargs)` makes them, for a model built from a config and a state dict (whose config transformers leaves as
+    it is): a `config=` object as given (the other kwargs go to the model); else the folder's (or `config=`'s
+    path's) config with the config attributes among `kwargs` applied (`output_hidden_states=True`, ...)."""
+    given = kwargs.get("config")
+    if isinstance(given, transformers.PretrainedConfig):
+        return copy.deepcopy(given), {key: value for key, value in kwargs.items() if key != "config"}
     named = inspect.signature(transformers.PreTrainedModel.from_pretrained).parameters
-    attributes = {key: value for key, value in kwargs.items() if key not in named and key not in hub_kwargs}
-    config, unused = transformers.AutoConfig.from_pretrained(path, return_unused_kwargs=True, **hub_kwargs,
-                                                             **attributes)
-    return config, {**{key: value for key, value in kwargs.items() if key not in attributes}, **unused}
+    kept = ("trust_remote_code",)  # read by the config and by the model class
+    attributes = {key: value for key, value in kwargs.items()
+                  if key not in named and key not in hub_kwargs and key not in kept}
+    config, unused = transformers.AutoConfig.from_pretrained(
+        given if given is not None else path, return_unused_kwargs=True, **hub_kwargs, **attributes,
+        **{key: kwargs[key] for key in kept if key in kwargs})
+    left = {key: value for key, value in kwargs.items() if key not in attributes and key != "config"}
+    return config, {**left, **unused}
 
 
 def load_generation_config(model: nn.Module, path: str | os.PathLike, hub_kwargs: Mapping[str, Any]) -> None:
@@ -72,7 +84,6 @@ def load_dense(model_class: type, path: str | os.PathLike, config: transformers.
     those in its load report): a folder saved from another head. With `needed` (the loaded model -> names), only
     those weights must load (the others may be new: a fresh head on a saved body). A weights file that cannot be
     read is a `ValueError`."""
-    kwargs = {key: value for key, value in kwargs.items() if key != "output_loading_info"}
     try:
         if state_dict is None:
             model, info = model_class.from_pretrained(path, output_loading_info=True, **kwargs)

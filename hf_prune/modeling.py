@@ -336,10 +336,12 @@ class PrunedModel(nn.Module):
                 "smaller standard model")
 
     def push_to_hub(self, repo_id: str, *, commit_message: str = "Upload pruned model with hf_prune",
-                    private: bool | None = None, token: str | None = None, revision: str | None = None,
-                    create_pr: bool = False, **save_kwargs: Any) -> Any:
+                    commit_description: str | None = None, private: bool | None = None, token: str | None = None,
+                    revision: str | None = None, create_pr: bool = False, tags: list[str] | None = None,
+                    **save_kwargs: Any) -> Any:
         """Saves to a temporary folder with `save_pretrained(folder, **save_kwargs)` (`compression`, `bits`,
         `processing_class`, ...) and uploads the folder as one commit to `repo_id`; returns the commit info.
+        `tags` are added to the model card's own (`hf_prune`, `pruned`, `sparse`, `sparsity-NN`).
 
         The same commit deletes the repo's weights files of the formats this save does not write (and a generation
         config it does not have), as `save_pretrained` does in a folder: the repo holds one save. On a process
@@ -353,8 +355,13 @@ class PrunedModel(nn.Module):
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         with tempfile.TemporaryDirectory() as folder:
             self.save_pretrained(folder, **save_kwargs)
+            if tags:
+                card = ModelCard.load(os.path.join(folder, "README.md"))
+                card.data.tags = [*card.data.tags, *(tag for tag in tags if tag not in card.data.tags)]
+                card.save(os.path.join(folder, "README.md"))
             return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message,
-                                     revision=revision, create_pr=create_pr, delete_patterns=list(STALE_PATTERNS))
+                                     commit_description=commit_description, revision=revision,
+                                     create_pr=create_pr, delete_patterns=list(STALE_PATTERNS))
 
     # ---------------------------------------------------------------------------------------------- loading
     @classmethod
@@ -383,9 +390,13 @@ class PrunedModel(nn.Module):
                 pruned weight is non-zero (without `reapply_masks`).
         """
         path = pretrained_model_name_or_path
+        if "output_loading_info" in kwargs:
+            raise ValueError("`output_loading_info` is not an option of PrunedModel.from_pretrained: it checks the "
+                             "loading info itself, and refuses a folder whose weights do not all load.")
         hub_kwargs = {k: v for k, v in kwargs.items() if k in HUB_KWARGS}
+        trust_remote_code = kwargs.get("trust_remote_code")
         if masks_from_zeros:
-            config = transformers.AutoConfig.from_pretrained(path, **hub_kwargs)
+            config, _ = config_and_model_kwargs(path, kwargs, hub_kwargs)
             model_class = model_class or auto_model_class(config)
             pruning_config = pruning_config or PruningConfig()
 
@@ -400,21 +411,22 @@ class PrunedModel(nn.Module):
             return cls(model, masks, pruning_config)
 
         kind, weights_file = weights_format(path, hub_kwargs)
-        config_file = resolve_file(path, CONFIG_NAME, required=pruning_config is None, **hub_kwargs)
+        config_file = _hf_prune_file(path, CONFIG_NAME, pruning_config is None, hub_kwargs)
         checked = check_saved_files(path, config_file, hub_kwargs) if config_file is not None else {}
         pruning_config = pruning_config or PruningConfig.from_pretrained(path, **hub_kwargs)
-        config = transformers.AutoConfig.from_pretrained(path, **hub_kwargs)
+        config, model_kwargs = config_and_model_kwargs(path, kwargs, hub_kwargs)
         model_class = model_class or auto_model_class(config)
-        masks_file = resolve_file(path, MASKS_NAME, **hub_kwargs)
-        skeleton = meta_model(model_class, config)  # names and shapes, checked before anything is allocated
+        masks_file = _hf_prune_file(path, MASKS_NAME, True, hub_kwargs)
+        # names and shapes, checked before anything is allocated
+        skeleton = meta_model(model_class, config, trust_remote_code)
         masks = load_masks(masks_file, {name: tuple(p.shape) for name, p in skeleton.named_parameters()})
         if kind == "dense":
             model = load_dense(model_class, path, config, kwargs)
         else:
             shapes = {name: tuple(tensor.shape) for name, tensor in skeleton.state_dict().items()}
             read = read_sparse if kind == "sparse" else read_deep_state_dict
-            config, model_kwargs = config_and_model_kwargs(path, kwargs, hub_kwargs)
-            model = load_dense(model_class, path, config, model_kwargs, state_dict=read(weights_file, masks, shapes))
+            # the class the skeleton resolved to (AutoModel* of custom code needs a folder to resolve it in)
+            model = load_dense(type(skeleton), path, config, model_kwargs, state_dict=read(weights_file, masks, shapes))
             load_generation_config(model, path, hub_kwargs)
         check_unchanged(checked)  # nothing was replaced while it was read
         names = _parameter_names(model, masks)  # the model's own names: a peft adapter may have been loaded too
@@ -458,6 +470,16 @@ class PrunedModel(nn.Module):
         report = to_sparse_inference(self.model, self.masks, layers, **options)
         self.eval()
         return report
+
+
+def _hf_prune_file(path: str | os.PathLike, filename: str, required: bool, hub_kwargs: Mapping[str, Any]
+                   ) -> str | None:
+    """`resolve_file`, with the way to load a model that has no hf_prune files in the error."""
+    try:
+        return resolve_file(path, filename, required=required, **hub_kwargs)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{err} A model pruned elsewhere (a folder without hf_prune's files) loads with "
+                                "masks_from_zeros=True: its masks are then its zero weights.") from None
 
 
 def _parameter_names(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[str, str]:

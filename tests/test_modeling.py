@@ -9,6 +9,7 @@ import pytest
 import torch
 import transformers
 from conftest import TINY_MODELS, TinyClassificationDataset, tiny_bert
+from huggingface_hub import ModelCard
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import (
@@ -151,6 +152,9 @@ def test_callback_can_prune_a_saved_model_further(tmp_path):
 def test_masks_from_zeros(tmp_path):
     original = pruned("bert", 0.6)
     original.model.save_pretrained(tmp_path)  # plain transformers save: no hf_prune files
+    for kwargs in ({}, {"pruning_config": PruningConfig()}):  # the error says how to load it
+        with pytest.raises(FileNotFoundError, match="No pruning_.* loads with masks_from_zeros=True"):
+            PrunedModel.from_pretrained(tmp_path, **kwargs)
     loaded = PrunedModel.from_pretrained(tmp_path, masks_from_zeros=True)
     assert all(torch.equal(loaded.masks[n], m) for n, m in original.masks.items())
 
@@ -188,6 +192,20 @@ def test_push_to_hub_uploads_the_saved_folder():
     create.assert_called_once_with("user/tiny-bert-90", private=True, exist_ok=True)
     assert uploaded["repo_id"] == "user/tiny-bert-90"
     assert uploaded["files"] == sorted(["README.md", "config.json", "model.safetensors", MASKS_NAME, CONFIG_NAME])
+
+
+def test_push_to_hub_sends_the_commit_description_and_adds_the_tags_to_the_card():
+    cards = {}
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        cards.update(card=ModelCard.load(os.path.join(folder_path, "README.md")), kwargs=kwargs)
+
+    with mock.patch("huggingface_hub.HfApi.create_repo", return_value=mock.Mock(repo_id="user/m")), \
+            mock.patch("huggingface_hub.HfApi.upload_folder", upload_folder):
+        pruned("bert").push_to_hub("user/m", commit_description="80% on SST-2", tags=["sst2", "pruned"])
+    assert cards["kwargs"]["commit_description"] == "80% on SST-2"
+    assert cards["card"].data.tags == ["hf_prune", "pruned", "sparse", "sparsity-90", "sst2"]
+    assert "Sparsity by layer" in cards["card"].text
 
 
 def test_from_pretrained_with_a_repo_id_reads_the_hub_cache(tmp_path):
@@ -562,7 +580,8 @@ def test_a_save_killed_at_any_moment_leaves_the_old_save_the_new_one_or_a_clear_
     assert {o["first"] for o in op_kills} == {1, 2, 3} and len(op_kills) >= 3 * 8
     assert {"old", "new", "error"} <= {o["outcome"] for o in op_kills}
     errors = [o["message"] for o in outcomes if o["outcome"] == "error"]
-    reasons = ("does not belong to the save that", "records as part of its save", "holds the weights in 2 formats")
+    reasons = ("does not belong to the save that", "records as part of its save", "holds the weights in 2 formats",
+               "is not part of the save that")
     assert all(any(reason in message for reason in reasons) for message in errors), errors
     assert any(o["leftovers"] for o in outcomes)  # loads ignored what the killed saves left...
     assert result["final_leftovers"] == []  # ...and the next save removed it
@@ -893,3 +912,85 @@ def test_an_attribute_of_the_wrapped_model_is_not_forwarded_and_the_error_says_w
     with pytest.raises(AttributeError, match="no attribute 'nonexistent'$"):
         wrapped.nonexistent
     assert wrapped.config is wrapped.model.config and not hasattr(wrapped, "num_parameters")
+
+
+def test_a_variant_of_an_earlier_save_is_removed_and_one_copied_in_is_refused(tmp_path):
+    old, new = pruned("bert", 0.5), pruned("bert", 0.9)
+    old.save_pretrained(tmp_path / "old", variant="fp16")
+    assert_same(old, PrunedModel.from_pretrained(tmp_path / "old", variant="fp16"))
+    shutil.copytree(tmp_path / "old", tmp_path / "out")
+    new.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out" / "model.fp16.safetensors").exists()
+    shutil.copy(tmp_path / "old" / "model.fp16.safetensors", tmp_path / "out")
+    for kwargs in ({}, {"variant": "fp16"}):
+        with pytest.raises(ValueError, match="model.fp16.safetensors is not part of the save that .* records"):
+            PrunedModel.from_pretrained(tmp_path / "out", **kwargs)
+
+
+@pytest.mark.parametrize("compression", [None, "sparse", "deep"])
+def test_a_config_object_is_used_as_transformers_uses_it(tmp_path, compression):
+    original = pruned("bert")
+    original.save_pretrained(tmp_path, compression=compression)
+    config = transformers.AutoConfig.from_pretrained(tmp_path)
+    config.output_hidden_states = True
+    loaded = PrunedModel.from_pretrained(tmp_path, config=config)
+    assert loaded.model.config.output_hidden_states and config is not loaded.model.config
+    assert loaded.masks.keys() == original.masks.keys()
+    outputs = loaded(input_ids=torch.tensor([[1, 2, 3]]))
+    assert len(outputs.hidden_states) == original.model.config.num_hidden_layers + 1
+
+
+def test_output_loading_info_is_refused(tmp_path):
+    pruned("bert").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="`output_loading_info` is not an option"):
+        PrunedModel.from_pretrained(tmp_path, output_loading_info=True)
+
+
+CUSTOM_CONFIG = '''
+from transformers import PretrainedConfig
+
+
+class TinyRemoteConfig(PretrainedConfig):
+    model_type = "tiny-remote"
+
+    def __init__(self, hidden=8, **kwargs):
+        self.hidden = hidden
+        super().__init__(**kwargs)
+'''
+CUSTOM_MODEL = '''
+import torch
+from transformers import PreTrainedModel
+from .configuration_tiny_remote import TinyRemoteConfig
+
+
+class TinyRemoteModel(PreTrainedModel):
+    config_class = TinyRemoteConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.dense = torch.nn.Linear(config.hidden, config.hidden)
+        self.post_init()
+
+    def forward(self, x):
+        return self.dense(x)
+'''
+
+
+@pytest.mark.parametrize("compression", [None, "sparse"])
+def test_a_custom_code_model_loads_with_trust_remote_code(tmp_path, compression):
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "configuration_tiny_remote.py").write_text(CUSTOM_CONFIG)
+    (code / "modeling_tiny_remote.py").write_text(CUSTOM_MODEL)
+    (code / "config.json").write_text(json.dumps({"model_type": "tiny-remote", "hidden": 8, "auto_map": {
+        "AutoConfig": "configuration_tiny_remote.TinyRemoteConfig",
+        "AutoModel": "modeling_tiny_remote.TinyRemoteModel"}}))
+    model = transformers.AutoModel.from_config(transformers.AutoConfig.from_pretrained(code, trust_remote_code=True),
+                                               trust_remote_code=True)
+    with torch.no_grad():
+        model.dense.weight[:4] = 0
+    original = PrunedModel(model, {"dense.weight": model.dense.weight != 0})
+    original.save_pretrained(tmp_path / "out", compression=compression)
+    loaded = PrunedModel.from_pretrained(tmp_path / "out", trust_remote_code=True)
+    assert type(loaded.model).__name__ == "TinyRemoteModel"
+    assert_same(original, loaded)
