@@ -8,7 +8,7 @@ import itertools
 import logging
 import numbers
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -32,7 +32,7 @@ from .distributed import (
 from .distributed.collectives import collective_device, sum_over_ranks
 from .masks import check_masks_match, kept_along, update_masks_, zero_pruned_
 from .schedules import SparsitySchedule
-from .structured.selection import update_group_masks_
+from .structured.selection import check_groups_left, update_group_masks_
 from .structured.shrink import heads_unexpressible
 from .structured.units import HEADS, Unit, pruned_targets, units_for
 from .targets import Target, clean_name, exclusion_for, named_weights, prunable_modules, unprunable_block_weights
@@ -51,19 +51,6 @@ def _in_backward_pass() -> bool:
     """Whether autograd is running a backward pass on this thread: where activation checkpointing re-runs the
     forward of a checkpointed block (both its reentrant and non-reentrant forms recompute inside backward)."""
     return torch._C._current_graph_task_id() != -1
-
-
-def _check_heads_left(units: Sequence[Unit], config: PruningConfig) -> None:
-    """Under `class-uniform`, `final_sparsity` must leave every attention block at least one (key/value) head."""
-    if config.scheme != "class-uniform":
-        return
-    for unit in units:
-        n = unit.num_groups
-        if unit.kind == HEADS and round(config.final_sparsity * n) >= n:
-            raise ValueError(f"`final_sparsity` {config.final_sparsity} with scheme='class-uniform' prunes all "
-                             f"{n} (key/value) heads of every attention block, such as {unit.prefix.rstrip('.')}: "
-                             f"nothing of attention would be left. Accepted: at most {(n - 1) / n:.4g} for this "
-                             "model, or prune the feed-forward neurons only (structure='neurons').")
 
 
 class Pruner:
@@ -111,7 +98,6 @@ class Pruner:
                              "yet; train unsharded (DDP), or use structure='unstructured'.")
         #: With `config.structure`: the feed-forward / attention blocks whose neurons / heads are pruned whole.
         self.units: list[Unit] = units_for(module, config) if config.structures() else []
-        _check_heads_left(self.units, config)
         targets = pruned_targets(module, config, self.units)
         model_config = getattr(module, "config", None)
         reason = (heads_unexpressible(model_config)
@@ -119,6 +105,7 @@ class Pruner:
         if reason and is_main_rank():
             logger.warning("%s The head masks train, save and load as usual.", reason)
         params = named_weights(module)
+        check_groups_left(self.units, params, config.final_sparsity, config.scheme, "final_sparsity")
         hidden = [t.name for t in targets if t.name not in params]
         if hidden:
             raise ValueError(f"{len(hidden)} targeted weights, such as {hidden[0]}, are not parameters of "
@@ -289,15 +276,16 @@ class Pruner:
         A criterion's gradient statistics ("obd") are used and then freed.
 
         Raises:
-            ValueError: when `sparsity` is not a number in [0, 1), or `optimizer` is not an optimizer; nothing
-                changes.
+            ValueError: when `sparsity` is not a number in [0, 1), would prune every neuron or head (structured
+                pruning: `check_groups_left`), or `optimizer` is not an optimizer; nothing changes.
         """
         if isinstance(sparsity, numbers.Real) and not isinstance(sparsity, bool):
             sparsity = float(sparsity)  # a NumPy float too
         check_number("sparsity", sparsity, 0.0, 1.0, strict_maximum=True)
         _check_optimizer(optimizer)
-        self._statistics_for_event()
         weights = {name: self.layout.local(p) for name, p in self.params.items()}
+        check_groups_left(self.units, weights, sparsity, self.config.scheme, "sparsity")
+        self._statistics_for_event()
         if self.units:
             self.thresholds = {**self.thresholds, **update_group_masks_(  # a kind that lost no group keeps its own
                 self.units, weights, self.masks, self.criterion, sparsity, self.config.scheme)}

@@ -11,6 +11,8 @@ from transformers import (
     AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     DistilBertConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
     Seq2SeqTrainer,
     Seq2SeqTrainingArguments,
     Trainer,
@@ -268,9 +270,24 @@ def test_shrink_that_cannot_be_expressed_is_a_value_error_and_changes_nothing(co
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
 
 
-def test_a_class_uniform_target_that_prunes_every_head_is_refused_before_training():
-    with pytest.raises(ValueError, match=r"`final_sparsity` 0.8 .* prunes all 2 \(key/value\) heads.*at most 0.5"):
-        Pruner(tiny_llama(), PruningConfig(structure="heads", scheme="class-uniform", schedule="oneshot", final_sparsity=0.8))
+@pytest.mark.parametrize("structure, scheme, sparsity, message", [
+    ("heads", "class-uniform", 0.8, r"`final_sparsity` 0.8 .* prunes all 2 \(key/value\) heads.*at most 0.5"),
+    ("neurons", "class-uniform", 0.99, r"`final_sparsity` 0.99 .* prunes all 37 neurons of every block.*at most 0.973"),
+    ("heads", "class-blind", 0.9, r"`final_sparsity` 0.9 with scheme='class-blind' prunes all \(key/value\) heads of "
+                                  r"the model.*at most 0.875"),
+    ("neurons", "class-blind", 0.998, r"0.998 with scheme='class-blind' prunes all neurons of the model .*at most "
+                                      r"0.9966"),
+])
+def test_a_target_that_prunes_every_neuron_or_head_is_refused_before_training(structure, scheme, sparsity, message):
+    model = tiny_llama() if structure == "heads" else tiny_t5()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=message):
+        Pruner(model, PruningConfig(structure=structure, scheme=scheme, schedule="oneshot", final_sparsity=sparsity))
+    pruner = Pruner(model, PruningConfig(structure=structure, scheme=scheme, schedule="oneshot", final_sparsity=0.5))
+    with pytest.raises(ValueError, match=message.replace("`final_sparsity`", "`sparsity`")):
+        pruner.prune_to(sparsity)
+    assert all(bool(mask.all()) for mask in pruner.masks.values())
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
 
 
 def test_shrink_after_sparse_inference_says_to_restore_the_dense_layers():
@@ -293,6 +310,29 @@ def test_shrink_with_every_head_pruned_is_a_value_error():
             pruner.masks[member.name].fill_(False)
     pruner.apply_()
     with pytest.raises(ValueError, match="Every attention head of every layer is pruned"):
+        PrunedModel(model, pruner.masks, pruning).shrink()
+
+
+def test_shrink_with_every_neuron_pruned_is_a_value_error():
+    model = tiny_t5()  # T5 cannot even initialise a feed-forward block of width 0
+    pruning = PruningConfig(structure="neurons", scheme="class-uniform", schedule="oneshot", final_sparsity=0.5)
+    pruner = Pruner(model, pruning)
+    for unit in pruner.units:
+        for member in unit.members:
+            pruner.masks[member.name].fill_(False)
+    pruner.apply_()
+    with pytest.raises(ValueError, match=r"Every feed-forward neuron of every layer is pruned \(d_ff=0\)"):
+        PrunedModel(model, pruner.masks, pruning).shrink()
+
+
+def test_shrink_to_heads_the_config_refuses_is_a_value_error_not_a_model_that_cannot_be_saved():
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=4))
+    pruning = PruningConfig(structure="heads", scheme="class-uniform", schedule="oneshot", final_sparsity=0.25)
+    pruner = Pruner(model, pruning)
+    pruner.prune_to(0.25)  # 3 heads of 8 left: hidden_size 32 is not a multiple of 3
+    with pytest.raises(ValueError, match=r"num_key_value_heads=3\) is refused by LlamaConfig: .*not a multiple"):
         PrunedModel(model, pruner.masks, pruning).shrink()
 
 

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from ..criteria import Criterion
-from .units import Member, Unit
+from .units import HEADS, Member, Unit
 
 
 #: The schemes structured masks support (`class-distribution` normalises per-entry scores, not groups).
@@ -49,6 +49,33 @@ def pruned_groups(unit: Unit, masks: Mapping[str, torch.Tensor]) -> torch.Tensor
 def group_size(unit: Unit, weights: Mapping[str, torch.Tensor]) -> int:
     """Weight entries in one group of `unit` (biases not counted)."""
     return sum(group_view(weights[m.name], m, unit.num_groups).shape[1] for m in unit.members)
+
+
+def check_groups_left(units: Sequence[Unit], weights: Mapping[str, torch.Tensor], sparsity: float, scheme: str,
+                      field: str) -> None:
+    """Raises `ValueError` (naming `field`, which holds `sparsity`) when `update_group_masks_` at `sparsity` would
+    prune every group of a structure kind: of every unit under `class-uniform`, of the whole model under
+    `class-blind` (where the weights left would be under half a group). A model without any of them (a
+    feed-forward block of width 0, attention without heads) is no model its config can describe."""
+    for kind in dict.fromkeys(unit.kind for unit in units):
+        members = [unit for unit in units if unit.kind == kind]
+        what = "(key/value) heads" if kind == HEADS else "neurons"
+        instead = ("prune the feed-forward neurons only (structure='neurons')" if kind == HEADS else
+                   "remove whole blocks with drop_layers")
+        if scheme == "class-uniform":
+            for unit in members:
+                n = unit.num_groups
+                if round(sparsity * n) >= n:
+                    raise ValueError(f"`{field}` {sparsity} with scheme='class-uniform' prunes all {n} {what} of "
+                                     f"every block, such as {unit.prefix.rstrip('.')}: nothing of it would be left. "
+                                     f"Accepted: at most {(n - 1) / n:.4g} for this model, or {instead}.")
+            continue
+        sizes = [group_size(unit, weights) for unit in members]
+        total = float(sum(size * unit.num_groups for size, unit in zip(sizes, members)))
+        if total - sparsity * total < max(sizes) / 2:
+            raise ValueError(f"`{field}` {sparsity} with scheme={scheme!r} prunes all {what} of the model (what it "
+                             f"keeps is less than half of one): nothing of them would be left. Accepted: at most "
+                             f"{1 - max(sizes) / (2 * total):.4g} for this model, or {instead}.")
 
 
 def prune_groups_(unit: Unit, masks: Mapping[str, torch.Tensor], groups: torch.Tensor) -> None:

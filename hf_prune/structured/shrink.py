@@ -87,15 +87,26 @@ def _new_config(model: nn.Module, units: Sequence[Unit], kept: Mapping[str, torc
                          "prune with scheme='class-uniform' so that every layer keeps the same number of neurons and "
                          "heads.")
     for key, (width,) in widths.items():
-        if key == "num_key_value_heads" and width == 0:
-            raise ValueError("Every attention head of every layer is pruned, which no config can express (the "
-                             "model code divides by the number of heads). Prune a lower `final_sparsity` of the "
-                             "heads, or remove whole blocks with drop_layers.")
+        if width == 0:
+            what = "attention head" if key == "num_key_value_heads" else "feed-forward neuron"
+            raise ValueError(f"Every {what} of every layer is pruned ({key}=0), which no config can express (the "
+                             "model code divides by it or initialises an empty layer). Prune a lower "
+                             "`final_sparsity`, or remove whole blocks with drop_layers.")
         if key == "num_key_value_heads":
             per_group = next(u.queries_per_group for u in units if u.kind == HEADS)
             config.head_dim = next(u.head_dim for u in units if u.kind == HEADS)
             config.num_attention_heads = width * per_group
         setattr(config, key, width)
+    validate = getattr(config, "validate", None)  # transformers' own checks, which save_pretrained runs
+    if validate is not None:
+        try:
+            validate()
+        except Exception as err:  # huggingface_hub's StrictDataclassClassValidationError wraps the reason
+            reason = str(err).strip().splitlines()[-1].strip()
+            raise ValueError(f"The shrunk config ({', '.join(f'{key}={w}' for key, (w,) in widths.items())}) is "
+                             f"refused by {type(config).__name__}: {reason} Prune to a width it accepts (another "
+                             "`final_sparsity`), or keep the masked PrunedModel, which saves and loads at full "
+                             "width.") from None
     return config
 
 
