@@ -370,6 +370,28 @@ def test_trainer_run_keeps_weights_on_centroids_and_pruned_weights_zero(tmp_path
         assert torch.equal(q.indices, saved[name].indices) and torch.equal(q.mask, saved[name].mask)
 
 
+def test_resuming_a_checkpoint_outside_output_dir_refuses_the_codebook_of_another_run(tmp_path):
+    # output_dir holds a checkpoint-2 of another run: find_checkpoint_file reads its codebook, not the resumed one's
+    model = tiny_bert()
+    pruner = Pruner(model, PruningConfig(final_sparsity=0.9, schedule="oneshot"))
+    pruner.update(0)
+
+    def trainer(output_dir, learning_rate, max_steps):
+        args = TrainingArguments(output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=8,
+                                 learning_rate=learning_rate, save_steps=2, report_to="none", use_cpu=True, seed=0,
+                                 disable_tqdm=True)
+        return Trainer(model=tiny_bert(), args=args, train_dataset=TinyClassificationDataset(64),
+                       callbacks=[QuantizationCallback(dict(pruner.masks), bits=3)])
+
+    trainer(tmp_path / "a", 5e-3, 2).train()
+    trainer(tmp_path / "b", 5e-1, 2).train()
+    resumed = trainer(tmp_path / "b", 5e-3, 3)
+    with pytest.raises(ValueError, match="quantization_state.safetensors is not the codebook of the checkpoint the "
+                                         "Trainer loaded .*weights, such as .* are not its values"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    assert resumed.state.global_step == 2  # refused before any step
+
+
 def test_checkpoints_pushed_to_the_hub_carry_the_clusters(tmp_path, monkeypatch):
     hub = RecordingHubApi()
     monkeypatch.setattr(transformers.trainer, "hf_api", lambda: hub)

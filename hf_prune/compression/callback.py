@@ -96,9 +96,8 @@ class QuantizationCallback(TrainerCallback):
         self.quantizer = TrainedQuantizer(model, self.bits, self.learning_rate, self.max_iter)
         if state.global_step > 0:
             path = find_checkpoint_file(args, state, QUANTIZATION_STATE_NAME, type(self).__name__)
-            quantized, _, _ = read_deep_compressed(path, self._masks())  # checked against the masks, then decoded
-            self.quantizer.load_quantized_(quantized)
-            logger.info("Restored %d quantized weights from %s.", len(quantized), path)
+            self._load_state(path, state.global_step)
+            logger.info("Restored %d quantized weights from %s.", len(self.quantized), path)
         else:
             self.quantizer.quantize_(self._masks())
 
@@ -113,8 +112,7 @@ class QuantizationCallback(TrainerCallback):
             logger.warning("The best checkpoint %s has no %s: `quantized` is the last step's, not the codebook of "
                            "the weights the Trainer loaded from it.", best, QUANTIZATION_STATE_NAME)
             return
-        quantized, _, _ = read_deep_compressed(path, self._masks())
-        self.quantizer.load_quantized_(quantized)
+        self._load_state(path)
         logger.info("Loaded the quantized weights of the best checkpoint %s.", best)
 
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
@@ -135,6 +133,25 @@ class QuantizationCallback(TrainerCallback):
         folder = checkpoint_being_pushed(args, state, QUANTIZATION_STATE_NAME) if self.quantized else None
         if folder is not None:
             self._save_state(folder, state)
+
+    def _load_state(self, path: str, global_step: int | None = None) -> None:
+        """Takes over the codebook of a checkpoint's `quantization_state.safetensors` (checked against the masks,
+        then decoded), once it is known to be the codebook of the weights the Trainer loaded from that checkpoint.
+
+        Raises:
+            ValueError: when the file was written at another step than `global_step`, or the loaded weights are
+                not its values: it is another run's (a `checkpoint-N` of the same step in `output_dir`).
+        """
+        quantized, _, metadata = read_deep_compressed(path, self._masks())
+        saved_step = metadata.get("global_step")
+        differing = self.quantizer.differing_weights(quantized)
+        if (global_step is not None and saved_step != global_step) or differing:
+            found = (f"written at step {saved_step}, resuming at step {global_step}" if differing == [] else
+                     f"{len(differing)} weights, such as {differing[0]}, are not its values")
+            raise ValueError(f"{path} is not the codebook of the checkpoint the Trainer loaded ({found}): it is "
+                             "another run's. Set TrainingArguments.resume_from_checkpoint to the checkpoint's "
+                             "folder, or resume in its output_dir.")
+        self.quantizer.load_quantized_(quantized)
 
     def _save_state(self, folder: str, state: TrainerState) -> None:
         save_deep_compressed(os.path.join(folder, QUANTIZATION_STATE_NAME), self.quantized, {},

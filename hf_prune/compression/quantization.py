@@ -231,6 +231,20 @@ class TrainedQuantizer:
         self.write_weights_()
 
     @torch.no_grad()
+    def differing_weights(self, quantized: Mapping[str, QuantizedWeight]) -> list[str]:
+        """The names of the model's weights that are not exactly the values `quantized` holds for them (checked
+        before `load_quantized_` takes over a checkpoint's file, once the Trainer has loaded its weights)."""
+        self._check({name: q.mask for name, q in quantized.items()})
+        differing = []
+        for name, q in quantized.items():
+            param = self.params[name]
+            mask = q.mask.to(param.device)
+            values = q.kept_values().to(device=param.device, dtype=param.dtype)
+            if bool(param[~mask].any()) or not torch.equal(param[mask], values):
+                differing.append(name)
+        return differing
+
+    @torch.no_grad()
     def step_(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """One SGD step of every centroid on its weights' gradients, which are then dropped.
 
