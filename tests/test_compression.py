@@ -172,6 +172,17 @@ def test_kmeans_of_fewer_values_than_clusters_and_of_none():
     assert centroids.shape == (4,) and assignments.numel() == 0
 
 
+@pytest.mark.parametrize("values", [
+    [1.0000001192092896, 1.000000238418579],  # adjacent float32s: their float32 midpoint rounds onto the upper one
+    [3e38, 3.4e38],  # their float32 sum overflows
+    [-3.4e38, 3.4e38, 0.0],
+])
+def test_kmeans_represents_few_distinct_values_exactly_at_the_float32_limits(values):
+    values = torch.tensor(values, dtype=torch.float32)
+    centroids, assignments = kmeans_1d(values, 4)
+    assert torch.equal(centroids[assignments], values)
+
+
 @pytest.mark.parametrize("bits", [1, 4, 8])
 def test_quantize_weights_of_a_pruned_bert(bits):
     model, quantized = quantized_bert(bits)

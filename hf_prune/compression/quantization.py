@@ -71,8 +71,11 @@ class QuantizedWeight:
 
 
 def _nearest(values: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest of the sorted `centroids` for each value: a binary search among the midpoints."""
-    return torch.bucketize(values, (centroids[:-1] + centroids[1:]) / 2)
+    """Index of the nearest of the sorted `centroids` for each value: a binary search among the midpoints, in
+    float64, where the midpoint of two float32 values is exact (in float32 it can round onto the upper one, or
+    overflow)."""
+    wide = centroids.double()
+    return torch.bucketize(values.double(), (wide[:-1] + wide[1:]) / 2)
 
 
 def _cluster_edges(ordered: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
