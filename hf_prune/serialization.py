@@ -251,12 +251,13 @@ def read_masks_metadata(path: str | os.PathLike) -> dict[str, object]:
 
 
 def read_tagged_safetensors(path: str | os.PathLike, expected_format: str | tuple[str, ...], what: str,
-                            check: Callable[[dict[str, str], dict[str, tuple[str, tuple[int, ...]]]], None] | None = None
-                            ) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+                            check: Callable[[dict[str, str], dict[str, tuple[str, tuple[int, ...]]]], None] | None = None,
+                            read_tensors: bool = True) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     """Header and tensors of a safetensors file hf_prune wrote with `format` tag `expected_format` (or one of).
 
     `check(header, layout)`, with `layout` name -> (dtype, shape) from the file's header, runs before any tensor
-    is read: the place to check names, shapes and counts against the model.
+    is read: the place to check names, shapes and counts against the model. With `read_tensors=False` no tensor
+    is read (the dict returned is empty): the header alone, checked.
 
     Raises:
         ValueError: when the file is unreadable (truncated, not safetensors) or carries another format tag;
@@ -272,7 +273,7 @@ def read_tagged_safetensors(path: str | os.PathLike, expected_format: str | tupl
             if check is not None:
                 check(header, {key: (f.get_slice(key).get_dtype(), tuple(f.get_slice(key).get_shape()))
                                for key in f.keys()})
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
+            tensors = {key: f.get_tensor(key) for key in f.keys()} if read_tensors else {}
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{path} is not a readable {what}: {err}") from None
     return header, tensors

@@ -529,6 +529,28 @@ def test_consistent_checksums_over_an_undecodable_layer_raise(tmp_path):
         read_deep_compressed(path)
 
 
+@pytest.mark.parametrize("layers, message", [
+    ([], "`layers` must be a JSON object"),
+    ({"w": {"shape": [4], "bits": 2, "kept": 1, "sections": [-64, -5]}}, r"`layers\['w'\].sections` must list"),
+    ({"w": {"shape": [4], "bits": 2, "kept": 1, "sections": [2 ** 70, 1]}}, r"`layers\['w'\].sections` must list"),
+    ({"w": "x"}, r"`layers\['w'\]` must be a JSON object"),
+])
+def test_deep_compression_sizes_checks_the_header_as_reading_does(tmp_path, layers, message):
+    _, quantized = quantized_bert(2)
+    path = str(tmp_path / "deep.safetensors")
+    save_deep_compressed(path, quantized, {}, store_positions=False)
+    assert deep_compression_sizes(path).index_bytes > 0  # positions in the masks: no masks needed for the sizes
+    header = safetensors_header(path)
+    header["layers"] = json.dumps(layers)
+    header["header_sha256"] = deep_format._header_digest(header)
+    save_file(load_file(path), path, header)
+    with pytest.raises(ValueError, match=message):
+        deep_compression_sizes(path)
+    save_file({"x": torch.zeros(1)}, path, {"format": "other"})
+    with pytest.raises(ValueError, match="format 'other'.* not a deep-compressed"):
+        deep_compression_sizes(path)
+
+
 # ------------------------------------------------------------------------ quantizer arguments (issue 16, item 9)
 @pytest.mark.parametrize("kwargs, field, accepted", [
     ({"learning_rate": float("nan")}, "learning_rate", "> 0"),

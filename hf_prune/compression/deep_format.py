@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
 
 from ..constants import DEEP_COMPRESSED_FORMAT, DEEP_COMPRESSED_FORMAT_V1, MASKS_NAME
 from ..serialization import atomic_save_safetensors, checked_shape, header_json, is_count, read_tagged_safetensors
@@ -144,11 +143,7 @@ def _read(path: str | os.PathLike, masks: Mapping[str, torch.Tensor] | None,
           ) -> tuple[dict[str, QuantizedWeight], dict[str, torch.Tensor], dict[str, Any]]:
     """Header checked (against `masks` and the model's state-dict `shapes` when given), then the tensors read,
     their checksums verified, and the quantized weights decoded."""
-    checked = []
-    header, tensors = read_tagged_safetensors(
-        path, (DEEP_COMPRESSED_FORMAT, DEEP_COMPRESSED_FORMAT_V1), "deep-compressed checkpoint",
-        lambda header, stored: checked.append(_check_header(path, header, stored, masks, shapes)))
-    layers, metadata = checked[0]
+    layers, metadata, header, tensors = _read_checked(path, masks, shapes)
     checksums = header_json(path, header, "checksums", dict)
     if set(checksums) != set(tensors):
         raise ValueError(f"{path} is corrupt: tensors {sorted(set(checksums) ^ set(tensors))} lack data or checksum.")
@@ -161,16 +156,30 @@ def _read(path: str | os.PathLike, masks: Mapping[str, torch.Tensor] | None,
     return quantized, tensors, metadata
 
 
+def _read_checked(path: str | os.PathLike, masks: Mapping[str, torch.Tensor] | None,
+                  shapes: Mapping[str, Sequence[int]] | None, decoding: bool = True
+                  ) -> tuple[dict[str, tuple[tuple[int, ...], int, int, list[int]]], dict[str, Any], dict[str, str],
+                             dict[str, torch.Tensor]]:
+    """`(layers, metadata, header, tensors)` of a deep-compressed file, its header checked by `_check_header`
+    before any tensor is read; without `decoding`, none is (`tensors` is empty)."""
+    checked = []
+    header, tensors = read_tagged_safetensors(
+        path, (DEEP_COMPRESSED_FORMAT, DEEP_COMPRESSED_FORMAT_V1), "deep-compressed checkpoint",
+        lambda header, stored: checked.append(_check_header(path, header, stored, masks, shapes, decoding)),
+        read_tensors=decoding)
+    return (*checked[0], header, tensors)
+
+
 def _check_header(path: str | os.PathLike, header: Mapping[str, str], stored: Mapping[str, tuple[str, tuple[int, ...]]],
-                  masks: Mapping[str, torch.Tensor] | None, shapes: Mapping[str, Sequence[int]] | None
-                  ) -> tuple[dict[str, tuple[tuple[int, ...], int, int, list[int]]], dict[str, Any]]:
+                  masks: Mapping[str, torch.Tensor] | None, shapes: Mapping[str, Sequence[int]] | None,
+                  decoding: bool = True) -> tuple[dict[str, tuple[tuple[int, ...], int, int, list[int]]], dict[str, Any]]:
     if header.get("header_sha256") != _header_digest(header):
         raise ValueError(f"{path} is corrupt: its header does not match its checksum.")
     entries, metadata = header_json(path, header, "layers", dict), header_json(path, header, "metadata", dict)
     positions = header.get("positions", POSITIONS[0]) if header["format"] == DEEP_COMPRESSED_FORMAT else POSITIONS[0]
     if positions not in POSITIONS:
         raise ValueError(f"{path} is corrupt: header entry `positions` must be one of {POSITIONS}; got {positions!r}.")
-    if positions == "masks" and masks is None:
+    if positions == "masks" and masks is None and decoding:
         raise ValueError(f"{path} keeps the kept positions in the masks saved beside it ({MASKS_NAME}); pass its "
                          "masks to read it.")
     layers = {name: _check_entry(path, name, entry, positions, stored) for name, entry in entries.items()}
@@ -257,18 +266,11 @@ def deep_compression_sizes(path: str | os.PathLike) -> DeepCompressionSizes:
     """Sizes of the quantized weights in a `save_deep_compressed` file (from its header; the tensors are not read).
 
     `index_bytes` and `position_bytes` include their Huffman tables; the other tensors and the file header are
-    not counted. `position_bytes` is 0 for a file written with `store_positions=False` (as by
+    not counted. The header is checked as on reading (a `ValueError` for a corrupt or foreign file). `position_bytes` is 0 for a file written with `store_positions=False` (as by
     `PrunedModel.save_pretrained`): its positions are the masks file's, whose size the caller must add.
     """
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            layers = json.loads((f.metadata() or {})["layers"])
-    except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path} is not a readable deep-compressed file: {err}") from None
-    try:
-        sections = np.array([[*entry["sections"], 0][:3] for entry in layers.values()], dtype=np.int64).reshape(-1, 3)
-        dense = sum(4 * math.prod(entry["shape"]) for entry in layers.values())
-    except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"{path} is corrupt: unreadable `layers` entry ({err}).") from None
-    codebook, indices, positions = (int(size) for size in sections.sum(axis=0))
+    layers = _read_checked(path, None, None, decoding=False)[0].values()
+    dense = sum(4 * math.prod(shape) for shape, _, _, _ in layers)
+    codebook, indices, positions = (sum(section[i] if i < len(section) else 0 for _, _, _, section in layers)
+                                    for i in range(3))
     return DeepCompressionSizes(dense, codebook, indices, positions)
