@@ -226,6 +226,19 @@ class FeatureBuilder:
         return encoding
 
 
+def _check_room_for_context(tokenizer: PreTrainedTokenizerBase, split: datasets.Dataset, name: str,
+                            max_seq_length: int, doc_stride: int) -> None:
+    """Each window holds the question, the special tokens and a slice of context longer than `doc_stride` (the
+    tokenizers library panics otherwise, an error that is no `Exception`)."""
+    questions = [question.lstrip() for question in split["question"]]
+    longest = max((len(ids) for ids in tokenizer(questions, add_special_tokens=False)["input_ids"]), default=0)
+    room = max_seq_length - longest - tokenizer.num_special_tokens_to_add(pair=True)
+    if doc_stride >= room:
+        raise InputError(f"--max_seq_length {max_seq_length} leaves {max(room, 0)} tokens of context beside the "
+                         f"longest {name} question ({longest} tokens) and the special tokens, not more than "
+                         f"--doc_stride ({doc_stride}); raise --max_seq_length or lower --doc_stride.")
+
+
 def build_features(splits: dict[str, datasets.Dataset], tokenizer: PreTrainedTokenizerBase,
                    data_args: DataTrainingArguments) -> dict[str, datasets.Dataset]:
     """Each split's windows: labelled for `train` (at most `--max_train_samples`), with offsets for `validation`."""
@@ -240,15 +253,9 @@ def build_features(splits: dict[str, datasets.Dataset], tokenizer: PreTrainedTok
     features = {}
     for split, function in (("train", builder.train), ("validation", builder.evaluation)):
         if split in splits:
-            try:
-                features[split] = splits[split].map(function, batched=True, remove_columns=list(COLUMNS),
-                                                     desc=f"Tokenizing {split}")
-            except Exception as err:  # the tokenizers library raises a bare Exception
-                if "Truncation error" not in str(err):
-                    raise
-                raise InputError(f"--max_seq_length {max_seq_length} with --doc_stride {data_args.doc_stride} "
-                                 f"leaves no room for the context of some {split} question ({err}); raise "
-                                 "--max_seq_length or lower --doc_stride.") from None
+            _check_room_for_context(tokenizer, splits[split], split, max_seq_length, data_args.doc_stride)
+            features[split] = splits[split].map(function, batched=True, remove_columns=list(COLUMNS),
+                                                 desc=f"Tokenizing {split}")
     if "train" in features:
         features["train"] = first_rows(features["train"], data_args.max_train_samples)
     return features

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import datasets
+import huggingface_hub
 import transformers
 from transformers import (
     AutoConfig,
@@ -107,6 +108,9 @@ def parse_args(prog: str, data_class: type, argv: Sequence[str] | None) -> Scrip
     if args.push_to_hub and not (args.training.do_train and args.pruning.enabled):
         raise InputError("--push_to_hub uploads the pruned model, so it needs --do_train with pruning on "
                          "(not --prune false or --final_sparsity 0).")
+    if args.push_to_hub and huggingface_hub.constants.HF_HUB_OFFLINE:
+        raise InputError("--push_to_hub with HF_HUB_OFFLINE set: the upload at the end would fail after training; "
+                         "unset HF_HUB_OFFLINE, or push the saved folder later (PrunedModel.push_to_hub).")
     args.training.push_to_hub = False
     return args
 
@@ -238,7 +242,6 @@ def train_evaluate_save(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, sc
             metrics["sparsity"] = callback.pruner.sparsity()  # a collective under FSDP / ZeRO-3: every rank is here
         trainer.log_metrics("train", metrics)
         trainer.save_metrics("train", metrics)
-        trainer.save_state()
         results.update(metrics)
     if args.do_eval:
         logger.info("*** Evaluate ***")
@@ -247,6 +250,8 @@ def train_evaluate_save(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, sc
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
         results.update(metrics)
+    if args.do_train:
+        trainer.save_state()  # after the evaluation: its metrics are in trainer_state.json's log_history too
     if not args.do_train:
         return results
     if not script_args.pruning.enabled:

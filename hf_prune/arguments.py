@@ -88,8 +88,8 @@ class PruningArguments:
     prune_head: bool = _option("prune_head")
     structure: list[str] = field(default_factory=lambda: ["unstructured"], metadata={
         "help": "What is pruned together: unstructured (single weights), neurons (feed-forward neurons), heads "
-                "(attention heads), or `neurons heads`; with --scheme class-uniform the result shrinks to a "
-                "smaller standard model (PrunedModel.shrink).", "nargs": "+"})
+                "(attention heads), or `neurons heads`; with --scheme class-uniform the saved model can be shrunk "
+                "to a smaller standard one: PrunedModel.from_pretrained(output_dir).shrink().", "nargs": "+"})
     penalty: float = _option("penalty")
     penalty_schedule: str = _option("penalty_schedule", "λ on every step of the window (constant) or warmed up "
                                                         "linearly to λ at end_step (linear).",

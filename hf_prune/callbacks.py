@@ -367,5 +367,6 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
         if changed and not self.override_checkpoint_config:
             raise ValueError(f"The checkpoint {path} was pruned under another config ({details}). Resume with the "
                              f"checkpoint's config, or pass override_checkpoint_config=True to "
-                             f"{type(self).__name__} to continue from its masks under the new one.")
+                             f"{type(self).__name__} (--override_checkpoint_config in the example scripts) to "
+                             "continue from its masks under the new one.")
         return details

@@ -197,8 +197,10 @@ def _resolve_metrics(log_history: Sequence[Mapping[str, Any]], metrics: Sequence
     resolved = [m if m in logged or m.startswith("eval_") else f"eval_{m}" for m in metrics]
     unknown = [m for m, r in zip(metrics, resolved) if r not in logged]
     if unknown:
-        raise ValueError(f"No {', '.join(unknown)} in the logs; the logged eval metrics are "
-                         f"{', '.join(logged) or 'none (no evaluation ran)'}.")
+        found = (f"the logged eval metrics are {', '.join(logged)}." if logged else
+                 "no evaluation is in the log history (it holds those run during training: eval_strategy='steps' "
+                 "or 'epoch').")
+        raise ValueError(f"No {', '.join(unknown)} in the logs; {found}")
     return resolved
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from unittest import mock
 
 import datasets
+import huggingface_hub
 import numpy as np
 import pytest
 import torch
@@ -109,6 +110,8 @@ def test_run_glue_sst2_prunes_and_saves(tiny_model: str, tmp_path: Path) -> None
     assert results["train_samples"] == 32 and results["eval_samples"] == 24
     assert results["sparsity"] == pytest.approx(0.6, abs=1e-3)
     assert returned["eval_accuracy"] == results["eval_accuracy"]
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert history[-1]["eval_accuracy"] == results["eval_accuracy"]  # so `hf-prune plot --metric` finds it
     pruned = check_saved_pruned_model(out, AutoModelForSequenceClassification, 0.6)
     assert pruned.config.num_labels == 2 and pruned.config.id2label[1] == "positive"
     assert all(".encoder.layer." in name for name in pruned.masks)  # head and pooler are not pruned by default
@@ -137,7 +140,8 @@ def test_run_glue_cola_headerless_tsv_and_push_to_hub(tiny_model: str, tmp_path:
         return mock.MagicMock(repo_url=mock.MagicMock(repo_id="me/tiny-cola"))
 
     with mock.patch.object(HfApi, "create_repo", return_value=mock.MagicMock(repo_id="me/tiny-cola")) as create, \
-            mock.patch.object(HfApi, "upload_folder", side_effect=upload_folder):
+            mock.patch.object(HfApi, "upload_folder", side_effect=upload_folder), \
+            mock.patch.object(huggingface_hub.constants, "HF_HUB_OFFLINE", False):  # the Hub, as mocked here
         run_glue.main(["--model_name_or_path", tiny_model, "--task_name", "cola",
                        "--train_file", str(DATA / "cola" / "train.tsv"),
                        "--validation_file", str(DATA / "cola" / "dev.tsv"), "--do_train", "--do_eval",
@@ -273,6 +277,7 @@ BAD_GLUE = {
                                        write(tmp / "a.tsv", "sentence\tlabel\ngood\t1\n")],
                           "The schedule cannot finish inside max_steps (4)"),
     "push a dense model": (lambda tmp: ["--prune", "false", "--push_to_hub"], "--push_to_hub uploads the pruned"),
+    "push offline": (lambda tmp: ["--push_to_hub"], "--push_to_hub with HF_HUB_OFFLINE set"),
     "nan sparsity": (lambda tmp: ["--final_sparsity", "nan"], "`final_sparsity` must be a number in [0, 1); got nan"),
     "negative sparsity": (lambda tmp: ["--final_sparsity", "-0.5"],
                           "`final_sparsity` must be a number in [0, 1); got -0.5"),
@@ -318,7 +323,9 @@ BAD_SQUAD = {
     "no answer length": (lambda tmp: [*SQUAD, "--max_answer_length", "0"],
                          "`max_answer_length` must be an integer >= 1"),
     "no room for the context": (lambda tmp: [*SQUAD[:4], "--max_seq_length", "8", "--doc_stride", "2"],
-                                "--max_seq_length 8 with --doc_stride 2 leaves no room for the context"),
+                                "--max_seq_length 8 leaves 0 tokens of context beside the longest train question"),
+    "stride past the context": (lambda tmp: [*SQUAD[:4], "--max_seq_length", "64", "--doc_stride", "48"],
+                                "and the special tokens, not more than --doc_stride (48); raise --max_seq_length"),
 }
 
 
