@@ -202,6 +202,29 @@ def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.from_numpy(bits).reshape(shape)
 
 
+def mask_digest(mask: torch.Tensor) -> str:
+    """sha256 of a mask's shape and bits: checked when the mask is read back, and by the files whose weights sit at
+    its positions (sparse and deep), so that they load only with the masks they were saved with."""
+    hasher = hashlib.sha256(f"{list(mask.shape)}\0".encode())
+    hasher.update(pack_mask(mask).numpy().tobytes())
+    return hasher.hexdigest()
+
+
+def check_mask_digests(path: str | os.PathLike, recorded: Any, masks: Mapping[str, torch.Tensor],
+                       meaning: str) -> None:
+    """Raises `ValueError` when `recorded` (a header's name -> `mask_digest`; None in a file written before they
+    were recorded) is malformed, or a mask of `masks` it names has another digest; `meaning` says what that means."""
+    if recorded is None:
+        return
+    if not isinstance(recorded, dict) or not all(isinstance(d, str) for d in recorded.values()):
+        raise ValueError(f"{path} is corrupt: its mask checksums must map names to sha256 hex digests.")
+    differing = [name for name, digest in recorded.items() if name in masks and mask_digest(masks[name]) != digest]
+    if differing:
+        more = f" and {len(differing) - 1} more" if len(differing) > 1 else ""
+        raise ValueError(f"{path}: the mask of {differing[0]}{more} differs from the checksum the file records "
+                         f"({meaning}).")
+
+
 def save_masks(masks: Mapping[str, torch.Tensor], path: str | os.PathLike,
                metadata: Mapping[str, object] | None = None, encoding: str = "bitmask") -> None:
     """Writes `masks` (name -> bool tensor, True = kept) into a safetensors file, atomically.
@@ -217,6 +240,7 @@ def save_masks(masks: Mapping[str, torch.Tensor], path: str | os.PathLike,
         "format": MASK_FORMAT,
         "shapes": json.dumps({name: list(mask.shape) for name, mask in masks.items()}),
         "metadata": json.dumps(dict(metadata or {})),
+        "digests": json.dumps({name: mask_digest(mask) for name, mask in masks.items()}),
     }
     tensors = {name: pack_mask(mask) for name, mask in masks.items()} if encoding != "gaps" else {}
     if encoding != "bitmask":
@@ -315,8 +339,12 @@ def load_masks(path: str | os.PathLike, expected: Mapping[str, Sequence[int]] | 
 
     header, packed = read_tagged_safetensors(path, (MASK_FORMAT, GAP_MASK_FORMAT), "hf_prune masks file", check)
     if header["format"] == GAP_MASK_FORMAT:
-        return _decode_gap_masks(path, packed, shapes, kept)
-    return {name: unpack_mask(packed[name], shape) for name, shape in shapes.items()}
+        masks = _decode_gap_masks(path, packed, shapes, kept)
+    else:
+        masks = {name: unpack_mask(packed[name], shape) for name, shape in shapes.items()}
+    digests = header_json(path, header, "digests", dict) if "digests" in header else None
+    check_mask_digests(path, digests, masks, "the file is corrupt")
+    return masks
 
 
 def _checked_kept_counts(path: str | os.PathLike, header: Mapping[str, str],

@@ -994,3 +994,18 @@ def test_a_custom_code_model_loads_with_trust_remote_code(tmp_path, compression)
     loaded = PrunedModel.from_pretrained(tmp_path / "out", trust_remote_code=True)
     assert type(loaded.model).__name__ == "TinyRemoteModel"
     assert_same(original, loaded)
+
+
+@pytest.mark.parametrize("compression", ["sparse", "deep"])
+def test_a_compressed_folder_refuses_masks_of_another_save_even_without_the_files_record(tmp_path, compression):
+    first = pruned("bert", 0.7)
+    first.save_pretrained(tmp_path / "a", compression=compression)
+    model = TINY_MODELS["bert"]()  # the second save: every layer keeps as many weights, at other positions
+    PrunedModel(model, {name: mask.roll(1, dims=-1) for name, mask in first.masks.items()},
+                first.pruning_config).save_pretrained(tmp_path / "b", compression=compression)
+    record = json.loads((tmp_path / "a" / CONFIG_NAME).read_text())
+    del record["files"]  # an older save, or one whose record the user deleted
+    (tmp_path / "a" / CONFIG_NAME).write_text(json.dumps(record))
+    shutil.copy(tmp_path / "b" / MASKS_NAME, tmp_path / "a" / MASKS_NAME)
+    with pytest.raises(ValueError, match="differs from the checksum the file records .*the folder mixes two saves"):
+        PrunedModel.from_pretrained(tmp_path / "a")

@@ -204,3 +204,20 @@ def test_atomic_write_gives_new_files_the_umask_mode_and_keeps_an_existing_mode(
     os.chmod(tmp_path / "new.txt", 0o640)
     atomic_write_text(tmp_path / "new.txt", "y")
     assert stat.S_IMODE(os.stat(tmp_path / "new.txt").st_mode) == 0o640
+
+
+@pytest.mark.parametrize("encoding", ["bitmask", "gaps"])
+def test_a_masks_file_whose_data_decodes_to_other_masks_is_refused(tmp_path, encoding):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    first = torch.tensor([True, False, True, False] * 16).reshape(8, 8)
+    second = first.roll(1, dims=1)  # the same shape and kept count: every header check passes
+    save_masks({"w": first}, tmp_path / "a.safetensors", encoding=encoding)
+    save_masks({"w": second}, tmp_path / "b.safetensors", encoding=encoding)
+    with safe_open(str(tmp_path / "a.safetensors"), framework="pt") as f:
+        header = f.metadata()
+    save_file(load_file(str(tmp_path / "b.safetensors")), str(tmp_path / "a.safetensors"), header)
+    with pytest.raises(ValueError, match="the mask of w differs from the checksum the file records .*corrupt"):
+        load_masks(tmp_path / "a.safetensors")
+    assert torch.equal(load_masks(tmp_path / "b.safetensors")["w"], second)

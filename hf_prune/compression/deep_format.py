@@ -23,7 +23,15 @@ import numpy as np
 import torch
 
 from ..constants import DEEP_COMPRESSED_FORMAT, DEEP_COMPRESSED_FORMAT_V1, MASKS_NAME
-from ..serialization import atomic_save_safetensors, checked_shape, header_json, is_count, read_tagged_safetensors
+from ..serialization import (
+    atomic_save_safetensors,
+    check_mask_digests,
+    checked_shape,
+    header_json,
+    is_count,
+    mask_digest,
+    read_tagged_safetensors,
+)
 from ..version import __version__
 from .positions import decode_positions, decode_stream, encode_positions, encode_stream
 from .quantization import QuantizedWeight, dequantize
@@ -37,10 +45,12 @@ def _encode_layer(quantized: QuantizedWeight, store_positions: bool) -> tuple[to
     """One layer as bytes (centroids, coded indices and, with `store_positions`, coded gaps) and its header entry."""
     sections = [quantized.centroids.detach().cpu().numpy().astype("<f4").tobytes(),
                 encode_stream(quantized.indices.cpu().numpy())]
+    entry = {"shape": list(quantized.shape), "bits": quantized.bits, "kept": quantized.indices.numel()}
     if store_positions:
         sections.append(encode_positions(quantized.mask))
-    entry = {"shape": list(quantized.shape), "bits": quantized.bits, "kept": quantized.indices.numel(),
-             "sections": [len(section) for section in sections]}
+    else:  # ties the layer to the masks file that holds its positions
+        entry["mask_sha256"] = mask_digest(quantized.mask)
+    entry["sections"] = [len(section) for section in sections]
     return torch.frombuffer(bytearray(b"".join(sections)), dtype=torch.uint8), entry
 
 
@@ -191,6 +201,9 @@ def _check_header(path: str | os.PathLike, header: Mapping[str, str], stored: Ma
                      if name in masks and (shape != tuple(masks[name].shape) or kept != int(masks[name].sum()))]
         if problems:
             raise ValueError(f"{path} does not match {MASKS_NAME}: " + "; ".join(problems) + ".")
+        recorded = {name: entry["mask_sha256"] for name, entry in entries.items() if "mask_sha256" in entry}
+        check_mask_digests(path, recorded or None, masks, f"it was saved with other masks than this {MASKS_NAME}: "
+                                                          "the folder mixes two saves")
     if shapes is not None:
         others = {name: shape for name, (_, shape) in stored.items() if name not in layers}
         problems = [f"{name} (not in the model)" for name in others if name not in shapes]

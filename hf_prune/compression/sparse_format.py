@@ -4,13 +4,20 @@ is; loads back bit-exact."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, Sequence
 
 import torch
 
-from ..constants import COMPRESSED_FORMAT
-from ..serialization import atomic_save_safetensors, read_tagged_safetensors
+from ..constants import COMPRESSED_FORMAT, MASKS_NAME
+from ..serialization import (
+    atomic_save_safetensors,
+    check_mask_digests,
+    header_json,
+    mask_digest,
+    read_tagged_safetensors,
+)
 from ..version import __version__
 
 
@@ -21,8 +28,10 @@ def save_sparse(path: str | os.PathLike, weights: Mapping[str, torch.Tensor], ma
                 other_tensors: Mapping[str, torch.Tensor]) -> None:
     """Writes the kept values of each of `weights` (under `<name>.values`) and `other_tensors`, atomically."""
     values = {f"{name}{VALUES_SUFFIX}": weight[masks[name]] for name, weight in weights.items()}
-    atomic_save_safetensors({**values, **other_tensors}, path,
-                            {"format": COMPRESSED_FORMAT, "hf_prune_version": __version__})
+    digests = {name: mask_digest(masks[name]) for name in weights}  # the positions of the values: the masks file's
+    atomic_save_safetensors({**values, **other_tensors}, path, {"format": COMPRESSED_FORMAT,
+                                                                "hf_prune_version": __version__,
+                                                                "masks": json.dumps(digests)})
 
 
 def read_sparse(path: str | os.PathLike, masks: Mapping[str, torch.Tensor],
@@ -41,6 +50,9 @@ def read_sparse(path: str | os.PathLike, masks: Mapping[str, torch.Tensor],
     """
 
     def check(header: Mapping[str, str], stored: Mapping[str, tuple[str, tuple[int, ...]]]) -> None:
+        digests = header_json(path, header, "masks", dict) if "masks" in header else None
+        check_mask_digests(path, digests, masks, f"it was saved with other masks than this {MASKS_NAME}: the "
+                                                 "folder mixes two saves")
         for name, mask in masks.items():
             _, shape = stored.get(f"{name}{VALUES_SUFFIX}", (None, None))
             if shape is None or shape != (int(mask.sum()),):
