@@ -137,6 +137,31 @@ def test_sparse_linear_under_autocast_and_half_casts_around_the_float32_kernel()
     torch.testing.assert_close(sparse(x.half()).float(), layer(x.half().float()), atol=1e-2, rtol=1e-2)
 
 
+def test_a_layer_cast_to_float64_after_conversion_multiplies_in_float64():
+    layer = masked_linear(8, 12)
+    sparse = SparseLinear.from_module(layer, KernelSpec("csr"))
+    sparse.double()
+    layer.double()
+    assert sparse.weight.dtype == sparse.bias.dtype == torch.float64 and sparse.cast_dtype is None
+    x = torch.randn(5, 12, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), layer(x), atol=1e-12, rtol=0)
+    assert sparse.float().weight.dtype == torch.float32
+
+
+def test_a_layer_under_autograd_gives_an_output_that_can_change_in_place():
+    sparse = SparseLinear.from_module(masked_linear(8, 12), KernelSpec("csr"))
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    expected = sparse(x.detach()).relu()
+    torch.testing.assert_close(sparse(x).relu_(), expected)  # as with nn.Linear: hooks and user code do this
+
+
+def test_integer_inputs_are_refused_not_truncated():
+    sparse = SparseLinear.from_module(masked_linear(8, 12), KernelSpec("csr"))
+    with pytest.raises(TypeError, match="multiplies floating-point inputs; got torch.int64"):
+        sparse(torch.ones(2, 12, dtype=torch.int64))
+
+
 def test_a_float64_input_under_autocast_stays_float64_as_with_a_linear_layer():
     layer = masked_linear(8, 12).double()
     sparse = SparseLinear.from_module(layer, KernelSpec("csr"))
@@ -172,6 +197,16 @@ def test_a_model_converted_under_inference_mode_still_saves_copies_and_restores(
     torch.testing.assert_close(copied(**batch("bert")).logits, expected)
     restore_dense_layers(wrapped.model)
     assert all(torch.equal(wrapped.model.state_dict()[name], tensor) for name, tensor in state.items())
+
+
+def test_a_state_dict_loaded_under_inference_mode_still_saves_and_copies():
+    wrapped = pruned("bert")
+    wrapped.to_sparse_inference(kernel="sparse")
+    state = {name: tensor.clone() for name, tensor in wrapped.model.state_dict().items()}
+    with torch.inference_mode():
+        wrapped.model.load_state_dict(state)
+    assert all(torch.equal(wrapped.model.state_dict()[name], tensor) for name, tensor in state.items())
+    copy.deepcopy(wrapped.model)
 
 
 @pytest.mark.parametrize("spec", [KernelSpec("csr"), KernelSpec("bsr", blocksize=(4, 4))], ids=["csr", "bsr"])
@@ -472,6 +507,15 @@ def test_bad_layer_raises_and_changes_nothing(layer, match):
     model.train()
     with pytest.raises(ValueError, match=match):
         model.to_sparse_inference(layers=["bert.encoder.layer.0.intermediate.dense", layer], kernel="sparse")
+    unchanged(model, True)
+
+
+@pytest.mark.parametrize("layers", [[1], [None], 5, "bert.pooler.dense"])
+def test_layers_that_are_not_a_list_of_names_raise_and_change_nothing(layers):
+    model = pruned("bert")
+    model.train()
+    with pytest.raises(ValueError, match="`layers` must be a list of module names"):
+        model.to_sparse_inference(layers=layers, kernel="sparse")
     unchanged(model, True)
 
 

@@ -61,6 +61,8 @@ def _layer_names(masks: Mapping[str, torch.Tensor], layers: Sequence[str] | None
         return [name.removesuffix(".weight") for name in masks if name.endswith(".weight")]
     if isinstance(layers, str):
         raise ValueError(f"`layers` must be a list of module names, not the string {layers!r}.")
+    if not isinstance(layers, (list, tuple)) or not all(isinstance(name, str) for name in layers):
+        raise ValueError(f"`layers` must be a list of module names (str) or None; got {layers!r}.")
     return list(dict.fromkeys(name.removesuffix(".weight") for name in layers))
 
 

@@ -23,6 +23,8 @@ FORMATS = ("csr", "bsr", "semi_structured")
 #: The 2:4 backends, as torch names them (`SparseSemiStructuredTensor.BACKEND`).
 SEMI_STRUCTURED_BACKENDS = ("cusparselt", "cutlass")
 _INT32_MAX = 2**31 - 1
+#: The dtypes torch's CPU sparse (CSR / BSR) kernels multiply in.
+KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,8 @@ class _InferenceOnly(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, layer: SparseLinear) -> torch.Tensor:
         ctx.layer_repr = repr(layer)
-        return layer.multiply(x)
+        out = layer.multiply(x)
+        return out if out._base is None else out.clone()  # a Function's view output could not change in place
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Any:
@@ -164,6 +167,8 @@ class SparseLinear(nn.Module):
         """`x @ W.T + b` without the autograd guard of `forward`. CSR/BSR: `x` is multiplied in the weight's dtype
         (MKL has no bfloat16 / float16 kernel) and the result returned in the dtype a Linear layer would give:
         autocast's where it is on, else `x`'s."""
+        if not x.is_floating_point():  # a Linear layer refuses them too; the casts below would truncate
+            raise TypeError(f"{type(self).__name__} multiplies floating-point inputs; got {x.dtype}.")
         flat = x.reshape(-1, self.in_features)
         if self.spec.format == "semi_structured":
             out = F.linear(flat.contiguous(), self.weight, self.bias)
@@ -183,9 +188,9 @@ class SparseLinear(nn.Module):
 
     def _apply(self, fn: Any, recurse: bool = True) -> SparseLinear:
         """`.to(device)` / `.cuda()` move a CSR/BSR weight (`.to_empty(device)` of a meta one gives an empty
-        weight for `load_state_dict` to fill); `.half()` / `.to(dtype)` leave its dtype (float32 or float64:
-        torch's CPU sparse kernels have no other), `multiply` casts the inputs to it; the dtype asked for is
-        recorded (`cast_dtype`) for the state dict and `to_dense_module`."""
+        weight for `load_state_dict` to fill); `.double()` / `.float()` cast it; `.half()` / `.to(bfloat16)` leave
+        its dtype (torch's CPU sparse kernels have float32 and float64 only), `multiply` casts the inputs to it,
+        and the dtype asked for is recorded (`cast_dtype`) for the state dict and `to_dense_module`."""
         if self.spec.format == "semi_structured":
             return super()._apply(fn, recurse)
         # two probes tell a cast (`.half()`, `.float()`, `.to(dtype)`) from a move; they raise as `.to` would
@@ -193,16 +198,18 @@ class SparseLinear(nn.Module):
                   for dtype in (torch.float16, torch.float64)}
         device = probes[torch.float16].device
         cast = next((probe.dtype for dtype, probe in probes.items() if probe.dtype != dtype), None)
+        dtype = cast if cast in KERNEL_DTYPES else self.weight.dtype
         if cast is not None:
-            self.cast_dtype = None if cast == self.weight.dtype else cast
-        if self.weight.is_meta and device.type != "meta":  # `to_empty()`: no entries to move, `load_state_dict` sets them
-            shape = (self.out_features, self.in_features)
-            self.weight = to_sparse_tensor(torch.zeros(shape, dtype=self.weight.dtype, device=device), self.spec)
-            self.bias = None if self.bias is None else torch.empty_like(self.bias, device=device)
-            return self
-        self.weight = self.weight.to(device)
-        if self.bias is not None:
-            self.bias = self.bias.to(device)
+            self.cast_dtype = None if cast == dtype else cast
+        with torch.inference_mode(False):  # under inference_mode too, the buffers must still save and copy
+            if self.weight.is_meta and device.type != "meta":  # `to_empty()`: `load_state_dict` sets the entries
+                shape = (self.out_features, self.in_features)
+                self.weight = to_sparse_tensor(torch.zeros(shape, dtype=dtype, device=device), self.spec)
+                self.bias = None if self.bias is None else torch.empty_like(self.bias, device=device, dtype=dtype)
+                return self
+            self.weight = self.weight.to(device=device, dtype=dtype)
+            if self.bias is not None:
+                self.bias = self.bias.to(device=device, dtype=dtype)
         return self
 
     def __deepcopy__(self, memo: dict[int, Any]) -> SparseLinear:
@@ -242,8 +249,10 @@ class SparseLinear(nn.Module):
                 error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(value.shape)}, the "
                                   f"shape in the current model is {expected}.")
                 continue
-            value = value.detach().to(device=self.weight.device, dtype=self.weight.dtype)
-            if name == "bias":
-                self.bias.copy_(value)
-            else:
-                self.weight = to_sparse_tensor(value.T if self.transposed else value, self.spec)
+            with torch.inference_mode(False):  # loaded under inference_mode, the buffers must still save and copy
+                value = value.detach().to(device=self.weight.device, dtype=self.weight.dtype)
+                value = value.clone() if value.is_inference() else value
+                if name == "bias":
+                    self.bias.copy_(value)
+                else:
+                    self.weight = to_sparse_tensor(value.T if self.transposed else value, self.spec)
