@@ -172,7 +172,8 @@ class WandaCriterion(Criterion):
         squares, input_dim = self.squared_inputs[name]
         norms = squares.sqrt().to(weight.device)
         norms = norms[None, :] if input_dim == 1 else norms[rows, None]
-        return weight.detach()[rows].abs().float().mul_(norms)
+        # a NaN input norm (an overflow) may carry the sign bit, which would rank first: kept, as OBD keeps it
+        return weight.detach()[rows].abs().float().mul_(norms).nan_to_num_(nan=torch.finfo(torch.float32).max)
 
 
 CRITERIA: dict[str, type[Criterion]] = {"magnitude": MagnitudeCriterion, "obd": OBDCriterion, "wanda": WandaCriterion}

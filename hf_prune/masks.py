@@ -12,6 +12,8 @@ processes (`ShardReduce`): the shard masks together equal the unsharded masks ex
 
 from __future__ import annotations
 
+import math
+
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
@@ -148,14 +150,15 @@ def _kept_std(weights: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], re
     count, total, squares = 0, 0.0, 0.0
     for weight, mask in zip(weights, masks):
         kept = weight.detach()[mask].double()
+        kept = kept[kept.isfinite()]  # one inf would make sigma NaN, and the whole class rank first
         count += kept.numel()
         total += float(kept.sum())
         squares += float(kept.square().sum())
     count, total, squares = reduce.sum(torch.tensor([count, total, squares], dtype=torch.float64)).tolist()
     if count < 2:
         return 1.0
-    variance = (squares - total * total / count) / (count - 1)
-    return max(variance, 0.0) ** 0.5 or 1.0
+    sigma = max((squares - total * total / count) / (count - 1), 0.0) ** 0.5
+    return sigma if 0.0 < sigma < math.inf else 1.0
 
 
 def update_masks_(

@@ -295,6 +295,21 @@ def test_wanda_scores_a_layer_that_saw_no_input_zero_and_fails_only_with_no_inpu
     assert pruner.sparsity() == pytest.approx(0.5, abs=1e-3) and pruner.target_sparsity == 0.5
 
 
+def test_wanda_keeps_the_weights_of_a_nan_input_norm():
+    model = tiny_bert()
+    pruner = Pruner(model, PruningConfig(**{**WANDA, "scheme": "class-uniform"}))
+    name = next(iter(pruner.params))
+    inputs = torch.ones(2, 8, pruner.params[name].shape[1])
+    inputs[0, 0, 1] = torch.tensor(float("inf")) - torch.tensor(float("inf"))  # an overflow's NaN (sign bit set on x86)
+    for other in pruner.params:
+        pruner.criterion.observe_inputs(other, inputs if other == name else torch.ones_like(inputs[..., :1])
+                                        .expand(2, 8, pruner.params[other].shape[1]), 1)
+    scores = pruner.criterion.score(name, pruner.params[name])
+    assert bool(scores[:, 1].eq(torch.finfo(torch.float32).max).all()), "ranked last, as OBD ranks a NaN"
+    pruner.prune_to(0.5)
+    assert bool(pruner.masks[name][:, 1].all())
+
+
 @pytest.mark.slow
 def test_a_resume_inside_a_window_of_statistics_warns(tmp_path, caplog):
     first, _, _ = magnitude_trainer(tmp_path, PruningConfig(**WANDA), save_strategy="steps", save_steps=5)

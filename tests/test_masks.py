@@ -92,6 +92,16 @@ def test_class_uniform_prunes_each_class_exactly():
         assert sum(int((~pruner.masks[n]).sum()) for n in names) == round(0.6 * total)
 
 
+def test_class_distribution_ignores_an_inf_weight_in_sigma():
+    # with sigma NaN every score of the class would rank first: the whole class pruned, its largest weights too
+    weights = {"a.w": torch.arange(1.0, 17.0).reshape(4, 4), "b.w": torch.arange(1.0, 17.0).reshape(4, 4) / 10}
+    weights["a.w"][0, 0] = float("inf")
+    masks = {n: torch.ones_like(w, dtype=torch.bool) for n, w in weights.items()}
+    update_masks_(weights, masks, {"a.w": "a", "b.w": "b"}, MagnitudeCriterion(), 0.5, "class-distribution")
+    assert masks["a.w"][0, 0] and masks["a.w"][3, 3], "the inf and the largest weights of class a stay"
+    assert sum(int((~m).sum()) for m in masks.values()) == 16
+
+
 def test_class_distribution_prunes_below_lambda_sigma_in_every_class():
     torch.manual_seed(0)
     weights = {"a.0.w": torch.randn(40, 40), "a.1.w": torch.randn(40, 40), "b.0.w": 5 * torch.randn(30, 20)}
