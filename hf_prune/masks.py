@@ -13,7 +13,6 @@ processes (`ShardReduce`): the shard masks together equal the unsharded masks ex
 from __future__ import annotations
 
 import math
-
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol

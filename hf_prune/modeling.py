@@ -474,12 +474,19 @@ class PrunedModel(nn.Module):
 
 def _hf_prune_file(path: str | os.PathLike, filename: str, required: bool, hub_kwargs: Mapping[str, Any]
                    ) -> str | None:
-    """`resolve_file`, with the way to load a model that has no hf_prune files in the error."""
+    """`resolve_file`, with what loads the folder instead in the error: `pruning_config=` beside a masks file,
+    else `masks_from_zeros=True`."""
     try:
         return resolve_file(path, filename, required=required, **hub_kwargs)
     except FileNotFoundError as err:
-        raise FileNotFoundError(f"{err} A model pruned elsewhere (a folder without hf_prune's files) loads with "
-                                "masks_from_zeros=True: its masks are then its zero weights.") from None
+        try:
+            has_masks = filename != MASKS_NAME and resolve_file(path, MASKS_NAME, required=False, **hub_kwargs)
+        except FileNotFoundError:
+            has_masks = False
+        hint = (f"It has {MASKS_NAME}: pass pruning_config=PruningConfig(...), the config they were pruned under."
+                if has_masks else "A model pruned elsewhere (a folder without hf_prune's files) loads with "
+                "masks_from_zeros=True: its masks are then its zero weights.")
+        raise FileNotFoundError(f"{err} {hint}") from None
 
 
 def _parameter_names(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[str, str]:

@@ -60,7 +60,9 @@ def batch_of(dataset, n=4):
 
 
 @pytest.mark.parametrize("field, value, accepted", [
-    ("temperature", 0.0, "> 0"), ("temperature", float("nan"), "> 0"), ("temperature", True, "> 0"),
+    ("temperature", 0.0, "in [0.01, 100]"), ("temperature", float("nan"), "in [0.01, 100]"),
+    ("temperature", True, "in [0.01, 100]"), ("temperature", 1e-45, "in [0.01, 100]"),
+    ("temperature", 1e155, "in [0.01, 100]"),
     ("alpha", -0.1, "[0, 1]"), ("alpha", 1.5, "[0, 1]"),
     ("teacher_model", "bert-base-uncased", "torch.nn.Module"),
 ])

@@ -159,6 +159,15 @@ def test_masks_from_zeros(tmp_path):
     assert all(torch.equal(loaded.masks[n], m) for n, m in original.masks.items())
 
 
+def test_a_folder_with_masks_but_no_pruning_config_says_to_pass_one(tmp_path):
+    original = pruned("bert", 0.6)
+    original.save_pretrained(tmp_path)
+    os.remove(tmp_path / CONFIG_NAME)
+    with pytest.raises(FileNotFoundError, match=f"No {CONFIG_NAME} .* It has {MASKS_NAME}: pass pruning_config="):
+        PrunedModel.from_pretrained(tmp_path)
+    assert_same(original, PrunedModel.from_pretrained(tmp_path, pruning_config=original.pruning_config))
+
+
 def test_peft_lora_merge_keeps_pruned_positions_at_zero(tmp_path):
     peft = pytest.importorskip("peft")
     base = pruned("bert", 0.8)

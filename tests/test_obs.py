@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import TINY_MODELS, TinyClassificationDataset, TinyLMDataset, tiny_bert, tiny_gpt2
@@ -123,7 +124,7 @@ def test_unstructured_hits_exact_sparsity_in_every_layer(name):
     loader = bert_loader if name == "bert" else lm_loader
     model.train()
 
-    masks = obs_prune(model, loader(), sparsity=0.6, block_size=16, show_progress=False)
+    masks = obs_prune(model, loader(), sparsity=np.float32(0.6), block_size=16, show_progress=False)  # numpy too
 
     params = dict(model.named_parameters())
     assert set(masks) == set(Pruner(model, PruningConfig(schedule="oneshot")).masks)

@@ -21,6 +21,10 @@ from ..validation import check_number
 IGNORE_INDEX = -100  # the label of positions no loss is computed on (padding, prompt tokens)
 
 
+#: The temperatures `DistillationTrainer` accepts (Hinton et al. use 1..20).
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0
+
+
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
                       mask: torch.Tensor | None = None) -> torch.Tensor:
     """`T² · KL(softmax(teacher / T) ‖ softmax(student / T))` over the last dimension, averaged over the rows.
@@ -79,7 +83,8 @@ class DistillationTrainer(Trainer):
 
     Args:
         teacher_model (`torch.nn.Module`): the frozen teacher; same inputs and output fields as the student.
-        temperature (`float`, *optional*, defaults to `2.0`): `T > 0`, the softening temperature.
+        temperature (`float`, *optional*, defaults to `2.0`): the softening temperature `T`, in `[0.01, 100]`
+            (outside it the softened distributions under- or overflow in float32, and the loss is NaN).
         alpha (`float`, *optional*, defaults to `0.5`): weight of the distillation term, in `[0, 1]`.
         *args, **kwargs: the `Trainer`'s.
     """
@@ -90,7 +95,7 @@ class DistillationTrainer(Trainer):
                  **kwargs: Any) -> None:
         if not isinstance(teacher_model, torch.nn.Module):
             raise ValueError(f"`teacher_model` must be a torch.nn.Module; got {type(teacher_model).__name__}.")
-        check_number("temperature", temperature, 0.0, strict_minimum=True)
+        check_number("temperature", temperature, MIN_TEMPERATURE, MAX_TEMPERATURE)
         check_number("alpha", alpha, 0.0, 1.0)
         super().__init__(*args, **kwargs)
         self.teacher = teacher_model.to(self.args.device).eval().requires_grad_(False)

@@ -14,6 +14,7 @@ chosen adaptively from the weights as updated so far.
 from __future__ import annotations
 
 import itertools
+import numbers
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -63,7 +64,8 @@ def _resolve_sparsity(sparsity: float | None, nm: tuple[int, int] | None) -> flo
     Raises:
         ValueError: when `sparsity` is not in [0, 1) (unstructured) or differs from what the pattern prunes.
     """
-    number = isinstance(sparsity, (int, float)) and not isinstance(sparsity, bool)
+    number = isinstance(sparsity, numbers.Real) and not isinstance(sparsity, bool)
+    sparsity = float(sparsity) if number else sparsity  # a NumPy float too
     if nm is None:
         if not number or not 0.0 <= sparsity < 1.0:
             raise ValueError(f"`sparsity` must be a number in [0, 1) for unstructured pruning (pattern=None); "
