@@ -45,6 +45,32 @@ def tuner_layers(model: nn.Module) -> Iterator[tuple[str, BaseTunerLayer]]:
     return ((name, module) for name, module in model.named_modules() if isinstance(module, BaseTunerLayer))
 
 
+def has_adapters(model: nn.Module) -> bool:
+    """Whether `model` carries peft adapters: a `PeftModel`, or a transformers model they were injected into
+    (`model.add_adapter`, `peft.inject_adapter_in_model`)."""
+    return without_peft_wrapper(model) is not model or next(tuner_layers(model), None) is not None
+
+
+def merge_adapters(model: nn.Module) -> nn.Module:
+    """The model with its peft adapters merged into the weights they adapt: `PeftModel.merge_and_unload()`, or for
+    adapters injected into a transformers model, each tuner layer merged and replaced by its base layer (in place).
+
+    Raises:
+        ValueError: when `model` has no adapters.
+    """
+    inner = getattr(model, "_orig_mod", model)
+    if isinstance(inner, PeftModel):
+        return inner.merge_and_unload()
+    layers = list(tuner_layers(inner))
+    if not layers:
+        raise ValueError(f"{type(inner).__name__} has no peft adapters to merge.")
+    for name, layer in layers:
+        layer.merge()
+        parent, _, child = name.rpartition(".")
+        setattr(inner.get_submodule(parent), child, layer.get_base_layer())
+    return inner
+
+
 def trained_copies(model: nn.Module) -> dict[int, str]:
     """The `id`s of the modules inside peft `modules_to_save` wrappers (a whole module trained as a copy of the
     original), each with its wrapper's name."""

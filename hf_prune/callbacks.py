@@ -211,7 +211,8 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
     def prunes_after_train_begin(self) -> bool:
         """Whether a fresh `train()` with this callback can prune after `on_train_begin`: False only when the masks
         are final once training begins (`schedule="oneshot"` at `start_step=0`, or saved masks that
-        `from_pretrained` holds fixed). What a callback that needs final masks from the start (`QuantizationCallback`) checks up front."""
+        `from_pretrained` holds fixed). What a callback that needs final masks from the start
+        (`QuantizationCallback`) checks up front."""
         return not (self._holds_saved_masks or (self.config.schedule == "oneshot" and self.config.start_step == 0))
 
     def make_pruner(self, model: torch.nn.Module, max_steps: int | None) -> Pruner:

@@ -35,7 +35,8 @@ def meta_model(model_class: type, config: transformers.PretrainedConfig, trust_r
     with torch.device("meta"):
         if from_config is None:
             return model_class(config)
-        return from_config(config) if trust_remote_code is None else from_config(config, trust_remote_code=trust_remote_code)
+        options = {} if trust_remote_code is None else {"trust_remote_code": trust_remote_code}
+        return from_config(config, **options)
 
 
 def parameter_shapes(config: transformers.PretrainedConfig, model_class: type | None = None

@@ -13,7 +13,7 @@ import transformers
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 from torch import nn
 
-from .adapters import without_peft_wrapper
+from .adapters import has_adapters, merge_adapters, without_peft_wrapper
 from .compression import (
     check_bits,
     quantize_weights,
@@ -160,12 +160,13 @@ class PrunedModel(nn.Module):
         return cls(gather_unsharded(trainer.model, trainer.is_world_process_zero()), masks, callbacks[0].config)
 
     def merge_and_unload(self) -> PrunedModel:
-        """Merges the adapters of a wrapped `PeftModel` (LoRA, ...) into the base weights and re-applies the masks.
+        """Merges the peft adapters (LoRA, ...) of the wrapped model, a `PeftModel` or a transformers model they were
+        injected into (`add_adapter`), into the base weights and re-applies the masks.
 
         Merging a dense LoRA update would otherwise fill every pruned position; here the update is kept only
         where the weight is kept, so the merged model has exactly the pruned model's sparsity.
         """
-        return PrunedModel(self.model.merge_and_unload(), self.masks, self.pruning_config)
+        return PrunedModel(merge_adapters(self.model), self.masks, self.pruning_config)
 
     def shrink(self) -> transformers.PreTrainedModel:
         """An ordinary transformers model without the pruned neurons and heads, its config updated
@@ -237,9 +238,9 @@ class PrunedModel(nn.Module):
             ValueError: for a peft model (merge its adapters first), a bad `compression` / `bits`, keyword
                 arguments a compressed save would not use, or `push_to_hub=True`; nothing is written then.
         """
-        if without_peft_wrapper(self.model) is not self.model:
-            raise ValueError(f"save_pretrained writes a transformers model with its masks; this one is a "
-                             f"{type(self.model).__name__}: merge its adapters first "
+        if has_adapters(self.model):
+            raise ValueError(f"save_pretrained writes a transformers model with its masks; this "
+                             f"{type(self.model).__name__} carries peft adapters: merge them first "
                              "(pruned.merge_and_unload().save_pretrained(folder)), or save the adapters alone with "
                              "the peft model's own save_pretrained.")
         if compressed is not None:
@@ -426,7 +427,8 @@ class PrunedModel(nn.Module):
             shapes = {name: tuple(tensor.shape) for name, tensor in skeleton.state_dict().items()}
             read = read_sparse if kind == "sparse" else read_deep_state_dict
             # the class the skeleton resolved to (AutoModel* of custom code needs a folder to resolve it in)
-            model = load_dense(type(skeleton), path, config, model_kwargs, state_dict=read(weights_file, masks, shapes))
+            state_dict = read(weights_file, masks, shapes)
+            model = load_dense(type(skeleton), path, config, model_kwargs, state_dict=state_dict)
             load_generation_config(model, path, hub_kwargs)
         check_unchanged(checked)  # nothing was replaced while it was read
         names = _parameter_names(model, masks)  # the model's own names: a peft adapter may have been loaded too

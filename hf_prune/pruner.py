@@ -159,11 +159,14 @@ class Pruner:
         if adapted and not self.units:
             names = sorted(adapted)
             kinds = ", ".join(sorted({adapter_kind(layer) for layer in adapted.values()}))
+            leave_out = (f"Leave them out ({exclusion_for(names, sorted(targeted))}), or prune"
+                         if len(names) < len(targeted) else "Every pruned layer carries one: adapt fewer layers, "
+                         "merge the adapters first, or prune")
             raise ValueError(f"{len(names)} pruned layers carry peft adapters ({kinds}), such as {names[0]}. With "
                              f"`structure` {self.config.structure!r} the adapters' update (LoRA's B @ A) stays "
-                             "dense, so merge_and_unload() would not give the model that was trained. Leave them out "
-                             f"({exclusion_for(names, sorted(targeted))}), or prune whole neurons / heads "
-                             "(structure='neurons' or 'heads': the LoRA factors are masked with them).")
+                             f"dense, so merge_and_unload() would not give the model that was trained. {leave_out} "
+                             "whole neurons / heads (structure='neurons' or 'heads': the LoRA factors are masked "
+                             "with them).")
         ids = {id(p): name for name, p in params.items()}
         return {f.name: f for f in lora_factors(adapted, {t.module_name: t.name for t in targets}, ids)}
 

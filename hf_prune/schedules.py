@@ -62,7 +62,7 @@ class SparsitySchedule:
         events = (step - self.start) // self.frequency
         if self.kind == "iterative":
             increments = (self.end - self.start) // self.frequency
-            if events >= increments:  # exactly final: the interpolation can round above it (0.1 -> 0.9 gives 0.9 + 1e-16)
+            if events >= increments:  # exactly final: interpolating can round above it (0.1 -> 0.9: 0.9 + 1e-16)
                 return self.final
             return self.initial + (self.final - self.initial) * events / increments
         progress = (events * self.frequency) / (self.end - self.start)

@@ -276,7 +276,8 @@ def read_masks_metadata(path: str | os.PathLike) -> dict[str, object]:
 
 def read_tagged_safetensors(path: str | os.PathLike, expected_format: str | tuple[str, ...], what: str,
                             check: Callable[[dict[str, str], dict[str, tuple[str, tuple[int, ...]]]], None] | None = None,
-                            read_tensors: bool = True) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+                            read_tensors: bool = True
+                            ) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     """Header and tensors of a safetensors file hf_prune wrote with `format` tag `expected_format` (or one of).
 
     `check(header, layout)`, with `layout` name -> (dtype, shape) from the file's header, runs before any tensor

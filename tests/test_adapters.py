@@ -24,8 +24,8 @@ AUTO = {"bert": AutoModelForSequenceClassification, "gpt2": AutoModelForCausalLM
 def lora_model(kind: str, **options):
     """The tiny model `kind` with LoRA adapters (rank 2, random `B` so that their update is not zero)."""
     task = {"task_type": "SEQ_CLS"} if kind == "bert" else {}
-    config = LoraConfig(r=2, target_modules=LORA_TARGETS[kind], init_lora_weights=False,
-                        fan_in_fan_out=kind == "gpt2", **{**task, **options})
+    config = LoraConfig(r=2, init_lora_weights=False, fan_in_fan_out=kind == "gpt2",
+                        **{"target_modules": LORA_TARGETS[kind], **task, **options})
     return get_peft_model(TINY_MODELS[kind](), config)
 
 
@@ -120,6 +120,9 @@ def test_lora_pruning_resumes_from_the_checkpoints_masks(tmp_path):
                    exclude_modules=["intermediate.dense", "output.dense", "query"]), {}, "frozen"),
     (RPPConfig(final_sparsity=0.5, end_step=4, exclude_modules=["intermediate.dense", "output.dense", "query"]), {},
      "RPP's proximal step .* 4 targeted weights are frozen"),
+    (PruningConfig(final_sparsity=0.5, end_step=4), {"target_modules": "all-linear"},  # no exclusion leaves any
+     "12 pruned layers carry peft adapters.* Every pruned layer carries one: adapt fewer layers, merge the adapters "
+     "first, or prune whole neurons"),
     (structured_config("bert"), {"use_dora": True}, "DoRA adapter"),
     (PruningConfig(final_sparsity=0.5, end_step=4, prune_head=True,
                    exclude_modules=["intermediate.dense", "output.dense", "query"]), {}, "modules_to_save"),
@@ -190,6 +193,30 @@ def test_reports_regularization_and_compiled_models_use_the_plain_names(tmp_path
     Trainer(model=lora, args=tiny_training_args(tmp_path, max_steps=2), train_dataset=TinyClassificationDataset(16),
             callbacks=[regularization]).train()
     assert regularization.params and not any("base_layer" in n for n in regularization.params)
+
+
+def test_adapters_injected_into_a_transformers_model_train_merge_and_refuse_to_save_unmerged(tmp_path):
+    from peft import inject_adapter_in_model  # what transformers' model.add_adapter does: no PeftModel wrapper
+
+    model = inject_adapter_in_model(LoraConfig(r=2, target_modules=LORA_TARGETS["llama"], init_lora_weights=False),
+                                    TINY_MODELS["llama"]())
+    trainer = lora_trainer("llama", tmp_path / "run", structured_config("llama"), model=model)
+    trainer.train()
+    pruned = PrunedModel.from_trainer(trainer)
+    with pytest.raises(ValueError, match="carries peft adapters: merge them first"):
+        pruned.save_pretrained(tmp_path / "saved")
+    with pytest.raises(ValueError, match="without peft adapters.*merge them first"):
+        pruned.shrink()
+    with torch.no_grad():
+        trained = model.eval()(**inputs()).logits
+    merged = pruned.merge_and_unload()
+    merged.save_pretrained(tmp_path / "saved")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval()
+    assert not any("lora" in name for name, _ in loaded.named_parameters())
+    with torch.no_grad():
+        assert torch.allclose(loaded(**inputs()).logits, trained, atol=1e-5)
+    with pytest.raises(ValueError, match="has no peft adapters to merge"):
+        PrunedModel(TINY_MODELS["llama"](), {}).merge_and_unload()
 
 
 def test_save_pretrained_of_a_peft_model_says_to_merge_first(tmp_path):

@@ -182,7 +182,8 @@ def _read_checked(path: str | os.PathLike, masks: Mapping[str, torch.Tensor] | N
 
 def _check_header(path: str | os.PathLike, header: Mapping[str, str], stored: Mapping[str, tuple[str, tuple[int, ...]]],
                   masks: Mapping[str, torch.Tensor] | None, shapes: Mapping[str, Sequence[int]] | None,
-                  decoding: bool = True) -> tuple[dict[str, tuple[tuple[int, ...], int, int, list[int]]], dict[str, Any]]:
+                  decoding: bool = True
+                  ) -> tuple[dict[str, tuple[tuple[int, ...], int, int, list[int]]], dict[str, Any]]:
     if header.get("header_sha256") != _header_digest(header):
         raise ValueError(f"{path} is corrupt: its header does not match its checksum.")
     entries, metadata = header_json(path, header, "layers", dict), header_json(path, header, "metadata", dict)
@@ -279,8 +280,11 @@ def deep_compression_sizes(path: str | os.PathLike) -> DeepCompressionSizes:
     """Sizes of the quantized weights in a `save_deep_compressed` file (from its header; the tensors are not read).
 
     `index_bytes` and `position_bytes` include their Huffman tables; the other tensors and the file header are
-    not counted. The header is checked as on reading (a `ValueError` for a corrupt or foreign file). `position_bytes` is 0 for a file written with `store_positions=False` (as by
+    not counted. `position_bytes` is 0 for a file written with `store_positions=False` (as by
     `PrunedModel.save_pretrained`): its positions are the masks file's, whose size the caller must add.
+
+    Raises:
+        ValueError: for a corrupt or foreign file: the header is checked as on reading.
     """
     layers = _read_checked(path, None, None, decoding=False)[0].values()
     dense = sum(4 * math.prod(shape) for shape, _, _, _ in layers)

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from ..adapters import has_adapters
+
 
 def named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every tensor of `model` by name: its state dict (tied weights under each of their names) and its
@@ -48,6 +50,10 @@ def check_transformers_model(model: nn.Module, action: str) -> None:
         raise ValueError(f"{action} needs a transformers model (a PreTrainedModel); got {type(model).__name__}. Merge "
                          "peft adapters first (merge_and_unload()), or pass the model inside a wrapper "
                          "(PrunedModel.model, a compiled model's _orig_mod).")
+    if has_adapters(model):
+        raise ValueError(f"{action} needs a transformers model without peft adapters; this {type(model).__name__} "
+                         "carries some (add_adapter / inject_adapter_in_model): merge them first "
+                         "(PrunedModel.merge_and_unload()).")
 
 
 def rebuild(model: nn.Module, config: Any, origin: Callable[[str], str],
