@@ -185,9 +185,27 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
         """Parameter name -> `torch.bool` mask (True = kept); empty before training starts."""
         return self.pruner.masks if self.pruner is not None else {}
 
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    **kwargs: Any) -> None:
+        self._claim(state)  # a second pruning callback given to the Trainer is refused before anything runs
+
+    def _claim(self, state: TrainerState) -> None:
+        """Marks `state` (shared by the callbacks of one Trainer) as this callback's.
+
+        Raises:
+            ValueError: when another pruning callback of the same Trainer has marked it.
+        """
+        owner = getattr(state, "_hf_prune_pruning_callback", None)
+        if owner is not None and owner is not self:
+            raise ValueError(f"Two pruning callbacks in one Trainer ({type(owner).__name__} and "
+                             f"{type(self).__name__}): both would prune the model, and every checkpoint holds one "
+                             "masks file. Use one; its config's target_modules / exclude_modules choose the weights.")
+        state._hf_prune_pruning_callback = self
+
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
                        **kwargs: Any) -> None:
+        self._claim(state)
         if self.pruner is not None:  # an earlier train() of this callback, interrupted before on_train_end
             self.pruner.remove_hooks()
         self.pruner = self.make_pruner(model, state.max_steps)

@@ -444,3 +444,22 @@ def test_resume_with_another_max_steps_that_moves_the_default_end_step_is_a_conf
                       train_dataset=TinyClassificationDataset(96), callbacks=[callback])
     trainer.train(resume_from_checkpoint=checkpoint)
     assert callback.pruner.target_sparsity == pytest.approx(0.8)
+
+
+def test_two_pruning_callbacks_in_one_trainer_are_refused_before_anything_runs(tmp_path):
+    first = MagnitudePruningCallback(PruningConfig(final_sparsity=0.5, schedule="oneshot", target_modules=["query"]))
+    second = HanPruningCallback(HanConfig(quality=0.5, iterations=1))
+    model = tiny_bert()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="Two pruning callbacks in one Trainer \\(MagnitudePruningCallback and "
+                                         "HanPruningCallback\\)"):
+        Trainer(model=model, args=tiny_training_args(tmp_path), train_dataset=TinyClassificationDataset(32),
+                callbacks=[first, second])
+    trainer = Trainer(model=model, args=tiny_training_args(tmp_path), train_dataset=TinyClassificationDataset(32),
+                      callbacks=[first])
+    trainer.add_callback(second)  # after the Trainer was built: refused when training begins
+    with pytest.raises(ValueError, match="Two pruning callbacks in one Trainer"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    assert all(".query." in n for n in changed), "only the first callback's step-0 prune ran"

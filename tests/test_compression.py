@@ -333,9 +333,12 @@ def test_a_pruning_callback_that_prunes_after_train_begin_is_refused_before_it_c
 def test_callback_refuses_missing_masks_and_running_schedules():
     model = tiny_bert()
     state = TrainerState(global_step=0, max_steps=10)
-    with pytest.raises(ValueError, match="`masks` is empty"):
+    with pytest.raises(ValueError, match="MagnitudePruningCallback has not begun training when QuantizationCallback "
+                                         "needs its masks: put it before QuantizationCallback"):
         QuantizationCallback(MagnitudePruningCallback(PruningConfig(schedule="oneshot")), bits=4).on_train_begin(
             None, state, TrainerControl(), model=model)
+    with pytest.raises(ValueError, match="`masks` is empty"):
+        QuantizationCallback({}, bits=4).on_train_begin(None, state, TrainerControl(), model=model)
     pruning = MagnitudePruningCallback(PruningConfig(final_sparsity=0.9, schedule="cubic", end_step=8))
     pruning.on_train_begin(None, state, TrainerControl(), model=model)
     with pytest.raises(ValueError, match="still running"):
@@ -401,6 +404,14 @@ def test_resuming_a_checkpoint_outside_output_dir_refuses_the_codebook_of_anothe
                                          "Trainer loaded .*weights, such as .* are not its values"):
         resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
     assert resumed.state.global_step == 2  # refused before any step
+
+
+def test_a_resume_that_rebuilds_the_callbacks_from_their_state_says_to_leave_that_off(tmp_path):
+    trainer, _, _ = quantization_trainer(tmp_path, tiny_bert())
+    trainer.train()
+    resumed, _, _ = quantization_trainer(tmp_path, tiny_bert(), restore_callback_states_from_checkpoint=True)
+    with pytest.raises(ValueError, match=r"restore_callback_states_from_checkpoint=True\) the Trainer replaces it"):
+        resumed.train(resume_from_checkpoint=os.path.join(trainer.args.output_dir, "checkpoint-3"))
 
 
 def test_checkpoints_pushed_to_the_hub_carry_the_clusters(tmp_path, monkeypatch):

@@ -85,6 +85,12 @@ class QuantizationCallback(TrainerCallback):
         return self.quantizer.quantized if self.quantizer is not None else {}
 
     def _masks(self) -> Mapping[str, torch.Tensor]:
+        if isinstance(self.source, MagnitudePruningCallback) and self.source.pruner is None:
+            raise ValueError(f"{type(self.source).__name__} has not begun training when QuantizationCallback needs "
+                             "its masks: put it before QuantizationCallback in the Trainer's callbacks. (With "
+                             "TrainingArguments(restore_callback_states_from_checkpoint=True) the Trainer replaces it "
+                             "by a new instance placed last: leave that off; hf_prune's callbacks restore their "
+                             "state from the checkpoint's own files.)")
         pruner = getattr(self.source, "pruner", None)
         if pruner is not None and pruner.target_sparsity < pruner.schedule.final:
             raise ValueError(_STILL_PRUNING.format(f"sparsity {pruner.target_sparsity:.4f} of "
