@@ -390,6 +390,12 @@ class Pruner:
         was_training = model.training
         model.eval()
         self._estimating = self.criterion.needs_inputs
+        # DDP: each rank takes its own batches' gradients, summed over the ranks at the end; what was recorded before
+        # (an earlier call, training steps) holds every rank's already, so it is set aside and added back after
+        over_ranks = self.criterion.needs_gradients and is_distributed()
+        if over_ranks:
+            earlier = self.criterion.squared_gradients, self.criterion.observations
+            self.criterion.squared_gradients, self.criterion.observations = {}, 0
         try:
             with torch.set_grad_enabled(self.criterion.needs_gradients):
                 for batch in itertools.islice(dataloader, num_batches):
@@ -399,21 +405,28 @@ class Pruner:
                     gradients = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
                     self.criterion.observe_gradients({n: self.layout.local(g) for n, g in zip(params, gradients)
                                                       if g is not None})
+        except BaseException:
+            if over_ranks:
+                self.criterion.squared_gradients, self.criterion.observations = earlier
+            raise
         finally:
             self._estimating = False
             model.train(was_training)
-        if self.criterion.needs_gradients and is_distributed():  # DDP: each rank took its own batches' gradients
-            self._sum_gradient_statistics_over_ranks()
+        if over_ranks:
+            self._sum_gradient_statistics_over_ranks(*earlier)
 
-    def _sum_gradient_statistics_over_ranks(self) -> None:
-        """OBD's squared gradients and observation count summed over the world's ranks (`estimate_fisher` under
-        DDP, where `torch.autograd.grad` bypasses DDP's all-reduce), in one all-reduce: every rank then ranks by the
-        batches of all of them, as one process given them all would."""
+    def _sum_gradient_statistics_over_ranks(self, earlier: Mapping[str, torch.Tensor], earlier_observations: int
+                                            ) -> None:
+        """OBD's squared gradients and observation count of one `estimate_fisher` call summed over the world's
+        ranks (under DDP `torch.autograd.grad` bypasses DDP's all-reduce), in one all-reduce, then added to the
+        `earlier` ones (every rank's already): every rank then ranks by the batches of all of them, as one process
+        given them all would."""
         recorded = self.criterion.squared_gradients
         parts = [recorded.get(name, torch.zeros_like(p, dtype=torch.float32)) for name, p in self.params.items()]
         *sums, observations = sum_over_ranks([*parts, torch.tensor([float(self.criterion.observations)])])
-        self.criterion.squared_gradients = dict(zip(self.params, sums))
-        self.criterion.observations = int(observations.item())
+        self.criterion.squared_gradients = {name: total + earlier[name] if name in earlier else total
+                                            for name, total in zip(self.params, sums)}
+        self.criterion.observations = int(observations.item()) + earlier_observations
 
     @torch.no_grad()
     def mask_gradients_(self) -> None:

@@ -52,11 +52,14 @@ def prune_row_shards(rank: int, folder: str) -> None:
 
 def data_criteria(rank: int, folder: str) -> None:
     """`estimate_fisher` + `prune_to` with "obd" and "wanda", each rank on its own half of the batches of
-    `data_criterion_batches()`: the masks must be those of one process given all of them."""
+    `data_criterion_batches()`, in two calls (the second adds to the first's statistics, summed over the ranks
+    already): the masks must be those of one process given all of them at once."""
     for criterion in ("obd", "wanda"):
         model = tiny_bert()
         pruner = Pruner(model, PruningConfig(final_sparsity=0.5, schedule="oneshot", criterion=criterion))
-        pruner.estimate_fisher(model, data_criterion_batches()[rank::WORLD_SIZE])
+        batches = data_criterion_batches()[rank::WORLD_SIZE]
+        pruner.estimate_fisher(model, batches[:1])
+        pruner.estimate_fisher(model, batches[1:])
         pruner.prune_to(0.5)
         save_file(pruner.masks, os.path.join(folder, f"{criterion}{rank}.safetensors"))
 
