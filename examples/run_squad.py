@@ -182,8 +182,23 @@ class FeatureBuilder:
         self.question_first = tokenizer.padding_side == "right"
         self.context_index = 1 if self.question_first else 0
 
+    @staticmethod
+    def _questions(examples: dict[str, list]) -> list[str]:
+        return [question.lstrip() for question in examples["question"]]  # some SQuAD questions start with spaces
+
+    def check_room_for_context(self, split: datasets.Dataset, name: str) -> None:
+        """Each window holds the question, the special tokens and a slice of context longer than `doc_stride` (the
+        tokenizers library panics otherwise, an error that is no `Exception`)."""
+        ids = self.tokenizer(self._questions(split), add_special_tokens=False)["input_ids"]
+        longest = max((len(question) for question in ids), default=0)
+        room = self.max_seq_length - longest - self.tokenizer.num_special_tokens_to_add(pair=True)
+        if self.doc_stride >= room:
+            raise InputError(f"--max_seq_length {self.max_seq_length} leaves {max(room, 0)} tokens of context beside "
+                             f"the longest {name} question ({longest} tokens) and the special tokens, not more than "
+                             f"--doc_stride ({self.doc_stride}); raise --max_seq_length or lower --doc_stride.")
+
     def _windows(self, examples: dict[str, list]) -> tuple[BatchEncoding, list[int]]:
-        questions = [question.lstrip() for question in examples["question"]]
+        questions = self._questions(examples)
         pair = (questions, examples["context"]) if self.question_first else (examples["context"], questions)
         encoding = self.tokenizer(*pair, truncation="only_second" if self.question_first else "only_first",
                                   max_length=self.max_seq_length, stride=self.doc_stride,
@@ -226,19 +241,6 @@ class FeatureBuilder:
         return encoding
 
 
-def _check_room_for_context(tokenizer: PreTrainedTokenizerBase, split: datasets.Dataset, name: str,
-                            max_seq_length: int, doc_stride: int) -> None:
-    """Each window holds the question, the special tokens and a slice of context longer than `doc_stride` (the
-    tokenizers library panics otherwise, an error that is no `Exception`)."""
-    questions = [question.lstrip() for question in split["question"]]
-    longest = max((len(ids) for ids in tokenizer(questions, add_special_tokens=False)["input_ids"]), default=0)
-    room = max_seq_length - longest - tokenizer.num_special_tokens_to_add(pair=True)
-    if doc_stride >= room:
-        raise InputError(f"--max_seq_length {max_seq_length} leaves {max(room, 0)} tokens of context beside the "
-                         f"longest {name} question ({longest} tokens) and the special tokens, not more than "
-                         f"--doc_stride ({doc_stride}); raise --max_seq_length or lower --doc_stride.")
-
-
 def build_features(splits: dict[str, datasets.Dataset], tokenizer: PreTrainedTokenizerBase,
                    data_args: DataTrainingArguments) -> dict[str, datasets.Dataset]:
     """Each split's windows: labelled for `train` (at most `--max_train_samples`), with offsets for `validation`."""
@@ -253,7 +255,7 @@ def build_features(splits: dict[str, datasets.Dataset], tokenizer: PreTrainedTok
     features = {}
     for split, function in (("train", builder.train), ("validation", builder.evaluation)):
         if split in splits:
-            _check_room_for_context(tokenizer, splits[split], split, max_seq_length, data_args.doc_stride)
+            builder.check_room_for_context(splits[split], split)
             features[split] = splits[split].map(function, batched=True, remove_columns=list(COLUMNS),
                                                  desc=f"Tokenizing {split}")
     if "train" in features:

@@ -68,6 +68,10 @@ def merge_adapters(model: nn.Module) -> nn.Module:
         layer.merge()
         parent, _, child = name.rpartition(".")
         setattr(inner.get_submodule(parent), child, layer.get_base_layer())
+    # the marks of the adapters: with them transformers' save_pretrained would write an adapter-only folder
+    inner.__dict__.pop("peft_config", None)
+    if getattr(inner, "_hf_peft_config_loaded", False):
+        inner._hf_peft_config_loaded = False
     return inner
 
 

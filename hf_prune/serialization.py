@@ -202,11 +202,12 @@ def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.from_numpy(bits).reshape(shape)
 
 
-def mask_digest(mask: torch.Tensor) -> str:
-    """sha256 of a mask's shape and bits: checked when the mask is read back, and by the files whose weights sit at
-    its positions (sparse and deep), so that they load only with the masks they were saved with."""
+def mask_digest(mask: torch.Tensor, packed: torch.Tensor | None = None) -> str:
+    """sha256 of a mask's shape and bits (`packed`: its `pack_mask`, when at hand): checked when the mask is read
+    back, and by the files whose weights sit at its positions (sparse and deep), so that they load only with the
+    masks they were saved with."""
     hasher = hashlib.sha256(f"{list(mask.shape)}\0".encode())
-    hasher.update(pack_mask(mask).numpy().tobytes())
+    hasher.update((pack_mask(mask) if packed is None else packed).numpy().tobytes())
     return hasher.hexdigest()
 
 
@@ -236,13 +237,14 @@ def save_masks(masks: Mapping[str, torch.Tensor], path: str | os.PathLike,
     has its own code table); `encoding="smallest"` picks whichever of the two takes fewer bytes.
     """
     check_choice("encoding", encoding, MASK_ENCODINGS)
+    packed = {name: pack_mask(mask) for name, mask in masks.items()}
     header = {
         "format": MASK_FORMAT,
         "shapes": json.dumps({name: list(mask.shape) for name, mask in masks.items()}),
         "metadata": json.dumps(dict(metadata or {})),
-        "digests": json.dumps({name: mask_digest(mask) for name, mask in masks.items()}),
+        "digests": json.dumps({name: mask_digest(mask, packed[name]) for name, mask in masks.items()}),
     }
-    tensors = {name: pack_mask(mask) for name, mask in masks.items()} if encoding != "gaps" else {}
+    tensors = packed if encoding != "gaps" else {}
     if encoding != "bitmask":
         from .compression.positions import encode_positions  # lazily: the compression package imports this module
 

@@ -200,6 +200,7 @@ def test_adapters_injected_into_a_transformers_model_train_merge_and_refuse_to_s
 
     model = inject_adapter_in_model(LoraConfig(r=2, target_modules=LORA_TARGETS["llama"], init_lora_weights=False),
                                     TINY_MODELS["llama"]())
+    model._hf_peft_config_loaded = True  # as add_adapter marks it (it needs a newer peft than installed here)
     trainer = lora_trainer("llama", tmp_path / "run", structured_config("llama"), model=model)
     trainer.train()
     pruned = PrunedModel.from_trainer(trainer)
@@ -210,11 +211,13 @@ def test_adapters_injected_into_a_transformers_model_train_merge_and_refuse_to_s
     with torch.no_grad():
         trained = model.eval()(**inputs()).logits
     merged = pruned.merge_and_unload()
+    assert not hasattr(merged.model, "peft_config") and not merged.model._hf_peft_config_loaded
     merged.save_pretrained(tmp_path / "saved")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval()
     assert not any("lora" in name for name, _ in loaded.named_parameters())
     with torch.no_grad():
         assert torch.allclose(loaded(**inputs()).logits, trained, atol=1e-5)
+    merged.to_sparse_inference(kernel="sparse")  # a merged model is a plain one again
     with pytest.raises(ValueError, match="has no peft adapters to merge"):
         PrunedModel(TINY_MODELS["llama"](), {}).merge_and_unload()
 

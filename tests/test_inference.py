@@ -548,8 +548,12 @@ def test_bad_options_raise_and_change_nothing(options, field):
     unchanged(model, True)
 
 
-def test_peft_models_must_be_merged_first():
-    model = TINY_MODELS["bert"]()
-    model.peft_config = {}
+@pytest.mark.parametrize("wrapped", [True, False], ids=["PeftModel", "injected"])
+def test_peft_models_must_be_merged_first(wrapped):
+    from peft import LoraConfig, get_peft_model, inject_adapter_in_model
+
+    config = LoraConfig(r=2, target_modules=["query"])
+    base = TINY_MODELS["bert"]()
+    model = get_peft_model(base, config) if wrapped else inject_adapter_in_model(config, base)
     with pytest.raises(ValueError, match="merge_and_unload"):
         to_sparse_inference(model, {"bert.encoder.layer.0.output.dense.weight": torch.ones(32, 37, dtype=torch.bool)})

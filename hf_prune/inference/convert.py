@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..adapters import has_adapters
 from ..targets import PRUNABLE_MODULES, clean_name
 from .selection import (
     DEFAULT_MIN_SPARSITY,
@@ -92,7 +93,7 @@ def to_sparse_inference(model: nn.Module, masks: Mapping[str, torch.Tensor], lay
     check_selection_options(kernel, measure, num_tokens, repeats, min_speedup, min_sparsity)
     if not masks:
         raise ValueError(f"{type(model).__name__} has no pruning masks: there is nothing to make sparse.")
-    if hasattr(model, "peft_config"):
+    if has_adapters(model):
         raise ValueError("to_sparse_inference does not convert the layers of a peft model; merge the adapters "
                          "first (PrunedModel.merge_and_unload()).")
     names = {clean_name(name): name for name, _ in model.named_modules()}

@@ -92,9 +92,9 @@ class _InferenceOnly(torch.autograd.Function):
     """Runs the sparse product in a graph that needs gradients, and raises on backward."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, layer: SparseLinear) -> torch.Tensor:
+    def forward(ctx: Any, flat: torch.Tensor, layer: SparseLinear) -> torch.Tensor:
         ctx.layer_repr = repr(layer)
-        out = layer.multiply(x)
+        out = layer.multiply_2d(flat)
         return out if out._base is None else out.clone()  # a Function's view output could not change in place
 
     @staticmethod
@@ -164,27 +164,30 @@ class SparseLinear(nn.Module):
         return module
 
     def multiply(self, x: torch.Tensor) -> torch.Tensor:
-        """`x @ W.T + b` without the autograd guard of `forward`. CSR/BSR: `x` is multiplied in the weight's dtype
+        """`x @ W.T + b` for any leading dimensions of `x`, without the autograd guard of `forward`."""
+        return self.multiply_2d(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
+
+    def multiply_2d(self, flat: torch.Tensor) -> torch.Tensor:
+        """`flat @ W.T + b` for a `(tokens, in_features)` input. CSR/BSR: `flat` is multiplied in the weight's dtype
         (MKL has no bfloat16 / float16 kernel) and the result returned in the dtype a Linear layer would give:
-        autocast's where it is on, else `x`'s."""
-        if not x.is_floating_point():  # a Linear layer refuses them too; the casts below would truncate
-            raise TypeError(f"{type(self).__name__} multiplies floating-point inputs; got {x.dtype}.")
-        flat = x.reshape(-1, self.in_features)
+        autocast's where it is on, else `flat`'s."""
+        if not flat.is_floating_point():  # a Linear layer refuses them too; the casts below would truncate
+            raise TypeError(f"{type(self).__name__} multiplies floating-point inputs; got {flat.dtype}.")
         if self.spec.format == "semi_structured":
-            out = F.linear(flat.contiguous(), self.weight, self.bias)
-        else:
-            device = x.device.type  # autocast leaves float64 alone, as it does for a Linear layer
-            autocast = torch.is_autocast_enabled(device) and x.dtype != torch.float64
-            dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
-            with torch.autocast(device, enabled=False):
-                out = sparse_addmm(self.weight, self.bias, flat.to(self.weight.dtype), self.spec.chunk_size)
-            out = out.to(dtype)
-        return out.view(*x.shape[:-1], self.out_features)
+            return F.linear(flat.contiguous(), self.weight, self.bias)
+        device = flat.device.type  # autocast leaves float64 alone, as it does for a Linear layer
+        autocast = torch.is_autocast_enabled(device) and flat.dtype != torch.float64
+        dtype = torch.get_autocast_dtype(device) if autocast else flat.dtype
+        with torch.autocast(device, enabled=False):
+            out = sparse_addmm(self.weight, self.bias, flat.to(self.weight.dtype), self.spec.chunk_size)
+        return out.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and x.requires_grad:
-            return _InferenceOnly.apply(x, self)
-        return self.multiply(x)
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            return self.multiply(x)
+        # the Function returns a tensor of its own (no view of it), so the output can change in place
+        flat = _InferenceOnly.apply(x.reshape(-1, self.in_features), self)
+        return flat.view(*x.shape[:-1], self.out_features)
 
     def _apply(self, fn: Any, recurse: bool = True) -> SparseLinear:
         """`.to(device)` / `.cuda()` move a CSR/BSR weight (`.to_empty(device)` of a meta one gives an empty

@@ -252,7 +252,7 @@ class HanPruningCallback(MagnitudePruningCallback):
         from the saved masks.
         """
         callback = super().from_pretrained(pretrained_path, config, **hub_kwargs)
-        if config is None:
+        if callback._holds_saved_masks:
             callback._initial_state["iteration"] = len(callback.config.qualities())
         return callback
 
