@@ -12,7 +12,7 @@ from .criteria import CRITERIA
 from .masks import SCHEMES
 from .methods.rpp import PENALTY_SCHEDULES, RPPCallback, RPPConfig
 from .schedules import SCHEDULES
-from .validation import check_bool
+from .validation import check_bool, check_int
 
 
 #: `--method`: the config class the options build and the callback that runs it.
@@ -126,6 +126,7 @@ class PruningArguments:
                 from its default while `method` is not `rpp`. The options are checked whether or not the run
                 prunes (`--prune false` or `--final_sparsity 0` with a bad option is still an error).
         """
+        check_int("max_steps", max_steps, 1, optional=True)
         check_bool("prune", self.prune)
         check_bool("override_checkpoint_config", self.override_checkpoint_config)
         if self.method not in METHODS:
@@ -139,9 +140,6 @@ class PruningArguments:
                                  "to `method` 'rpp' only.")
         names = {f.name for f in dataclasses.fields(config_class)}
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in names}
-        if isinstance(self.structure, (str, list, tuple)):  # anything else: PruningConfig names the field
-            structures = [self.structure] if isinstance(self.structure, str) else list(self.structure)
-            values["structure"] = structures[0] if len(structures) == 1 else structures
         config = config_class(**values)
         if max_steps is not None:
             METHODS[self.method][1].check_schedule(config, max_steps)

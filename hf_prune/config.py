@@ -135,6 +135,8 @@ class PruningConfig:
     def __setattr__(self, name: str, value: Any) -> None:
         if name in self.list_fields and isinstance(value, tuple):
             value = list(value)
+        if name == "structure":
+            value = canonical_structure(value)
         super().__setattr__(name, value)
 
     def __post_init__(self) -> None:
@@ -207,10 +209,14 @@ class PruningConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PruningConfig:
-        """Builds a config from `to_dict()` output; keys from a newer hf_prune are dropped with a warning."""
+        """Builds a config from `to_dict()` output, of the class its `config_type` names (which must be `cls` or a
+        subclass of it); keys from a newer hf_prune are dropped with a warning."""
         data = dict(data)
         config_type = data.pop("config_type", cls.__name__)
-        target_cls = _config_class(config_type) if cls is PruningConfig else cls
+        target_cls = _config_class(config_type)
+        if not issubclass(target_cls, cls):
+            raise ValueError(f"The config is a {config_type} (`config_type`), not a {cls.__name__}: load it with "
+                             f"{config_type}.from_pretrained or PruningConfig.from_pretrained.")
         known = {f.name for f in dataclasses.fields(target_cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -234,9 +240,20 @@ class PruningConfig:
         return cls.from_dict(data)
 
 
+def canonical_structure(value: Any) -> Any:
+    """One spelling per `structure`: a single kind as its string (`["neurons"]` -> `"neurons"`), two in
+    `STRUCTURES` order (`["heads", "neurons"]` -> `["neurons", "heads"]`), so that configs that prune alike compare
+    equal (a resume checks it); anything else as it is, for `validate` to name."""
+    if isinstance(value, (list, tuple)) and all(isinstance(s, str) and s in STRUCTURES for s in value) \
+            and len(set(value)) == len(value):
+        ordered = sorted(value, key=STRUCTURES.index)
+        return ordered[0] if len(ordered) == 1 else ordered
+    return value
+
+
 def _config_class(name: str) -> type[PruningConfig]:
     classes = {c.__name__: c for c in (PruningConfig, *_all_subclasses(PruningConfig))}
-    if name not in classes:
+    if not isinstance(name, str) or name not in classes:
         raise ValueError(f"Unknown `config_type` {name!r} in pruning config; accepted: {', '.join(sorted(classes))}.")
     return classes[name]
 

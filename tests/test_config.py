@@ -101,3 +101,26 @@ def test_callback_override_checkpoint_config_must_be_a_bool(callback_class, conf
     assert callback.override_checkpoint_config is True
     restored = callback_class(**callback.state()["args"])  # as the Trainer restores callbacks from a checkpoint
     assert restored.override_checkpoint_config is True and restored.config == config
+
+
+@pytest.mark.parametrize("written, canonical", [
+    (["neurons"], "neurons"), (("heads",), "heads"), (["heads", "neurons"], ["neurons", "heads"]),
+    ("unstructured", "unstructured"),
+])
+def test_one_structure_has_one_spelling(written, canonical):
+    # a resume compares the configs: the same structure written two ways must compare equal
+    assert PruningConfig(structure=written).structure == canonical
+    assert PruningConfig(structure=written) == PruningConfig(structure=canonical)
+    config = PruningConfig()
+    config.structure = written
+    assert config.structure == canonical
+
+
+def test_a_config_file_of_another_method_is_refused_by_a_subclass_and_a_bad_config_type_named(tmp_path):
+    HanConfig(quality=0.7).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="The config is a HanConfig .*not a RPPConfig: load it with HanConfig"):
+        RPPConfig.from_pretrained(tmp_path)
+    assert PruningConfig.from_pretrained(tmp_path) == HanConfig(quality=0.7)
+    for config_type in (["x"], {"a": 1}, "Nope"):
+        with pytest.raises(ValueError, match="Unknown `config_type`"):
+            PruningConfig.from_dict({"config_type": config_type})

@@ -557,6 +557,9 @@ def test_pruning_arguments_parse_to_config() -> None:
                                              prune_head=True)
     with pytest.raises(ValueError, match="cannot finish inside max_steps"):
         args.to_config(max_steps=50)
+    for max_steps in ("10", 3.5, True, 0):
+        with pytest.raises(ValueError, match="`max_steps` must be None or an integer >= 1"):
+            args.to_config(max_steps=max_steps)
     assert not parser.parse_args_into_dataclasses(args=["--final_sparsity", "0"])[0].enabled
     assert not parser.parse_args_into_dataclasses(args=["--no_prune"])[0].enabled
     with pytest.raises(ValueError, match="`initial_sparsity`"):

@@ -84,6 +84,17 @@ def test_patterns_that_match_nothing_are_errors(kwargs, field):
         find_targets(tiny_bert(), PruningConfig(**kwargs))
 
 
+@pytest.mark.parametrize("field, entries, message", [
+    ("target_modules", ["query", "qeury"], r"`target_modules` entry 'qeury' \(of \['query', 'qeury'\]\) matches no"),
+    ("exclude_modules", ["output.dense", "typo"], r"`exclude_modules` entry 'typo' \(of \['output.dense', 'typo'\]\)"),
+    ("target_modules", ["query", "classifier"], r"entry 'classifier' .* outside them: set prune_head=True"),
+])
+def test_every_entry_of_a_list_must_match(field, entries, message):
+    # a misspelt entry would leave its modules dense, or prune those it was meant to keep
+    with pytest.raises(ValueError, match=message):
+        find_targets(tiny_bert(), PruningConfig(**{field: entries}))
+
+
 def test_model_without_blocks_is_an_error():
     model = torch.nn.Sequential()
     model.add_module("fc", torch.nn.Linear(4, 4))
