@@ -13,7 +13,7 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
-from .config import PruningConfig
+from .config import PruningConfig, canonical_structure
 from .constants import CONFIG_NAME, MASKS_NAME, TRAINER_STATE_NAME
 from .distributed import Replicated, from_main_rank, is_main_rank
 from .folders import check_saved_files
@@ -373,6 +373,8 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
         `override_checkpoint_config`; returns the differences (`""` for none, or a checkpoint without a config)."""
         if saved is None:
             return ""
+        if "structure" in saved:  # as the config spells it now (a checkpoint may hold ["neurons"] for "neurons")
+            saved = {**saved, "structure": canonical_structure(saved["structure"])}
         current = self.config.to_dict()
         changed = sorted(key for key in saved.keys() | current.keys()
                          if key not in _FIELDS_THAT_KEEP_MASKS and saved.get(key) != current.get(key))

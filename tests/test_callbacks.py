@@ -268,6 +268,20 @@ def test_resume_under_a_config_that_prunes_differently_is_an_error(tmp_path, cha
     assert checker.sparsity_by_step == {}, "no step was taken"
 
 
+def test_a_checkpoint_spelling_the_structure_as_a_list_resumes_under_its_string(tmp_path):
+    from hf_prune.serialization import save_masks
+
+    first, _ = resumable_trainer(tmp_path, MagnitudePruningCallback(PruningConfig(**TO_70)))
+    checkpoint = train_until_first_checkpoint(first)
+    path = os.path.join(checkpoint, MASKS_NAME)  # as written before a structure had one spelling
+    metadata = read_masks_metadata(path)
+    metadata["pruning_config"]["structure"] = ["unstructured"]
+    save_masks(load_masks(path), path, metadata)
+    resumed, checker = resumable_trainer(tmp_path, MagnitudePruningCallback(PruningConfig(**TO_70)))
+    resumed.train(resume_from_checkpoint=checkpoint)
+    assert checker.violations == []
+
+
 @pytest.mark.slow
 def test_resume_with_a_new_base_model_name_is_not_a_change(tmp_path):
     first, _ = resumable_trainer(tmp_path, MagnitudePruningCallback(PruningConfig(**TO_70)))
