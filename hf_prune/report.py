@@ -26,7 +26,8 @@ class LayerSparsity:
 
     @property
     def sparsity(self) -> float:
-        return self.pruned / self.numel
+        """Pruned fraction of the weight (0 for a weight without entries: nothing of it is pruned)."""
+        return self.pruned / max(1, self.numel)
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class SparsityReport:
         for row in self.layers:
             pruned[row.weight_class] += row.pruned
             total[row.weight_class] += row.numel
-        return {cls: pruned[cls] / total[cls] for cls in total}
+        return {cls: pruned[cls] / max(1, total[cls]) for cls in total}
 
     @classmethod
     def from_masks(cls, masks: Mapping[str, torch.Tensor], class_granularity: str = "role") -> SparsityReport:

@@ -104,6 +104,16 @@ def test_report_of_plain_transformers_folder_reports_zeros(tmp_path, capsys):
     assert total_line(out).split()[-1] == "0.00%"
 
 
+def test_report_of_a_model_with_a_weight_without_entries(tmp_path, capsys):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                             intermediate_size=0)).save_pretrained(tmp_path)
+    assert main(["report", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "bert.encoder.layer.0.intermediate.dense.weight" in out and total_line(out).split()[-1] == "0.00%"
+
+
 def test_sparsity_grid_has_a_row_per_layer_and_a_column_per_role(pruned_folder):
     folder, masks = pruned_folder
     report = PrunedModel.from_pretrained(folder).sparsity_report()
