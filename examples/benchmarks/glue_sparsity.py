@@ -88,14 +88,16 @@ def main() -> None:
     parser.add_argument("--schedules", nargs="+", choices=["iterative", "cubic"], default=["iterative", "cubic"])
     parser.add_argument("--schemes", nargs="+", choices=SCHEMES, default=["class-blind"])
     parser.add_argument("--criteria", nargs="+", choices=sorted(CRITERIA), default=["magnitude"])
-    parser.add_argument("--small_dense_layers", type=int, nargs="*", default=[1, 2])
+    parser.add_argument("--small_dense_layers", type=int, nargs="*", default=[1, 2], choices=range(1, LAYERS),
+                        metavar=f"1..{LAYERS - 1}", help="First k blocks of the model, as small dense baselines.")
     parser.add_argument("--plot", type=Path, default=None, help="Write the accuracy plots to this PNG.")
     parser.add_argument("--skip_dense", action="store_true",
                         help="Do not fine-tune the dense model (no `vs dense` column values, no plot).")
     parser.add_argument("--save_dir", type=Path, default=None,
                         help="Save every pruned model here with PrunedModel.save_pretrained (with its masks).")
     args = parser.parse_args()
-    for kind, sparsity, scheme, criterion in itertools.product(args.schedules, args.sparsities, args.schemes,
+    matched = [round(1 - k / LAYERS, 4) for k in args.small_dense_layers]  # the cubic runs of the small models' size
+    for kind, sparsity, scheme, criterion in itertools.product(args.schedules, args.sparsities + matched, args.schemes,
                                                                 args.criteria):
         try:  # every config is checked before the first (long) fine-tuning
             pruning_config(kind, sparsity, args.max_steps, scheme, criterion)
@@ -105,7 +107,6 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     collator = DataCollatorWithPadding(tokenizer)
     train, dev = load_sst2(args, tokenizer)
-    matched = [round(1 - k / LAYERS, 4) for k in args.small_dense_layers]
     variants = list(itertools.product(args.schemes, args.criteria))
     runs = [] if args.skip_dense else [("dense", 0.0, None, None)]
     if "iterative" in args.schedules:
@@ -118,7 +119,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for kind, sparsity, layers, variant in runs:
             start = time.perf_counter()
-            overrides = {"num_hidden_layers": layers} if layers else {}
+            overrides = {} if layers is None else {"num_hidden_layers": layers}
             model = load_model(model_path, args.seed, **overrides)
             callbacks = None
             if kind in ("iterative", "cubic"):

@@ -37,6 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     SHARED_SST2,
     encode,
+    existing_folder,
+    fraction,
     named_folder,
     positive_int,
     print_and_write,
@@ -47,12 +49,12 @@ from common import (  # noqa: E402
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dense", required=True, help="Folder of the fine-tuned dense classifier.")
+    parser.add_argument("--dense", required=True, type=existing_folder, help="Folder of the fine-tuned dense classifier.")
     parser.add_argument("--models", type=named_folder, nargs="*", default=[], metavar="NAME=FOLDER",
                         help="Other plain transformers folders (shrunk or small dense models).")
     parser.add_argument("--pruned", type=named_folder, nargs="*", default=[], metavar="NAME=FOLDER",
                         help="PrunedModel folders (fine-tuned with masks), each with the dense and the sparse kernel.")
-    parser.add_argument("--unstructured", type=float, nargs="*", default=[0.8, 0.9, 0.95],
+    parser.add_argument("--unstructured", type=fraction, nargs="*", default=[0.8, 0.9, 0.95],
                         help="Sparsities of one-shot magnitude pruning of the dense model.")
     parser.add_argument("--threads", type=positive_int, nargs="+", default=[1, 2])
     parser.add_argument("--data_dir", default=str(SHARED_SST2), help="Folder with dev.tsv.")
@@ -147,7 +149,7 @@ def worker(spec: dict) -> dict:
     if spec["accuracy"]:
         result["accuracy"] = _accuracy(model, spec["tokenizer"], spec["data_dir"])
     result.update(counts)
-    result["sparse_layers"] = None if report is None else len(report.converted)
+    result["sparse_layers"] = None if report is None else f"{len(report.converted)} of {len(report.choices)}"
     result["peak_rss"] = proc_status_bytes("VmHWM")
     if torch.cuda.is_available() and spec.get("kernel") != "sparse":
         model.to("cuda")
@@ -251,7 +253,7 @@ def _table(rows: list[dict], args: argparse.Namespace) -> str:
     sparse_layers = [f"{row['name']}: " + ", ".join(f"{row[f'sparse_layers@{t}']} ({t} thr)" for t in args.threads)
                      for row in rows if row.get(f"sparse_layers@{args.threads[0]}") is not None]
     if sparse_layers:
-        lines += ["", "Layers `to_sparse_inference` converted (of 36 encoder Linear layers): "
+        lines += ["", "Layers `to_sparse_inference` converted, of the masked Linear layers: "
                   + "; ".join(sparse_layers) + "."]
     return "\n".join(lines)
 

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import print_and_write
+from common import fraction, positive_int, print_and_write
 from transformers import AutoModelForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
 
 from hf_prune import MagnitudePruningCallback, Pruner, PruningConfig
@@ -131,15 +131,17 @@ def in_subprocess(method: str, sparsity: float, repeats: int) -> dict[str, float
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
+    parser.add_argument("--steps", type=positive_int, default=60, help="optimizer steps per run (> 10)")
     parser.add_argument("--warmup", type=int, default=5, help="first steps of each run left out of the timing")
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--seq_len", type=int, default=64)
-    parser.add_argument("--sparsity", type=float, default=0.9)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch_size", type=positive_int, default=32)
+    parser.add_argument("--seq_len", type=positive_int, default=64)
+    parser.add_argument("--sparsity", type=fraction, default=0.9)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--output", type=Path)
     parser.add_argument("--_event", choices=["hf_prune", "torch"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.steps <= 10 or not 0 <= args.warmup < args.steps:  # the schedule ends 10 steps before the run
+        parser.error(f"--steps ({args.steps}) must be above 10 and --warmup ({args.warmup}) in 0..steps-1.")
     if args._event:
         print(json.dumps(pruning_event(args._event, args.sparsity, args.repeats)))
         return

@@ -15,6 +15,7 @@ its own `save_pretrained` beside the dense one, for `inference_speed.py` to time
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import tempfile
 from pathlib import Path
@@ -27,6 +28,7 @@ from common import (  # noqa: E402
     add_common_arguments,
     default_model_path,
     fine_tune,
+    fraction,
     load_model,
     print_and_write,
     setup_sst2,
@@ -47,7 +49,7 @@ from hf_prune.criteria import CRITERIA  # noqa: E402
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_arguments(parser, max_train_samples=8000, max_steps=300)
-    parser.add_argument("--sparsities", type=float, nargs="*", default=[0.5, 0.75],
+    parser.add_argument("--sparsities", type=fraction, nargs="*", default=[0.5, 0.75],
                         help="Fractions of the feed-forward neurons removed (in every layer).")
     parser.add_argument("--criteria", nargs="+", choices=sorted(CRITERIA), default=["magnitude"])
     parser.add_argument("--fisher_steps", type=int, default=60, help="Steps of statistics before each event.")
@@ -78,7 +80,21 @@ def parse_args() -> argparse.Namespace:
         parser.error("--layers keeps the first k blocks, --drop_blocks removes the least useful k: pick one.")
     if args.teacher is not None and not args.distill:
         parser.error("--teacher is the dense model for --distill; add --distill.")
+    for criterion, sparsity in itertools.product(args.criteria, args.sparsities):
+        try:  # every config is checked before the first (long) fine-tuning
+            pruning_config(args, criterion, sparsity)
+        except ValueError as error:
+            parser.error(str(error))
     return args
+
+
+def pruning_config(args: argparse.Namespace, criterion: str, sparsity: float) -> PruningConfig:
+    """The config of one pruned run: neurons, class-uniform, cubic from `fisher_steps` to `end_fraction` of the
+    steps."""
+    return PruningConfig(structure="neurons", scheme="class-uniform", schedule="cubic", final_sparsity=sparsity,
+                         start_step=args.fisher_steps, end_step=int(args.end_fraction * args.max_steps),
+                         pruning_frequency=args.pruning_frequency, criterion=criterion,
+                         fisher_steps=args.fisher_steps)
 
 
 def without_least_influential_blocks(model, count: int, train_set: list[dict], collator):
@@ -113,10 +129,7 @@ def main() -> None:
         end_step = int(args.end_fraction * args.max_steps)
         for criterion in args.criteria:
             for sparsity in args.sparsities:
-                config = PruningConfig(structure="neurons", scheme="class-uniform", schedule="cubic",
-                                       final_sparsity=sparsity, start_step=args.fisher_steps, end_step=end_step,
-                                       pruning_frequency=args.pruning_frequency, criterion=criterion,
-                                       fisher_steps=args.fisher_steps)
+                config = pruning_config(args, criterion, sparsity)
                 distillation = {} if teacher is None else {
                     "trainer_class": DistillationTrainer, "teacher_model": teacher, "alpha": args.distill_alpha,
                     "temperature": args.distill_temperature}
