@@ -16,7 +16,7 @@ from testing_utils import (
 from transformers import Trainer, TrainerCallback, TrainerState
 from transformers.trainer_utils import default_compute_objective
 
-from hf_prune import MagnitudePruningCallback, PruningConfig, SparsitySchedule
+from hf_prune import MagnitudePruningCallback, PrunedModel, PruningConfig, SparsitySchedule
 from hf_prune.callbacks import checkpoint_folder
 from hf_prune.constants import MASKS_NAME
 from hf_prune.methods.han import HanConfig, HanPruningCallback
@@ -142,6 +142,22 @@ def test_checkpoints_pushed_to_the_hub_carry_their_masks(tmp_path, monkeypatch):
     for step in (4, 8, 12):
         folder = tmp_path / "out" / f"checkpoint-{step}"
         assert read_masks_metadata(folder / MASKS_NAME)["global_step"] == step  # on_save's rewrite: same step
+
+
+@pytest.mark.parametrize("strategy", ["every_save", "end"])
+def test_the_model_the_trainer_pushes_to_the_repo_root_is_a_pruned_model_save(tmp_path, monkeypatch, strategy):
+    hub = RecordingHubApi()
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: hub)
+    trainer, callback, _ = magnitude_trainer(tmp_path, PruningConfig(**CUBIC), save_strategy="steps", save_steps=4,
+                                             push_to_hub=True, hub_model_id="user/pruned", hub_strategy=strategy)
+    trainer.train()
+    trainer.push_to_hub()
+    roots = [files for path, files in hub.uploads if path == "."]
+    assert roots and all({MASKS_NAME, "pruning_config.json", "model.safetensors"} <= files for files in roots)
+    pushed = PrunedModel.from_pretrained(tmp_path / "out")  # its files record matches the weights the Trainer wrote
+    assert all(torch.equal(pushed.masks[name], mask) for name, mask in callback.masks.items())
+    weights = dict(trainer.model.named_parameters())
+    assert all(torch.equal(p, weights[n]) for n, p in pushed.model.named_parameters())
 
 
 def test_a_hyperparameter_search_trial_saves_its_masks_in_its_own_run_folder(tmp_path):
