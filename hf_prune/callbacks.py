@@ -133,15 +133,18 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
             sparsity to the end.
     """
 
+    #: The config class of the callback's method: a dict `config` is read as one, and the default is one.
+    config_class: type[PruningConfig] = PruningConfig
+
     def __init__(self, config: PruningConfig | dict[str, Any] | None = None,
                  override_checkpoint_config: bool = False) -> None:
         if isinstance(config, dict):
-            config = PruningConfig.from_dict(config)
-        if config is not None and not isinstance(config, PruningConfig):
-            raise ValueError(f"`config` must be a PruningConfig (or its to_dict()); got {type(config).__name__} "
-                             f"{config!r}.")
+            config = self.config_class.from_dict(config)
+        if config is not None and not isinstance(config, self.config_class):
+            raise ValueError(f"`config` must be a {self.config_class.__name__} (or its to_dict()); got "
+                             f"{type(config).__name__} {config!r}.")
         check_bool("override_checkpoint_config", override_checkpoint_config)
-        self.config = config if config is not None else PruningConfig()
+        self.config = config if config is not None else self.config_class()
         self.override_checkpoint_config = override_checkpoint_config
         self.pruner: Pruner | None = None
         self._initial_state: dict[str, Any] | None = None

@@ -365,3 +365,34 @@ def test_config_round_trips_through_the_core_from_dict():
     loaded = PruningConfig.from_dict(config.to_dict())
     assert type(loaded) is HanConfig and loaded == config and loaded.quality == [0.5, 0.75]
     assert HanPruningCallback(**HanPruningCallback(config).state()["args"]).config == config
+
+
+def test_an_encoder_decoder_model_takes_each_dropout_from_its_own_part_config():
+    from transformers import BertConfig, EncoderDecoderConfig, EncoderDecoderModel, GPT2Config
+
+    torch.manual_seed(0)
+    encoder = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                         intermediate_size=37, hidden_dropout_prob=0.2)
+    decoder = GPT2Config(vocab_size=99, n_embd=32, n_layer=1, n_head=4, n_positions=64, add_cross_attention=True,
+                         is_decoder=True, resid_pdrop=0.3)
+    model = EncoderDecoderModel(config=EncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder))
+    pruner = HanPruner(model, HanConfig(quality=[1.0], pruning_frequency=1))  # the top config has no dropouts
+    pruner.update(0)
+    kept = pruner.masks["encoder.encoder.layer.0.output.dense.weight"]
+    assert pruner.dropout["encoder.encoder.layer.0.output.dropout"] == pytest.approx(
+        0.2 * math.sqrt(int(kept.sum()) / kept.numel()))
+    kept = pruner.masks["decoder.transformer.h.0.mlp.c_proj.weight"]
+    assert pruner.dropout["decoder.transformer.h.0.mlp.dropout"] == pytest.approx(
+        0.3 * math.sqrt(int(kept.sum()) / kept.numel()))
+
+
+def test_callbacks_read_a_dict_config_as_their_own_and_check_it_before_training():
+    assert HanPruningCallback({"quality": [0.5, 0.7]}).config == HanConfig(quality=[0.5, 0.7])
+    with pytest.raises(ValueError, match="is a PruningConfig .*not a HanConfig"):
+        HanPruningCallback(PruningConfig().to_dict())
+    for config in ("bert", 3):
+        with pytest.raises(ValueError, match="`config` must be a PruningConfig"):
+            RegularizationCallback(config=config)
+    assert RegularizationCallback(config={"target_modules": ["query"]}).config == PruningConfig(target_modules=["query"])
+    with pytest.raises(ValueError, match="the last of the 2 pruning events is at step 20"):  # as train() would
+        HanPruningCallback.check_schedule(HanConfig(quality=[0.5, 0.7], start_step=10, pruning_frequency=10), 12)

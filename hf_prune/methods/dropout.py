@@ -75,22 +75,45 @@ def apply_dropout_adjustment(model: nn.Module, masks: Mapping[str, torch.Tensor]
         masks (`dict[str, torch.Tensor]`): parameter name -> `torch.bool` mask (True = kept).
 
     Raises:
-        ValueError: when a mask names a parameter `model` does not have.
+        ValueError: when a mask names a parameter `model` does not have, or no config holds a dropout's `D_o`;
+            no dropout is changed then.
+    """
+    ratios = dropout_ratios(model, masks)
+    for (module, attribute), ratio in ratios.items():
+        dropout = getattr(module, attribute)
+        if isinstance(dropout, nn.Dropout):
+            dropout.p = ratio
+        else:
+            setattr(module, attribute, ratio)
+    names = {id(module): name for name, module in model.named_modules()}
+    return {f"{names[id(module)]}.{attribute}": ratio for (module, attribute), ratio in ratios.items()}
+
+
+def dropout_ratios(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[tuple[nn.Module, str], float]:
+    """The ratio `apply_dropout_adjustment` gives each known dropout of `model`, keyed `(module, attribute)`,
+    changing nothing. `D_o` is read from the config of the innermost model holding the module (the encoder's or
+    the decoder's in an `EncoderDecoderModel`).
+
+    Raises:
+        ValueError: when a mask names a parameter `model` does not have, or no config holds a dropout's `D_o`.
     """
     params = dict(model.named_parameters())
     check_masks_match(masks, {name: tuple(p.shape) for name, p in params.items()}, require_all=False)
     kept_by_weight = {id(params[name]): int(mask.sum()) for name, mask in masks.items()}
+    configs = [(name, module.config) for name, module in model.named_modules() if hasattr(module, "config")]
+    configs.sort(key=lambda item: -len(item[0]))  # innermost first
     ratios = {}
     for name, module in model.named_modules():
         for rule in DROPOUT_RULES.get(type(module).__name__, ()):
             weights = [module.get_submodule(driver).weight for driver in rule.drivers]
             original = sum(w.numel() for w in weights)
             remaining = sum(kept_by_weight.get(id(w), w.numel()) for w in weights)
-            ratio = float(getattr(model.config, rule.config_key)) * math.sqrt(remaining / original)
-            dropout = getattr(module, rule.attribute)
-            if isinstance(dropout, nn.Dropout):
-                dropout.p = ratio
-            else:
-                setattr(module, rule.attribute, ratio)
-            ratios[f"{name}.{rule.attribute}"] = ratio
+            holders = [config for prefix, config in configs if not prefix or name == prefix
+                       or name.startswith(prefix + ".")]
+            config = next((c for c in holders if hasattr(c, rule.config_key)), None)
+            if config is None:
+                raise ValueError(f"No config of {type(model).__name__} holds `{rule.config_key}`, the original "
+                                 f"dropout of {name}.{rule.attribute}; set HanConfig(adjust_dropout=False) to "
+                                 "leave the dropouts as they are.")
+            ratios[(module, rule.attribute)] = float(getattr(config, rule.config_key)) * math.sqrt(remaining / original)
     return ratios

@@ -31,7 +31,7 @@ from ..distributed import refuse_sharded
 from ..pruner import Pruner
 from ..schedules import check_fits
 from ..validation import check_bool, check_choice, check_int, is_finite_number
-from .dropout import apply_dropout_adjustment
+from .dropout import apply_dropout_adjustment, dropout_ratios
 
 
 #: Pruning events of a `HanConfig` whose `iterations` is None and whose `quality` is a single number.
@@ -174,6 +174,8 @@ class HanPruner(Pruner):
         super().__init__(model, config, max_steps)
         refuse_sharded(self.params.values(), "HanPruner")
         self.events = event_steps(config, max_steps)
+        if config.adjust_dropout:  # a model whose dropouts it cannot adjust is refused before any event
+            dropout_ratios(self.module, {})
         self.iteration = 0
         self.dropout: dict[str, float] = {}
 
@@ -236,11 +238,7 @@ class HanPruningCallback(MagnitudePruningCallback):
             Defaults to `HanConfig()`.
     """
 
-    def __init__(self, config: HanConfig | dict[str, Any] | None = None,
-                 override_checkpoint_config: bool = False) -> None:
-        super().__init__(config if config is not None else HanConfig(), override_checkpoint_config)
-        if not isinstance(self.config, HanConfig):
-            raise ValueError(f"`config` must be a HanConfig (or its to_dict()); got {type(self.config).__name__}.")
+    config_class = HanConfig
 
     @classmethod
     def from_pretrained(cls, pretrained_path: str | os.PathLike, config: HanConfig | None = None,
@@ -261,6 +259,11 @@ class HanPruningCallback(MagnitudePruningCallback):
         """`saved`'s qualities with every event at a step of its own from 0 (`pruning_frequency=1`), so that no
         Trainer `max_steps` is needed to place them; `from_pretrained` counts them all as done."""
         return replace(super().holding_config(saved, sparsity), pruning_frequency=1)
+
+    @classmethod
+    def check_schedule(cls, config: HanConfig, max_steps: int) -> None:
+        """Raises the `ValueError` training would raise at its start if `config`'s events do not fit `max_steps`."""
+        event_steps(config, max_steps)
 
     def prunes_after_train_begin(self) -> bool:
         return not (self._holds_saved_masks or (len(self.config.qualities()) == 1 and self.config.start_step == 0))

@@ -73,13 +73,18 @@ class RegularizationCallback(TrainerCallback):
     Args:
         penalty (`str`, *optional*, defaults to `"l2"`): `"l1"` (`λ·Σ|w|`) or `"l2"` (`λ·Σw²`).
         strength (`float`, *optional*, defaults to `1e-5`): λ ≥ 0.
-        config (`PruningConfig`, *optional*): which weights are regularised (`target_modules`,
+        config (`PruningConfig` or `dict`, *optional*): which weights are regularised (`target_modules`,
             `exclude_modules`, `prune_head`, `structure`); defaults to `PruningConfig()`'s targets.
     """
 
     def __init__(self, penalty: str = "l2", strength: float = 1e-5, config: PruningConfig | None = None) -> None:
         check_choice("penalty", penalty, PENALTIES)
         check_number("strength", strength, 0.0)
+        if isinstance(config, dict):
+            config = PruningConfig.from_dict(config)
+        if config is not None and not isinstance(config, PruningConfig):
+            raise ValueError(f"`config` must be a PruningConfig (or its to_dict()) or None; got "
+                             f"{type(config).__name__} {config!r}.")
         self.penalty = penalty
         self.strength = float(strength)
         self.config = config if config is not None else PruningConfig()

@@ -292,11 +292,11 @@ class RPPCallback(MagnitudePruningCallback):
         override_checkpoint_config (`bool`, *optional*, defaults to `False`): as for `MagnitudePruningCallback`.
     """
 
+    config_class = RPPConfig
+
     def __init__(self, config: RPPConfig | dict[str, Any] | None = None,
                  override_checkpoint_config: bool = False) -> None:
-        super().__init__(config if config is not None else RPPConfig(), override_checkpoint_config)
-        if not isinstance(self.config, RPPConfig):
-            raise ValueError(f"`config` must be an RPPConfig (or its to_dict()); got {type(self.config).__name__}.")
+        super().__init__(config, override_checkpoint_config)
         self._optimizer: torch.optim.Optimizer | None = None  # the Trainer's, from on_train_begin to make_pruner
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
