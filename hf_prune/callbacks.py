@@ -17,7 +17,7 @@ from .adapters import has_adapters
 from .config import PruningConfig, canonical_structure
 from .constants import CONFIG_NAME, MASKS_NAME, TRAINER_STATE_NAME
 from .distributed import Replicated, from_main_rank, is_main_rank
-from .folders import check_saved_files
+from .folders import check_saved_files, remove_temporaries
 from .hub import resolve_file
 from .pruner import Pruner
 from .schedules import SparsitySchedule
@@ -151,6 +151,7 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
         self._holds_saved_masks = False  # from_pretrained without a config: the saved masks are final
         self._run_id: str | None = None  # made at each train(): ties each checkpoint's masks to its trainer_state
         self._step = 0
+        self._training: tuple[TrainingArguments, TrainerState] | None = None  # from on_train_begin to on_train_end
 
     @classmethod
     def from_pretrained(cls, pretrained_path: str | os.PathLike, config: PruningConfig | None = None,
@@ -215,6 +216,7 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
         self.pruner = self.make_pruner(model, state.max_steps)
         # one id for every rank: with save_on_each_node each node's checkpoint (and its trainer_state) names it
         self._run_id, self._step = from_main_rank(uuid.uuid4().hex), state.global_step
+        self._training = args, state
         if state.global_step > 0:
             self._restore_from_checkpoint(args, state)
         elif self._initial_state is not None:
@@ -301,6 +303,7 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
         PrunedModel(self.pruner.module, self.masks, self.config).save_pretrained(args.output_dir)
 
     def _save_masks(self, path: str, pruner_state: dict[str, Any], state: TrainerState) -> None:
+        remove_temporaries(os.path.dirname(path))  # what a write killed in that folder left (it would be pushed)
         masks = pruner_state.pop("masks")
         save_masks(masks, path, {"global_step": state.global_step, **pruner_state,
                                  "pruning_config": self.config.to_dict(),
@@ -327,6 +330,7 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
                            "final_sparsity %s%s: the pruning schedule did not finish (early stopping, or a "
                            "checkpoint from before its end).", state.global_step, self.pruner.target_sparsity,
                            final, loaded)
+        self._training = None
         # The masks stay (for `PrunedModel.from_trainer`); the gradient hooks go, or any later training of this model,
         # by a Trainer without this callback or a loop of the user's, would silently keep the pruned weights at 0.
         self.pruner.remove_hooks()
@@ -334,7 +338,26 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
     def state(self) -> dict[str, Any]:
         state = {"args": {"config": self.config.to_dict(),
                           "override_checkpoint_config": self.override_checkpoint_config}, "attributes": {}}
-        return state if self._run_id is None else {**state, "masks_id": self._masks_id()}
+        if self._run_id is None:
+            return state
+        self._save_masks_into_checkpoint_being_written()
+        return {**state, "masks_id": self._masks_id()}
+
+    def _save_masks_into_checkpoint_being_written(self) -> None:
+        """The Trainer asks for `state()` while it writes a checkpoint: after the model, before its
+        `trainer_state.json` and before `save_total_limit` deletes the older checkpoints, all of which precede
+        `on_save`. The masks go in here already (`on_save` writes them again), so that a process killed in between
+        leaves a complete checkpoint to resume from, not a newest one without masks and the older ones deleted.
+        Replicated weights only (sharded ones need every rank, and only the saving ones are here); in a
+        hyperparameter-search trial the checkpoint's folder is found by its `trainer_state.json`: `on_save` only."""
+        if self._training is None or self.pruner is None or type(self.pruner.layout) is not Replicated:
+            return
+        args, state = self._training
+        if not args.should_save or state.trial_params is not None:
+            return
+        folder = checkpoint_folder(args, state, create=False)
+        if os.path.isdir(folder) and not os.path.exists(os.path.join(folder, TRAINER_STATE_NAME)):
+            self._save_masks(os.path.join(folder, MASKS_NAME), self.pruner.state_dict(), state)
 
     def _masks_id(self) -> str:
         """Names the masks of the current step of this `train()`: written both into the checkpoint's masks file

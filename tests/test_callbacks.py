@@ -160,6 +160,35 @@ def test_the_model_the_trainer_pushes_to_the_repo_root_is_a_pruned_model_save(tm
     assert all(torch.equal(p, weights[n]) for n, p in pushed.model.named_parameters())
 
 
+def test_a_checkpoint_holds_its_masks_before_save_total_limit_deletes_the_older_ones(tmp_path, monkeypatch):
+    # the Trainer deletes the older checkpoints before on_save: killed in between, the run must still resume
+    seen = []
+    rotate = transformers.trainer.rotate_checkpoints
+
+    def rotating(output_dir, **kwargs):
+        newest = max((p for p in os.listdir(output_dir) if p.startswith("checkpoint-")),
+                     key=lambda p: int(p.split("-")[1]))
+        seen.append((newest, os.path.isfile(os.path.join(output_dir, newest, MASKS_NAME))))
+        return rotate(output_dir=output_dir, **kwargs)
+
+    monkeypatch.setattr(transformers.trainer, "rotate_checkpoints", rotating)
+    trainer, callback, _ = magnitude_trainer(tmp_path, PruningConfig(**CUBIC), save_strategy="steps", save_steps=4,
+                                             save_total_limit=1)
+    trainer.train()
+    assert seen == [("checkpoint-4", True), ("checkpoint-8", True), ("checkpoint-12", True)]
+    metadata = read_masks_metadata(tmp_path / "out" / "checkpoint-12" / MASKS_NAME)
+    assert metadata["global_step"] == 12 and metadata["masks_id"].endswith("-12")
+
+
+def test_a_write_killed_in_a_checkpoint_folder_leaves_nothing_the_next_save_keeps(tmp_path):
+    trainer, _, _ = magnitude_trainer(tmp_path, PruningConfig(**CUBIC), save_strategy="steps", save_steps=4)
+    (tmp_path / "out" / "checkpoint-4").mkdir(parents=True)
+    leftover = tmp_path / "out" / "checkpoint-4" / ".tmp-pruning_masks.safetensors-dead"
+    leftover.write_bytes(b"half written")
+    trainer.train()
+    assert not leftover.exists() and (tmp_path / "out" / "checkpoint-4" / MASKS_NAME).is_file()
+
+
 def test_a_hyperparameter_search_trial_saves_its_masks_in_its_own_run_folder(tmp_path):
     args = tiny_training_args(tmp_path)
     state = TrainerState(global_step=4, trial_params={"learning_rate": 1e-3})
