@@ -264,6 +264,6 @@ def train_evaluate_save(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, sc
         if script_args.push_to_hub:
             repo_id = args.hub_model_id or Path(args.output_dir).absolute().name
             commit = pruned.push_to_hub(repo_id, private=args.hub_private_repo, token=args.hub_token,
-                                        processing_class=tokenizer)
+                                        revision=args.hub_revision, processing_class=tokenizer)
             logger.info("Pushed the pruned model and its tokenizer to %s", commit.repo_url)
     return results

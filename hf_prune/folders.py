@@ -8,7 +8,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from typing import Any
 
 from transformers.utils import (
@@ -41,10 +41,6 @@ _DENSE_WEIGHTS_FILE = re.compile(r"(model|pytorch_model)(\.[\w-]+)?(-\d+-of-\d+)
                                  r"|(model|pytorch_model)\.(safetensors|bin)\.index(\.[\w-]+)?\.json")
 #: A peft adapter's files: transformers loads an adapter it finds beside the weights on top of them.
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
-#: What `push_to_hub` deletes from the repo unless the new save uploads it (the same files as `commit` removes).
-STALE_PATTERNS = (*WEIGHT_FORMATS, "model-*-of-*.safetensors", "pytorch_model-*-of-*.bin", "model.*.safetensors",
-                  "pytorch_model.*.bin", "model.safetensors.index.*.json", "pytorch_model.bin.index.*.json",
-                  GENERATION_CONFIG_NAME, *ADAPTER_FILES)
 
 
 def weights_format(path: str | os.PathLike, hub_kwargs: Mapping[str, Any]) -> tuple[str, str | None]:
@@ -194,6 +190,14 @@ def _locked(directory: str, blocking: bool) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
+def stale_files(names: Iterable[str], members: Collection[str]) -> list[str]:
+    """Of the files `names` of a folder (or of a Hub repo: paths, only its root's count), those a new save whose
+    files are `members` replaces: weights of other formats, shards and variants, a generation config and peft
+    adapter files it does not have. `commit` removes them from a folder, `push_to_hub` from the repo."""
+    return [name for name in names if "/" not in name and name not in members
+            and (_is_weights_file(name) or name in (GENERATION_CONFIG_NAME, *ADAPTER_FILES))]
+
+
 def commit(staging: str, folder: str, members: Mapping[str, Any]) -> None:
     """Moves every file of `staging` into `folder` (the save's own files last), then removes the weights of other
     formats, a generation config and a peft adapter that the new save does not have. Each file reaches the disk before it is
@@ -206,6 +210,5 @@ def commit(staging: str, folder: str, members: Mapping[str, Any]) -> None:
         os.replace(os.path.join(staging, name), os.path.join(folder, name))
     for directory in {os.path.dirname(os.path.join(folder, name)) for name in names}:
         fsync_directory(directory)
-    for name in os.listdir(folder):
-        if name not in members and (_is_weights_file(name) or name in (GENERATION_CONFIG_NAME, *ADAPTER_FILES)):
-            os.remove(os.path.join(folder, name))
+    for name in stale_files(os.listdir(folder), members):
+        os.remove(os.path.join(folder, name))

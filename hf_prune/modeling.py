@@ -26,13 +26,13 @@ from .config import PruningConfig
 from .constants import COMPRESSED_WEIGHTS_NAME, CONFIG_NAME, DEEP_COMPRESSED_WEIGHTS_NAME, MASKS_NAME
 from .distributed import gather_unsharded
 from .folders import (
-    STALE_PATTERNS,
     check_saved_files,
     check_unchanged,
     commit,
     files_under,
     remove_temporaries,
     staging_folder,
+    stale_files,
     weights_format,
 )
 from .hub import HUB_KWARGS, resolve_file
@@ -344,12 +344,16 @@ class PrunedModel(nn.Module):
         `processing_class`, ...) and uploads the folder as one commit to `repo_id`; returns the commit info.
         `tags` are added to the model card's own (`hf_prune`, `pruned`, `sparse`, `sparsity-NN`).
 
-        The same commit deletes the repo's weights files of the formats this save does not write (and a generation
-        config it does not have), as `save_pretrained` does in a folder: the repo holds one save. On a process
+        The same commit deletes the weights files at the repo's root of the formats this save does not write (and
+        a generation config or peft adapter it does not have), as `save_pretrained` does in a folder: the root holds
+        one save; subfolders are left alone. `create_pr=True` with a `revision` other than main is a `ValueError`. On a process
         that is not the main one (`is_main_process=False`) nothing is saved or uploaded, and it returns None."""
         if not save_kwargs.get("is_main_process", True):
             self.apply_masks_()  # as save_pretrained does on every process
             return None
+        if create_pr and revision not in (None, "main"):
+            raise ValueError(f"`create_pr=True` opens a pull request against main; got `revision` {revision!r} as "
+                             "well (the Hub refuses both). Push to the branch, or open the pull request.")
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         if revision is not None and not revision.startswith("refs/pr"):  # as transformers' push_to_hub does
@@ -360,9 +364,11 @@ class PrunedModel(nn.Module):
                 card = ModelCard.load(os.path.join(folder, "README.md"))
                 card.data.tags = [*card.data.tags, *(tag for tag in tags if tag not in card.data.tags)]
                 card.save(os.path.join(folder, "README.md"))
+            # the root's files of another save, by name: a pattern would reach other saves in subfolders too
+            stale = stale_files(api.list_repo_files(repo_id, revision=revision), files_under(folder))
             return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message,
                                      commit_description=commit_description, revision=revision,
-                                     create_pr=create_pr, delete_patterns=list(STALE_PATTERNS))
+                                     create_pr=create_pr, delete_patterns=stale or None)
 
     # ---------------------------------------------------------------------------------------------- loading
     @classmethod

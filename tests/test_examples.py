@@ -133,26 +133,30 @@ def test_run_glue_method_rpp_saves_the_rpp_config(tiny_model: str, tmp_path: Pat
 @needs_data
 def test_run_glue_cola_headerless_tsv_and_push_to_hub(tiny_model: str, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    uploads: list[tuple[str, list[str]]] = []
+    uploads: list[tuple[str, list[str], str | None]] = []
 
     def upload_folder(**kwargs: object) -> mock.MagicMock:
-        uploads.append((kwargs["repo_id"], sorted(os.listdir(kwargs["folder_path"]))))
+        uploads.append((kwargs["repo_id"], sorted(os.listdir(kwargs["folder_path"])), kwargs["revision"]))
         return mock.MagicMock(repo_url=mock.MagicMock(repo_id="me/tiny-cola"))
 
     with mock.patch.object(HfApi, "create_repo", return_value=mock.MagicMock(repo_id="me/tiny-cola")) as create, \
             mock.patch.object(HfApi, "upload_folder", side_effect=upload_folder), \
+            mock.patch.object(HfApi, "list_repo_files", return_value=[]), \
+            mock.patch.object(HfApi, "create_branch") as branch, \
             mock.patch.object(huggingface_hub.constants, "HF_HUB_OFFLINE", False):  # the Hub, as mocked here
         run_glue.main(["--model_name_or_path", tiny_model, "--task_name", "cola",
                        "--train_file", str(DATA / "cola" / "train.tsv"),
                        "--validation_file", str(DATA / "cola" / "dev.tsv"), "--do_train", "--do_eval",
                        "--max_seq_length", "32", "--schedule", "oneshot", "--final_sparsity", "0.5",
-                       "--output_dir", str(out), "--push_to_hub", "--hub_model_id", "me/tiny-cola", *FAST])
+                       "--output_dir", str(out), "--push_to_hub", "--hub_model_id", "me/tiny-cola",
+                       "--hub_revision", "sparse-50", *FAST])
     assert -1.0 <= read_results(out)["eval_matthews_correlation"] <= 1.0
     check_saved_pruned_model(out, AutoModelForSequenceClassification, 0.5)
     create.assert_called_once()
     assert create.call_args.args[0] == "me/tiny-cola"
-    [(repo, files)] = uploads  # one commit: model, masks, pruning config, card and tokenizer
-    assert repo == "me/tiny-cola"
+    [(repo, files, revision)] = uploads  # one commit: model, masks, pruning config, card and tokenizer
+    assert repo == "me/tiny-cola" and revision == "sparse-50"  # --hub_revision, a branch made first
+    assert branch.call_args.kwargs["branch"] == "sparse-50"
     assert {"model.safetensors", MASKS_NAME, CONFIG_NAME, "config.json", "README.md", "tokenizer.json",
             "tokenizer_config.json"} <= set(files)
 

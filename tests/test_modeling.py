@@ -196,6 +196,7 @@ def test_push_to_hub_uploads_the_saved_folder():
 
     repo = mock.Mock(repo_id="user/tiny-bert-90")
     with mock.patch("huggingface_hub.HfApi.create_repo", return_value=repo) as create, \
+            mock.patch("huggingface_hub.HfApi.list_repo_files", return_value=[]), \
             mock.patch("huggingface_hub.HfApi.upload_folder", upload_folder):
         assert model.push_to_hub("user/tiny-bert-90", private=True) == "commit-info"
     create.assert_called_once_with("user/tiny-bert-90", private=True, exist_ok=True)
@@ -210,6 +211,7 @@ def test_push_to_hub_sends_the_commit_description_and_adds_the_tags_to_the_card(
         cards.update(card=ModelCard.load(os.path.join(folder_path, "README.md")), kwargs=kwargs)
 
     with mock.patch("huggingface_hub.HfApi.create_repo", return_value=mock.Mock(repo_id="user/m")), \
+            mock.patch("huggingface_hub.HfApi.list_repo_files", return_value=[]), \
             mock.patch("huggingface_hub.HfApi.upload_folder", upload_folder):
         pruned("bert").push_to_hub("user/m", commit_description="80% on SST-2", tags=["sst2", "pruned"])
     assert cards["kwargs"]["commit_description"] == "80% on SST-2"
@@ -668,24 +670,34 @@ def safetensors_metadata(path) -> dict[str, str]:
         return dict(f.metadata())
 
 
-def test_push_to_hub_deletes_the_other_formats_in_the_same_commit():
-    import fnmatch
-
+def test_push_to_hub_deletes_the_other_formats_at_the_root_in_the_same_commit():
     calls = {}
 
     def upload_folder(self, *, repo_id, folder_path, delete_patterns, **kwargs):
         calls.update(files=set(os.listdir(folder_path)), delete=delete_patterns)
 
+    stale = ["model.safetensors", "model-00001-of-00002.safetensors", "model.safetensors.index.json",
+             "model.fp16.safetensors", COMPRESSED_WEIGHTS_NAME, "pytorch_model.bin", "generation_config.json",
+             "adapter_config.json", "adapter_model.safetensors"]
+    kept = ["config.json", MASKS_NAME, CONFIG_NAME, "README.md", "tokenizer.json", ".gitattributes",
+            "deep_compressed_weights.safetensors",  # uploaded again
+            "model-int8/model.safetensors", "v2/pytorch_model.bin"]  # other saves, in subfolders
     with mock.patch("huggingface_hub.HfApi.create_repo", return_value=mock.Mock(repo_id="user/m")), \
+            mock.patch("huggingface_hub.HfApi.list_repo_files", return_value=stale + kept), \
             mock.patch("huggingface_hub.HfApi.upload_folder", upload_folder):
         pruned("bert").push_to_hub("user/m", compression="deep")
-    stale = ["model.safetensors", "model-00001-of-00002.safetensors", "model.safetensors.index.json",
-             COMPRESSED_WEIGHTS_NAME, "pytorch_model.bin", "generation_config.json", "adapter_config.json",
-             "adapter_model.safetensors"]
-    assert all(any(fnmatch.fnmatch(name, p) for p in calls["delete"]) for name in stale)
-    assert not any(fnmatch.fnmatch(name, p) for p in calls["delete"] for name in {"config.json", MASKS_NAME,
-                                                                                 CONFIG_NAME, "README.md"})
-    assert "deep_compressed_weights.safetensors" in calls["files"]  # uploaded, so kept (upload_folder's rule)
+    assert sorted(calls["delete"]) == sorted(stale)  # exact names: a pattern would reach into the subfolders
+    assert "deep_compressed_weights.safetensors" in calls["files"]
+
+
+def test_push_to_hub_refuses_a_pull_request_to_a_branch_before_creating_anything():
+    from hf_prune import modeling
+
+    api = mock.Mock()
+    with mock.patch.object(modeling, "HfApi", return_value=api):
+        with pytest.raises(ValueError, match="`create_pr=True` opens a pull request against main"):
+            pruned("bert").push_to_hub("user/m", revision="sparse-80", create_pr=True)
+    assert api.mock_calls == []
 
 
 def test_push_to_hub_on_a_process_that_is_not_the_main_one_does_nothing():
@@ -703,6 +715,7 @@ def test_push_to_hub_to_a_new_branch_creates_it_first():
 
     api = mock.Mock()
     api.create_repo.return_value = mock.Mock(repo_id="user/m")
+    api.list_repo_files.return_value = []
     with mock.patch.object(modeling, "HfApi", return_value=api):
         pruned("bert").push_to_hub("user/m", revision="sparse-80")
     assert api.create_branch.call_args == mock.call("user/m", branch="sparse-80", exist_ok=True)
