@@ -13,7 +13,6 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
-from .adapters import has_adapters
 from .config import PruningConfig, canonical_structure
 from .constants import CONFIG_NAME, MASKS_NAME, TRAINER_STATE_NAME
 from .distributed import Replicated, from_main_rank, is_main_rank
@@ -287,23 +286,18 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
     def on_push_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                       **kwargs: Any) -> None:
         # With push_to_hub the Trainer uploads a checkpoint before on_save: the masks go in first (main process
-        # only, so only where they need no collective), and a Hub checkpoint resumes like a local one. The Trainer
-        # also uploads output_dir (the model of that checkpoint, or at trainer.push_to_hub() the final one): it
-        # gets the whole PrunedModel save, whose weights the Trainer's own copy or save_model then rewrites with
-        # the same bytes, so the repo's root loads with PrunedModel.from_pretrained too.
+        # only, so only where they need no collective), and a Hub checkpoint resumes like a local one. It uploads
+        # output_dir too (the model alone: `PrunedModel.push_to_hub` uploads it with its masks), without what a
+        # killed write left there.
         if self.pruner is None or type(self.pruner.layout) is not Replicated or not state.is_world_process_zero:
             return
+        if os.path.isdir(args.output_dir):
+            remove_temporaries(args.output_dir)
         folder = checkpoint_being_pushed(args, state, MASKS_NAME)
         if folder is not None:
             self._save_masks(os.path.join(folder, MASKS_NAME), self.pruner.state_dict(), state)
-        if has_adapters(self.pruner.module):  # the Trainer pushes the adapters alone: no model to save beside them
-            return
-        from .modeling import PrunedModel  # modeling imports this module
-
-        PrunedModel(self.pruner.module, self.masks, self.config).save_pretrained(args.output_dir)
 
     def _save_masks(self, path: str, pruner_state: dict[str, Any], state: TrainerState) -> None:
-        remove_temporaries(os.path.dirname(path))  # what a write killed in that folder left (it would be pushed)
         masks = pruner_state.pop("masks")
         save_masks(masks, path, {"global_step": state.global_step, **pruner_state,
                                  "pruning_config": self.config.to_dict(),

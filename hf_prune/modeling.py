@@ -353,7 +353,8 @@ class PrunedModel(nn.Module):
             return None
         if create_pr and revision not in (None, "main"):
             raise ValueError(f"`create_pr=True` opens a pull request against main; got `revision` {revision!r} as "
-                             "well (the Hub refuses both). Push to the branch, or open the pull request.")
+                             "well (huggingface_hub's upload_folder refuses both). Push to the branch, or open the "
+                             "pull request.")
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         if revision is not None and not revision.startswith("refs/pr"):  # as transformers' push_to_hub does

@@ -79,12 +79,12 @@ def matches(module_name: str, patterns: str | Sequence[str]) -> bool:
     return any(module_name == p or module_name.endswith("." + p) for p in patterns)
 
 
-def _each_entry(patterns: str | Sequence[str]) -> list[str | list[str]]:
+def pattern_entries(patterns: str | Sequence[str]) -> list[str | list[str]]:
     """A regex as one pattern, a list as one single-entry list per entry: what must each match something."""
     return [patterns] if isinstance(patterns, str) else [[p] for p in patterns]
 
 
-def _entry(patterns: str | Sequence[str], entry: str | list[str]) -> str:
+def describe_entry(patterns: str | Sequence[str], entry: str | list[str]) -> str:
     """How an error names `entry` of `patterns`: the regex or one-entry list itself, else the entry with its list."""
     if isinstance(patterns, str) or len(patterns) == 1:
         return repr(patterns if isinstance(patterns, str) else list(patterns))
@@ -166,12 +166,12 @@ def find_targets(model: nn.Module, config: PruningConfig) -> list[Target]:
     in_scope = [n for n in names if config.prune_head or _BLOCK_INDEX.search(n)]
     if config.target_modules is not None:
         # each entry of a list must match (a misspelt one would silently leave its modules dense)
-        for patterns in _each_entry(config.target_modules):
+        for patterns in pattern_entries(config.target_modules):
             outside = [n for n in names if n not in in_scope and matches(n, patterns)]
             if not any(matches(n, patterns) for n in in_scope):
                 hint = (f" inside the Transformer blocks (it matches {outside[:3]}, outside them: set prune_head=True "
                         "to prune those)" if outside else "")
-                raise ValueError(f"`target_modules` {_entry(config.target_modules, patterns)} matches no prunable "
+                raise ValueError(f"`target_modules` {describe_entry(config.target_modules, patterns)} matches no prunable "
                                  f"Linear/Conv1D module{hint} of {type(model).__name__}{shared}; candidates include "
                                  f"{names[:6]} (a string is a regular expression over the whole module name, a list "
                                  "holds name suffixes).")
@@ -179,9 +179,9 @@ def find_targets(model: nn.Module, config: PruningConfig) -> list[Target]:
     else:
         selected = in_scope
     if config.exclude_modules is not None:  # naming a tied layer (never pruned anyway) is fine
-        for patterns in _each_entry(config.exclude_modules):  # a misspelt entry would prune what it should keep
+        for patterns in pattern_entries(config.exclude_modules):  # a misspelt entry would prune what it should keep
             if not any(matches(n, patterns) for n in modules):
-                raise ValueError(f"`exclude_modules` {_entry(config.exclude_modules, patterns)} matches no "
+                raise ValueError(f"`exclude_modules` {describe_entry(config.exclude_modules, patterns)} matches no "
                                  f"Linear/Conv1D module of {type(model).__name__}; candidates include {names[:6]} (a "
                                  "string is a regular expression over the whole module name, a list holds name "
                                  "suffixes).")

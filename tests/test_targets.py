@@ -95,6 +95,15 @@ def test_every_entry_of_a_list_must_match(field, entries, message):
         find_targets(tiny_bert(), PruningConfig(**{field: entries}))
 
 
+@pytest.mark.parametrize("structure, member", [("neurons", "intermediate.dense"), ("heads", "attention.self.query")])
+def test_every_exclusion_entry_must_match_with_a_structure_too(structure, member):
+    from hf_prune.structured.units import units_for
+
+    config = PruningConfig(structure=structure, exclude_modules=[f"layer.0.{member}", f"layr.1.{member}"])
+    with pytest.raises(ValueError, match=f"`exclude_modules` entry 'layr.1.{member}' .* matches no module of the"):
+        units_for(tiny_bert(), config)
+
+
 def test_model_without_blocks_is_an_error():
     model = torch.nn.Sequential()
     model.add_module("fc", torch.nn.Linear(4, 4))

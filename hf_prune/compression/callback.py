@@ -12,7 +12,6 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from ..callbacks import MagnitudePruningCallback, checkpoint_being_pushed, checkpoint_folder, find_checkpoint_file
 from ..constants import QUANTIZATION_STATE_NAME
-from ..folders import remove_temporaries
 from .deep_format import read_deep_compressed, save_deep_compressed
 from .quantization import QuantizedWeight, TrainedQuantizer, check_quantizer_arguments
 
@@ -161,6 +160,5 @@ class QuantizationCallback(TrainerCallback):
         self.quantizer.load_quantized_(quantized)
 
     def _save_state(self, folder: str, state: TrainerState) -> None:
-        remove_temporaries(folder)  # what a write killed in that folder left (it would be pushed)
         save_deep_compressed(os.path.join(folder, QUANTIZATION_STATE_NAME), self.quantized, {},
                              {"global_step": state.global_step})

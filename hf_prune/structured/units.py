@@ -25,8 +25,10 @@ from ..adapters import trained_copies
 from ..targets import (
     Target,
     clean_name,
+    describe_entry,
     find_targets,
     matches,
+    pattern_entries,
     prunable_modules,
     refuse_quantized,
     refuse_trained_copies,
@@ -233,10 +235,12 @@ def units_for(model: nn.Module, config: PruningConfig) -> list[Unit]:
     """
     units = find_units(model, config.structures())
     if config.exclude_modules is not None:
+        names = [m.module_name for unit in units for m in unit.members]
+        for patterns in pattern_entries(config.exclude_modules):  # a misspelt entry would prune what it should keep
+            if not any(matches(name, patterns) for name in names):
+                raise ValueError(f"`exclude_modules` {describe_entry(config.exclude_modules, patterns)} matches no "
+                                 f"module of the {config.structure!r} blocks of {type(model).__name__}.")
         kept = [u for u in units if not any(matches(m.module_name, config.exclude_modules) for m in u.members)]
-        if len(kept) == len(units):
-            raise ValueError(f"`exclude_modules` {config.exclude_modules!r} matches no module of the "
-                             f"{config.structure!r} blocks of {type(model).__name__}.")
         if not kept:
             raise ValueError(f"`exclude_modules` {config.exclude_modules!r} leaves no {config.structure!r} block of "
                              f"{type(model).__name__} to prune.")
