@@ -151,6 +151,7 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
         self._run_id: str | None = None  # made at each train(): ties each checkpoint's masks to its trainer_state
         self._step = 0
         self._training: tuple[TrainingArguments, TrainerState] | None = None  # from on_train_begin to on_train_end
+        self._written_early: str | None = None  # the masks file state() wrote into the checkpoint being written
 
     @classmethod
     def from_pretrained(cls, pretrained_path: str | os.PathLike, config: PruningConfig | None = None,
@@ -279,6 +280,10 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
                 **kwargs: Any) -> None:
         if self.pruner is None:
             return
+        if self._written_early is not None:  # state() wrote this checkpoint's masks already (replicated weights)
+            written, self._written_early = self._written_early, None
+            if written == os.path.join(checkpoint_folder(args, state, create=False), MASKS_NAME):
+                return
         pruner_state = self.pruner.state_dict()  # collective when the weights are sharded
         if args.should_save:  # where the Trainer writes the checkpoint: world rank 0, or each node's first
             self._save_masks(os.path.join(checkpoint_folder(args, state), MASKS_NAME), pruner_state, state)
@@ -324,7 +329,7 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
                            "final_sparsity %s%s: the pruning schedule did not finish (early stopping, or a "
                            "checkpoint from before its end).", state.global_step, self.pruner.target_sparsity,
                            final, loaded)
-        self._training = None
+        self._training = self._written_early = None
         # The masks stay (for `PrunedModel.from_trainer`); the gradient hooks go, or any later training of this model,
         # by a Trainer without this callback or a loop of the user's, would silently keep the pruned weights at 0.
         self.pruner.remove_hooks()
@@ -340,7 +345,7 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
     def _save_masks_into_checkpoint_being_written(self) -> None:
         """The Trainer asks for `state()` while it writes a checkpoint: after the model, before its
         `trainer_state.json` and before `save_total_limit` deletes the older checkpoints, all of which precede
-        `on_save`. The masks go in here already (`on_save` writes them again), so that a process killed in between
+        `on_save`. The masks go in here already (`on_save` then has nothing to write), so that a process killed in between
         leaves a complete checkpoint to resume from, not a newest one without masks and the older ones deleted.
         Replicated weights only (sharded ones need every rank, and only the saving ones are here); in a
         hyperparameter-search trial the checkpoint's folder is found by its `trainer_state.json`: `on_save` only."""
@@ -351,7 +356,8 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
             return
         folder = checkpoint_folder(args, state, create=False)
         if os.path.isdir(folder) and not os.path.exists(os.path.join(folder, TRAINER_STATE_NAME)):
-            self._save_masks(os.path.join(folder, MASKS_NAME), self.pruner.state_dict(), state)
+            self._written_early = os.path.join(folder, MASKS_NAME)
+            self._save_masks(self._written_early, self.pruner.state_dict(), state)
 
     def _masks_id(self) -> str:
         """Names the masks of the current step of this `train()`: written both into the checkpoint's masks file

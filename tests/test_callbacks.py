@@ -16,13 +16,14 @@ from testing_utils import (
 from transformers import Trainer, TrainerCallback, TrainerState
 from transformers.trainer_utils import default_compute_objective
 
+import hf_prune.callbacks
 from hf_prune import MagnitudePruningCallback, PruningConfig, SparsitySchedule
 from hf_prune.callbacks import checkpoint_folder
 from hf_prune.constants import MASKS_NAME
 from hf_prune.methods.han import HanConfig, HanPruningCallback
 from hf_prune.methods.regularization import RegularizationCallback
 from hf_prune.methods.rpp import RPPCallback, RPPConfig
-from hf_prune.serialization import load_masks, read_masks_metadata
+from hf_prune.serialization import load_masks, read_masks_metadata, save_masks
 
 
 class DriftingSGD(torch.optim.SGD):
@@ -170,10 +171,14 @@ def test_a_checkpoint_holds_its_masks_before_save_total_limit_deletes_the_older_
         return rotate(output_dir=output_dir, **kwargs)
 
     monkeypatch.setattr(transformers.trainer, "rotate_checkpoints", rotating)
+    written = []
+    monkeypatch.setattr(hf_prune.callbacks, "save_masks", lambda masks, path, *args, **kwargs: (
+        written.append(os.path.basename(os.path.dirname(path))), save_masks(masks, path, *args, **kwargs)))
     trainer, callback, _ = magnitude_trainer(tmp_path, PruningConfig(**CUBIC), save_strategy="steps", save_steps=4,
                                              save_total_limit=1)
     trainer.train()
     assert seen == [("checkpoint-4", True), ("checkpoint-8", True), ("checkpoint-12", True)]
+    assert written == ["checkpoint-4", "checkpoint-8", "checkpoint-12"], "each checkpoint's masks written once"
     metadata = read_masks_metadata(tmp_path / "out" / "checkpoint-12" / MASKS_NAME)
     assert metadata["global_step"] == 12 and metadata["masks_id"].endswith("-12")
 
@@ -303,8 +308,6 @@ def test_resume_under_a_config_that_prunes_differently_is_an_error(tmp_path, cha
 
 
 def test_a_checkpoint_spelling_the_structure_as_a_list_resumes_under_its_string(tmp_path):
-    from hf_prune.serialization import save_masks
-
     first, _ = resumable_trainer(tmp_path, MagnitudePruningCallback(PruningConfig(**TO_70)))
     checkpoint = train_until_first_checkpoint(first)
     path = os.path.join(checkpoint, MASKS_NAME)  # as written before a structure had one spelling
