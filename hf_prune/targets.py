@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -79,9 +79,13 @@ def matches(module_name: str, patterns: str | Sequence[str]) -> bool:
     return any(module_name == p or module_name.endswith("." + p) for p in patterns)
 
 
-def pattern_entries(patterns: str | Sequence[str]) -> list[str | list[str]]:
-    """A regex as one pattern, a list as one single-entry list per entry: what must each match something."""
-    return [patterns] if isinstance(patterns, str) else [[p] for p in patterns]
+def unmatched_entry(patterns: str | Sequence[str], names: Iterable[str]) -> str | list[str] | None:
+    """The first entry of `patterns` (a regex is one entry; a list entry comes as a one-entry list) that matches none
+    of `names`, else None: each entry must match (a misspelt one would leave its modules dense, or prune those it was
+    meant to keep)."""
+    names = list(names)
+    entries = [patterns] if isinstance(patterns, str) else [[p] for p in patterns]
+    return next((entry for entry in entries if not any(matches(n, entry) for n in names)), None)
 
 
 def describe_entry(patterns: str | Sequence[str], entry: str | list[str]) -> str:
@@ -165,26 +169,25 @@ def find_targets(model: nn.Module, config: PruningConfig) -> list[Target]:
     shared = f" ({', '.join(n for n, _ in tied)}: tied to an embedding or another layer, never pruned)" if tied else ""
     in_scope = [n for n in names if config.prune_head or _BLOCK_INDEX.search(n)]
     if config.target_modules is not None:
-        # each entry of a list must match (a misspelt one would silently leave its modules dense)
-        for patterns in pattern_entries(config.target_modules):
-            outside = [n for n in names if n not in in_scope and matches(n, patterns)]
-            if not any(matches(n, patterns) for n in in_scope):
-                hint = (f" inside the Transformer blocks (it matches {outside[:3]}, outside them: set prune_head=True "
-                        "to prune those)" if outside else "")
-                raise ValueError(f"`target_modules` {describe_entry(config.target_modules, patterns)} matches no prunable "
-                                 f"Linear/Conv1D module{hint} of {type(model).__name__}{shared}; candidates include "
-                                 f"{names[:6]} (a string is a regular expression over the whole module name, a list "
-                                 "holds name suffixes).")
+        entry = unmatched_entry(config.target_modules, in_scope)
+        if entry is not None:
+            outside = [n for n in names if n not in in_scope and matches(n, entry)]
+            hint = (f" inside the Transformer blocks (it matches {outside[:3]}, outside them: set prune_head=True "
+                    "to prune those)" if outside else "")
+            raise ValueError(f"`target_modules` {describe_entry(config.target_modules, entry)} matches no prunable "
+                             f"Linear/Conv1D module{hint} of {type(model).__name__}{shared}; candidates include "
+                             f"{names[:6]} (a string is a regular expression over the whole module name, a list "
+                             "holds name suffixes).")
         selected = [n for n in in_scope if matches(n, config.target_modules)]
     else:
         selected = in_scope
     if config.exclude_modules is not None:  # naming a tied layer (never pruned anyway) is fine
-        for patterns in pattern_entries(config.exclude_modules):  # a misspelt entry would prune what it should keep
-            if not any(matches(n, patterns) for n in modules):
-                raise ValueError(f"`exclude_modules` {describe_entry(config.exclude_modules, patterns)} matches no "
-                                 f"Linear/Conv1D module of {type(model).__name__}; candidates include {names[:6]} (a "
-                                 "string is a regular expression over the whole module name, a list holds name "
-                                 "suffixes).")
+        entry = unmatched_entry(config.exclude_modules, modules)
+        if entry is not None:
+            raise ValueError(f"`exclude_modules` {describe_entry(config.exclude_modules, entry)} matches no "
+                             f"Linear/Conv1D module of {type(model).__name__}; candidates include {names[:6]} (a "
+                             "string is a regular expression over the whole module name, a list holds name "
+                             "suffixes).")
         excluded = {n for n in modules if matches(n, config.exclude_modules)}
         selected = [n for n in selected if n not in excluded]
     if not selected:

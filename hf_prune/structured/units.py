@@ -28,10 +28,10 @@ from ..targets import (
     describe_entry,
     find_targets,
     matches,
-    pattern_entries,
     prunable_modules,
     refuse_quantized,
     refuse_trained_copies,
+    unmatched_entry,
     weight_class,
 )
 
@@ -235,11 +235,10 @@ def units_for(model: nn.Module, config: PruningConfig) -> list[Unit]:
     """
     units = find_units(model, config.structures())
     if config.exclude_modules is not None:
-        names = [m.module_name for unit in units for m in unit.members]
-        for patterns in pattern_entries(config.exclude_modules):  # a misspelt entry would prune what it should keep
-            if not any(matches(name, patterns) for name in names):
-                raise ValueError(f"`exclude_modules` {describe_entry(config.exclude_modules, patterns)} matches no "
-                                 f"module of the {config.structure!r} blocks of {type(model).__name__}.")
+        entry = unmatched_entry(config.exclude_modules, (m.module_name for unit in units for m in unit.members))
+        if entry is not None:
+            raise ValueError(f"`exclude_modules` {describe_entry(config.exclude_modules, entry)} matches no module of "
+                             f"the {config.structure!r} blocks of {type(model).__name__}.")
         kept = [u for u in units if not any(matches(m.module_name, config.exclude_modules) for m in u.members)]
         if not kept:
             raise ValueError(f"`exclude_modules` {config.exclude_modules!r} leaves no {config.structure!r} block of "
