@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 #: `PruningConfig` fields that do not change which weights are pruned: a resumed run may change them freely.
 _FIELDS_THAT_KEEP_MASKS = ("base_model_name_or_path",)
+#: The `TrainerState` attribute naming the pruning callback of its Trainer (see `MagnitudePruningCallback._claim`).
+_CLAIM = "_hf_prune_pruning_callback"
 
 
 def add_to_logs(logs: dict[str, float], state: TrainerState, entries: dict[str, float]) -> None:
@@ -75,6 +77,25 @@ def checkpoint_being_pushed(args: TrainingArguments, state: TrainerState, filena
     folder = checkpoint_folder(args, state, create=False)
     written = os.path.isfile(os.path.join(folder, TRAINER_STATE_NAME))
     return folder if written and not os.path.isfile(os.path.join(folder, filename)) else None
+
+
+def checkpoint_being_written(args: TrainingArguments, state: TrainerState) -> str | None:
+    """In a callback's `state()`, which the Trainer calls while it writes a checkpoint (after the model, before its
+    `trainer_state.json` and before `save_total_limit` deletes older checkpoints, all of which precede `on_save`):
+    that checkpoint's folder, where the callback's own files go in already, so that a process killed before
+    `on_save` leaves a complete checkpoint to resume from. None where this process does not write it, in a
+    hyperparameter-search trial (whose folder is found by its `trainer_state.json`: `on_save` only), and when
+    `state()` is called outside a save."""
+    if not args.should_save or state.trial_params is not None:
+        return None
+    folder = checkpoint_folder(args, state, create=False)
+    written = os.path.isdir(folder) and not os.path.exists(os.path.join(folder, TRAINER_STATE_NAME))
+    return folder if written else None
+
+
+def pruning_callback_of(state: TrainerState) -> MagnitudePruningCallback | None:
+    """The pruning callback of the Trainer whose `state` this is (the one that has claimed it), if any."""
+    return getattr(state, _CLAIM, None)
 
 
 def find_checkpoint_file(args: TrainingArguments, state: TrainerState, filename: str, written_by: str) -> str:
@@ -200,12 +221,12 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
         Raises:
             ValueError: when another pruning callback of the same Trainer has marked it.
         """
-        owner = getattr(state, "_hf_prune_pruning_callback", None)
+        owner = pruning_callback_of(state)
         if owner is not None and owner is not self:
             raise ValueError(f"Two pruning callbacks in one Trainer ({type(owner).__name__} and "
                              f"{type(self).__name__}): both would prune the model, and every checkpoint holds one "
                              "masks file. Use one; its config's target_modules / exclude_modules choose the weights.")
-        state._hf_prune_pruning_callback = self
+        setattr(state, _CLAIM, self)
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
@@ -343,21 +364,15 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
         return {**state, "masks_id": self._masks_id()}
 
     def _save_masks_into_checkpoint_being_written(self) -> None:
-        """The Trainer asks for `state()` while it writes a checkpoint: after the model, before its
-        `trainer_state.json` and before `save_total_limit` deletes the older checkpoints, all of which precede
-        `on_save`. The masks go in here already (`on_save` then has nothing to write), so that a process killed in between
-        leaves a complete checkpoint to resume from, not a newest one without masks and the older ones deleted.
-        Replicated weights only (sharded ones need every rank, and only the saving ones are here); in a
-        hyperparameter-search trial the checkpoint's folder is found by its `trainer_state.json`: `on_save` only."""
+        """Writes the masks into the checkpoint the Trainer is writing (see `checkpoint_being_written`); `on_save`
+        then has nothing to write. Replicated weights only (sharded ones need every rank, and only the saving ones
+        are here)."""
         if self._training is None or self.pruner is None or type(self.pruner.layout) is not Replicated:
             return
-        args, state = self._training
-        if not args.should_save or state.trial_params is not None:
-            return
-        folder = checkpoint_folder(args, state, create=False)
-        if os.path.isdir(folder) and not os.path.exists(os.path.join(folder, TRAINER_STATE_NAME)):
+        folder = checkpoint_being_written(*self._training)
+        if folder is not None:
             self._written_early = os.path.join(folder, MASKS_NAME)
-            self._save_masks(self._written_early, self.pruner.state_dict(), state)
+            self._save_masks(self._written_early, self.pruner.state_dict(), self._training[1])
 
     def _masks_id(self) -> str:
         """Names the masks of the current step of this `train()`: written both into the checkpoint's masks file

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from testing_utils import RecordingHubApi
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+import hf_prune.compression.callback
 from hf_prune import MagnitudePruningCallback, Pruner, PruningConfig
 from hf_prune.compression import (
     HuffmanTable,
@@ -406,12 +407,46 @@ def test_resuming_a_checkpoint_outside_output_dir_refuses_the_codebook_of_anothe
     assert resumed.state.global_step == 2  # refused before any step
 
 
-def test_a_resume_that_rebuilds_the_callbacks_from_their_state_says_to_leave_that_off(tmp_path):
-    trainer, _, _ = quantization_trainer(tmp_path, tiny_bert())
+def test_a_resume_that_rebuilds_the_callbacks_from_their_state_takes_the_rebuilt_pruning_callbacks_masks(tmp_path):
+    trainer, pruning, quantization = quantization_trainer(tmp_path, tiny_bert())
     trainer.train()
-    resumed, _, _ = quantization_trainer(tmp_path, tiny_bert(), restore_callback_states_from_checkpoint=True)
-    with pytest.raises(ValueError, match=r"restore_callback_states_from_checkpoint=True\) the Trainer replaces it"):
-        resumed.train(resume_from_checkpoint=os.path.join(trainer.args.output_dir, "checkpoint-3"))
+    resumed, _, given = quantization_trainer(tmp_path, tiny_bert(), restore_callback_states_from_checkpoint=True)
+    resumed.train(resume_from_checkpoint=os.path.join(trainer.args.output_dir, "checkpoint-3"))
+    rebuilt = [cb for cb in resumed.callback_handler.callbacks if isinstance(cb, QuantizationCallback)]
+    assert len(rebuilt) == 1 and rebuilt[0] is not given and rebuilt[0].source is None and rebuilt[0].bits == 3
+    assert resumed.state.global_step == 6
+    for name, q in rebuilt[0].quantized.items():  # the same run, resumed: the same codebook at its end
+        assert torch.equal(q.mask, pruning.masks[name]) and torch.equal(q.indices, quantization.quantized[name].indices)
+
+
+def test_the_masks_default_to_the_trainers_pruning_callback_and_without_one_say_so(tmp_path):
+    trainer, pruning, quantization = quantization_trainer(tmp_path, tiny_bert(), max_steps=2)
+    quantization.source = None  # QuantizationCallback(bits=3)
+    trainer.train()
+    assert set(quantization.quantized) == set(pruning.masks)
+    alone = Trainer(model=tiny_bert(), args=trainer.args, train_dataset=TinyClassificationDataset(8),
+                    callbacks=[QuantizationCallback(bits=3)])
+    with pytest.raises(ValueError, match="no `masks` and its Trainer no pruning callback"):
+        alone.train()
+
+
+def test_a_checkpoint_holds_its_codebook_before_save_total_limit_deletes_the_older_ones(tmp_path, monkeypatch):
+    seen, rotate = [], transformers.trainer.rotate_checkpoints
+
+    def rotating(output_dir, **kwargs):  # killed here, the newest checkpoint must be complete
+        newest = max((p for p in os.listdir(output_dir) if p.startswith("checkpoint-")),
+                     key=lambda p: int(p.split("-")[1]))
+        seen.append((newest, os.path.isfile(os.path.join(output_dir, newest, QUANTIZATION_STATE_NAME))))
+        return rotate(output_dir=output_dir, **kwargs)
+
+    monkeypatch.setattr(transformers.trainer, "rotate_checkpoints", rotating)
+    written = []
+    monkeypatch.setattr(hf_prune.compression.callback, "save_deep_compressed", lambda path, *args: (
+        written.append(os.path.basename(os.path.dirname(path))), save_deep_compressed(path, *args)))
+    trainer, _, _ = quantization_trainer(tmp_path, tiny_bert(), save_total_limit=1)
+    trainer.train()
+    assert seen == [("checkpoint-3", True), ("checkpoint-6", True)]
+    assert written == ["checkpoint-3", "checkpoint-6"], "each checkpoint's codebook written once"
 
 
 def test_checkpoints_pushed_to_the_hub_carry_the_clusters(tmp_path, monkeypatch):
@@ -584,11 +619,11 @@ def test_quantizer_arguments_are_checked_before_training(kwargs, field, accepted
         assert repr(kwargs[field]) in str(error.value) and accepted in str(error.value)
 
 
-@pytest.mark.parametrize("masks", [None, 42, "masks", [torch.ones(2, dtype=torch.bool)]],
-                         ids=["None", "int", "str", "list"])
+@pytest.mark.parametrize("masks", [42, "masks", [torch.ones(2, dtype=torch.bool)]], ids=["int", "str", "list"])
 def test_quantization_callback_refuses_masks_that_are_not_masks(masks):
-    with pytest.raises(ValueError, match="`masks` must be a dict of bool masks, a MagnitudePruningCallback or a "
-                                         "PrunedModel; got " + type(masks).__name__):
+    with pytest.raises(ValueError, match=r"`masks` must be a dict of bool masks, a MagnitudePruningCallback or a "
+                                         r"PrunedModel \(or None: the Trainer's pruning callback\); got "
+                                         + type(masks).__name__):
         QuantizationCallback(masks)
 
 

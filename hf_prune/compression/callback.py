@@ -9,8 +9,16 @@ from typing import Any
 
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import ExportableState
 
-from ..callbacks import MagnitudePruningCallback, checkpoint_being_pushed, checkpoint_folder, find_checkpoint_file
+from ..callbacks import (
+    MagnitudePruningCallback,
+    checkpoint_being_pushed,
+    checkpoint_being_written,
+    checkpoint_folder,
+    find_checkpoint_file,
+    pruning_callback_of,
+)
 from ..constants import QUANTIZATION_STATE_NAME
 from .deep_format import read_deep_compressed, save_deep_compressed
 from .quantization import QuantizedWeight, TrainedQuantizer, check_quantizer_arguments
@@ -22,7 +30,7 @@ _STILL_PRUNING = ("The pruning schedule is still running when quantization start
                   "after pruning: finish pruning in an earlier run, or use a oneshot schedule at step 0.")
 
 
-class QuantizationCallback(TrainerCallback):
+class QuantizationCallback(TrainerCallback, ExportableState):
     """Trained quantization during `Trainer.train()` of a pruned model (Deep Compression's second stage).
 
     At train begin, a `TrainedQuantizer` clusters each masked weight's kept entries into `2**bits` centroids and
@@ -35,24 +43,28 @@ class QuantizationCallback(TrainerCallback):
 
     Masks and cluster assignments never change: pruned weights stay exactly 0 and every kept weight is one of its
     layer's centroids (rounded to the weight's dtype: in a bf16 / fp16 model the centroids train in float32, as
-    master weights do, and dequantizing them into the model's dtype gives its weights exactly). The other parameters (embeddings, LayerNorms, biases, head) train as usual. Each checkpoint
-    gets `quantization_state.safetensors`, and `resume_from_checkpoint` restores it; with `load_best_model_at_end`
-    the best checkpoint's is loaded with its weights. After training, pass `callback.quantized` to
-    `save_deep_compressed`. With fp16 mixed precision keep `max_grad_norm > 0`: the
-    Trainer unscales the gradients when it clips them, before this callback reads them.
+    master weights do, and dequantizing them into the model's dtype gives its weights exactly). The other
+    parameters (embeddings, LayerNorms, biases, head) train as usual. Each checkpoint gets
+    `quantization_state.safetensors` (written with the checkpoint's weights, before `save_total_limit` deletes
+    older checkpoints), and `resume_from_checkpoint` restores it; with `load_best_model_at_end` the best
+    checkpoint's is loaded with its weights. After training, pass `callback.quantized` to `save_deep_compressed`.
+    With fp16 mixed precision keep `max_grad_norm > 0`: the Trainer unscales the gradients when it clips them,
+    before this callback reads them.
 
     ```python
     from hf_prune import MagnitudePruningCallback, QuantizationCallback
 
     pruning = MagnitudePruningCallback.from_pretrained("pruned")  # or the masks of a PrunedModel
-    quantization = QuantizationCallback(pruning, bits=4)
+    quantization = QuantizationCallback(bits=4)  # the masks of the pruning callback before it
     Trainer(model=model, args=args, train_dataset=ds, callbacks=[pruning, quantization]).train()
     ```
 
     Args:
-        masks (`dict[str, torch.Tensor]`, `MagnitudePruningCallback` or `PrunedModel`): the masks, or what holds
-            them, read at train begin; names are the trained model's parameter names. A pruning callback in the
-            same Trainer must come before this one and have finished its schedule by then.
+        masks (`dict[str, torch.Tensor]`, `MagnitudePruningCallback` or `PrunedModel`, *optional*): the masks, or
+            what holds them, read at train begin; names are the trained model's parameter names. Defaults to the
+            pruning callback of the same Trainer (what `restore_callback_states_from_checkpoint=True` rebuilds this
+            callback with). A pruning callback in the same Trainer must come before this one and have finished its
+            schedule by then.
         bits (`int`, *optional*, defaults to 4): 1..8, for `2**bits` shared values per weight.
         learning_rate (`float`, *optional*): the centroids' SGD learning rate (finite, > 0); defaults to the
             optimizer's.
@@ -61,14 +73,15 @@ class QuantizationCallback(TrainerCallback):
     Raises:
         ValueError: bad `bits`, `learning_rate`, `max_iter` or `masks`, or a pruning callback that prunes after
             training begins (here, before it changes the model); at train begin, no masks yet or a pruning schedule
-            still running (a resumed run).
+            still running (a resumed run), or no `masks` and no pruning callback in the Trainer.
     """
 
-    def __init__(self, masks: Any, bits: int = 4, learning_rate: float | None = None, max_iter: int = 100) -> None:
+    def __init__(self, masks: Any = None, bits: int = 4, learning_rate: float | None = None,
+                 max_iter: int = 100) -> None:
         check_quantizer_arguments(bits, learning_rate, max_iter)
-        if not (isinstance(masks, Mapping) or hasattr(masks, "masks")):
-            raise ValueError(f"`masks` must be a dict of bool masks, a MagnitudePruningCallback or a PrunedModel; got "
-                             f"{type(masks).__name__} {masks!r}.")
+        if not (masks is None or isinstance(masks, Mapping) or hasattr(masks, "masks")):
+            raise ValueError(f"`masks` must be a dict of bool masks, a MagnitudePruningCallback or a PrunedModel (or "
+                             f"None: the Trainer's pruning callback); got {type(masks).__name__} {masks!r}.")
         if isinstance(masks, MagnitudePruningCallback) and masks.prunes_after_train_begin():
             raise ValueError(_STILL_PRUNING.format(f"{type(masks).__name__} prunes after training begins "
                                                    f"(schedule {masks.config.schedule!r}, start_step "
@@ -78,37 +91,45 @@ class QuantizationCallback(TrainerCallback):
         self.learning_rate = learning_rate
         self.max_iter = max_iter
         self.quantizer: TrainedQuantizer | None = None
+        self._training: tuple[TrainingArguments, TrainerState] | None = None  # from on_train_begin to on_train_end
+        self._written_early: str | None = None  # the folder state() wrote the codebook into
 
     @property
     def quantized(self) -> dict[str, QuantizedWeight]:
         """Parameter name -> `QuantizedWeight` (for `save_deep_compressed`); empty before training starts."""
         return self.quantizer.quantized if self.quantizer is not None else {}
 
-    def _masks(self) -> Mapping[str, torch.Tensor]:
-        if isinstance(self.source, MagnitudePruningCallback) and self.source.pruner is None:
-            raise ValueError(f"{type(self.source).__name__} has not begun training when QuantizationCallback needs "
+    def _masks(self, state: TrainerState) -> Mapping[str, torch.Tensor]:
+        source = self.source if self.source is not None else pruning_callback_of(state)
+        if source is None:
+            raise ValueError("QuantizationCallback has no `masks` and its Trainer no pruning callback to take them "
+                             "from: pass the masks, or a pruning callback before QuantizationCallback.")
+        if isinstance(source, MagnitudePruningCallback) and source.pruner is None:
+            raise ValueError(f"{type(source).__name__} has not begun training when QuantizationCallback needs "
                              "its masks: put it before QuantizationCallback in the Trainer's callbacks. (With "
                              "TrainingArguments(restore_callback_states_from_checkpoint=True) the Trainer replaces it "
-                             "by a new instance placed last: leave that off; hf_prune's callbacks restore their "
-                             "state from the checkpoint's own files.)")
-        pruner = getattr(self.source, "pruner", None)
+                             "by a new instance: give QuantizationCallback no masks, and it takes those of the "
+                             "Trainer's pruning callback.)")
+        pruner = getattr(source, "pruner", None)
         if pruner is not None and pruner.target_sparsity < pruner.schedule.final:
             raise ValueError(_STILL_PRUNING.format(f"sparsity {pruner.target_sparsity:.4f} of "
                                                    f"{pruner.schedule.final}"))
-        return self.source if isinstance(self.source, Mapping) else self.source.masks
+        return source if isinstance(source, Mapping) else source.masks
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model: torch.nn.Module | None = None, **kwargs: Any) -> None:
         self.quantizer = TrainedQuantizer(model, self.bits, self.learning_rate, self.max_iter)
+        self._training, self._written_early = (args, state), None
         if state.global_step > 0:
             path = find_checkpoint_file(args, state, QUANTIZATION_STATE_NAME, type(self).__name__)
-            self._load_state(path, state.global_step)
+            self._load_state(path, state, state.global_step)
             logger.info("Restored %d quantized weights from %s.", len(self.quantized), path)
         else:
-            self.quantizer.quantize_(self._masks())
+            self.quantizer.quantize_(self._masks(state))
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:
+        self._training = None
         best = state.best_model_checkpoint
         if self.quantizer is None or not args.load_best_model_at_end or best is None:
             return
@@ -118,7 +139,7 @@ class QuantizationCallback(TrainerCallback):
             logger.warning("The best checkpoint %s has no %s: `quantized` is the last step's, not the codebook of "
                            "the weights the Trainer loaded from it.", best, QUANTIZATION_STATE_NAME)
             return
-        self._load_state(path)
+        self._load_state(path, state)
         logger.info("Loaded the quantized weights of the best checkpoint %s.", best)
 
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
@@ -130,8 +151,22 @@ class QuantizationCallback(TrainerCallback):
         self.quantizer.write_weights_()
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        written, self._written_early = self._written_early, None
         if self.quantized and args.should_save:  # where the Trainer writes the checkpoint
-            self._save_state(checkpoint_folder(args, state), state)
+            folder = checkpoint_folder(args, state)
+            if folder != written:
+                self._save_state(folder, state)
+
+    def state(self) -> dict[str, Any]:
+        # the Trainer calls this while it writes a checkpoint: the codebook goes in with the weights (see
+        # `checkpoint_being_written`); a rebuilt callback (restore_callback_states_from_checkpoint) takes the masks
+        # of the Trainer's pruning callback
+        folder = checkpoint_being_written(*self._training) if self._training is not None and self.quantized else None
+        if folder is not None:
+            self._save_state(folder, self._training[1])
+            self._written_early = folder
+        return {"args": {"bits": self.bits, "learning_rate": self.learning_rate, "max_iter": self.max_iter},
+                "attributes": {}}
 
     def on_push_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                       **kwargs: Any) -> None:
@@ -140,7 +175,7 @@ class QuantizationCallback(TrainerCallback):
         if folder is not None:
             self._save_state(folder, state)
 
-    def _load_state(self, path: str, global_step: int | None = None) -> None:
+    def _load_state(self, path: str, state: TrainerState, global_step: int | None = None) -> None:
         """Takes over the codebook of a checkpoint's `quantization_state.safetensors` (checked against the masks,
         then decoded), once it is known to be the codebook of the weights the Trainer loaded from that checkpoint.
 
@@ -148,7 +183,7 @@ class QuantizationCallback(TrainerCallback):
             ValueError: when the file was written at another step than `global_step`, or the loaded weights are
                 not its values: it is another run's (a `checkpoint-N` of the same step in `output_dir`).
         """
-        quantized, _, metadata = read_deep_compressed(path, self._masks())
+        quantized, _, metadata = read_deep_compressed(path, self._masks(state))
         saved_step = metadata.get("global_step")
         differing = self.quantizer.differing_weights(quantized)
         if (global_step is not None and saved_step != global_step) or differing:
