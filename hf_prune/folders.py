@@ -79,6 +79,8 @@ def check_saved_files(path: str | os.PathLike, config_file: str, hub_kwargs: Map
     Raises:
         ValueError: naming the first file that is missing or differs from the recorded one: the folder mixes
             two saves (an interrupted `save_pretrained`) or was edited.
+        FileNotFoundError: when a Hub repo's recorded file cannot be fetched (offline and not in the cache, or
+            not in the repo).
     """
     identities = {config_file: _identity(config_file)}
     records = read_json_object(config_file, "a PruningConfig").get("files")
@@ -94,7 +96,8 @@ def check_saved_files(path: str | os.PathLike, config_file: str, hub_kwargs: Map
     for name, record in records.items():
         if only is not None and name not in only:
             continue
-        local = resolve_file(path, name, required=False, **hub_kwargs)
+        # from a Hub repo, resolve_file's error says why a recorded file cannot be had (offline and not cached?)
+        local = resolve_file(path, name, required=not os.path.isdir(path), **hub_kwargs)
         if local is None:
             raise ValueError(f"{path} has no {name}, which {config_file} records as part of its save: the folder is "
                              "incomplete or mixes two saves (an interrupted save_pretrained?). Save the model again.")

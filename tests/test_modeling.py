@@ -233,6 +233,18 @@ def test_from_pretrained_with_a_repo_id_reads_the_hub_cache(tmp_path):
     assert_same(original, loaded)
 
 
+def test_a_repo_whose_cache_lacks_a_recorded_file_says_so_offline(tmp_path):
+    pruned("bert", 0.9).save_pretrained(tmp_path / "saved")
+    snapshot = tmp_path / "cache" / "models--user--tiny-bert-90" / "snapshots" / ("a" * 40)
+    shutil.copytree(tmp_path / "saved", snapshot)
+    (snapshot / MASKS_NAME).unlink()  # a download interrupted before the masks
+    (tmp_path / "cache" / "models--user--tiny-bert-90" / "refs").mkdir()
+    (tmp_path / "cache" / "models--user--tiny-bert-90" / "refs" / "main").write_text("a" * 40)
+    with pytest.raises(FileNotFoundError, match=f"as a Hub repo id {MASKS_NAME} cannot be fetched: the Hub is "
+                                                "unreachable .offline.. and the cache does not have it"):
+        PrunedModel.from_pretrained("user/tiny-bert-90", cache_dir=str(tmp_path / "cache"), local_files_only=True)
+
+
 def test_corrupt_mismatched_and_missing_masks_are_clear_errors(tmp_path):
     pruned("bert").save_pretrained(tmp_path)
     forget_file_records(tmp_path)  # the checks of each file's content, not of the save's record of its files
