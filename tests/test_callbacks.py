@@ -10,6 +10,7 @@ from testing_utils import (
     ZeroChecker,
     magnitude_trainer,
     make_pruned_weights_large,
+    record_newest_checkpoint_at_rotation,
     tiny_training_args,
     train_until_first_checkpoint,
 )
@@ -161,16 +162,7 @@ def test_a_leftover_in_output_dir_is_not_pushed_with_the_model(tmp_path, monkeyp
 
 def test_a_checkpoint_holds_its_masks_before_save_total_limit_deletes_the_older_ones(tmp_path, monkeypatch):
     # the Trainer deletes the older checkpoints before on_save: killed in between, the run must still resume
-    seen = []
-    rotate = transformers.trainer.rotate_checkpoints
-
-    def rotating(output_dir, **kwargs):
-        newest = max((p for p in os.listdir(output_dir) if p.startswith("checkpoint-")),
-                     key=lambda p: int(p.split("-")[1]))
-        seen.append((newest, os.path.isfile(os.path.join(output_dir, newest, MASKS_NAME))))
-        return rotate(output_dir=output_dir, **kwargs)
-
-    monkeypatch.setattr(transformers.trainer, "rotate_checkpoints", rotating)
+    seen = record_newest_checkpoint_at_rotation(monkeypatch, MASKS_NAME)
     written = []
     monkeypatch.setattr(hf_prune.callbacks, "save_masks", lambda masks, path, *args, **kwargs: (
         written.append(os.path.basename(os.path.dirname(path))), save_masks(masks, path, *args, **kwargs)))

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from testing_utils import RecordingHubApi
+from testing_utils import RecordingHubApi, record_newest_checkpoint_at_rotation
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 import hf_prune.compression.callback
@@ -431,15 +431,7 @@ def test_the_masks_default_to_the_trainers_pruning_callback_and_without_one_say_
 
 
 def test_a_checkpoint_holds_its_codebook_before_save_total_limit_deletes_the_older_ones(tmp_path, monkeypatch):
-    seen, rotate = [], transformers.trainer.rotate_checkpoints
-
-    def rotating(output_dir, **kwargs):  # killed here, the newest checkpoint must be complete
-        newest = max((p for p in os.listdir(output_dir) if p.startswith("checkpoint-")),
-                     key=lambda p: int(p.split("-")[1]))
-        seen.append((newest, os.path.isfile(os.path.join(output_dir, newest, QUANTIZATION_STATE_NAME))))
-        return rotate(output_dir=output_dir, **kwargs)
-
-    monkeypatch.setattr(transformers.trainer, "rotate_checkpoints", rotating)
+    seen = record_newest_checkpoint_at_rotation(monkeypatch, QUANTIZATION_STATE_NAME)  # killed there: complete?
     written = []
     monkeypatch.setattr(hf_prune.compression.callback, "save_deep_compressed", lambda path, *args: (
         written.append(os.path.basename(os.path.dirname(path))), save_deep_compressed(path, *args)))

@@ -1,5 +1,6 @@
 """What several test modules share beyond conftest.py's fixtures and tiny models: the tiny `TrainingArguments`, a
-callback that checks pruned weights stay exactly zero, and training interrupted at a checkpoint to resume from."""
+callback that checks pruned weights stay exactly zero, training interrupted at a checkpoint to resume from, and what a
+process killed while the Trainer rotates checkpoints leaves."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import types
 
 import pytest
 import torch
+import transformers
 from conftest import TinyClassificationDataset, tiny_bert
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -68,6 +70,21 @@ def train_until_first_checkpoint(trainer: Trainer) -> str:
     checkpoint = os.path.join(trainer.args.output_dir, f"checkpoint-{trainer.state.global_step}")
     assert os.path.isdir(checkpoint), checkpoint
     return checkpoint
+
+
+def record_newest_checkpoint_at_rotation(monkeypatch, filename: str) -> list[tuple[str, bool]]:
+    """Patches the Trainer's `rotate_checkpoints` (which deletes the older checkpoints before `on_save`) to record
+    the newest checkpoint's name and whether it holds `filename` yet: what a process killed there leaves."""
+    seen, rotate = [], transformers.trainer.rotate_checkpoints
+
+    def rotating(output_dir, **kwargs):
+        newest = max((p for p in os.listdir(output_dir) if p.startswith("checkpoint-")),
+                     key=lambda p: int(p.split("-")[1]))
+        seen.append((newest, os.path.isfile(os.path.join(output_dir, newest, filename))))
+        return rotate(output_dir=output_dir, **kwargs)
+
+    monkeypatch.setattr(transformers.trainer, "rotate_checkpoints", rotating)
+    return seen
 
 
 def magnitude_trainer(tmp_path, config: PruningConfig, max_steps: int = 12, checker: bool = True,
