@@ -98,6 +98,19 @@ def pruning_callback_of(state: TrainerState) -> MagnitudePruningCallback | None:
     return getattr(state, _CLAIM, None)
 
 
+def mismatch_causes(args: TrainingArguments, state: TrainerState, in_loaded_folder: bool) -> str:
+    """For the error saying that a callback's file is not that of the checkpoint the Trainer loaded: what can cause
+    it. `in_loaded_folder`: whether the file was found in that checkpoint's folder (the best checkpoint, or a
+    `TrainingArguments.resume_from_checkpoint` folder), not only in `output_dir` (`find_checkpoint_file`)."""
+    copied = ("files come from different saves (copied between checkpoints, or edited): resume from an intact "
+              "checkpoint")
+    if in_loaded_folder:
+        return f"The checkpoint's {copied}."
+    return (f"Either the checkpoint being resumed is outside output_dir ({args.output_dir}), whose "
+            f"checkpoint-{state.global_step} is another run's or step's (set TrainingArguments.resume_from_checkpoint "
+            f"to the checkpoint's folder, or resume in its output_dir), or the checkpoint's {copied}.")
+
+
 def find_checkpoint_file(args: TrainingArguments, state: TrainerState, filename: str, written_by: str) -> str:
     """The `filename` of the checkpoint a run resumes from: in `args.resume_from_checkpoint` when it is a folder,
     else in `output_dir/checkpoint-<global_step>`.
@@ -113,7 +126,8 @@ def find_checkpoint_file(args: TrainingArguments, state: TrainerState, filename:
     if found is None:
         raise FileNotFoundError(
             f"Resuming at step {state.global_step}, but none of {paths} exists. Resume from a checkpoint written with "
-            f"{written_by} (set TrainingArguments.resume_from_checkpoint to its folder if it is not under output_dir)."
+            f"{written_by} (set TrainingArguments.resume_from_checkpoint to its folder if it is not under output_dir; "
+            f"step {state.global_step} is what the checkpoint's {TRAINER_STATE_NAME} says)."
         )
     return found
 
@@ -394,10 +408,10 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
         expected = saved_state.get("masks_id") if isinstance(saved_state, dict) else None
         if expected is not None and metadata.get("masks_id") != expected:
             raise ValueError(
-                f"{path} holds the masks of another checkpoint than the one being resumed (its trainer_state.json "
-                f"names masks {expected!r}, the file {metadata.get('masks_id')!r}): the checkpoint is outside "
-                f"output_dir ({args.output_dir}), which holds a checkpoint-{state.global_step} of another run. Set "
-                "TrainingArguments.resume_from_checkpoint to the checkpoint's folder, or resume in its output_dir.")
+                f"{path} holds the masks of another checkpoint than the one being resumed (its trainer_state.json, "
+                f"of step {state.global_step}, names masks {expected!r}; the file holds {metadata.get('masks_id')!r}, "
+                f"of step {metadata.get('global_step')}). "
+                f"{mismatch_causes(args, state, isinstance(args.resume_from_checkpoint, str))}")
         changes = self._check_checkpoint_config(metadata.get("pruning_config"), metadata.get("schedule"), path)
         self._load_masks_file(path, metadata)
         logger.info("Restored pruning masks from %s (sparsity %.4f).", path, self.pruner.sparsity())

@@ -1,4 +1,5 @@
 import os
+import shutil
 
 import pytest
 import torch
@@ -389,6 +390,18 @@ def test_resuming_a_checkpoint_outside_output_dir_never_takes_the_masks_of_anoth
     pointed.train(resume_from_checkpoint=checkpoint)  # TrainingArguments.resume_from_checkpoint names the folder
     assert pointed.state.global_step == 12 and checker.violations == []
     assert all(not (callback.masks[name] & ~mask).any() for name, mask in saved.items())  # the pointed one's masks
+
+
+def test_a_checkpoint_holding_an_earlier_checkpoints_masks_is_refused_naming_both_steps(tmp_path):
+    trainer, _, _ = magnitude_trainer(tmp_path, PruningConfig(**CUBIC), save_strategy="steps", save_steps=4)
+    trainer.train()
+    out = tmp_path / "out"
+    shutil.copy(out / "checkpoint-4" / MASKS_NAME, out / "checkpoint-8" / MASKS_NAME)  # the same run's, copied over
+    resumed, _, _ = magnitude_trainer(tmp_path, PruningConfig(**CUBIC), resume_from_checkpoint=str(out / "checkpoint-8"))
+    with pytest.raises(ValueError, match=r"its trainer_state.json, of step 8, .* of step 4\)\. The checkpoint's files "
+                                         "come from different saves"):
+        resumed.train(resume_from_checkpoint=str(out / "checkpoint-8"))
+    assert resumed.state.global_step == 8  # refused before any step
 
 
 class BestAtFirstEvaluation(TrainerCallback):

@@ -17,6 +17,7 @@ from ..callbacks import (
     checkpoint_being_written,
     checkpoint_folder,
     find_checkpoint_file,
+    mismatch_causes,
     pruning_callback_of,
 )
 from ..constants import QUANTIZATION_STATE_NAME
@@ -122,7 +123,7 @@ class QuantizationCallback(TrainerCallback, ExportableState):
         self._training, self._written_early = (args, state), None
         if state.global_step > 0:
             path = find_checkpoint_file(args, state, QUANTIZATION_STATE_NAME, type(self).__name__)
-            self._load_state(path, state, state.global_step)
+            self._load_state(path, args, state, state.global_step)
             logger.info("Restored %d quantized weights from %s.", len(self.quantized), path)
         else:
             self.quantizer.quantize_(self._masks(state))
@@ -139,7 +140,7 @@ class QuantizationCallback(TrainerCallback, ExportableState):
             logger.warning("The best checkpoint %s has no %s: `quantized` is the last step's, not the codebook of "
                            "the weights the Trainer loaded from it.", best, QUANTIZATION_STATE_NAME)
             return
-        self._load_state(path, state)
+        self._load_state(path, args, state)
         logger.info("Loaded the quantized weights of the best checkpoint %s.", best)
 
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
@@ -175,13 +176,14 @@ class QuantizationCallback(TrainerCallback, ExportableState):
         if folder is not None:
             self._save_state(folder, state)
 
-    def _load_state(self, path: str, state: TrainerState, global_step: int | None = None) -> None:
+    def _load_state(self, path: str, args: TrainingArguments, state: TrainerState,
+                    global_step: int | None = None) -> None:
         """Takes over the codebook of a checkpoint's `quantization_state.safetensors` (checked against the masks,
         then decoded), once it is known to be the codebook of the weights the Trainer loaded from that checkpoint.
 
         Raises:
-            ValueError: when the file was written at another step than `global_step`, or the loaded weights are
-                not its values: it is another run's (a `checkpoint-N` of the same step in `output_dir`).
+            ValueError: when the file was written at another step than `global_step` (that of a resume; None for
+                the best checkpoint), or the loaded weights are not its values (see `mismatch_causes`).
         """
         quantized, _, metadata = read_deep_compressed(path, self._masks(state))
         saved_step = metadata.get("global_step")
@@ -189,9 +191,8 @@ class QuantizationCallback(TrainerCallback, ExportableState):
         if (global_step is not None and saved_step != global_step) or differing:
             found = (f"written at step {saved_step}, resuming at step {global_step}" if differing == [] else
                      f"{len(differing)} weights, such as {differing[0]}, are not its values")
-            raise ValueError(f"{path} is not the codebook of the checkpoint the Trainer loaded ({found}): it is "
-                             "another run's. Set TrainingArguments.resume_from_checkpoint to the checkpoint's "
-                             "folder, or resume in its output_dir.")
+            raise ValueError(f"{path} is not the codebook of the checkpoint the Trainer loaded ({found}). "
+                             f"{mismatch_causes(args, state, global_step is None or isinstance(args.resume_from_checkpoint, str))}")
         self.quantizer.load_quantized_(quantized)
 
     def _save_state(self, folder: str, state: TrainerState) -> None:
