@@ -12,6 +12,8 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
+    DiffLlamaConfig,
+    DiffLlamaForCausalLM,
     DynamicCache,
     EncoderDecoderCache,
     ModernBertConfig,
@@ -201,6 +203,11 @@ def test_t5_without_its_first_block_keeps_the_shared_position_bias():
     (lambda: type(tiny_gpt2())(tiny_gpt2().config.__class__(**{**tiny_gpt2().config.to_dict(),
                                                                "scale_attn_by_inverse_layer_idx": True})),
      [0], "scale_attn_by_inverse_layer_idx"),
+    (lambda: DiffLlamaForCausalLM(DiffLlamaConfig(  # each block's lambda_init is set from its index when built
+        vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8)),
+     [0], r"values set from their position \(model.layers.0.self_attn.lambda_init = 0.2\d* \(the original block's: "
+          r"0.35"),
 ])
 def test_bad_drop_layers_is_a_value_error_naming_the_field_and_changes_nothing(model, layers, message):
     model = model()

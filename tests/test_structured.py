@@ -10,6 +10,8 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
+    DiffLlamaConfig,
+    DiffLlamaForCausalLM,
     DistilBertConfig,
     LlamaConfig,
     LlamaForCausalLM,
@@ -336,11 +338,27 @@ def test_shrink_to_heads_the_config_refuses_is_a_value_error_not_a_model_that_ca
         PrunedModel(model, pruner.masks, pruning).shrink()
 
 
-@pytest.mark.parametrize("model, warned", [(tiny_bert, True), (tiny_t5, True), (tiny_llama, False)])
+def tiny_diffllama():
+    return DiffLlamaForCausalLM(DiffLlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8))
+
+
+@pytest.mark.parametrize("model, warned", [(tiny_bert, True), (tiny_t5, True), (tiny_llama, False),
+                                           (tiny_diffllama, True)])
 def test_head_pruning_that_shrink_cannot_remove_is_told_when_the_pruner_is_built(model, warned, caplog):
     with caplog.at_level("WARNING", logger="hf_prune.pruner"):
         Pruner(model(), PruningConfig(structure="heads", scheme="class-uniform", schedule="oneshot", final_sparsity=0.5))
     assert ("shrink() cannot remove pruned heads" in caplog.text) is warned
+
+
+def test_shrink_refuses_the_heads_of_a_model_that_pairs_them_by_position():
+    model = tiny_diffllama()
+    pruning = PruningConfig(structure="heads", scheme="class-uniform", schedule="oneshot", final_sparsity=0.5)
+    pruner = Pruner(model, pruning)
+    pruner.prune_to(0.5)
+    with pytest.raises(ValueError, match="DiffLlamaConfig pairs its attention heads by position"):
+        PrunedModel(model, pruner.masks, pruning).shrink()
 
 
 def test_partly_pruned_groups_cannot_shrink():

@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import logging
 import operator
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -208,6 +208,7 @@ def drop_layers(model: nn.Module, layers: Sequence[int] | Mapping[str, Sequence[
         return found is not None and found[1] not in kept[found[0]]
 
     small = rebuild(model, config, origin, dropped=is_dropped, action="drop_layers")
+    _check_blocks_compute_as_before(model, small, block_of, origin)
     if getattr(config, "model_type", None) in ("t5", "mt5", "umt5") and config.num_layers < config.num_decoder_layers:
         logger.warning(
             "drop_layers: this %s keeps %d encoder blocks and %d decoder blocks. transformers sizes the key/value "
@@ -216,6 +217,32 @@ def drop_layers(model: nn.Module, layers: Sequence[int] | Mapping[str, Sequence[
             "drop at least as many decoder blocks as encoder blocks.",
             type(small).__name__, config.num_layers, config.num_decoder_layers)
     return small
+
+
+#: Block attributes `drop_layers` renumbers or moves on purpose: each block's index (its key/value-cache slot) and
+#: T5's relative position bias, which only the first block holds.
+_RENUMBERED_ATTRIBUTES = frozenset({"layer_idx", "has_relative_attention_bias"})
+
+
+def _check_blocks_compute_as_before(model: nn.Module, small: nn.Module, block_of: Callable[[str], Any],
+                                    origin: Callable[[str], str]) -> None:
+    """Raises `ValueError` when a kept block of `small` holds a plain number or flag (set from its index when the
+    block is built, such as DiffLlama's `lambda_init`) other than its original's: it would compute differently,
+    and copying the original's value would not survive `from_pretrained`, which builds the block again."""
+    differing = []
+    for name, module in small.named_modules():
+        if block_of(name) is None:
+            continue
+        source = model.get_submodule(origin(name))
+        for key, value in vars(module).items():
+            if (not key.startswith("_") and key not in _RENUMBERED_ATTRIBUTES and type(value) in (bool, int, float)
+                    and getattr(source, key, value) != value):
+                differing.append(f"{name}.{key} = {value!r} (the original block's: {getattr(source, key)!r})")
+    if differing:
+        raise ValueError(f"drop_layers: the kept blocks of {type(model).__name__} compute with values set from their "
+                         f"position ({'; '.join(differing[:3])}{' ...' if len(differing) > 3 else ''}), so a model "
+                         "without some blocks computes differently in the blocks after them; this architecture's "
+                         "blocks cannot be dropped.")
 
 
 def _token_weights(kwargs: Mapping[str, Any], decoder: bool) -> torch.Tensor | None:

@@ -55,13 +55,20 @@ def _width_key(config: object, unit: Unit) -> str:
                      f"{unit.num_groups} for {unit.prefix.rstrip('.')}; shrink cannot express the result.")
 
 
+#: Llama-style configs (`head_dim`, `num_key_value_heads`) whose model code couples heads by position: why.
+_COUPLED_HEADS = {"diffllama": "pairs its attention heads by position (differential attention: head i with head "
+                               "i + num_heads / 2), so removing some would pair the others differently"}
+
+
 def heads_unexpressible(config: object) -> str | None:
     """Why a model of `config` with fewer attention heads is not a standard config of its kind, or `None` when it
     is (configs with an explicit `head_dim` and `num_key_value_heads`: Llama-style)."""
-    if "head_dim" in getattr(config, "to_dict", dict)() and hasattr(config, "num_key_value_heads"):
+    why = _COUPLED_HEADS.get(getattr(config, "model_type", None))
+    if why is None and "head_dim" in getattr(config, "to_dict", dict)() and hasattr(config, "num_key_value_heads"):
         return None
-    why = ("shares one relative position bias across its layers" if hasattr(config, "relative_attention_num_buckets")
-           else "derives the head size from hidden_size / num_attention_heads")
+    why = why or ("shares one relative position bias across its layers"
+                  if hasattr(config, "relative_attention_num_buckets")
+                  else "derives the head size from hidden_size / num_attention_heads")
     return (f"{type(config).__name__} {why}, so a model with fewer heads is not a standard config of it: shrink() "
             "cannot remove pruned heads. Prune with structure='neurons' for a portable shrunk model, or keep the "
             "head masks (PrunedModel) without shrinking.")
