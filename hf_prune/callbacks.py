@@ -203,8 +203,9 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
         """
         saved = PruningConfig.from_pretrained(pretrained_path, **hub_kwargs)
         # the masks must be those of the save pruning_config.json records, not of a save interrupted after them
-        check_saved_files(pretrained_path, resolve_file(pretrained_path, CONFIG_NAME, **hub_kwargs), hub_kwargs,
-                          only=[MASKS_NAME])
+        config_file = resolve_file(pretrained_path, CONFIG_NAME, required=False, **hub_kwargs)
+        if config_file is not None:  # else a Trainer checkpoint, whose masks file records the config
+            check_saved_files(pretrained_path, config_file, hub_kwargs, only=[MASKS_NAME])
         masks_file = resolve_file(pretrained_path, MASKS_NAME, **hub_kwargs)
         metadata = read_masks_metadata(masks_file)
         target = float(metadata.get("achieved_sparsity", metadata.get("target_sparsity", saved.final_sparsity)))

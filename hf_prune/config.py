@@ -14,12 +14,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .constants import CONFIG_NAME
+from .constants import CONFIG_NAME, MASKS_NAME
 from .criteria import CRITERIA
 from .hub import resolve_file
 from .masks import SCHEMES
 from .schedules import SCHEDULES
-from .serialization import atomic_write_text, read_json_object
+from .serialization import atomic_write_text, read_json_object, read_masks_metadata
 from .structured.selection import STRUCTURED_SCHEMES
 from .structured.units import STRUCTURES
 from .validation import check_bool, check_choice, check_int, check_number
@@ -232,12 +232,31 @@ class PruningConfig:
 
     @classmethod
     def from_pretrained(cls, pretrained_path: str | os.PathLike, **hub_kwargs: Any) -> PruningConfig:
-        """Loads `pruning_config.json` from a folder or a Hub repo id (`revision`, `token`, ... are forwarded)."""
-        path = resolve_file(pretrained_path, CONFIG_NAME, **hub_kwargs)
+        """Loads `pruning_config.json` from a folder or a Hub repo id (`revision`, `token`, ... are forwarded); from
+        a Trainer checkpoint, which has none, the config its `pruning_masks.safetensors` records (the pruning
+        callback writes it there).
+
+        Raises:
+            FileNotFoundError: when the folder or repo has neither.
+        """
+        path = resolve_file(pretrained_path, CONFIG_NAME, required=False, **hub_kwargs)
+        if path is None:
+            recorded = checkpoint_config(pretrained_path, hub_kwargs)
+            if recorded is None:
+                resolve_file(pretrained_path, CONFIG_NAME, **hub_kwargs)  # raises, saying why it is not there
+            return cls.from_dict(recorded)
         data = read_json_object(path, "the fields of a PruningConfig")
         for key in SAVE_RECORD_KEYS:
             data.pop(key, None)
         return cls.from_dict(data)
+
+
+def checkpoint_config(path: str | os.PathLike, hub_kwargs: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The `PruningConfig.to_dict()` that the masks file of a Trainer checkpoint records, or None where the folder
+    or repo has no masks file recording one."""
+    masks_file = resolve_file(path, MASKS_NAME, required=False, **hub_kwargs)
+    recorded = read_masks_metadata(masks_file).get("pruning_config") if masks_file is not None else None
+    return recorded if isinstance(recorded, dict) else None
 
 
 def canonical_structure(value: Any) -> Any:

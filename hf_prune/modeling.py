@@ -22,7 +22,7 @@ from .compression import (
     save_deep_compressed,
     save_sparse,
 )
-from .config import PruningConfig
+from .config import PruningConfig, checkpoint_config
 from .constants import COMPRESSED_WEIGHTS_NAME, CONFIG_NAME, DEEP_COMPRESSED_WEIGHTS_NAME, MASKS_NAME
 from .distributed import gather_unsharded
 from .folders import (
@@ -419,7 +419,9 @@ class PrunedModel(nn.Module):
             return cls(model, masks, pruning_config)
 
         kind, weights_file = weights_format(path, hub_kwargs)
-        config_file = _hf_prune_file(path, CONFIG_NAME, pruning_config is None, hub_kwargs)
+        config_file = _hf_prune_file(path, CONFIG_NAME, False, hub_kwargs)
+        if config_file is None and pruning_config is None and checkpoint_config(path, hub_kwargs) is None:
+            _hf_prune_file(path, CONFIG_NAME, True, hub_kwargs)  # raises, with what loads the folder instead
         checked = check_saved_files(path, config_file, hub_kwargs) if config_file is not None else {}
         pruning_config = pruning_config or PruningConfig.from_pretrained(path, **hub_kwargs)
         config, model_kwargs = config_and_model_kwargs(path, kwargs, hub_kwargs)

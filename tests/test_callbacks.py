@@ -19,7 +19,7 @@ from transformers import Trainer, TrainerCallback, TrainerState
 from transformers.trainer_utils import default_compute_objective
 
 import hf_prune.callbacks
-from hf_prune import MagnitudePruningCallback, PruningConfig, SparsitySchedule
+from hf_prune import MagnitudePruningCallback, PrunedModel, PruningConfig, SparsitySchedule
 from hf_prune.callbacks import checkpoint_folder
 from hf_prune.constants import MASKS_NAME
 from hf_prune.methods.han import HanConfig, HanPruningCallback
@@ -402,6 +402,22 @@ def test_a_checkpoint_holding_an_earlier_checkpoints_masks_is_refused_naming_bot
                                          "come from different saves"):
         resumed.train(resume_from_checkpoint=str(out / "checkpoint-8"))
     assert resumed.state.global_step == 8  # refused before any step
+
+
+def test_a_trainer_checkpoint_loads_as_a_pruned_model_and_its_masks_start_a_new_run(tmp_path):
+    config = PruningConfig(**CUBIC)
+    trainer, _, _ = magnitude_trainer(tmp_path, config, save_strategy="steps", save_steps=4)
+    trainer.train()
+    checkpoint = tmp_path / "out" / "checkpoint-8"  # no pruning_config.json: the masks file records the config
+    saved = load_masks(checkpoint / MASKS_NAME)
+    loaded = PrunedModel.from_pretrained(checkpoint)
+    assert loaded.pruning_config == config and saved.keys() == loaded.masks.keys()
+    assert all(torch.equal(saved[name], mask) for name, mask in loaded.masks.items())
+    weights = load_file(checkpoint / "model.safetensors")
+    assert all(torch.equal(weights[name], p) for name, p in loaded.model.state_dict().items() if name in weights)
+    callback = MagnitudePruningCallback.from_pretrained(checkpoint)
+    assert callback.config.schedule == "oneshot" and callback.config.target_modules == config.target_modules
+    assert callback.config.final_sparsity == read_masks_metadata(checkpoint / MASKS_NAME)["target_sparsity"] == 0.8
 
 
 class BestAtFirstEvaluation(TrainerCallback):
