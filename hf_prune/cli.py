@@ -78,21 +78,33 @@ def find_trainer_state(output_dir: str) -> str:
     return found[0]
 
 
+def _check_output_folder(path: str, option: str) -> None:
+    """Raises `FileNotFoundError` before any work when the folder `path` is to be written into does not exist."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{option} {path}: no such folder {folder}.")
+
+
 def _report(args: argparse.Namespace) -> None:
+    if args.png:
+        _check_output_folder(args.png, "--png")
     report, source = load_report(args.path)
     print(report.to_markdown() if args.markdown else report)
     if args.png:
         plots.plot_sparsity_heatmap(report, args.png, title=f"{args.path}: sparsity from {source} "
                                                             f"(overall {report.overall:.1%})")
         print(f"Wrote {args.png}", file=sys.stderr)
+    print(f"The sparsity of {args.path} counted from its {source}.", file=sys.stderr)
 
 
 def _plot(args: argparse.Namespace) -> None:
+    out = args.out or os.path.join(args.output_dir, CURVES_NAME)
+    if args.out:
+        _check_output_folder(out, "--out")
     state_file = find_trainer_state(args.output_dir)
     log_history = read_json_object(state_file, "a Trainer's state").get("log_history")
     if not isinstance(log_history, list):
         raise ValueError(f"{state_file} has no `log_history` list.")
-    out = args.out or os.path.join(args.output_dir, CURVES_NAME)
     try:
         plots.plot_training_curves(log_history, out, args.metric, title=f"Pruning run {state_file}")
     except ValueError as err:

@@ -172,7 +172,10 @@ class PruningConfig:
             raise ValueError(f"`structure` must be one of {', '.join(map(repr, STRUCTURES))} or a list of "
                              f"{' and '.join(map(repr, kinds))}; got {self.structure!r}.")
         if self.structures():
-            check_choice("scheme", self.scheme, STRUCTURED_SCHEMES)
+            if self.scheme not in STRUCTURED_SCHEMES:
+                raise ValueError(f"`scheme` must be one of {', '.join(map(repr, STRUCTURED_SCHEMES))} with `structure` "
+                                 f"{self.structure!r} ('class-distribution' scores single weights: unstructured "
+                                 f"only); got {self.scheme!r}.")
             if self.target_modules is not None:
                 raise ValueError(f"`target_modules` must be None with `structure` {self.structure!r}: the structure "
                                  f"decides the targets (use `exclude_modules` to leave blocks out); got "

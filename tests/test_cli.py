@@ -78,7 +78,9 @@ def test_report_of_pruned_folder_prints_table_and_writes_heatmap(pruned_folder, 
     folder, masks = pruned_folder
     png = tmp_path / "sparsity.png"
     assert main(["report", folder, "--png", str(png)]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
+    assert captured.err.endswith(f"The sparsity of {folder} counted from its pruning_masks.safetensors.\n")
     for name in masks:
         assert name in out
     pruned = sum(int((~mask).sum()) for mask in masks.values())
@@ -99,7 +101,9 @@ def test_report_markdown(pruned_folder, capsys):
 def test_report_of_plain_transformers_folder_reports_zeros(tmp_path, capsys):
     tiny_bert().save_pretrained(tmp_path)
     assert main(["report", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
+    assert captured.err.endswith(f"The sparsity of {tmp_path} counted from its zero weights.\n")  # always said
     assert "bert.encoder.layer.1.output.dense.weight" in out
     assert total_line(out).split()[-1] == "0.00%"
 
@@ -141,12 +145,14 @@ def test_short_labels_name_the_stack_of_encoder_decoder_models():
     (["report", "someone/some-model"], "Hub is unreachable"),
     (["plot", "{tmp}/missing"], "No such folder"),
     (["plot", "{tmp}"], "No trainer_state.json"),
+    (["report", "{tmp}", "--png", "{tmp}/missing/x.png"], "--png {tmp}/missing/x.png: no such folder {tmp}/missing."),
+    (["plot", "{tmp}", "--out", "{tmp}/missing/x.png"], "--out {tmp}/missing/x.png: no such folder {tmp}/missing."),
 ])
 def test_errors_exit_2_with_one_line(argv, message, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     assert main([arg.format(tmp=tmp_path) for arg in argv]) == 2
     err = capsys.readouterr().err
-    assert message in err and err.startswith("hf-prune: error: ") and err.count("\n") == 1
+    assert message.format(tmp=tmp_path) in err and err.startswith("hf-prune: error: ") and err.count("\n") == 1
 
 
 def test_missing_matplotlib_is_a_clear_error(pruned_folder, tmp_path, monkeypatch, capsys):

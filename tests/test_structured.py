@@ -384,7 +384,7 @@ class NoAttention(torch.nn.Module):
 @pytest.mark.parametrize("model, config, message", [
     (NoAttention, dict(structure="heads"), "no attention heads found"),
     (NoAttention, dict(structure="neurons"), "no feed-forward blocks found"),
-    (tiny_bert, dict(structure="heads", scheme="class-distribution"), "`scheme` must be one of"),
+    (tiny_bert, dict(structure="heads", scheme="class-distribution"), "`scheme` must be one of 'class-blind', 'class-uniform' with `structure` 'heads'"),
     (tiny_bert, dict(structure="neurons", target_modules=["query"]), "`target_modules` must be None"),
     (tiny_bert, dict(structure="layers"), "`structure` must be one of"),
     (tiny_bert, dict(structure=["neurons", "neurons"]), "`structure` must be one of"),
