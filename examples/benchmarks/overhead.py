@@ -131,7 +131,7 @@ def in_subprocess(method: str, sparsity: float, repeats: int) -> dict[str, float
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=positive_int, default=60, help="optimizer steps per run (> 10)")
+    parser.add_argument("--steps", type=positive_int, default=60, help="optimizer steps per run (>= 20)")
     parser.add_argument("--warmup", type=int, default=5, help="first steps of each run left out of the timing")
     parser.add_argument("--batch_size", type=positive_int, default=32)
     parser.add_argument("--seq_len", type=positive_int, default=64)
@@ -140,8 +140,9 @@ def main() -> None:
     parser.add_argument("--output", type=Path)
     parser.add_argument("--_event", choices=["hf_prune", "torch"], help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.steps <= 10 or not 0 <= args.warmup < args.steps:  # the schedule ends 10 steps before the run
-        parser.error(f"--steps ({args.steps}) must be above 10 and --warmup ({args.warmup}) in 0..steps-1.")
+    if args.steps < 20 or not 0 <= args.warmup < args.steps:  # the schedule ends 10 steps before the run, and
+        # prunes every 10 steps: its window must hold one such interval
+        parser.error(f"--steps ({args.steps}) must be at least 20 and --warmup ({args.warmup}) in 0..steps-1.")
     if args._event:
         print(json.dumps(pruning_event(args._event, args.sparsity, args.repeats)))
         return

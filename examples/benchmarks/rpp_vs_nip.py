@@ -34,6 +34,7 @@ from common import (
     add_common_arguments,
     encoder_sparsity,
     fine_tune,
+    fraction,
     load_model,
     print_and_write,
     setup_sst2,
@@ -49,7 +50,7 @@ from hf_prune.schedules import DEFAULT_END_FRACTION, SparsitySchedule
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_arguments(parser, max_train_samples=16000, max_steps=500)
-    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.8, 0.9])
+    parser.add_argument("--sparsities", type=fraction, nargs="+", default=[0.8, 0.9])
     parser.add_argument("--nip_schedule", choices=["cubic", "iterative"], default="cubic")
     parser.add_argument("--nip_criteria", nargs="+", choices=["magnitude", "obd"], default=["magnitude"],
                         help="Runs NIP once per criterion.")

@@ -43,7 +43,9 @@ from common import (
     add_common_arguments,
     encoder_sparsity,
     fine_tune,
+    fraction,
     load_model,
+    positive_int,
     print_and_write,
     proc_status_bytes,
     reset_peak_rss,
@@ -62,11 +64,11 @@ METHODS = ("magnitude (global)", "magnitude (per layer)", "OBD", "OBS")
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_arguments(parser, max_train_samples=16000, max_steps=500)
-    parser.add_argument("--sparsities", type=float, nargs="*", default=[0.5, 0.6, 0.7])
+    parser.add_argument("--sparsities", type=fraction, nargs="*", default=[0.5, 0.6, 0.7])
     parser.add_argument("--patterns", nargs="*", default=["2:4"], help="N:M patterns, e.g. 2:4.")
-    parser.add_argument("--calibration_samples", type=int, default=128, help="Training rows OBS calibrates on.")
-    parser.add_argument("--calibration_batch_size", type=int, default=16)
-    parser.add_argument("--block_size", type=int, default=128, help="OBS columns per lazy-update block.")
+    parser.add_argument("--calibration_samples", type=positive_int, default=128, help="Training rows OBS calibrates on.")
+    parser.add_argument("--calibration_batch_size", type=positive_int, default=16)
+    parser.add_argument("--block_size", type=positive_int, default=128, help="OBS columns per lazy-update block.")
     parser.add_argument("--dampening", type=float, default=0.01, help="OBS dampening, relative to mean(diag H).")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return parser.parse_args()
