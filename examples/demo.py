@@ -107,6 +107,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.batch_size < 1 or not args.epochs > 0:
         parser.error(f"--batch_size ({args.batch_size}) must be >= 1 and --epochs ({args.epochs}) > 0.")
+    try:  # before any data or model loads; the schedule is checked against the data's size below
+        PruningConfig(final_sparsity=args.sparsity)
+    except ValueError as err:
+        parser.error(f"--sparsity {args.sparsity}: {err}")
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO)
     torch.set_num_threads(max(1, torch.get_num_threads()))
 

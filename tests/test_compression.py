@@ -14,7 +14,7 @@ from testing_utils import RecordingHubApi, record_newest_checkpoint_at_rotation
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 import hf_prune.compression.callback
-from hf_prune import MagnitudePruningCallback, Pruner, PruningConfig
+from hf_prune import MagnitudePruningCallback, PrunedModel, Pruner, PruningConfig
 from hf_prune.compression import (
     HuffmanTable,
     QuantizationCallback,
@@ -417,6 +417,31 @@ def test_a_resume_that_rebuilds_the_callbacks_from_their_state_takes_the_rebuilt
     assert resumed.state.global_step == 6
     for name, q in rebuilt[0].quantized.items():  # the same run, resumed: the same codebook at its end
         assert torch.equal(q.mask, pruning.masks[name]) and torch.equal(q.indices, quantization.quantized[name].indices)
+
+
+@pytest.mark.parametrize("with_pruning", [False, True], ids=["masks given", "RPPCallback"])
+def test_a_rebuilt_callback_resumes_whatever_gave_it_its_masks(tmp_path, with_pruning):
+    # rebuilt from its state, it has no masks, and the Trainer adds RPPCallback after it (name order)
+    model = tiny_bert()
+    pruner = Pruner(model, PruningConfig(final_sparsity=0.9, schedule="oneshot"))
+    pruner.update(0)
+    PrunedModel(model, pruner.masks, RPPConfig(final_sparsity=0.9, schedule="oneshot")).save_pretrained(
+        tmp_path / "pruned")
+
+    def trainer(max_steps):
+        args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=max_steps, per_device_train_batch_size=8,
+                                 learning_rate=5e-3, save_steps=2, report_to="none", use_cpu=True, seed=0,
+                                 disable_tqdm=True, restore_callback_states_from_checkpoint=True)
+        callbacks = [QuantizationCallback(dict(pruner.masks), bits=3)]
+        if with_pruning:
+            callbacks = [RPPCallback.from_pretrained(tmp_path / "pruned"), QuantizationCallback(bits=3)]
+        return Trainer(model=tiny_bert(), args=args, train_dataset=TinyClassificationDataset(64), callbacks=callbacks)
+
+    trainer(4).train()
+    resumed = trainer(4)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    [rebuilt] = [cb for cb in resumed.callback_handler.callbacks if isinstance(cb, QuantizationCallback)]
+    assert resumed.state.global_step == 4 and rebuilt.source is None and len(rebuilt.quantized) > 0
 
 
 def test_the_masks_default_to_the_trainers_pruning_callback_and_without_one_say_so(tmp_path):

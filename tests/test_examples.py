@@ -526,7 +526,7 @@ def test_run_glue_cli_bad_input_is_one_line_on_stderr(tmp_path: Path) -> None:
 
 
 BAD_OPTIONS = {  # each used to run a dense fine-tuning (or more) first, then end in a traceback
-    "demo sparsity": (["demo.py", "--sparsity", "1.5"], "demo.py: error: --sparsity 1.5 / --epochs 2.0: "
+    "demo sparsity": (["demo.py", "--sparsity", "1.5"], "demo.py: error: --sparsity 1.5: "
                                                        "`final_sparsity` must be a number in [0, 1); got 1.5."),
     "demo batch": (["demo.py", "--batch_size", "0"], "demo.py: error: --batch_size (0) must be >= 1"),
     "overhead steps": (["benchmarks/overhead.py", "--steps", "11"], "overhead.py: error: --steps (11) must be at "

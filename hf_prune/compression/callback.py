@@ -185,7 +185,10 @@ class QuantizationCallback(TrainerCallback, ExportableState):
             ValueError: when the file was written at another step than `global_step` (that of a resume; None for
                 the best checkpoint), or the loaded weights are not its values (see `mismatch_causes`).
         """
-        quantized, _, metadata = read_deep_compressed(path, self._masks(state))
+        # a callback rebuilt by restore_callback_states_from_checkpoint may have no masks, nor yet a pruning callback
+        # to take them from (the Trainer adds the rebuilt ones in name order): the file holds the positions
+        rebuilt = self.source is None and pruning_callback_of(state) is None and global_step is not None
+        quantized, _, metadata = read_deep_compressed(path, None if rebuilt else self._masks(state))
         saved_step = metadata.get("global_step")
         differing = self.quantizer.differing_weights(quantized)
         if (global_step is not None and saved_step != global_step) or differing:
