@@ -160,8 +160,8 @@ class QuantizationCallback(TrainerCallback, ExportableState):
 
     def state(self) -> dict[str, Any]:
         # the Trainer calls this while it writes a checkpoint: the codebook goes in with the weights (see
-        # `checkpoint_being_written`); a rebuilt callback (restore_callback_states_from_checkpoint) takes the masks
-        # of the Trainer's pruning callback
+        # `checkpoint_being_written`); what it returns rebuilds the callback without masks
+        # (restore_callback_states_from_checkpoint), which `_load_state` resumes without
         folder = checkpoint_being_written(*self._training) if self._training is not None and self.quantized else None
         if folder is not None:
             self._save_state(folder, self._training[1])
