@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as err:
         parser.error(f"--sparsity {args.sparsity} / --epochs {args.epochs}: {err}")
 
-    _, dense_accuracy, dense_seconds = fine_tune(model_path, tokenizer, train, dev, args, args.output_dir / "dense",
+    dense_trainer, dense_accuracy, dense_seconds = fine_tune(model_path, tokenizer, train, dev, args, args.output_dir / "dense",
                                                  callback=None)
     callback = MagnitudePruningCallback(config)
     trainer, pruned_accuracy, pruned_seconds = fine_tune(model_path, tokenizer, train, dev, args,
@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     encoder = sum(p.numel() for n, p in pruned.model.named_parameters() if n.startswith("bert.encoder"))
     print("| model | encoder Linear sparsity | dev accuracy | fine-tuning time |")
     print("|---|---|---|---|")
-    print(f"| dense | 0.00% | {dense_accuracy:.2%} | {dense_seconds:.0f} s |")
+    dense_sparsity = sparsity_report(dense_trainer.model, config=config).overall
+    print(f"| dense | {dense_sparsity:.2%} | {dense_accuracy:.2%} | {dense_seconds:.0f} s |")
     print(f"| pruned ({config.schedule}, {config.scheme}) | {report.overall:.2%} | {pruned_accuracy:.2%} | "
           f"{pruned_seconds:.0f} s |")
     print(f"| pruned, reloaded with hf_prune | {reloaded.sparsity_report().overall:.2%} | {reloaded_accuracy:.2%} | |")

@@ -158,7 +158,7 @@ def main() -> None:
         for layers in args.small_dense_layers:
             small = fine_tune(args, load_model(model_path, args.seed, num_hidden_layers=layers), train_set,
                               collator, scratch).model
-            rows.append((f"first {layers} layers", "1536", accuracy(small, dev_set, collator),
+            rows.append((f"first {layers} layers", f"{small.config.intermediate_size}", accuracy(small, dev_set, collator),
                          sum(p.numel() for p in small.parameters()), "-"))
             if args.save_dir:
                 small.save_pretrained(args.save_dir / f"dense-{layers}-layers")
