@@ -455,6 +455,17 @@ def test_the_masks_default_to_the_trainers_pruning_callback_and_without_one_say_
         alone.train()
 
 
+def test_a_pruning_callback_after_quantization_callback_is_named_as_coming_after_it(tmp_path):
+    pruning = MagnitudePruningCallback(PruningConfig(final_sparsity=0.5, schedule="oneshot"))
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4,
+                             report_to="none", use_cpu=True, save_strategy="no")
+    trainer = Trainer(model=tiny_bert(), args=args, train_dataset=TinyClassificationDataset(8),
+                      callbacks=[QuantizationCallback(bits=3), pruning])
+    with pytest.raises(ValueError, match="MagnitudePruningCallback comes after QuantizationCallback in the "
+                                         "Trainer's callbacks: put it before"):
+        trainer.train()
+
+
 def test_a_checkpoint_holds_its_codebook_before_save_total_limit_deletes_the_older_ones(tmp_path, monkeypatch):
     seen = record_newest_checkpoint_at_rotation(monkeypatch, QUANTIZATION_STATE_NAME)  # killed there: complete?
     written = []

@@ -74,7 +74,8 @@ class QuantizationCallback(TrainerCallback, ExportableState):
     Raises:
         ValueError: bad `bits`, `learning_rate`, `max_iter` or `masks`, or a pruning callback that prunes after
             training begins (here, before it changes the model); at train begin, no masks yet or a pruning schedule
-            still running (a resumed run), or no `masks` and no pruning callback in the Trainer.
+            still running (a resumed run), or no `masks` and no pruning callback before this one in the Trainer
+            (the error names one that comes after it).
     """
 
     def __init__(self, masks: Any = None, bits: int = 4, learning_rate: float | None = None,
@@ -94,14 +95,25 @@ class QuantizationCallback(TrainerCallback, ExportableState):
         self.quantizer: TrainedQuantizer | None = None
         self._training: tuple[TrainingArguments, TrainerState] | None = None  # from on_train_begin to on_train_end
         self._written_early: str | None = None  # the folder state() wrote the codebook into
+        self._init_state: TrainerState | None = None  # the Trainer's state at its construction (see `_masks`)
 
     @property
     def quantized(self) -> dict[str, QuantizedWeight]:
         """Parameter name -> `QuantizedWeight` (for `save_deep_compressed`); empty before training starts."""
         return self.quantizer.quantized if self.quantizer is not None else {}
 
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    **kwargs: Any) -> None:
+        self._init_state = state
+
     def _masks(self, state: TrainerState) -> Mapping[str, torch.Tensor]:
         source = self.source if self.source is not None else pruning_callback_of(state)
+        # train() starts from a new TrainerState, which the pruning callback claims in its on_train_begin; the
+        # Trainer's first state holds its claim from on_init_end, whatever the callbacks' order
+        later = None if source is not None or self._init_state is None else pruning_callback_of(self._init_state)
+        if later is not None:
+            raise ValueError(f"{type(later).__name__} comes after QuantizationCallback in the Trainer's callbacks: "
+                             "put it before, so that its masks are final when QuantizationCallback takes them.")
         if source is None:
             raise ValueError("QuantizationCallback has no `masks` and its Trainer no pruning callback to take them "
                              "from: pass the masks, or a pruning callback before QuantizationCallback.")
