@@ -194,7 +194,8 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
         """A callback that starts from the masks saved by `PrunedModel.save_pretrained` (a folder or a Hub repo).
 
         With no `config` the saved targets and scheme are kept and the sparsity is held fixed (`oneshot` at the
-        saved sparsity); pass a config with a higher `final_sparsity` to prune further. The masks are read when
+        saved sparsity, see `holding_config`; the save may come from any pruning callback); pass a config with a
+        higher `final_sparsity` to prune further. The masks are read when
         training begins, checked against the model's targeted weights (names and shapes) before they are decoded.
 
         Raises:
@@ -216,10 +217,13 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
 
     @classmethod
     def holding_config(cls, saved: PruningConfig, sparsity: float) -> PruningConfig:
-        """The config `from_pretrained` trains under when given none: `saved`'s targets, scheme and criterion,
-        with nothing pruned beyond the saved masks (a one-shot prune at step 0 to their `sparsity`)."""
-        return dataclasses.replace(saved, schedule="oneshot", initial_sparsity=0.0, final_sparsity=sparsity,
-                                   start_step=0, end_step=None, pruning_frequency=None)
+        """The config `from_pretrained` trains under when given none: a `config_class` with `saved`'s targets,
+        scheme and criterion (of a save by another method, the fields the two configs share), with nothing pruned
+        beyond the saved masks (a one-shot prune at step 0 to their `sparsity`)."""
+        shared = {f.name for f in dataclasses.fields(saved)} & {f.name for f in dataclasses.fields(cls.config_class)}
+        return cls.config_class(**{**{name: getattr(saved, name) for name in shared}, "schedule": "oneshot",
+                                   "initial_sparsity": 0.0, "final_sparsity": sparsity, "start_step": 0,
+                                   "end_step": None, "pruning_frequency": None})
 
     @property
     def masks(self) -> dict[str, torch.Tensor]:

@@ -22,7 +22,16 @@ from transformers import (
     TrainingArguments,
 )
 
-from hf_prune import MagnitudePruningCallback, PrunedModel, Pruner, PruningConfig
+from hf_prune import (
+    HanConfig,
+    HanPruningCallback,
+    MagnitudePruningCallback,
+    PrunedModel,
+    Pruner,
+    PruningConfig,
+    RPPCallback,
+    RPPConfig,
+)
 from hf_prune.constants import COMPRESSED_WEIGHTS_NAME, CONFIG_NAME, MASKS_NAME
 
 
@@ -102,6 +111,28 @@ def test_behaves_like_the_wrapped_model():
     torch.testing.assert_close(model(input_ids=inputs).logits, model.model(input_ids=inputs).logits)
     out = model.generate(inputs, max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 7)
+
+
+@pytest.mark.parametrize("saved_config", [PruningConfig(final_sparsity=0.6, schedule="oneshot"),
+                                          RPPConfig(final_sparsity=0.6), HanConfig(quality=0.5)],
+                         ids=["PruningConfig", "RPPConfig", "HanConfig"])
+@pytest.mark.parametrize("callback_class", [MagnitudePruningCallback, RPPCallback, HanPruningCallback])
+def test_every_pruning_callback_holds_the_masks_of_a_save_by_another_method(tmp_path, saved_config, callback_class):
+    model = tiny_bert()
+    pruner = Pruner(model, saved_config)
+    pruner.prune_to(0.6)
+    PrunedModel(model, pruner.masks, saved_config).save_pretrained(tmp_path / "saved")
+    loaded = PrunedModel.from_pretrained(tmp_path / "saved")
+    callback = callback_class.from_pretrained(tmp_path / "saved")  # raised TypeError / ValueError across methods
+    assert type(callback.config) is callback_class.config_class
+    assert callback.config.target_modules == saved_config.target_modules
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=8,
+                             learning_rate=1e-2, report_to="none", use_cpu=True, save_strategy="no",
+                             disable_tqdm=True)
+    Trainer(model=loaded.model, args=args, train_dataset=TinyClassificationDataset(24), callbacks=[callback]).train()
+    params = dict(loaded.model.named_parameters())
+    for name, mask in loaded.masks.items():
+        assert torch.equal(callback.masks[name], mask) and (params[name][~mask] == 0).all()
 
 
 def test_model_card_has_sparsity_tables_and_tags(tmp_path):
