@@ -102,6 +102,10 @@ def parse_args(prog: str, data_class: type, argv: Sequence[str] | None) -> Scrip
     args = ScriptArguments(*parsed, push_to_hub=parsed[2].push_to_hub)
     if not (args.training.do_train or args.training.do_eval):
         raise InputError("nothing to do: pass --do_train and/or --do_eval.")
+    for option in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        value = getattr(args.training, option)  # TrainingArguments accepts 0: the first batch (or step) would fail
+        if value < 1:
+            raise InputError(f"--{option} {value}: must be >= 1.")
     resume = args.training.resume_from_checkpoint
     if args.training.do_train and resume is not None and not os.path.isdir(resume):
         raise InputError(f"--resume_from_checkpoint {resume}: no such folder.")

@@ -295,6 +295,10 @@ BAD_GLUE = {
                            "`max_eval_samples` must be None or an integer >= 1; got -1"),
     "resume from nowhere": (lambda tmp: ["--resume_from_checkpoint", str(tmp / "checkpoint-2")],
                             "checkpoint-2: no such folder."),
+    "no evaluation batch": (lambda tmp: ["--per_device_eval_batch_size", "0"],
+                            "--per_device_eval_batch_size 0: must be >= 1."),  # it failed after training
+    "no accumulation": (lambda tmp: ["--gradient_accumulation_steps", "0"],
+                        "--gradient_accumulation_steps 0: must be >= 1."),
 }
 #: Errors found once the model is loaded, at train begin, before the first optimizer step.
 BAD_GLUE_WITH_MODEL = {
@@ -537,6 +541,14 @@ BAD_OPTIONS = {  # each used to run a dense fine-tuning (or more) first, then en
                            "second_order.py: error: argument --block_size: must be an integer >= 1"),
     "common eval samples": (["benchmarks/glue_sparsity.py", "--max_eval_samples", "-5"],
                             "glue_sparsity.py: error: argument --max_eval_samples: must be an integer >= 1"),
+    "deep_compression bits": (["benchmarks/deep_compression.py", "--bits", "4", "9"],
+                              "deep_compression.py: error: --bits 9 / --centroid_lr None: `bits` must be an integer "
+                              "in 1..8; got 9."),
+    "squad_sparsity sparsities": (["benchmarks/squad_sparsity.py", "--sparsities", "0.5", "1"],
+                                  "squad_sparsity.py: error: argument --sparsities: must be a number in [0, 1)"),
+    "rpp_vs_nip end fraction": (["benchmarks/rpp_vs_nip.py", "--rpp_end_fraction", "0"],
+                                "rpp_vs_nip.py: error: RPP options (--rpp_end_fraction 0.0, --rpp_schedule oneshot, "
+                                "--rpp_penalty None): `end_step` (0) must be greater than `start_step` (0)."),
 }
 
 

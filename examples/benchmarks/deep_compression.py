@@ -32,7 +32,16 @@ import time
 from collections.abc import Sequence
 
 import torch
-from common import accuracy, add_common_arguments, fine_tune, load_model, print_and_write, setup_sst2
+from common import (
+    accuracy,
+    add_common_arguments,
+    fine_tune,
+    fraction,
+    load_model,
+    positive_int,
+    print_and_write,
+    setup_sst2,
+)
 from safetensors import safe_open
 
 from hf_prune import MagnitudePruningCallback, PrunedModel, PruningConfig
@@ -44,10 +53,10 @@ from hf_prune.targets import find_targets
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_arguments(parser, max_train_samples=8000, max_steps=300)
-    parser.add_argument("--prune_steps", type=int, default=600,
+    parser.add_argument("--prune_steps", type=positive_int, default=600,
                         help="Steps of the pruning stage (--max_steps: of the dense one).")
-    parser.add_argument("--quant_steps", type=int, default=200, help="Steps of each quantization stage.")
-    parser.add_argument("--sparsity", type=float, default=0.9)
+    parser.add_argument("--quant_steps", type=positive_int, default=200, help="Steps of each quantization stage.")
+    parser.add_argument("--sparsity", type=fraction, default=0.9)
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 5])
     parser.add_argument("--quant_learning_rate", type=float, default=2e-5,
                         help="Quantization stage: AdamW for the other parameters and, unless --centroid_lr, the "
@@ -55,7 +64,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--centroid_lr", type=float, default=None, help="SGD learning rate of the centroids.")
     parser.add_argument("--work_dir", default=None,
                         help="Where checkpoints and saved folders go (default: a temp dir, removed after).")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for bits in args.bits:  # the callback's own checks, before the dense stage
+        try:
+            QuantizationCallback(bits=bits, learning_rate=args.centroid_lr)
+        except ValueError as err:
+            parser.error(f"--bits {bits} / --centroid_lr {args.centroid_lr}: {err}")
+    return args
 
 
 def folder_bytes(folder: str) -> int:

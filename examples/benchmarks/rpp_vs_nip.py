@@ -36,6 +36,7 @@ from common import (
     fine_tune,
     fraction,
     load_model,
+    positive_int,
     print_and_write,
     setup_sst2,
     training_args,
@@ -54,7 +55,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--nip_schedule", choices=["cubic", "iterative"], default="cubic")
     parser.add_argument("--nip_criteria", nargs="+", choices=["magnitude", "obd"], default=["magnitude"],
                         help="Runs NIP once per criterion.")
-    parser.add_argument("--pruning_frequency", type=int, default=None,
+    parser.add_argument("--pruning_frequency", type=positive_int, default=None,
                         help="Steps between the pruning events of NIP and gradual RPP (default: the core's).")
     parser.add_argument("--rpp_penalty", type=float, default=None, help="λ; default: calibrated per target.")
     parser.add_argument("--rpp_penalty_scales", type=float, nargs="+", default=[1.0],
@@ -64,7 +65,7 @@ def parse_args() -> argparse.Namespace:
                              "'iterative': masks grow along that schedule (NIP's events) during the window.")
     parser.add_argument("--rpp_criteria", nargs="+", choices=["magnitude", "obd"], default=["magnitude"],
                         help="Criterion of RPP's pruning: 'magnitude' (Guo et al.) or 'obd' (OBD saliency).")
-    parser.add_argument("--fisher_steps", type=int, default=None,
+    parser.add_argument("--fisher_steps", type=positive_int, default=None,
                         help="OBD's gradient window before each pruning event; default: the steps since the "
                              "previous event for gradual schedules, 100 for RPP's one-shot prune.")
     parser.add_argument("--rpp_end_fraction", type=float, default=DEFAULT_END_FRACTION,
@@ -79,8 +80,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--distill_alpha", type=float, default=0.9, help="Weight of the distillation term.")
     parser.add_argument("--distill_temperature", type=float, default=2.0)
     parser.add_argument("--rpp_epsilon", type=float, default=1e-3)
-    parser.add_argument("--rpp_reweight_every", type=int, default=10)
-    return parser.parse_args()
+    parser.add_argument("--rpp_reweight_every", type=positive_int, default=10)
+    args = parser.parse_args()
+    for criterion in [] if args.skip_rpp else args.rpp_criteria:  # the configs' own checks, before the dense run
+        try:
+            RPPCallback.check_schedule(rpp_config(args, args.sparsities[0], criterion, args.rpp_penalty or 1.0),
+                                       args.max_steps)
+        except ValueError as err:
+            parser.error(f"RPP options (--rpp_end_fraction {args.rpp_end_fraction}, --rpp_schedule "
+                         f"{args.rpp_schedule}, --rpp_penalty {args.rpp_penalty}): {err}")
+    return args
 
 
 def summed_learning_rate(args: TrainingArguments, steps: int) -> float:
@@ -113,6 +122,13 @@ def pruning_fields(args: argparse.Namespace, schedule: str, criterion: str, end:
         PruningConfig(schedule=schedule, end_step=end, pruning_frequency=args.pruning_frequency)).frequency
     return {"schedule": schedule, "pruning_frequency": frequency, "criterion": criterion,
             "fisher_steps": args.fisher_steps or frequency}
+
+
+def rpp_config(args: argparse.Namespace, sparsity: float, criterion: str, penalty: float) -> RPPConfig:
+    """The RPP run's config: its hard prune at `--rpp_end_fraction` of the steps."""
+    end = round(args.rpp_end_fraction * args.max_steps)
+    return RPPConfig(final_sparsity=sparsity, end_step=end, penalty=penalty, epsilon=args.rpp_epsilon,
+                     reweight_every=args.rpp_reweight_every, **pruning_fields(args, args.rpp_schedule, criterion, end))
 
 
 def main() -> None:
@@ -159,13 +175,12 @@ def main() -> None:
                    train(output_dir, nip), f"pruning every {nip.config.pruning_frequency} steps")
         for sparsity, scale, criterion in itertools.product([] if args.skip_rpp else args.sparsities,
                                                              args.rpp_penalty_scales, args.rpp_criteria):
-            penalty, end = args.rpp_penalty, round(args.rpp_end_fraction * args.max_steps)
+            penalty = args.rpp_penalty
             if penalty is None:
-                summed_lr = summed_learning_rate(training_args(args, output_dir), end)
+                summed_lr = summed_learning_rate(training_args(args, output_dir),
+                                                 round(args.rpp_end_fraction * args.max_steps))
                 penalty = calibrated_penalty(load_model(args.model, args.seed), sparsity, args.rpp_epsilon, summed_lr)
-            rpp = RPPCallback(RPPConfig(final_sparsity=sparsity, end_step=end, penalty=scale * penalty,
-                                        epsilon=args.rpp_epsilon, reweight_every=args.rpp_reweight_every,
-                                        **pruning_fields(args, args.rpp_schedule, criterion, end)))
+            rpp = RPPCallback(rpp_config(args, sparsity, criterion, scale * penalty))
             model = train(output_dir, rpp)
             if args.rpp_schedule == "oneshot":
                 method = "RPP" if criterion == "magnitude" else f"RPP, {criterion} hard prune"

