@@ -101,10 +101,12 @@ class PruningConfig:
             attention heads (their rows of Q / K / V with biases, and the columns of the output projection; with
             grouped-query attention a key/value head with all its query heads). `["neurons", "heads"]`: both.
             The targets are then the weights the structure can remove, `final_sparsity` their zero fraction
-            (exact to one neuron or head), a group's score its entries' scores summed (the L2 norm for
+            (exact to one neuron or head over the model under `class-blind`, to whole ones per block under
+            `class-uniform`), a group's score its entries' scores summed (the L2 norm for
             `"magnitude"`), `scheme` `"class-uniform"` (every layer keeps the same width, so `PrunedModel.shrink`
             gives a standard config) or `"class-blind"` (all layers' groups ranked together), and
-            `target_modules` unset (`exclude_modules` leaves blocks out). See `hf_prune.structured`.
+            `target_modules` unset and `prune_head` off (`exclude_modules` leaves blocks out). See
+            `hf_prune.structured`.
         base_model_name_or_path (`str`, *optional*):
             The model the run started from; filled in when a pruned model is saved.
     """
@@ -180,6 +182,9 @@ class PruningConfig:
                 raise ValueError(f"`target_modules` must be None with `structure` {self.structure!r}: the structure "
                                  f"decides the targets (use `exclude_modules` to leave blocks out); got "
                                  f"{self.target_modules!r}.")
+            if self.prune_head:
+                raise ValueError(f"`prune_head` must be False with `structure` {self.structure!r}: the structure "
+                                 "prunes neurons / heads inside the Transformer blocks only; got True.")
         if self.base_model_name_or_path is not None and not isinstance(self.base_model_name_or_path, str):
             raise ValueError(f"`base_model_name_or_path` must be None or a string; got "
                              f"{self.base_model_name_or_path!r}.")

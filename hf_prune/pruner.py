@@ -8,7 +8,7 @@ import itertools
 import logging
 import numbers
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -32,9 +32,9 @@ from .distributed import (
 from .distributed.collectives import collective_device, sum_over_ranks
 from .masks import check_masks_match, kept_along, update_masks_, zero_pruned_
 from .schedules import SparsitySchedule
-from .structured.selection import check_groups_left, update_group_masks_
+from .structured.selection import check_groups_left, uniform_sparsity, update_group_masks_
 from .structured.shrink import heads_unexpressible
-from .structured.units import HEADS, Unit, pruned_targets, units_for
+from .structured.units import Unit, pruned_targets, units_for
 from .targets import Target, clean_name, exclusion_for, named_weights, prunable_modules, unprunable_block_weights
 from .validation import check_int, check_number
 
@@ -99,13 +99,13 @@ class Pruner:
         #: With `config.structure`: the feed-forward / attention blocks whose neurons / heads are pruned whole.
         self.units: list[Unit] = units_for(module, config) if config.structures() else []
         targets = pruned_targets(module, config, self.units)
-        model_config = getattr(module, "config", None)
-        reason = (heads_unexpressible(model_config)
-                  if model_config is not None and any(unit.kind == HEADS for unit in self.units) else None)
+        reason = heads_unexpressible(module, self.units)
         if reason and is_main_rank():
             logger.warning("%s The head masks train, save and load as usual.", reason)
         params = named_weights(module)
         check_groups_left(self.units, params, config.final_sparsity, config.scheme, "final_sparsity")
+        if config.scheme == "class-uniform":
+            _warn_uniform_rounding(self.units, params, config.final_sparsity)
         hidden = [t.name for t in targets if t.name not in params]
         if hidden:
             raise ValueError(f"{len(hidden)} targeted weights, such as {hidden[0]}, are not parameters of "
@@ -524,6 +524,18 @@ def _warn_unprunable(module: nn.Module, params: Mapping[str, nn.Parameter]) -> N
                        "such as %s (fused mixture-of-experts weights, routers): %.0f%% of the blocks' matrices. "
                        "`final_sparsity` and the reported sparsity count the targeted weights only.",
                        len(skipped), max(skipped, key=skipped.get), 100 * share)
+
+
+def _warn_uniform_rounding(units: Sequence[Unit], params: Mapping[str, nn.Parameter], sparsity: float) -> None:
+    """Says when `class-uniform`'s whole groups per block put a kind's final sparsity half a point or more away
+    from `final_sparsity` (0 at 0.25 with 2 heads a block)."""
+    for kind, reached in uniform_sparsity(units, params, sparsity).items():
+        if abs(reached - sparsity) >= 0.005 and is_main_rank():
+            counts = sorted({unit.num_groups for unit in units if unit.kind == kind})
+            logger.warning("`final_sparsity` %s with scheme='class-uniform' prunes %.4f of the %s' weights: every "
+                           "block loses round(%s x n) of its n = %s groups. Choose a final_sparsity of whole groups "
+                           "(k / n), or scheme='class-blind'.", sparsity, reached, kind, sparsity,
+                           " or ".join(map(str, counts)))
 
 
 def _check_optimizer(optimizer: Any) -> None:

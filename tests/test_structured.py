@@ -15,6 +15,7 @@ from transformers import (
     DistilBertConfig,
     LlamaConfig,
     LlamaForCausalLM,
+    Olmo2Config,
     Seq2SeqTrainer,
     Seq2SeqTrainingArguments,
     Trainer,
@@ -273,8 +274,12 @@ def test_shrink_that_cannot_be_expressed_is_a_value_error_and_changes_nothing(co
 
 
 @pytest.mark.parametrize("structure, scheme, sparsity, message", [
-    ("heads", "class-uniform", 0.8, r"`final_sparsity` 0.8 .* prunes all 2 \(key/value\) heads.*at most 0.5"),
-    ("neurons", "class-uniform", 0.99, r"`final_sparsity` 0.99 .* prunes all 37 neurons of every block.*at most 0.973"),
+    ("heads", "class-uniform", 0.8, r"`final_sparsity` 0.8 .* leaves less than one of the 2 \(key/value\) heads of "
+                                    r"every block.*at most 1/2 \(0.5\)"),
+    # below the last group: the rounding reached 0.5 at 0.6 (and 36/37 at 0.98), and the message said "at most"
+    ("heads", "class-uniform", 0.6, r"`final_sparsity` 0.6 .* leaves less than one of the 2 \(key/value\) heads"),
+    ("neurons", "class-uniform", 0.98, r"`final_sparsity` 0.98 .* leaves less than one of the 37 neurons of every "
+                                       r"block.*at most 36/37 \(0.973\)"),
     ("heads", "class-blind", 0.9, r"`final_sparsity` 0.9 with scheme='class-blind' prunes all \(key/value\) heads of "
                                   r"the model.*at most 0.875"),
     ("neurons", "class-blind", 0.998, r"0.998 with scheme='class-blind' prunes all neurons of the model .*at most "
@@ -344,8 +349,15 @@ def tiny_diffllama():
         num_key_value_heads=2, head_dim=8))
 
 
+def tiny_olmo2():
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(Olmo2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, pad_token_id=0, bos_token_id=1, eos_token_id=2))
+
+
 @pytest.mark.parametrize("model, warned", [(tiny_bert, True), (tiny_t5, True), (tiny_llama, False),
-                                           (tiny_diffllama, True)])
+                                           (tiny_diffllama, True), (tiny_olmo2, True)])
 def test_head_pruning_that_shrink_cannot_remove_is_told_when_the_pruner_is_built(model, warned, caplog):
     with caplog.at_level("WARNING", logger="hf_prune.pruner"):
         Pruner(model(), PruningConfig(structure="heads", scheme="class-uniform", schedule="oneshot", final_sparsity=0.5))
@@ -359,6 +371,30 @@ def test_shrink_refuses_the_heads_of_a_model_that_pairs_them_by_position():
     pruner.prune_to(0.5)
     with pytest.raises(ValueError, match="DiffLlamaConfig pairs its attention heads by position"):
         PrunedModel(model, pruner.masks, pruning).shrink()
+
+
+def test_shrink_refuses_the_heads_of_a_model_with_a_norm_across_them():
+    model = tiny_olmo2()  # q_norm / k_norm: an RMSNorm over the whole query / key, all heads together
+    pruning = PruningConfig(structure="heads", scheme="class-uniform", schedule="oneshot", final_sparsity=0.5)
+    pruner = Pruner(model, pruning)
+    pruner.prune_to(0.5)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"Olmo2Config has model\.layers\.0\.self_attn\.q_norm\.weight \(32,\), sized "
+                                         r"by all the heads of its layer .* shrink\(\) cannot remove pruned heads"):
+        PrunedModel(model, pruner.masks, pruning).shrink()  # it failed on the new model's shapes, saying nothing
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("sparsity, warned", [(0.25, True), (0.5, False)])
+def test_a_class_uniform_target_between_whole_heads_is_told_what_it_reaches(sparsity, warned, caplog):
+    with caplog.at_level("WARNING", logger="hf_prune.pruner"):  # 2 key/value heads a block: 0.25 rounds to none
+        pruner = Pruner(tiny_llama(), PruningConfig(structure="heads", scheme="class-uniform", schedule="oneshot",
+                                                    final_sparsity=sparsity))
+    message = ("`final_sparsity` 0.25 with scheme='class-uniform' prunes 0.0000 of the heads' weights: every block "
+               "loses round(0.25 x n) of its n = 2 groups")
+    assert (message in caplog.text) is warned
+    pruner.prune_to(sparsity)
+    assert pruner.sparsity() == pytest.approx(0.0 if warned else 0.5)
 
 
 def test_partly_pruned_groups_cannot_shrink():
@@ -389,6 +425,10 @@ class NoAttention(torch.nn.Module):
     (tiny_bert, dict(structure="layers"), "`structure` must be one of"),
     (tiny_bert, dict(structure=["neurons", "neurons"]), "`structure` must be one of"),
     (tiny_bert, dict(structure="neurons", exclude_modules=["nomatch"]), "matches no module"),
+    # with both kinds, excluding every attention block left the heads unpruned, silently
+    (tiny_llama, dict(structure=["neurons", "heads"], scheme="class-uniform", exclude_modules=["k_proj"]),
+     r"`exclude_modules` \['k_proj'\] leaves no 'heads' block of LlamaForCausalLM to prune"),
+    (tiny_bert, dict(structure="neurons", prune_head=True), "`prune_head` must be False with `structure` 'neurons'"),
 ])
 def test_bad_structures_raise_before_any_training_step(model, config, message):
     instance = model()

@@ -3,10 +3,10 @@
 A group's score sums its entries' scores over every member weight (`Criterion.group_norm`: the L2 norm for
 `"magnitude"`, the summed saliency for `"obd"` and `"wanda"`). Each structure kind is ranked on its own, so that
 neurons and heads each reach the target: under `class-uniform` every unit (every layer's feed-forward or attention
-block) loses `round(sparsity · num_groups)` groups, so all layers keep the same width; under `class-blind` the
-groups of all units of a kind are ranked together and layers end up with different widths. The number of pruned
-weights is exact to one group. Ties are broken in model order, then group order; groups pruned before stay
-pruned.
+block) loses `round(sparsity · num_groups)` groups, so all layers keep the same width (the count is exact to half a
+group per block: `uniform_sparsity` says what a sparsity reaches); under `class-blind` the groups of all units of a
+kind are ranked together, the count is exact to one group over the model, and layers end up with different
+widths. Ties are broken in model order, then group order; groups pruned before stay pruned.
 """
 
 from __future__ import annotations
@@ -65,10 +65,10 @@ def check_groups_left(units: Sequence[Unit], weights: Mapping[str, torch.Tensor]
         if scheme == "class-uniform":
             for unit in members:
                 n = unit.num_groups
-                if round(sparsity * n) >= n:
-                    raise ValueError(f"`{field}` {sparsity} with scheme='class-uniform' prunes all {n} {what} of "
-                                     f"every block, such as {unit.prefix.rstrip('.')}: nothing of it would be left. "
-                                     f"Accepted: at most {(n - 1) / n:.4g} for this model, or {instead}.")
+                if sparsity * n > n - 1 + 1e-9:  # (the rounding would take them all from (n - 0.5) / n)
+                    raise ValueError(f"`{field}` {sparsity} with scheme='class-uniform' leaves less than one of the "
+                                     f"{n} {what} of every block, such as {unit.prefix.rstrip('.')}. Accepted: at "
+                                     f"most {n - 1}/{n} ({(n - 1) / n:.4g}) for this model, or {instead}.")
             continue
         sizes = [group_size(unit, weights) for unit in members]
         total = float(sum(size * unit.num_groups for size, unit in zip(sizes, members)))
@@ -76,6 +76,23 @@ def check_groups_left(units: Sequence[Unit], weights: Mapping[str, torch.Tensor]
             raise ValueError(f"`{field}` {sparsity} with scheme={scheme!r} prunes all {what} of the model (what it "
                              f"keeps is less than half of one): nothing of them would be left. Accepted: at most "
                              f"{1 - max(sizes) / (2 * total):.4g} for this model, or {instead}.")
+
+
+def uniform_count(unit: Unit, sparsity: float) -> int:
+    """The groups of `unit` that `class-uniform` prunes at `sparsity`."""
+    return round(sparsity * unit.num_groups)
+
+
+def uniform_sparsity(units: Sequence[Unit], weights: Mapping[str, torch.Tensor], sparsity: float) -> dict[str, float]:
+    """Per structure kind, the fraction of its weights that `class-uniform` prunes at `sparsity` (whole groups per
+    unit: 0 at 0.25 with 2 heads a block)."""
+    reached: dict[str, float] = {}
+    for kind in dict.fromkeys(unit.kind for unit in units):
+        members = [unit for unit in units if unit.kind == kind]
+        sizes = [group_size(unit, weights) for unit in members]
+        reached[kind] = (sum(size * uniform_count(unit, sparsity) for size, unit in zip(sizes, members))
+                         / sum(size * unit.num_groups for size, unit in zip(sizes, members)))
+    return reached
 
 
 def prune_groups_(unit: Unit, masks: Mapping[str, torch.Tensor], groups: torch.Tensor) -> None:
@@ -105,7 +122,7 @@ def update_group_masks_(units: Sequence[Unit], weights: Mapping[str, torch.Tenso
         scores = [group_scores(unit, weights, criterion) for unit in members]
         already = [pruned_groups(unit, masks) for unit in members]
         if scheme == "class-uniform":
-            chosen = [_lowest(s, a, max(round(sparsity * unit.num_groups), int(a.sum())))
+            chosen = [_lowest(s, a, max(uniform_count(unit, sparsity), int(a.sum())))
                       for unit, s, a in zip(members, scores, already)]
         else:
             chosen = _blind(members, scores, already, [group_size(u, weights) for u in members], sparsity)

@@ -60,18 +60,41 @@ _COUPLED_HEADS = {"diffllama": "pairs its attention heads by position (different
                                "i + num_heads / 2), so removing some would pair the others differently"}
 
 
-def heads_unexpressible(config: object) -> str | None:
-    """Why a model of `config` with fewer attention heads is not a standard config of its kind, or `None` when it
-    is (configs with an explicit `head_dim` and `num_key_value_heads`: Llama-style)."""
+def heads_unexpressible(model: nn.Module, units: Sequence[Unit]) -> str | None:
+    """Why a model like `model` with fewer attention heads in `units` is not a standard config of its kind, or
+    `None` when it is: configs with an explicit `head_dim` and `num_key_value_heads` (Llama-style) whose attention
+    modules hold nothing across the heads besides the heads' own projections."""
+    config = getattr(model, "config", None)
+    if config is None or not any(unit.kind == HEADS for unit in units):
+        return None
     why = _COUPLED_HEADS.get(getattr(config, "model_type", None))
     if why is None and "head_dim" in getattr(config, "to_dict", dict)() and hasattr(config, "num_key_value_heads"):
-        return None
+        across = _across_heads(model, [unit for unit in units if unit.kind == HEADS])
+        if across is None:
+            return None
+        why = (f"has {across}, sized by all the heads of its layer (per-head gates or attention sinks, or a norm "
+               "over the whole query or key as in Olmo2, where the kept heads would compute differently)")
     why = why or ("shares one relative position bias across its layers"
                   if hasattr(config, "relative_attention_num_buckets")
                   else "derives the head size from hidden_size / num_attention_heads")
     return (f"{type(config).__name__} {why}, so a model with fewer heads is not a standard config of it: shrink() "
             "cannot remove pruned heads. Prune with structure='neurons' for a portable shrunk model, or keep the "
             "head masks (PrunedModel) without shrinking.")
+
+
+def _across_heads(model: nn.Module, units: Sequence[Unit]) -> str | None:
+    """The first parameter of an attention module of `units`, outside the heads' projections, with a dimension as
+    wide as all its (key/value or query) heads, as `name (shape)`: shrink() would not slice it."""
+    for unit in units:
+        prefix = unit.prefix.rstrip(".")
+        projections = tuple(f"{m.module_name}." for m in unit.members)
+        heads = {unit.num_groups, unit.num_groups * unit.queries_per_group}
+        widths = (heads | {n * unit.head_dim for n in heads}) - {unit.head_dim}  # a norm shared by the heads: fine
+        for name, param in model.get_submodule(prefix).named_parameters():
+            full = f"{prefix}.{name}"
+            if not full.startswith(projections) and any(size in widths for size in param.shape):
+                return f"{full} {tuple(param.shape)}"
+    return None
 
 
 def _new_config(model: nn.Module, units: Sequence[Unit], kept: Mapping[str, torch.Tensor],
@@ -147,7 +170,7 @@ def shrink(model: nn.Module, masks: Mapping[str, torch.Tensor], units: Sequence[
         raise ValueError(f"The masks have no mask for {len(missing)} weights of the units to shrink, such as "
                          f"{missing[0]}: they were made under another `structure` or `exclude_modules` than the "
                          "pruning config's. Wrap them with the config of the run that made them.")
-    reason = heads_unexpressible(model.config) if any(unit.kind == HEADS for unit in units) else None
+    reason = heads_unexpressible(model, units)
     if reason:
         raise ValueError(reason)
     kept = {unit.prefix: kept_groups(unit, masks) for unit in units}

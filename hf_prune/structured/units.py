@@ -240,9 +240,10 @@ def units_for(model: nn.Module, config: PruningConfig) -> list[Unit]:
             raise ValueError(f"`exclude_modules` {describe_entry(config.exclude_modules, entry)} matches no module of "
                              f"the {config.structure!r} blocks of {type(model).__name__}.")
         kept = [u for u in units if not any(matches(m.module_name, config.exclude_modules) for m in u.members)]
-        if not kept:
-            raise ValueError(f"`exclude_modules` {config.exclude_modules!r} leaves no {config.structure!r} block of "
-                             f"{type(model).__name__} to prune.")
+        for kind in config.structures():  # each kind: with both, excluding every head must not pass unnoticed
+            if not any(u.kind == kind for u in kept):
+                raise ValueError(f"`exclude_modules` {config.exclude_modules!r} leaves no {kind!r} block of "
+                                 f"{type(model).__name__} to prune.")
         units = kept
     modules = prunable_modules(model)
     copies = trained_copies(model)
