@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .constants import GAP_MASK_FORMAT, MASK_FORMAT, TEMP_PREFIX
+from .constants import GAP_MASK_FORMAT, MASK_FORMAT, MASKS_NAME, TEMP_PREFIX
 from .masks import check_masks_match
 from .validation import check_choice
 
@@ -278,19 +278,23 @@ def read_masks_metadata(path: str | os.PathLike) -> dict[str, object]:
 
 def read_tagged_safetensors(path: str | os.PathLike, expected_format: str | tuple[str, ...], what: str,
                             check: Callable[[dict[str, str], dict[str, tuple[str, tuple[int, ...]]]], None] | None = None,
-                            read_tensors: bool = True
+                            read_tensors: bool = True, file_name: str | None = None
                             ) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     """Header and tensors of a safetensors file hf_prune wrote with `format` tag `expected_format` (or one of).
 
     `check(header, layout)`, with `layout` name -> (dtype, shape) from the file's header, runs before any tensor
     is read: the place to check names, shapes and counts against the model. With `read_tensors=False` no tensor
-    is read (the dict returned is empty): the header alone, checked.
+    is read (the dict returned is empty): the header alone, checked. `file_name`, the name `save_pretrained` gives
+    such a file, goes into the error for a folder passed as `path`.
 
     Raises:
         ValueError: when the file is unreadable (truncated, not safetensors) or carries another format tag;
             `what` names the kind of file in the message.
     """
     formats = (expected_format,) if isinstance(expected_format, str) else tuple(expected_format)
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder, not a {what}: pass the file"
+                         + (f" ({os.path.join(path, file_name)} in a saved folder)." if file_name else "."))
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
@@ -340,7 +344,8 @@ def load_masks(path: str | os.PathLike, expected: Mapping[str, Sequence[int]] | 
                                      f"shape {list(shape)} needs {needed}.")
         check_against_model(path, shapes, expected)
 
-    header, packed = read_tagged_safetensors(path, (MASK_FORMAT, GAP_MASK_FORMAT), "hf_prune masks file", check)
+    header, packed = read_tagged_safetensors(path, (MASK_FORMAT, GAP_MASK_FORMAT), "hf_prune masks file", check,
+                                             file_name=MASKS_NAME)
     if header["format"] == GAP_MASK_FORMAT:
         masks = _decode_gap_masks(path, packed, shapes, kept)
     else:

@@ -34,9 +34,11 @@ from hf_prune.compression import (
 from hf_prune.compression.huffman import BLOCK_SIZE, huffman_code_lengths
 from hf_prune.compression.positions import GAP_LIMIT, encode_positions, gap_symbols, positions_from_gaps
 from hf_prune.compression.quantization import centroid_gradients
+from hf_prune.compression.sparse_format import read_sparse
 from hf_prune.constants import MASKS_NAME, QUANTIZATION_STATE_NAME
 from hf_prune.methods.han import HanConfig, HanPruningCallback
 from hf_prune.methods.rpp import RPPCallback, RPPConfig
+from hf_prune.serialization import load_masks
 
 
 DTYPES = {np.uint8: 255, np.uint16: 65535, np.uint32: 2**32 - 1}
@@ -671,8 +673,6 @@ def test_quantization_callback_accepts_good_arguments_and_trains_finite():
 # ------------------------------------------------------------------- bounded reading (issue 16, items 5 and 13)
 def saved_deep_folder(tmp_path):
     """A tiny BERT saved with compression="deep", without the record of its files (as an attacker would drop it)."""
-    from hf_prune import PrunedModel
-
     model, masks = pruned_bert()
     PrunedModel(model, masks, PruningConfig(final_sparsity=0.9, schedule="oneshot")).save_pretrained(
         tmp_path, compression="deep")
@@ -753,9 +753,6 @@ def test_a_crafted_self_contained_deep_file_is_bounded_by_the_masks(tmp_path):
 
 
 def test_a_crafted_gap_coded_masks_file_is_refused_before_decoding(tmp_path):
-    from hf_prune import PrunedModel
-    from hf_prune.serialization import load_masks
-
     masks = saved_deep_folder(tmp_path)
     path = tmp_path / "pruning_masks.safetensors"
     header, tensors = safetensors_header(path), load_file(str(path))
@@ -846,3 +843,16 @@ def test_gap_coded_masks_round_trip_and_are_small_at_high_sparsity(tmp_path):
     assert os.path.getsize(tmp_path / "smallest.safetensors") == gaps
     with pytest.raises(ValueError, match="`encoding` must be one of 'bitmask', 'gaps', 'smallest'; got 'zip'"):
         save_masks(masks, tmp_path / "x.safetensors", encoding="zip")
+
+
+@pytest.mark.parametrize("read, file_name", [
+    (lambda folder, masks: deep_compression_sizes(folder), "deep_compressed_weights.safetensors"),
+    (lambda folder, masks: read_deep_compressed(folder, masks), "deep_compressed_weights.safetensors"),
+    (lambda folder, masks: load_masks(folder), MASKS_NAME),
+    (lambda folder, masks: read_sparse(folder, masks), "pruned_weights.safetensors"),
+])
+def test_a_folder_given_for_a_file_is_named_with_the_file_to_pass(tmp_path, read, file_name):
+    masks = saved_deep_folder(tmp_path)  # the docs speak of the sizes "of a save_pretrained folder"
+    with pytest.raises(ValueError, match=f"{tmp_path} is a folder, not a .*: pass the file "
+                                         rf"\({os.path.join(tmp_path, file_name)} in a saved folder\)"):
+        read(tmp_path, masks)  # it said "No such device (os error 19)"

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..constants import DEEP_COMPRESSED_FORMAT, DEEP_COMPRESSED_FORMAT_V1, MASKS_NAME
+from ..constants import DEEP_COMPRESSED_FORMAT, DEEP_COMPRESSED_FORMAT_V1, DEEP_COMPRESSED_WEIGHTS_NAME, MASKS_NAME
 from ..serialization import (
     atomic_save_safetensors,
     check_mask_digests,
@@ -176,7 +176,7 @@ def _read_checked(path: str | os.PathLike, masks: Mapping[str, torch.Tensor] | N
     header, tensors = read_tagged_safetensors(
         path, (DEEP_COMPRESSED_FORMAT, DEEP_COMPRESSED_FORMAT_V1), "deep-compressed checkpoint",
         lambda header, stored: checked.append(_check_header(path, header, stored, masks, shapes, decoding)),
-        read_tensors=decoding)
+        read_tensors=decoding, file_name=DEEP_COMPRESSED_WEIGHTS_NAME)
     return (*checked[0], header, tensors)
 
 

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from ..constants import COMPRESSED_FORMAT, MASKS_NAME
+from ..constants import COMPRESSED_FORMAT, COMPRESSED_WEIGHTS_NAME, MASKS_NAME
 from ..serialization import (
     atomic_save_safetensors,
     check_mask_digests,
@@ -67,7 +67,8 @@ def read_sparse(path: str | os.PathLike, masks: Mapping[str, torch.Tensor],
             if problems:
                 raise ValueError(f"{path} does not match the model: it stores " + ", ".join(problems) + ".")
 
-    _, tensors = read_tagged_safetensors(path, COMPRESSED_FORMAT, "compressed checkpoint", check)
+    _, tensors = read_tagged_safetensors(path, COMPRESSED_FORMAT, "compressed checkpoint", check,
+                                         file_name=COMPRESSED_WEIGHTS_NAME)
     for name, mask in masks.items():
         values = tensors.pop(f"{name}{VALUES_SUFFIX}")
         tensors[name] = torch.zeros(mask.shape, dtype=values.dtype)
