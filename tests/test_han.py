@@ -195,6 +195,20 @@ def test_dropout_adjustment_rejects_masks_of_another_model():
         apply_dropout_adjustment(tiny_bert(), {"transformer.h.0.attn.c_attn.weight": torch.ones(2, 2, dtype=bool)})
 
 
+@pytest.mark.parametrize("kind, warned", [("bart", True), ("llama", False), ("bert", False)])
+def test_a_model_whose_dropouts_are_not_adjusted_is_told_so_when_the_pruner_is_built(kind, warned, caplog):
+    # BART's dropouts are functional calls on config values: the adjustment left them alone without a word
+    model = TINY_MODELS[kind]()  # Llama: no dropout above 0; BERT: adjusted
+    with caplog.at_level("WARNING", logger="hf_prune.methods.han"):
+        HanPruner(model, HanConfig(quality=0.5, iterations=1), max_steps=10)
+    assert ("adjust_dropout: BartForConditionalGeneration has no layer whose dropout hf_prune adjusts" in caplog.text
+            and "dropout=0.1" in caplog.text) is warned
+    with caplog.at_level("WARNING", logger="hf_prune.methods.han"):
+        caplog.clear()
+        HanPruner(model, HanConfig(quality=0.5, iterations=1, adjust_dropout=False), max_steps=10)
+    assert "adjust_dropout" not in caplog.text
+
+
 # ---------------------------------------------------------------------------------------- See et al. schedule
 def test_see_schedule_halves_the_learning_rate_exactly_every_two_epochs():
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)

@@ -89,6 +89,18 @@ def apply_dropout_adjustment(model: nn.Module, masks: Mapping[str, torch.Tensor]
     return {f"{names[id(module)]}.{attribute}": ratio for (module, attribute), ratio in ratios.items()}
 
 
+def unadjusted_dropouts(model: nn.Module) -> dict[str, float]:
+    """The non-zero dropout ratios of `model.config` (keys naming a dropout: `*dropout*`, `*pdrop*`) when no module
+    of `model` has a `DROPOUT_RULES` entry, so that `apply_dropout_adjustment` leaves them all as they are (BART,
+    whose dropouts are functional calls on config values); empty otherwise."""
+    if any(type(module).__name__ in DROPOUT_RULES for module in model.modules()):
+        return {}
+    config = getattr(model, "config", None)
+    values = config.to_dict() if hasattr(config, "to_dict") else {}
+    return {key: value for key, value in sorted(values.items()) if ("dropout" in key or "pdrop" in key)
+            and isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0}
+
+
 def dropout_ratios(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[tuple[nn.Module, str], float]:
     """The ratio `apply_dropout_adjustment` gives each known dropout of `model`, keyed `(module, attribute)`,
     changing nothing. `D_o` is read from the config of the innermost model holding the module (the encoder's or

@@ -16,6 +16,7 @@ trainer.train()   # dense training, then prune / retrain three times; the logs c
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -27,11 +28,14 @@ from transformers import TrainerState
 
 from ..callbacks import MagnitudePruningCallback
 from ..config import PruningConfig
-from ..distributed import refuse_sharded
+from ..distributed import is_main_rank, refuse_sharded
 from ..pruner import Pruner
 from ..schedules import check_fits
 from ..validation import check_bool, check_choice, check_int, is_finite_number
-from .dropout import apply_dropout_adjustment, dropout_ratios
+from .dropout import apply_dropout_adjustment, dropout_ratios, unadjusted_dropouts
+
+
+logger = logging.getLogger(__name__)
 
 
 #: Pruning events of a `HanConfig` whose `iterations` is None and whose `quality` is a single number.
@@ -176,6 +180,13 @@ class HanPruner(Pruner):
         self.events = event_steps(config, max_steps)
         if config.adjust_dropout:  # a model whose dropouts it cannot adjust is refused before any event
             dropout_ratios(self.module, {})
+            unadjusted = unadjusted_dropouts(self.module)
+            if unadjusted and is_main_rank():
+                logger.warning("adjust_dropout: %s has no layer whose dropout hf_prune adjusts (BERT, GPT-2 and T5 "
+                               "layers: see hf_prune.methods.dropout.DROPOUT_RULES), so its dropouts (%s) stay as "
+                               "they are while it is pruned. Set HanConfig(adjust_dropout=False) to say so.",
+                               type(self.module).__name__,
+                               ", ".join(f"{key}={value}" for key, value in unadjusted.items()))
         self.iteration = 0
         self.dropout: dict[str, float] = {}
 
