@@ -210,15 +210,17 @@ def main() -> None:
 
 
 def _saved_size(dense: str, sparsity: float, folder: Path) -> int:
-    """Bytes of the one-shot pruned model saved with `compression="sparse"` (every file of the folder)."""
-    from transformers import AutoModelForSequenceClassification
+    """Bytes of the one-shot pruned model saved with `compression="sparse"` and the dense folder's tokenizer (every
+    file of the folder, as for the other rows)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from hf_prune import PrunedModel, Pruner, PruningConfig
 
     model = AutoModelForSequenceClassification.from_pretrained(dense)
     pruner = Pruner(model, PruningConfig(schedule="oneshot", final_sparsity=sparsity))
     pruner.prune_to(sparsity)
-    PrunedModel(model, pruner.masks, pruner.config).save_pretrained(folder, compression="sparse")
+    PrunedModel(model, pruner.masks, pruner.config).save_pretrained(
+        folder, compression="sparse", processing_class=AutoTokenizer.from_pretrained(dense))
     return folder_bytes(folder)
 
 
