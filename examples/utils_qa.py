@@ -118,7 +118,10 @@ class QuestionAnsweringTrainer(Trainer):
                  metric_key_prefix: str = "eval") -> dict[str, float]:
         """Evaluates the features of `eval_examples` (`eval_dataset`, default: the Trainer's)."""
         features = self.eval_dataset if eval_dataset is None else eval_dataset
-        output = self.evaluation_loop(self.get_eval_dataloader(features), description="Evaluation",
+        # the model gets the windows without their bookkeeping (which the collator cannot batch, and which
+        # remove_unused_columns=False would leave in); postprocessing reads it from `features`
+        inputs = features.remove_columns([c for c in ("example_id", "offset_mapping") if c in features.column_names])
+        output = self.evaluation_loop(self.get_eval_dataloader(inputs), description="Evaluation",
                                       prediction_loss_only=False, ignore_keys=ignore_keys,
                                       metric_key_prefix=metric_key_prefix)
         answers = postprocess_qa_predictions(self.eval_examples, features, output.predictions, self.n_best_size,

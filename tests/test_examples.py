@@ -212,10 +212,13 @@ def test_run_glue_dense_baseline_saves_plain_model(tiny_model: str, tmp_path: Pa
 # --------------------------------------------------------------------------------------------- SQuAD run
 @pytest.mark.slow
 @needs_data
-def test_run_squad_split_by_article_prunes_and_scores(tiny_model: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("remove_unused_columns", ["true", "false"])  # false: evaluation failed on the offsets
+def test_run_squad_split_by_article_prunes_and_scores(tiny_model: str, tmp_path: Path,
+                                                      remove_unused_columns: str) -> None:
     out = tmp_path / "out"
     run_squad.main(["--model_name_or_path", tiny_model, *SQUAD, "--do_train", "--do_eval",
-                    "--final_sparsity", "0.5", "--output_dir", str(out), *FAST])
+                    "--final_sparsity", "0.5", "--output_dir", str(out), *FAST,
+                    "--remove_unused_columns", remove_unused_columns])
     results = read_results(out)
     assert 0.0 <= results["eval_exact_match"] <= results["eval_f1"] <= 100.0
     assert results["train_samples"] == 32 and results["eval_samples"] == 24
