@@ -187,6 +187,20 @@ def test_a_cast_model_saves_and_restores_in_its_new_dtype():
     assert {t.dtype for t in again.model.state_dict().values() if t.is_floating_point()} == {torch.float32}
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_cast_t5_keeps_its_residual_stream_in_the_dtype_it_was_cast_to(dtype):
+    # T5's feed-forward casts its hidden states to wo.weight.dtype: the sparse weight's float32, and the residual
+    # stream after it stayed float32 until the next norm
+    wrapped = pruned("t5")
+    dense = copy.deepcopy(wrapped.model).to(dtype)
+    wrapped.to_sparse_inference(kernel="sparse")
+    wrapped.to(dtype)
+    with torch.no_grad():
+        expected, out = dense(**batch("t5")), wrapped.model(**batch("t5"))
+    assert {h.dtype for h in out.encoder_hidden_states + out.decoder_hidden_states} == {dtype}
+    torch.testing.assert_close(out.logits, expected.logits, atol=3e-2, rtol=3e-2)
+
+
 def test_a_model_converted_under_inference_mode_still_saves_copies_and_restores():
     wrapped = pruned("bert")
     with torch.inference_mode():

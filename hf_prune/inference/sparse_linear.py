@@ -170,14 +170,15 @@ class SparseLinear(nn.Module):
     def multiply_2d(self, flat: torch.Tensor) -> torch.Tensor:
         """`flat @ W.T + b` for a `(tokens, in_features)` input. CSR/BSR: `flat` is multiplied in the weight's dtype
         (MKL has no bfloat16 / float16 kernel) and the result returned in the dtype a Linear layer would give:
-        autocast's where it is on, else `flat`'s."""
+        autocast's where it is on, else the one the model was cast to (`cast_dtype`: models such as T5 cast their
+        input to `weight.dtype`, float32 here), else `flat`'s."""
         if not flat.is_floating_point():  # a Linear layer refuses them too; the casts below would truncate
             raise TypeError(f"{type(self).__name__} multiplies floating-point inputs; got {flat.dtype}.")
         if self.spec.format == "semi_structured":
             return F.linear(flat.contiguous(), self.weight, self.bias)
         device = flat.device.type  # autocast leaves float64 alone, as it does for a Linear layer
         autocast = torch.is_autocast_enabled(device) and flat.dtype != torch.float64
-        dtype = torch.get_autocast_dtype(device) if autocast else flat.dtype
+        dtype = torch.get_autocast_dtype(device) if autocast else self.cast_dtype or flat.dtype
         with torch.autocast(device, enabled=False):
             out = sparse_addmm(self.weight, self.bias, flat.to(self.weight.dtype), self.spec.chunk_size)
         return out.to(dtype)
