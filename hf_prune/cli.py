@@ -13,7 +13,6 @@ import argparse
 import os
 import sys
 
-from transformers import AutoConfig
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import CONFIG_NAME as MODEL_CONFIG_NAME
 
@@ -21,9 +20,9 @@ from . import plots
 from .config import PruningConfig
 from .constants import CONFIG_NAME, MASKS_NAME, TRAINER_STATE_NAME
 from .hub import resolve_file
-from .loading import auto_model_class, load_dense, parameter_shapes
+from .loading import auto_model_class, load_auto_config, load_dense, parameter_shapes
 from .report import SparsityReport, sparsity_report
-from .serialization import load_masks, read_json_object, read_masks_metadata
+from .serialization import load_masks, read_json_object, read_masks_metadata, writable_target
 
 
 CURVES_NAME = "pruning_curves.png"
@@ -45,7 +44,7 @@ def load_report(path_or_repo: str) -> tuple[SparsityReport, str]:
         # a Hub repo must have a config.json: requiring it names why a repo cannot be read (offline, no such repo)
         if resolve_file(path_or_repo, MODEL_CONFIG_NAME, required=not os.path.isdir(path_or_repo)) is None:
             raise FileNotFoundError(f"{path_or_repo} has neither {MASKS_NAME} nor a transformers {MODEL_CONFIG_NAME}.")
-        config = AutoConfig.from_pretrained(path_or_repo)
+        config = load_auto_config(path_or_repo)
         return sparsity_report(load_dense(auto_model_class(config), path_or_repo, config, {})), "zero weights"
     if resolve_file(path_or_repo, CONFIG_NAME, required=False) is not None:
         config = PruningConfig.from_pretrained(path_or_repo)
@@ -61,7 +60,7 @@ def _model_shapes(path_or_repo: str) -> dict[str, tuple[int, ...]] | None:
     if resolve_file(path_or_repo, MODEL_CONFIG_NAME, required=False) is None:
         return None
     try:
-        return parameter_shapes(AutoConfig.from_pretrained(path_or_repo))
+        return parameter_shapes(load_auto_config(path_or_repo))
     except (OSError, ValueError, ImportError, TypeError):  # e.g. remote code: the masks are reported unchecked
         return None
 
@@ -78,19 +77,26 @@ def find_trainer_state(output_dir: str) -> str:
     return found[0]
 
 
-def _check_output_folder(path: str, option: str) -> None:
-    """Raises `FileNotFoundError` before any work when the folder `path` is to be written into does not exist."""
+def _check_output_file(path: str, option: str) -> None:
+    """Raises before any work when `path` cannot be written: `ValueError` for an empty name or what is not a
+    regular file (a folder, a device), `FileNotFoundError` when the folder to write it into does not exist."""
+    if not path:
+        raise ValueError(f"{option} '': give the name of the PNG file to write.")
+    try:
+        writable_target(path)
+    except ValueError as err:
+        raise ValueError(f"{option} {path}: {err}") from None
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{option} {path}: no such folder {folder}.")
 
 
 def _report(args: argparse.Namespace) -> None:
-    if args.png:
-        _check_output_folder(args.png, "--png")
+    if args.png is not None:
+        _check_output_file(args.png, "--png")
     report, source = load_report(args.path)
     print(report.to_markdown() if args.markdown else report)
-    if args.png:
+    if args.png is not None:
         plots.plot_sparsity_heatmap(report, args.png, title=f"{args.path}: sparsity from {source} "
                                                             f"(overall {report.overall:.1%})")
         print(f"Wrote {args.png}", file=sys.stderr)
@@ -98,9 +104,9 @@ def _report(args: argparse.Namespace) -> None:
 
 
 def _plot(args: argparse.Namespace) -> None:
-    out = args.out or os.path.join(args.output_dir, CURVES_NAME)
-    if args.out:
-        _check_output_folder(out, "--out")
+    out = os.path.join(args.output_dir, CURVES_NAME) if args.out is None else args.out
+    if args.out is not None:
+        _check_output_file(out, "--out")
     state_file = find_trainer_state(args.output_dir)
     log_history = read_json_object(state_file, "a Trainer's state").get("log_history")
     if not isinstance(log_history, list):

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 import transformers
+from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
 from safetensors import SafetensorError
 from torch import nn
 from transformers.utils import GENERATION_CONFIG_NAME
@@ -47,6 +48,16 @@ def parameter_shapes(config: transformers.PretrainedConfig, model_class: type | 
     return {name: tuple(param.shape) for name, param in model.named_parameters()}
 
 
+def load_auto_config(path: str | os.PathLike, **kwargs: Any) -> Any:
+    """`transformers.AutoConfig.from_pretrained(path, **kwargs)`; a config whose fields fail transformers' checks
+    (a field of the wrong type) is a `ValueError` naming the folder."""
+    try:
+        return transformers.AutoConfig.from_pretrained(path, **kwargs)
+    except (StrictDataclassFieldValidationError, StrictDataclassClassValidationError) as err:
+        raise ValueError(f"{path}: its config does not pass transformers' checks ({' '.join(str(err).split())})."
+                         ) from None
+
+
 def config_and_model_kwargs(path: str | os.PathLike, kwargs: Mapping[str, Any], hub_kwargs: Mapping[str, Any]
                             ) -> tuple[transformers.PretrainedConfig, dict[str, Any]]:
     """The model's config and the keyword arguments left for its `from_pretrained`, as `from_pretrained(path,
@@ -60,7 +71,7 @@ def config_and_model_kwargs(path: str | os.PathLike, kwargs: Mapping[str, Any], 
     kept = ("trust_remote_code",)  # read by the config and by the model class
     attributes = {key: value for key, value in kwargs.items()
                   if key not in named and key not in hub_kwargs and key not in kept}
-    config, unused = transformers.AutoConfig.from_pretrained(
+    config, unused = load_auto_config(
         given if given is not None else path, return_unused_kwargs=True, **hub_kwargs, **attributes,
         **{key: kwargs[key] for key in kept if key in kwargs})
     left = {key: value for key, value in kwargs.items() if key not in attributes and key != "config"}
@@ -93,6 +104,12 @@ def load_dense(model_class: type, path: str | os.PathLike, config: transformers.
                                                       output_loading_info=True, **kwargs)
     except SafetensorError as err:
         raise ValueError(f"{path}: a weights file cannot be read ({err}).") from None
+    except RuntimeError as err:  # transformers raises, rather than list mismatched_keys, unless told to ignore them
+        if "ignore_mismatched_sizes" not in str(err):
+            raise
+        raise ValueError(f"{path} does not load as {model_class.__name__}: saved tensors of another shape than its "
+                         "config.json gives (transformers' load report, logged above, lists them). Was config.json "
+                         "edited, or the weights saved from another model?") from None
     missing, mismatched = sorted(info.get("missing_keys") or ()), info.get("mismatched_keys") or ()
     unexpected = sorted(info.get("unexpected_keys") or ()) if needed is None else []
     if needed is not None:

@@ -184,20 +184,23 @@ def _series(log_history: Sequence[Mapping[str, Any]], key: str) -> tuple[list[in
     return steps, [points[step] for step in steps]
 
 
-def eval_metrics(log_history: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The `eval_*` keys of `log_history` that measure the model (not `eval_runtime` and the like)."""
+def eval_metrics(log_history: Sequence[Mapping[str, Any]], speed: bool = False) -> list[str]:
+    """The `eval_*` keys of `log_history` that measure the model (not `eval_runtime` and the like), or with
+    `speed` all of them."""
     keys = (key for entry in log_history for key in entry)
-    return list(dict.fromkeys(k for k in keys if k.startswith("eval_") and not k.endswith(SPEED_SUFFIXES)))
+    return list(dict.fromkeys(k for k in keys if k.startswith("eval_")
+                              and (speed or not k.endswith(SPEED_SUFFIXES))))
 
 
 def _resolve_metrics(log_history: Sequence[Mapping[str, Any]], metrics: Sequence[str] | None) -> list[str]:
-    logged = eval_metrics(log_history)
     if metrics is None:
-        return logged
+        return eval_metrics(log_history)
+    logged = eval_metrics(log_history, speed=True)  # a speed metric named explicitly is plotted too
     resolved = [m if m in logged or m.startswith("eval_") else f"eval_{m}" for m in metrics]
     unknown = [m for m, r in zip(metrics, resolved) if r not in logged]
     if unknown:
-        found = (f"the logged eval metrics are {', '.join(logged)}." if logged else
+        measures = eval_metrics(log_history)
+        found = (f"the logged eval metrics are {', '.join(measures)}." if measures else
                  "no evaluation is in the log history (it holds those run during training: eval_strategy='steps' "
                  "or 'epoch').")
         raise ValueError(f"No {', '.join(unknown)} in the logs; {found}")

@@ -180,6 +180,11 @@ def test_plot_of_trainer_run(trainer_run, tmp_path):
     assert_png(tmp_path / "accuracy.png", min_height=600, min_width=700)
 
 
+def test_plot_of_a_speed_metric_named_explicitly(trainer_run, tmp_path):
+    assert main(["plot", trainer_run, "--metric", "eval_runtime", "--out", str(tmp_path / "runtime.png")]) == 0
+    assert_png(tmp_path / "runtime.png", min_height=600, min_width=700)  # "No eval_runtime in the logs", before
+
+
 def test_plot_errors_on_unknown_metric_and_missing_sparsity(trainer_run, tmp_path, capsys):
     assert main(["plot", trainer_run, "--metric", "f1", "--out", str(tmp_path / "f1.png")]) == 2
     assert "No f1 in the logs; the logged eval metrics are eval_accuracy, eval_loss." in capsys.readouterr().err
@@ -259,6 +264,54 @@ def test_report_of_a_plain_folder_with_corrupt_weights_exits_2_with_one_line(tmp
     capsys.readouterr()  # save_pretrained's progress bar
     assert main(["report", str(tmp_path)]) == 2
     assert f"{tmp_path}: a weights file cannot be read (" in one_line_error(capsys)
+
+
+def test_report_of_a_plain_folder_whose_config_gives_other_shapes_exits_2_with_one_line(tmp_path, capsys):
+    tiny_bert().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "intermediate_size": 64}))
+    capsys.readouterr()
+    assert main(["report", str(tmp_path)]) == 2  # transformers raised a RuntimeError: a traceback
+    err = capsys.readouterr().err  # after transformers' progress bar and load report
+    assert "Traceback" not in err and err.splitlines()[-1].startswith(
+        f"hf-prune: error: {tmp_path} does not load as BertForSequenceClassification: saved tensors of another "
+        "shape than its config.json gives")
+
+
+@pytest.mark.parametrize("pruned", [False, True])
+def test_report_of_a_config_with_a_field_of_the_wrong_type_exits_2_with_one_line(tmp_path, capsys, pruned):
+    model = tiny_bert()
+    if pruned:
+        config = PruningConfig(final_sparsity=0.5, schedule="oneshot")
+        pruner = Pruner(model, config)
+        pruner.prune_to(0.5)
+        PrunedModel(model, pruner.masks, config).save_pretrained(tmp_path)
+    else:
+        model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "hidden_size": "abc"}))
+    capsys.readouterr()
+    if pruned:  # the masks are reported, unchecked against a model that cannot be built
+        assert main(["report", str(tmp_path)]) == 0
+        assert "total (targeted weights)" in capsys.readouterr().out
+    else:  # transformers' StrictDataclassFieldValidationError is no ValueError: it was a traceback
+        assert main(["report", str(tmp_path)]) == 2
+        assert f"{tmp_path}: its config does not pass transformers' checks (Validation error for field " \
+               "'hidden_size'" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["report", "{folder}", "--png", ""], "--png '': give the name of the PNG file to write."),
+    (["plot", "{run}", "--out", ""], "--out '': give the name of the PNG file to write."),
+    (["plot", "{run}", "--out", "{run}"], "--out {run}: Cannot write {run}: it is a directory"),
+])
+def test_an_empty_or_unwritable_output_name_is_refused_before_any_work(pruned_folder, trainer_run, argv, message,
+                                                                      capsys):
+    names = {"folder": pruned_folder[0], "run": trainer_run}
+    before = sorted(os.listdir(trainer_run))
+    assert main([arg.format(**names) for arg in argv]) == 2  # "" wrote nothing (report) or the default (plot)
+    assert message.format(**names) in one_line_error(capsys)
+    assert sorted(os.listdir(trainer_run)) == before
 
 
 def test_report_png_writes_through_a_symlink_and_refuses_what_is_not_a_file(pruned_folder, tmp_path, capsys):
