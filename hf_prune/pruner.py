@@ -509,7 +509,9 @@ class Pruner:
         check_masks_match(masks, self.target_shapes())
         for name, mask in masks.items():
             local = self.layout.scatter(mask, self.params[name])
-            self.masks[name] = local.to(device=self.masks[name].device, dtype=torch.bool).clone()
+            # contiguous: the pruning events index the masks through flat views (a transposed mask has none)
+            self.masks[name] = local.to(device=self.masks[name].device, dtype=torch.bool).clone(
+                memory_format=torch.contiguous_format)
         self._update_follower_masks()
         self.apply_()
 

@@ -281,3 +281,24 @@ def test_a_pattern_the_layers_cannot_take_is_refused_before_the_first_step(tmp_p
 def test_obs_callback_from_pretrained_points_to_the_magnitude_callback(tmp_path):
     with pytest.raises(ValueError, match=r"MagnitudePruningCallback\.from_pretrained"):
         OBSPruningCallback.from_pretrained(tmp_path)
+
+
+def test_nm_mask_gives_ties_to_the_lower_column():
+    # topk's order: [1, 1, 1, 1] kept columns 2 and 3, [3, 0, 0, 0] columns 0 and 2
+    assert nm_mask(torch.tensor([[1.0, 1, 1, 1], [3, 0, 0, 0], [0, 2, 2, 2]]), 2, 4).int().tolist() == [
+        [1, 1, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0]]
+    tied = nm_mask(torch.ones(64, 64), 2, 4).reshape(64, 16, 4)
+    assert bool(tied[..., :2].all()) and not bool(tied[..., 2:].any())
+
+
+@pytest.mark.parametrize("config, pattern, message", [
+    (dict(schedule="oneshot", start_step=5, final_sparsity=0.3), "2:4",
+     "`sparsity` 0.3 cannot be expressed by pattern '2:4'"),
+    (dict(schedule="cubic", final_sparsity=0.5, end_step=4), None, "`schedule` must be 'oneshot' for OBSPruner"),
+])
+def test_obs_pruner_refuses_what_its_pruning_event_would_when_it_is_built(config, pattern, message):
+    from hf_prune.methods.obs import OBSPruner
+
+    model = tiny_bert()  # a custom loop's OBSPruner: it failed at the pruning event, mid-run
+    with pytest.raises(ValueError, match=message):
+        OBSPruner(model, PruningConfig(**config), [], pattern=pattern)

@@ -143,3 +143,14 @@ def test_update_and_prune_to_take_numpy_numbers():
     assert pruner.update(np.int64(0)) and pruner.sparsity() == pytest.approx(0.5, abs=1e-3)
     pruner.prune_to(np.float32(0.75))
     assert pruner.sparsity() == pytest.approx(0.75, abs=1e-3)
+
+
+def test_masks_loaded_from_a_transposed_view_prune_further():
+    pruner = Pruner(tiny_bert(), PruningConfig(schedule="cubic", final_sparsity=0.8, end_step=10))
+    generator = torch.Generator().manual_seed(0)
+    masks = {name: (torch.rand(p.shape[1], p.shape[0], generator=generator) > 0.2).T  # same shape, not contiguous
+             for name, p in pruner.params.items()}
+    pruner.load_masks(masks)
+    pruner.prune_to(0.5)  # a RuntimeError on the masks' flat view, before
+    assert pruner.sparsity() == pytest.approx(0.5, abs=1e-3)
+    assert all(bool((pruner.masks[name] <= mask).all()) for name, mask in masks.items())

@@ -82,12 +82,13 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Boolean mask (True = kept) of the `n` highest `scores` in each group of `m` consecutive columns.
 
     `scores` is (rows, columns) with `columns` a multiple of `m`; for a layer, columns are its inputs (an
-    `nn.Linear` weight as it is, a GPT-2 `Conv1D` weight transposed). Ties go to the lower column.
+    `nn.Linear` weight as it is, a GPT-2 `Conv1D` weight transposed). Ties go to the lower column (a stable sort:
+    `topk` breaks them in an order of its own, which may differ between devices).
     """
     rows, columns = scores.shape
     grouped = scores.reshape(rows, columns // m, m)
     kept = torch.zeros_like(grouped, dtype=torch.bool)
-    kept.scatter_(2, grouped.topk(n, dim=2, sorted=False).indices, True)
+    kept.scatter_(2, grouped.sort(dim=2, descending=True, stable=True).indices[..., :n], True)
     return kept.reshape(rows, columns)
 
 
@@ -233,12 +234,19 @@ def _check_calibration_data(calibration_dataloader: Any) -> None:
                          " OBS iterates it once per Transformer block; pass a DataLoader or a list of batches.")
 
 
-def _check_obs_config(config: PruningConfig, user: str, prunes_in_training: bool = True) -> None:
+def _check_obs_config(config: PruningConfig, user: str, prunes_in_training: bool = True,
+                      pattern: str | None = None) -> None:
     """Refuses a structured config, and for a pruner of a training run a criterion other than "magnitude" (it would
-    gather gradient / input statistics that OBS never reads)."""
+    gather gradient / input statistics that OBS never reads), a schedule other than "oneshot" and a
+    `final_sparsity` that `pattern` cannot express (what `obs_prune` would refuse at the pruning event)."""
     if prunes_in_training and config.criterion != "magnitude":
         raise ValueError(f"`criterion` must be 'magnitude' for {user} (OBS ranks weights by its own Hessian-based "
                          f"saliency); got {config.criterion!r}.")
+    if prunes_in_training and config.schedule != "oneshot":
+        raise ValueError(f"`schedule` must be 'oneshot' for {user} (OBS prunes once, at start_step); got "
+                         f"{config.schedule!r}.")
+    if prunes_in_training:
+        _resolve_sparsity(config.final_sparsity, parse_pattern(pattern))
     if config.structures():
         raise ValueError(f"`structure` must be 'unstructured' for {user} (OBS prunes single weights, or N:M groups of "
                          f"them); got {config.structure!r}. For neurons or heads use a MagnitudePruningCallback with "
@@ -359,7 +367,7 @@ class OBSPruner(Pruner):
 
     def __init__(self, model: nn.Module, config: PruningConfig, calibration_dataloader: Iterable[Any],
                  pattern: str | None = None, max_steps: int | None = None) -> None:
-        _check_obs_config(config, "OBSPruner")
+        _check_obs_config(config, "OBSPruner", pattern=pattern)
         super().__init__(model, config, max_steps)
         refuse_sharded(self.params.values(), "OBSPruner")
         # what obs_prune would refuse at the pruning event, refused now (before any training step)
@@ -399,11 +407,7 @@ class OBSPruningCallback(MagnitudePruningCallback):
     def __init__(self, config: PruningConfig | dict[str, Any] | None, calibration_dataloader: Iterable[Any],
                  pattern: str | None = None) -> None:
         super().__init__(config)
-        _check_obs_config(self.config, "OBSPruningCallback")
-        if self.config.schedule != "oneshot":
-            raise ValueError(f"`schedule` must be 'oneshot' for OBSPruningCallback (OBS prunes once, at start_step); "
-                             f"got {self.config.schedule!r}.")
-        _resolve_sparsity(self.config.final_sparsity, parse_pattern(pattern))
+        _check_obs_config(self.config, "OBSPruningCallback", pattern=pattern)
         _check_calibration_data(calibration_dataloader)
         self.calibration_dataloader = calibration_dataloader
         self.pattern = pattern
