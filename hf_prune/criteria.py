@@ -30,6 +30,11 @@ class Criterion:
     def score(self, name: str, weight: torch.Tensor, rows: slice = ALL_ROWS) -> torch.Tensor:
         raise NotImplementedError
 
+    def spread_values(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """What `scheme="class-distribution"` takes the std σ_c of, per class, to divide the scores by: the scores
+        themselves (each criterion's scores have a scale of their own, as |w|·‖x‖ or ½·F·w² do)."""
+        return self.score(name, weight)
+
     def observe_gradients(self, gradients: Mapping[str, torch.Tensor]) -> None:
         """Records one observation of the targeted weights' gradients (parameter name -> gradient); by default,
         nothing (the criterion does not use gradients)."""
@@ -57,6 +62,10 @@ class MagnitudeCriterion(Criterion):
 
     def score(self, name: str, weight: torch.Tensor, rows: slice = ALL_ROWS) -> torch.Tensor:
         return weight.detach()[rows].abs().float()
+
+    def spread_values(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """The weights (See et al. 2016: prune `|w| < λ·σ_c`, σ_c the std of the class's weights)."""
+        return weight
 
 
 class OBDCriterion(Criterion):

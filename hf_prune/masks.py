@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol
 
 import torch
@@ -145,10 +145,10 @@ def prune_lowest_(scores: Sequence[ScoreFn], masks: Sequence[torch.Tensor], num_
     return torch.tensor([threshold], dtype=torch.int32).view(torch.float32).item()
 
 
-def _kept_std(weights: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], reduce: ShardReduce) -> float:
+def _kept_std(values: Iterable[torch.Tensor], masks: Sequence[torch.Tensor], reduce: ShardReduce) -> float:
     count, total, squares = 0, 0.0, 0.0
-    for weight, mask in zip(weights, masks):
-        kept = weight.detach()[mask].double()
+    for value, mask in zip(values, masks):  # one tensor of `values` at a time (scores are computed on demand)
+        kept = value.detach()[mask].double()
         kept = kept[kept.isfinite()]  # one inf would make sigma NaN, and the whole class rank first
         count += kept.numel()
         total += float(kept.sum())
@@ -173,8 +173,9 @@ def update_masks_(
 
     - `class-blind`: one ranking of all weights; `round(sparsity * n)` pruned overall.
     - `class-uniform`: `round(sparsity * n_c)` pruned in each class `c`.
-    - `class-distribution`: scores are divided by `σ_c`, the std of the kept weights of class `c`, and ranked
-      together, which prunes `score < λ·σ_c` in every class with the one λ that meets the overall target.
+    - `class-distribution`: scores are divided by `σ_c`, the std of the kept weights of class `c` (of its kept
+      scores, for a criterion other than magnitude: `Criterion.spread_values`), and ranked together, which
+      prunes `score < λ·σ_c` in every class with the one λ that meets the overall target.
     Masks only ever lose entries: pruned weights stay pruned. Returned keys: `"threshold"` (class-blind),
     `"lambda"` (class-distribution) or `"threshold/<class>"` (class-uniform). With `reduce`, `weights` and
     `masks` are this process's shards (see `prune_lowest_`).
@@ -201,7 +202,8 @@ def update_masks_(
         for cls, names in by_class.items():
             thresholds[f"threshold/{cls}"] = prune(names)
     elif scheme == "class-distribution":
-        sigma = {cls: _kept_std([weights[n] for n in names], [masks[n] for n in names], reduce)
+        sigma = {cls: _kept_std((criterion.spread_values(n, weights[n]) for n in names), [masks[n] for n in names],
+                                reduce)
                  for cls, names in by_class.items()}
         thresholds["lambda"] = prune(list(masks), {n: sigma[classes[n]] for n in masks})
     else:

@@ -10,7 +10,7 @@ from torch.nn.utils import prune
 
 from hf_prune import Pruner, PruningConfig
 from hf_prune import masks as masks_module
-from hf_prune.criteria import MagnitudeCriterion
+from hf_prune.criteria import Criterion, MagnitudeCriterion
 from hf_prune.masks import prune_lowest_, update_masks_
 
 
@@ -100,6 +100,23 @@ def test_class_distribution_ignores_an_inf_weight_in_sigma():
     update_masks_(weights, masks, {"a.w": "a", "b.w": "b"}, MagnitudeCriterion(), 0.5, "class-distribution")
     assert masks["a.w"][0, 0] and masks["a.w"][3, 3], "the inf and the largest weights of class a stay"
     assert sum(int((~m).sum()) for m in masks.values()) == 16
+
+
+class ScaledMagnitude(Criterion):
+    """|w| times a scale per class, as activation-aware scores (|w|·‖x‖) scale some classes far above others."""
+
+    def score(self, name, weight, rows=slice(None)):
+        return weight.detach()[rows].abs().float() * (1000.0 if name.startswith("a.") else 1.0)
+
+
+def test_class_distribution_divides_another_criterions_scores_by_the_std_of_the_class_scores():
+    torch.manual_seed(0)
+    weights = {"a.w": torch.randn(40, 40), "b.w": torch.randn(40, 40)}
+    masks = {n: torch.ones_like(w, dtype=torch.bool) for n, w in weights.items()}
+    update_masks_(weights, masks, {"a.w": "a", "b.w": "b"}, ScaledMagnitude(), 0.7, "class-distribution")
+    # divided by the std of the weights, class b's scores all ranked below a's: b pruned whole, the model broken
+    for mask in masks.values():
+        assert abs((~mask).float().mean() - 0.7) < 0.05
 
 
 def test_class_distribution_prunes_below_lambda_sigma_in_every_class():
