@@ -13,7 +13,7 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
-from .config import PruningConfig, canonical_structure
+from .config import PruningConfig, all_subclasses, canonical_structure
 from .constants import CONFIG_NAME, MASKS_NAME, TRAINER_STATE_NAME
 from .distributed import Replicated, from_main_rank, is_main_rank
 from .folders import check_saved_files, remove_temporaries
@@ -91,6 +91,21 @@ def checkpoint_being_written(args: TrainingArguments, state: TrainerState) -> st
     folder = checkpoint_folder(args, state, create=False)
     written = os.path.isdir(folder) and not os.path.exists(os.path.join(folder, TRAINER_STATE_NAME))
     return folder if written else None
+
+
+def _two_pruning_callbacks(first: str, second: str) -> ValueError:
+    return ValueError(f"Two pruning callbacks in one Trainer ({first} and {second}): both would prune the model, and "
+                      "every checkpoint holds one masks file. Use one; its config's target_modules / "
+                      "exclude_modules choose the weights.")
+
+
+def _pruning_callbacks_listed(state: TrainerState) -> list[str]:
+    """The class names of the pruning callbacks `state.stateful_callbacks` lists (the Trainer's own at a fresh
+    `train()`; a resumed one's are those of the run that saved the checkpoint), one entry per callback."""
+    names = {cls.__name__ for cls in (MagnitudePruningCallback, *all_subclasses(MagnitudePruningCallback))}
+    listed = (state.stateful_callbacks or {}).items()
+    return [name for name, entry in listed if name in names
+            for _ in (entry if isinstance(entry, list) else [entry])]
 
 
 def pruning_callback_of(state: TrainerState) -> MagnitudePruningCallback | None:
@@ -242,14 +257,17 @@ class MagnitudePruningCallback(TrainerCallback, ExportableState):
         """
         owner = pruning_callback_of(state)
         if owner is not None and owner is not self:
-            raise ValueError(f"Two pruning callbacks in one Trainer ({type(owner).__name__} and "
-                             f"{type(self).__name__}): both would prune the model, and every checkpoint holds one "
-                             "masks file. Use one; its config's target_modules / exclude_modules choose the weights.")
+            raise _two_pruning_callbacks(type(owner).__name__, type(self).__name__)
         setattr(state, _CLAIM, self)
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
                        **kwargs: Any) -> None:
+        if state.global_step == 0:  # a fresh run's state lists the Trainer's callbacks, those added after its
+            # construction too: a second pruning callback is refused before the first one prunes at step 0
+            found = _pruning_callbacks_listed(state)
+            if len(found) > 1:
+                raise _two_pruning_callbacks(*found[:2])
         self._claim(state)
         if self.pruner is not None:  # an earlier train() of this callback, interrupted before on_train_end
             self.pruner.remove_hooks()

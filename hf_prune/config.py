@@ -279,11 +279,12 @@ def canonical_structure(value: Any) -> Any:
 
 
 def _config_class(name: str) -> type[PruningConfig]:
-    classes = {c.__name__: c for c in (PruningConfig, *_all_subclasses(PruningConfig))}
+    classes = {c.__name__: c for c in (PruningConfig, *all_subclasses(PruningConfig))}
     if not isinstance(name, str) or name not in classes:
         raise ValueError(f"Unknown `config_type` {name!r} in pruning config; accepted: {', '.join(sorted(classes))}.")
     return classes[name]
 
 
-def _all_subclasses(cls: type) -> list[type]:
-    return [sub for direct in cls.__subclasses__() for sub in (direct, *_all_subclasses(direct))]
+def all_subclasses(cls: type) -> list[type]:
+    """Every class derived from `cls`, directly or not (those defined so far)."""
+    return [sub for direct in cls.__subclasses__() for sub in (direct, *all_subclasses(direct))]

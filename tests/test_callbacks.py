@@ -530,8 +530,9 @@ def test_two_pruning_callbacks_in_one_trainer_are_refused_before_anything_runs(t
     trainer = Trainer(model=model, args=tiny_training_args(tmp_path), train_dataset=TinyClassificationDataset(32),
                       callbacks=[first])
     trainer.add_callback(second)  # after the Trainer was built: refused when training begins
-    with pytest.raises(ValueError, match="Two pruning callbacks in one Trainer"):
+    with pytest.raises(ValueError, match="Two pruning callbacks in one Trainer \\(MagnitudePruningCallback and "
+                                         "HanPruningCallback\\)"):
         trainer.train()
     assert trainer.state.global_step == 0
-    changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
-    assert all(".query." in n for n in changed), "only the first callback's step-0 prune ran"
+    # before the first one's step-0 prune (its query weights were pruned, then the second refused)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
