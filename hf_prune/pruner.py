@@ -141,6 +141,7 @@ class Pruner:
                              "criterion='magnitude' or 'obd' (FSDP2).")
         self.target_sparsity = 0.0
         self.thresholds: dict[str, float] = {}
+        self._emptied: set[str] = set()  # the targeted matrices a pruning event has pruned entirely (warned once)
         self._recording_inputs = False
         self._estimating = False  # estimate_fisher's passes, in eval mode
         self._gradients_checked = False  # by the first `update` with events ahead (the masks may load before)
@@ -296,11 +297,33 @@ class Pruner:
         else:
             self.thresholds = update_masks_(weights, self.masks, self.classes, self.criterion, sparsity,
                                             self.config.scheme, self.layout.reduce)
+            self._warn_fully_pruned(sparsity)
         self.criterion.reset()
         self.target_sparsity = sparsity
         self.apply_()
         if optimizer is not None:
             self.mask_optimizer_state_(optimizer)
+
+    def _warn_fully_pruned(self, sparsity: float) -> None:
+        """Says when this event prunes a targeted weight matrix entirely (its layer then outputs its bias only):
+        under `class-blind` a whole class can rank below the others (OBD's or Wanda's scores differ in scale from
+        class to class). Each matrix is named once, at the event that empties it."""
+        empty = self._empty_targets()
+        emptied = [name for name in empty if name not in self._emptied]
+        self._emptied = set(empty)
+        if emptied and is_main_rank():
+            logger.warning("Sparsity %.4g prunes every weight of %d targeted matrices, such as %s: their layers "
+                           "output their bias only. scheme='class-uniform' or 'class-distribution' prunes each "
+                           "class to its share, or exclude the layer (exclude_modules).", sparsity, len(emptied),
+                           emptied[0])
+
+    def _empty_targets(self) -> list[str]:
+        """The targeted weights whose masks keep nothing (over all shards), in model order."""
+        names = list(self.masks)
+        kept = torch.tensor([int(self.masks[name].sum()) for name in names], dtype=torch.int64)
+        if self.layout.reduce is not None:
+            kept = self.layout.reduce.sum(kept)
+        return [name for name, count in zip(names, kept.tolist()) if count == 0]
 
     @torch.no_grad()
     def apply_(self) -> None:
@@ -513,6 +536,7 @@ class Pruner:
             self.masks[name] = local.to(device=self.masks[name].device, dtype=torch.bool).clone(
                 memory_format=torch.contiguous_format)
         self._update_follower_masks()
+        self._emptied = set(self._empty_targets()) if not self.units else set()
         self.apply_()
 
 

@@ -154,3 +154,26 @@ def test_masks_loaded_from_a_transposed_view_prune_further():
     pruner.prune_to(0.5)  # a RuntimeError on the masks' flat view, before
     assert pruner.sparsity() == pytest.approx(0.5, abs=1e-3)
     assert all(bool((pruner.masks[name] <= mask).all()) for name, mask in masks.items())
+
+
+def test_class_blind_names_a_matrix_it_prunes_entirely_once(caplog):
+    model = tiny_bert()
+    with torch.no_grad():  # one class far smaller than the others: class-blind ranks all of it first
+        for layer in model.bert.encoder.layer:
+            layer.output.dense.weight.mul_(1e-3)
+    pruner = Pruner(model, PruningConfig(final_sparsity=0.6, schedule="oneshot", scheme="class-blind"))
+    with caplog.at_level("WARNING", logger="hf_prune"):
+        pruner.prune_to(0.3)
+        pruner.prune_to(0.4)
+    emptied = [name for name, mask in pruner.masks.items() if not mask.any()]
+    assert emptied == ["bert.encoder.layer.0.output.dense.weight", "bert.encoder.layer.1.output.dense.weight"]
+    warnings = [r.getMessage() for r in caplog.records if "prunes every weight of" in r.getMessage()]
+    assert len(warnings) == 1 and "2 targeted matrices, such as bert.encoder.layer.0.output.dense.weight" in warnings[0]
+    caplog.clear()
+    resumed = Pruner(model, PruningConfig(final_sparsity=0.6, schedule="oneshot", scheme="class-blind"))
+    resumed.load_state_dict(pruner.state_dict())
+    with caplog.at_level("WARNING", logger="hf_prune"):
+        resumed.prune_to(0.45)  # the empty matrices were empty before: nothing new to say
+        uniform = Pruner(tiny_bert(), PruningConfig(final_sparsity=0.6, schedule="oneshot"))
+        uniform.prune_to(0.6)
+    assert not [r for r in caplog.records if "prunes every weight of" in r.getMessage()]
