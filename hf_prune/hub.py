@@ -12,10 +12,23 @@ from huggingface_hub.errors import (
     LocalEntryNotFoundError,
     RepositoryNotFoundError,
 )
+from huggingface_hub.utils import validate_repo_id
 
 
 #: `from_pretrained` keyword arguments that also apply to downloading hf_prune's own files.
 HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "force_download", "subfolder")
+
+
+def is_hub_repo_id(name: str) -> bool:
+    """Whether `name` (a model's `_name_or_path`) names a Hub repo (`org/model`, `model`) rather than a local
+    folder, which the Hub refuses as a model card's `base_model`."""
+    if os.path.isabs(name) or os.path.exists(name):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def resolve_file(path_or_repo_id: str | os.PathLike, filename: str, required: bool = True,

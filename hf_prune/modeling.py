@@ -35,7 +35,7 @@ from .folders import (
     stale_files,
     weights_format,
 )
-from .hub import HUB_KWARGS, resolve_file
+from .hub import HUB_KWARGS, is_hub_repo_id, resolve_file
 from .inference import SparseInferenceReport, SparseLinear, to_sparse_inference
 from .loading import auto_model_class, config_and_model_kwargs, load_dense, load_generation_config, meta_model
 from .masks import check_masks_match, zero_pruned_
@@ -286,7 +286,8 @@ class PrunedModel(nn.Module):
             if config.base_model_name_or_path is None:
                 name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
                 config = PruningConfig.from_dict({**config.to_dict(), "base_model_name_or_path": name})
-            atomic_write_text(os.path.join(staging, "README.md"), self._model_card(model, report, config))
+            atomic_write_text(os.path.join(staging, "README.md"),
+                              self._model_card(model, report, config, compression))
             commit(staging, save_directory, members)
             # last: until this rename the folder's pruning_config.json records the files of the previous save
             config.save_pretrained(save_directory, achieved_sparsity=report.overall,
@@ -309,18 +310,30 @@ class PrunedModel(nn.Module):
         else:
             save_sparse(os.path.join(save_directory, COMPRESSED_WEIGHTS_NAME), targeted, self.masks, others)
 
-    def _model_card(self, model: nn.Module, report: SparsityReport, config: PruningConfig) -> str:
-        data = ModelCardData(library_name="transformers", base_model=config.base_model_name_or_path,
+    def _model_card(self, model: nn.Module, report: SparsityReport, config: PruningConfig,
+                    compression: str | None) -> str:
+        """The folder's README.md: the Hub's metadata (the base model only where it is a Hub repo id, not a local
+        path, which the Hub refuses) and what the save holds and which loader reads it."""
+        base_model = config.base_model_name_or_path
+        data = ModelCardData(library_name="transformers" if compression is None else None,
+                             base_model=base_model if base_model is not None and is_hub_repo_id(base_model) else None,
                              tags=["hf_prune", "pruned", "sparse", f"sparsity-{round(100 * report.overall)}"])
+        if compression is None:
+            loading = ("Loads with plain transformers (`AutoModel*.from_pretrained`); to keep the masks for further "
+                       "training use `hf_prune.PrunedModel.from_pretrained` or "
+                       "`hf_prune.MagnitudePruningCallback.from_pretrained`.")
+        else:
+            weights = DEEP_COMPRESSED_WEIGHTS_NAME if compression == "deep" else COMPRESSED_WEIGHTS_NAME
+            loading = (f"The weights are stored compressed (`compression=\"{compression}\"`, in `{weights}`), which "
+                       "plain transformers cannot read: load with `hf_prune.PrunedModel.from_pretrained`, whose "
+                       "`.model` is an ordinary transformers model (its `save_pretrained` writes a folder that "
+                       "`AutoModel*.from_pretrained` loads).")
         classes = "\n".join(f"| {cls} | {value:.2%} |" for cls, value in report.by_class().items())
         body = (f"# Pruned {type(model).__name__}\n\n"
                 f"Pruned with [hf_prune](https://pypi.org/project/hf-prune/) {__version__}: "
                 f"**{report.overall:.2%}** of the targeted weights are zero "
                 f"(schedule `{config.schedule}`, scheme `{config.scheme}`, criterion `{config.criterion}`; "
-                f"{self._card_structure(config)}).\n\n"
-                "Loads with plain transformers (`AutoModel*.from_pretrained`); to keep the masks for further "
-                "training use `hf_prune.PrunedModel.from_pretrained` or "
-                "`hf_prune.MagnitudePruningCallback.from_pretrained`.\n\n"
+                f"{self._card_structure(config)}).\n\n{loading}\n\n"
                 f"## Sparsity by weight class\n\n| class | sparsity |\n|---|---|\n{classes}\n\n"
                 f"## Sparsity by layer\n\n{report.to_markdown()}\n")
         return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))

@@ -144,6 +144,33 @@ def test_model_card_has_sparsity_tables_and_tags(tmp_path):
     assert config["achieved_sparsity"] == pytest.approx(0.75, abs=1e-4) and config["hf_prune_version"]
 
 
+@pytest.mark.parametrize("compression", [None, "sparse", "deep"])
+def test_model_card_says_which_loader_reads_the_save(tmp_path, compression):
+    pruned("bert", 0.75).save_pretrained(tmp_path, compression=compression)
+    card = ModelCard.load(tmp_path / "README.md")
+    if compression is None:
+        assert card.data.library_name == "transformers" and "Loads with plain transformers" in card.text
+        AutoModelForSequenceClassification.from_pretrained(tmp_path)  # as the card says
+    else:  # plain transformers finds no weights file in a compressed folder: the card must not promise it
+        assert card.data.library_name is None and "plain transformers cannot read" in card.text
+        assert "Loads with plain transformers" not in card.text
+        with pytest.raises(OSError):
+            AutoModelForSequenceClassification.from_pretrained(tmp_path)
+        PrunedModel.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("local", [True, False])
+def test_model_card_names_a_hub_base_model_but_not_a_local_folder(tmp_path, local):
+    model = pruned("bert", 0.5)
+    base = str(tmp_path / "base") if local else "google-bert/bert-base-uncased"
+    (tmp_path / "base").mkdir()
+    model.model.config._name_or_path = base
+    model.save_pretrained(tmp_path / "out")
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert card.data.base_model == (None if local else base)  # the Hub refuses a path as `base_model`
+    assert json.loads((tmp_path / "out" / CONFIG_NAME).read_text())["base_model_name_or_path"] == base
+
+
 def test_trainer_continues_from_a_saved_model_and_keeps_its_sparsity(tmp_path):
     pruned("bert", 0.7).save_pretrained(tmp_path / "saved")
     loaded = PrunedModel.from_pretrained(tmp_path / "saved")
