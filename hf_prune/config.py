@@ -22,7 +22,7 @@ from .schedules import SCHEDULES
 from .serialization import atomic_write_text, read_json_object, read_masks_metadata
 from .structured.selection import STRUCTURED_SCHEMES
 from .structured.units import STRUCTURES
-from .validation import check_bool, check_choice, check_int, check_number
+from .validation import check_bool, check_choice, check_fraction, check_int
 from .version import __version__
 
 
@@ -147,7 +147,7 @@ class PruningConfig:
     def validate(self) -> None:
         """Checks every field; raises `ValueError` naming the field, the value and what it accepts."""
         for name in ("initial_sparsity", "final_sparsity"):
-            check_number(name, getattr(self, name), 0.0, 1.0, strict_maximum=True)
+            check_fraction(name, getattr(self, name))
         if self.final_sparsity < self.initial_sparsity:
             raise ValueError(
                 f"`final_sparsity` ({self.final_sparsity}) must be >= `initial_sparsity` ({self.initial_sparsity})."
@@ -251,7 +251,14 @@ class PruningConfig:
         if path is None:
             recorded = checkpoint_config(pretrained_path, hub_kwargs)
             if recorded is None:
-                resolve_file(pretrained_path, CONFIG_NAME, **hub_kwargs)  # raises, saying why it is not there
+                try:
+                    resolve_file(pretrained_path, CONFIG_NAME, **hub_kwargs)  # raises, saying why it is not there
+                except FileNotFoundError as err:
+                    raise FileNotFoundError(
+                        f"{err} It is neither a PrunedModel.save_pretrained folder nor a Trainer checkpoint of a "
+                        f"pruning callback (whose {MASKS_NAME} records the config). A plain model is pruned from "
+                        "scratch with MagnitudePruningCallback(PruningConfig(...)); one pruned elsewhere loads with "
+                        "PrunedModel.from_pretrained(..., masks_from_zeros=True).") from None
             return cls.from_dict(recorded)
         data = read_json_object(path, "the fields of a PruningConfig")
         for key in SAVE_RECORD_KEYS:

@@ -509,7 +509,9 @@ def _hf_prune_file(path: str | os.PathLike, filename: str, required: bool, hub_k
             has_masks = False
         hint = (f"It has {MASKS_NAME}: pass pruning_config=PruningConfig(...), the config they were pruned under."
                 if has_masks else "A model pruned elsewhere (a folder without hf_prune's files) loads with "
-                "masks_from_zeros=True: its masks are then its zero weights.")
+                "masks_from_zeros=True: its masks are then its zero weights. A model with nothing pruned, such as "
+                "one saved from shrink() (its pruned neurons and heads removed), is a plain transformers model: "
+                "load it with AutoModel*.from_pretrained.")
         raise FileNotFoundError(f"{err} {hint}") from None
 
 

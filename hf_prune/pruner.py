@@ -36,7 +36,7 @@ from .structured.selection import check_groups_left, uniform_sparsity, update_gr
 from .structured.shrink import heads_unexpressible
 from .structured.units import Unit, pruned_targets, units_for
 from .targets import Target, clean_name, exclusion_for, named_weights, prunable_modules, unprunable_block_weights
-from .validation import check_int, check_number
+from .validation import check_fraction, check_int, check_number
 
 
 logger = logging.getLogger(__name__)
@@ -285,7 +285,7 @@ class Pruner:
         """
         if isinstance(sparsity, numbers.Real) and not isinstance(sparsity, bool):
             sparsity = float(sparsity)  # a NumPy float too
-        check_number("sparsity", sparsity, 0.0, 1.0, strict_maximum=True)
+        check_fraction("sparsity", sparsity)
         _check_optimizer(optimizer)
         weights = {name: self.layout.local(p) for name, p in self.params.items()}
         check_groups_left(self.units, weights, sparsity, self.config.scheme, "sparsity")

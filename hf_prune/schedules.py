@@ -93,5 +93,6 @@ def check_fits(last_step: int, max_steps: int | None, what: str) -> None:
     """The one check that a schedule fits in the run: its last event, `last_step`, must be at most `max_steps`
     (unknown or non-positive `max_steps` pass). `what` says in the error where `last_step` comes from."""
     if max_steps is not None and max_steps > 0 and last_step > max_steps:
-        raise ValueError(f"The schedule cannot finish inside max_steps ({max_steps}): {what}; accepted: "
-                         f"a last step <= max_steps.")
+        raise ValueError(f"The schedule cannot finish inside max_steps ({max_steps}): {what}; accepted: a last "
+                         "step <= max_steps. End the schedule earlier (`end_step`, `start_step`), or train for more "
+                         "steps (`max_steps`, `num_train_epochs`).")

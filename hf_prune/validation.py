@@ -42,9 +42,10 @@ def check_int(name: str, value: Any, minimum: int | None = None, maximum: int | 
 
 
 def check_number(name: str, value: Any, minimum: float | None = None, maximum: float | None = None,
-                 strict_minimum: bool = False, strict_maximum: bool = False, optional: bool = False) -> None:
+                 strict_minimum: bool = False, strict_maximum: bool = False, optional: bool = False,
+                 hint: str = "") -> None:
     """`value` must be a finite number (not a bool) within the bounds (`strict_*`: the bound itself excluded);
-    `None` passes when `optional`."""
+    `None` passes when `optional`. `hint` is added to the error."""
     if optional and value is None:
         return
     valid = is_finite_number(value)
@@ -63,4 +64,12 @@ def check_number(name: str, value: Any, minimum: float | None = None, maximum: f
             accepted = ""
         kind = "a number" if minimum is not None and maximum is not None else "a finite number"
         raise ValueError(f"`{name}` must be {'None or ' if optional else ''}{kind} {accepted}".rstrip()
-                         + f"; got {value!r}.")
+                         + f"; got {value!r}.{hint}")
+
+
+def check_fraction(name: str, value: Any, strict_maximum: bool = True) -> None:
+    """`value` must be a fraction in [0, 1) (`[0, 1]` without `strict_maximum`); a percentage such as 90 is
+    refused with the fraction it likely means."""
+    percent = is_finite_number(value) and 1 < value <= 100
+    hint = f" A fraction is expected: {value / 100:g} for {value:g}%." if percent else ""
+    check_number(name, value, 0.0, 1.0, strict_maximum=strict_maximum, hint=hint)

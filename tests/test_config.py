@@ -58,6 +58,15 @@ def test_bad_values_name_the_field(kwargs, field):
         PruningConfig(**kwargs)
 
 
+@pytest.mark.parametrize("field", ["initial_sparsity", "final_sparsity"])
+def test_a_percentage_for_a_sparsity_is_refused_with_the_fraction_it_means(field):
+    with pytest.raises(ValueError, match=rf"`{field}` must be a number in \[0, 1\); got 90\. A fraction is "
+                                         r"expected: 0\.9 for 90%\."):
+        PruningConfig(**{field: 90, "final_sparsity": 90})
+    with pytest.raises(ValueError, match=r"got 150\.$"):  # no percentage either: no hint
+        PruningConfig(final_sparsity=150)
+
+
 # ------------------------------------------------------------------------------- booleans must be booleans
 def _bool_fields(config_class):
     return [f.name for f in dataclasses.fields(config_class) if f.type in ("bool", bool)]

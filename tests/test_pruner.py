@@ -90,6 +90,12 @@ def test_prune_to_refuses_a_sparsity_outside_0_1_and_changes_nothing(sparsity):
     assert all(torch.equal(before[name], p) for name, p in model.named_parameters())
 
 
+def test_prune_to_a_percentage_says_which_fraction_it_means():
+    pruner = Pruner(tiny_bert(), PruningConfig(final_sparsity=0.5, schedule="oneshot"))
+    with pytest.raises(ValueError, match=r"A fraction is expected: 0\.8 for 80%"):
+        pruner.prune_to(80)
+
+
 def test_tuples_set_after_construction_are_stored_as_lists():
     # As JSON gives them back: a resumed run compares the config with its checkpoint's copy.
     config = PruningConfig(target_modules=("query", "key"))

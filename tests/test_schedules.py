@@ -53,7 +53,9 @@ def test_defaults_follow_cheong_and_daniel_on_long_runs_and_scale_down():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"end_step": 500, "max_steps": 100}, "cannot finish inside max_steps"),
+        ({"end_step": 500, "max_steps": 100}, r"cannot finish inside max_steps \(100\): `end_step` is 500; .* End "
+                                              r"the schedule earlier \(`end_step`, `start_step`\), or train for more "
+                                              r"steps \(`max_steps`, `num_train_epochs`\)\."),
         ({"schedule": "oneshot", "start_step": 200, "max_steps": 100}, "cannot finish inside max_steps"),
         ({"end_step": 50, "pruning_frequency": 60}, "pruning_frequency"),
         ({}, "end_step"),

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..validation import check_bool, check_choice, check_int, check_number
+from ..validation import check_bool, check_choice, check_fraction, check_int, check_number
 from .sparse_linear import KernelSpec, SparseLinear
 
 
@@ -228,7 +228,7 @@ def check_selection_options(kernel: str = "auto", measure: bool = True, num_toke
     check_int("num_tokens", num_tokens, minimum=1)
     check_int("repeats", repeats, minimum=1)
     check_number("min_speedup", min_speedup, minimum=0, strict_minimum=True)
-    check_number("min_sparsity", min_sparsity, minimum=0, maximum=1)
+    check_fraction("min_sparsity", min_sparsity, strict_maximum=False)
 
 
 def select_kernel(module: nn.Linear | Conv1D, layer: str = "", kernel: str = "auto", measure: bool = True,
