@@ -102,6 +102,12 @@ class Pruner:
         reason = heads_unexpressible(module, self.units)
         if reason and is_main_rank():
             logger.warning("%s The head masks train, save and load as usual.", reason)
+        kinds = [unit.kind for unit in self.units]
+        if config.scheme == "class-blind" and any(kinds.count(kind) > 1 for kind in set(kinds)) and is_main_rank():
+            logger.warning("scheme='class-blind' with structure=%r ranks the groups of every layer together, so the "
+                           "layers keep different widths, which no standard config expresses: shrink() will refuse "
+                           "the model. Use scheme='class-uniform' for a model that shrinks; these masks train, save "
+                           "and load as usual.", config.structure)
         params = named_weights(module)
         check_groups_left(self.units, params, config.final_sparsity, config.scheme, "final_sparsity")
         if config.scheme == "class-uniform":

@@ -364,6 +364,14 @@ def test_head_pruning_that_shrink_cannot_remove_is_told_when_the_pruner_is_built
     assert ("shrink() cannot remove pruned heads" in caplog.text) is warned
 
 
+@pytest.mark.parametrize("scheme, warned", [("class-blind", True), ("class-uniform", False)])
+def test_a_scheme_that_gives_layers_different_widths_is_told_before_training(scheme, warned, caplog):
+    # shrink() refuses such a model only after training: the warning comes when the pruner is built
+    with caplog.at_level("WARNING", logger="hf_prune.pruner"):
+        Pruner(tiny_llama(), PruningConfig(structure="neurons", scheme=scheme, schedule="oneshot", final_sparsity=0.5))
+    assert ("shrink() will refuse the model. Use scheme='class-uniform'" in caplog.text) is warned
+
+
 def test_shrink_refuses_the_heads_of_a_model_that_pairs_them_by_position():
     model = tiny_diffllama()
     pruning = PruningConfig(structure="heads", scheme="class-uniform", schedule="oneshot", final_sparsity=0.5)
