@@ -100,6 +100,9 @@ def _report(args: argparse.Namespace) -> None:
         plots.plot_sparsity_heatmap(report, args.png, title=f"{args.path}: sparsity from {source} "
                                                             f"(overall {report.overall:.1%})")
         print(f"Wrote {args.png}", file=sys.stderr)
+    if source == "zero weights" and report.overall == 0:
+        print("No targeted weight is zero: a dense model. A model saved from PrunedModel.shrink() is one: its "
+              "pruned neurons and heads are removed, not zeroed (its config's widths are smaller).", file=sys.stderr)
     print(f"The sparsity of {args.path} counted from its {source}.", file=sys.stderr)
 
 

@@ -106,6 +106,7 @@ def test_report_of_plain_transformers_folder_reports_zeros(tmp_path, capsys):
     assert captured.err.endswith(f"The sparsity of {tmp_path} counted from its zero weights.\n")  # always said
     assert "bert.encoder.layer.1.output.dense.weight" in out
     assert total_line(out).split()[-1] == "0.00%"
+    assert "No targeted weight is zero: a dense model. A model saved from PrunedModel.shrink() is one" in captured.err
 
 
 def test_report_of_a_model_with_a_weight_without_entries(tmp_path, capsys):
