@@ -254,16 +254,21 @@ class PruningConfig:
                 try:
                     resolve_file(pretrained_path, CONFIG_NAME, **hub_kwargs)  # raises, saying why it is not there
                 except FileNotFoundError as err:
-                    raise FileNotFoundError(
-                        f"{err} It is neither a PrunedModel.save_pretrained folder nor a Trainer checkpoint of a "
-                        f"pruning callback (whose {MASKS_NAME} records the config). A plain model is pruned from "
-                        "scratch with MagnitudePruningCallback(PruningConfig(...)); one pruned elsewhere loads with "
-                        "PrunedModel.from_pretrained(..., masks_from_zeros=True).") from None
+                    raise FileNotFoundError(f"{err} {PLAIN_FOLDER_HINT}") from None
             return cls.from_dict(recorded)
         data = read_json_object(path, "the fields of a PruningConfig")
         for key in SAVE_RECORD_KEYS:
             data.pop(key, None)
         return cls.from_dict(data)
+
+
+#: What a folder without hf_prune's files is, and what loads or prunes it: the one hint of every loader's error.
+PLAIN_FOLDER_HINT = (
+    f"It is neither a PrunedModel.save_pretrained folder nor a Trainer checkpoint of a pruning callback (whose "
+    f"{MASKS_NAME} records the config): a plain transformers model. One pruned elsewhere loads with "
+    "PrunedModel.from_pretrained(..., masks_from_zeros=True), its masks then its zero weights; one with nothing "
+    "pruned, such as one saved from shrink() (its pruned neurons and heads removed), with AutoModel*.from_pretrained; "
+    "MagnitudePruningCallback(PruningConfig(...)) prunes a plain model from scratch.")
 
 
 def checkpoint_config(path: str | os.PathLike, hub_kwargs: Mapping[str, Any]) -> dict[str, Any] | None:

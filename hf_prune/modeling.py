@@ -22,7 +22,7 @@ from .compression import (
     save_deep_compressed,
     save_sparse,
 )
-from .config import PruningConfig, checkpoint_config
+from .config import PLAIN_FOLDER_HINT, PruningConfig, checkpoint_config
 from .constants import COMPRESSED_WEIGHTS_NAME, CONFIG_NAME, DEEP_COMPRESSED_WEIGHTS_NAME, MASKS_NAME
 from .distributed import gather_unsharded
 from .folders import (
@@ -508,10 +508,7 @@ def _hf_prune_file(path: str | os.PathLike, filename: str, required: bool, hub_k
         except FileNotFoundError:
             has_masks = False
         hint = (f"It has {MASKS_NAME}: pass pruning_config=PruningConfig(...), the config they were pruned under."
-                if has_masks else "A model pruned elsewhere (a folder without hf_prune's files) loads with "
-                "masks_from_zeros=True: its masks are then its zero weights. A model with nothing pruned, such as "
-                "one saved from shrink() (its pruned neurons and heads removed), is a plain transformers model: "
-                "load it with AutoModel*.from_pretrained.")
+                if has_masks else PLAIN_FOLDER_HINT)
         raise FileNotFoundError(f"{err} {hint}") from None
 
 

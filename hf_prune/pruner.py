@@ -33,7 +33,7 @@ from .distributed.collectives import collective_device, sum_over_ranks
 from .masks import check_masks_match, kept_along, update_masks_, zero_pruned_
 from .schedules import SparsitySchedule
 from .structured.selection import check_groups_left, uniform_sparsity, update_group_masks_
-from .structured.shrink import heads_unexpressible
+from .structured.shrink import heads_unexpressible, widths_unexpressible
 from .structured.units import Unit, pruned_targets, units_for
 from .targets import Target, clean_name, exclusion_for, named_weights, prunable_modules, unprunable_block_weights
 from .validation import check_fraction, check_int, check_number
@@ -99,15 +99,9 @@ class Pruner:
         #: With `config.structure`: the feed-forward / attention blocks whose neurons / heads are pruned whole.
         self.units: list[Unit] = units_for(module, config) if config.structures() else []
         targets = pruned_targets(module, config, self.units)
-        reason = heads_unexpressible(module, self.units)
-        if reason and is_main_rank():
-            logger.warning("%s The head masks train, save and load as usual.", reason)
-        kinds = [unit.kind for unit in self.units]
-        if config.scheme == "class-blind" and any(kinds.count(kind) > 1 for kind in set(kinds)) and is_main_rank():
-            logger.warning("scheme='class-blind' with structure=%r ranks the groups of every layer together, so the "
-                           "layers keep different widths, which no standard config expresses: shrink() will refuse "
-                           "the model. Use scheme='class-uniform' for a model that shrinks; these masks train, save "
-                           "and load as usual.", config.structure)
+        for reason in (heads_unexpressible(module, self.units), widths_unexpressible(config.scheme, self.units)):
+            if reason and is_main_rank():
+                logger.warning("%s The masks train, save and load as usual.", reason)
         params = named_weights(module)
         check_groups_left(self.units, params, config.final_sparsity, config.scheme, "final_sparsity")
         if config.scheme == "class-uniform":

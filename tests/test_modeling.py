@@ -211,8 +211,9 @@ def test_masks_from_zeros(tmp_path):
     original = pruned("bert", 0.6)
     original.model.save_pretrained(tmp_path)  # plain transformers save: no hf_prune files
     for kwargs in ({}, {"pruning_config": PruningConfig()}):  # the error says how to load it
-        with pytest.raises(FileNotFoundError, match="No pruning_.* loads with masks_from_zeros=True.* such as one "
-                                                    r"saved from shrink\(\).* AutoModel\*\.from_pretrained"):
+        with pytest.raises(FileNotFoundError, match=r"No pruning_.* loads with PrunedModel\.from_pretrained\(\.\.\., "
+                                                    r"masks_from_zeros=True\).* such as one saved from shrink\(\).* "
+                                                    r"AutoModel\*\.from_pretrained"):
             PrunedModel.from_pretrained(tmp_path, **kwargs)
     with pytest.raises(FileNotFoundError, match=r"neither a PrunedModel\.save_pretrained folder nor a Trainer "
                                                 r"checkpoint.*MagnitudePruningCallback\(PruningConfig\(\.\.\.\)\)"):

@@ -82,6 +82,18 @@ def heads_unexpressible(model: nn.Module, units: Sequence[Unit]) -> str | None:
             "head masks (PrunedModel) without shrinking.")
 
 
+def widths_unexpressible(scheme: str, units: Sequence[Unit]) -> str | None:
+    """Why `shrink()` will refuse a model pruned over `units` under `scheme`, or `None`: `class-blind` ranks the
+    groups of every layer together, so the layers can keep different widths, which no standard config expresses
+    (`_new_config` refuses them)."""
+    kinds = [unit.kind for unit in units]
+    if scheme != "class-blind" or all(kinds.count(kind) < 2 for kind in set(kinds)):
+        return None
+    return ("scheme='class-blind' ranks the groups of every layer together, so the layers can keep different "
+            "widths, which no standard config expresses: shrink() will refuse the model. Use "
+            "scheme='class-uniform' for a model that shrinks.")
+
+
 def _across_heads(model: nn.Module, units: Sequence[Unit]) -> str | None:
     """The first parameter of an attention module of `units`, outside the heads' projections, with a dimension as
     wide as all its (key/value or query) heads, as `name (shape)`: shrink() would not slice it."""
