@@ -99,7 +99,8 @@ class Pruner:
         #: With `config.structure`: the feed-forward / attention blocks whose neurons / heads are pruned whole.
         self.units: list[Unit] = units_for(module, config) if config.structures() else []
         targets = pruned_targets(module, config, self.units)
-        for reason in (heads_unexpressible(module, self.units), widths_unexpressible(config.scheme, self.units)):
+        reasons = (heads_unexpressible(module, self.units), widths_unexpressible(module, config.scheme, self.units))
+        for reason in reasons:
             if reason and is_main_rank():
                 logger.warning("%s The masks train, save and load as usual.", reason)
         params = named_weights(module)

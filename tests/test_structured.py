@@ -4,7 +4,15 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import TINY_MODELS, TinyClassificationDataset, TinyLMDataset, tiny_bert, tiny_llama, tiny_t5
+from conftest import (
+    TINY_MODELS,
+    TinyClassificationDataset,
+    TinyLMDataset,
+    tiny_bart,
+    tiny_bert,
+    tiny_llama,
+    tiny_t5,
+)
 from testing_utils import ZeroChecker, tiny_training_args, train_until_first_checkpoint
 from transformers import (
     AutoModelForCausalLM,
@@ -370,6 +378,26 @@ def test_a_scheme_that_gives_layers_different_widths_is_told_before_training(sch
     with caplog.at_level("WARNING", logger="hf_prune.pruner"):
         Pruner(tiny_llama(), PruningConfig(structure="neurons", scheme=scheme, schedule="oneshot", final_sparsity=0.5))
     assert ("shrink() will refuse the model. Use scheme='class-uniform'" in caplog.text) is warned
+
+
+@pytest.mark.parametrize("model, exclude, warned", [
+    (tiny_bert, ["layer.1.intermediate.dense"], True),  # layer 1 keeps intermediate_size beside a pruned layer 0
+    (tiny_t5, r".*decoder.*", True),  # T5's decoder shares d_ff with the encoder
+    (tiny_bart, r".*decoder.*", False),  # BART's decoder has its own decoder_ffn_dim
+])
+def test_blocks_left_out_at_full_width_are_told_before_training(model, exclude, warned, caplog):
+    pruning = PruningConfig(structure="neurons", scheme="class-uniform", schedule="oneshot", final_sparsity=0.5,
+                            exclude_modules=exclude)
+    with caplog.at_level("WARNING", logger="hf_prune.pruner"):
+        pruner = Pruner(model(), pruning)
+    assert ("blocks left out of pruning (`exclude_modules`)" in caplog.text) is warned
+    pruner.prune_to(0.5)
+    if warned:  # the warning says what shrink() does at the end
+        with pytest.raises(ValueError, match=r"blocks left out of pruning \(`exclude_modules`\)"):
+            PrunedModel(pruner.module, pruner.masks, pruning).shrink()
+    else:
+        small = PrunedModel(pruner.module, pruner.masks, pruning).shrink()
+        assert (small.config.encoder_ffn_dim, small.config.decoder_ffn_dim) == (19, 37)  # 37 - round(0.5 x 37)
 
 
 def test_shrink_refuses_the_heads_of_a_model_that_pairs_them_by_position():

@@ -55,6 +55,11 @@ def _width_key(config: object, unit: Unit) -> str:
                      f"{unit.num_groups} for {unit.prefix.rstrip('.')}; shrink cannot express the result.")
 
 
+def _config_key(config: object, unit: Unit) -> str:
+    """The config key holding the width of `unit`: its feed-forward width, or `num_key_value_heads`."""
+    return _width_key(config, unit) if unit.kind == NEURONS else "num_key_value_heads"
+
+
 #: Llama-style configs (`head_dim`, `num_key_value_heads`) whose model code couples heads by position: why.
 _COUPLED_HEADS = {"diffllama": "pairs its attention heads by position (differential attention: head i with head "
                                "i + num_heads / 2), so removing some would pair the others differently"}
@@ -82,16 +87,40 @@ def heads_unexpressible(model: nn.Module, units: Sequence[Unit]) -> str | None:
             "head masks (PrunedModel) without shrinking.")
 
 
-def widths_unexpressible(scheme: str, units: Sequence[Unit]) -> str | None:
-    """Why `shrink()` will refuse a model pruned over `units` under `scheme`, or `None`: `class-blind` ranks the
-    groups of every layer together, so the layers can keep different widths, which no standard config expresses
-    (`_new_config` refuses them)."""
+def widths_unexpressible(model: nn.Module, scheme: str, units: Sequence[Unit]) -> str | None:
+    """Why `shrink()` will refuse `model` pruned over `units` under `scheme`, or `None`: the layers can keep
+    different widths, which no standard config expresses (`_new_config` refuses them). `class-blind` ranks the
+    groups of every layer together; and blocks left out of `units` (`exclude_modules`) keep their full width beside
+    pruned blocks that share their config key."""
     kinds = [unit.kind for unit in units]
-    if scheme != "class-blind" or all(kinds.count(kind) < 2 for kind in set(kinds)):
+    if not units:
         return None
-    return ("scheme='class-blind' ranks the groups of every layer together, so the layers can keep different "
-            "widths, which no standard config expresses: shrink() will refuse the model. Use "
-            "scheme='class-uniform' for a model that shrinks.")
+    if scheme == "class-blind" and any(kinds.count(kind) > 1 for kind in set(kinds)):
+        return ("scheme='class-blind' ranks the groups of every layer together, so the layers can keep different "
+                "widths, which no standard config expresses: shrink() will refuse the model. Use "
+                "scheme='class-uniform' for a model that shrinks.")
+    pruned = {unit.prefix for unit in units}
+    left_out = [u for u in find_units(model, sorted(set(kinds))) if u.prefix not in pruned]
+    return _left_out_reason(getattr(model, "config", None), units, left_out)
+
+
+def _left_out_reason(config: object, units: Sequence[Unit], left_out: Sequence[Unit]) -> str | None:
+    """Why the blocks `left_out` of pruning (`exclude_modules`) make the shrunk model inexpressible, or `None`:
+    they keep their full width beside pruned `units` with the same config key (a decoder left out whole keeps its
+    own key, `decoder_ffn_dim`)."""
+    if config is None or not left_out:
+        return None
+    try:
+        keys = {_config_key(config, unit) for unit in units}
+        beside = [u for u in left_out if _config_key(config, u) in keys]
+    except ValueError:  # no width key: shrink() says so itself
+        return None
+    if not beside:
+        return None
+    return (f"{len(beside)} blocks left out of pruning (`exclude_modules`), such as {beside[0].prefix.rstrip('.')}, "
+            f"keep their full width beside pruned ones of the same config key ({_config_key(config, beside[0])}), "
+            "which no standard config expresses, so shrink() refuses the model. Prune every block of the kind, or "
+            "remove whole blocks with drop_layers.")
 
 
 def _across_heads(model: nn.Module, units: Sequence[Unit]) -> str | None:
@@ -117,13 +146,11 @@ def _new_config(model: nn.Module, units: Sequence[Unit], kept: Mapping[str, torc
     widths: dict[str, set[int]] = defaultdict(set)
     for unit in (*units, *left_out):
         width = len(kept[unit.prefix]) if unit.prefix in kept else unit.num_groups
-        widths[_width_key(config, unit) if unit.kind == NEURONS else "num_key_value_heads"].add(width)
+        widths[_config_key(config, unit)].add(width)
     uneven = {key: sorted(values) for key, values in widths.items() if len(values) > 1}
-    if uneven and left_out:
-        raise ValueError(f"The layers keep different widths ({uneven}): {len(left_out)} blocks left out of pruning "
-                         f"(`exclude_modules`), such as {left_out[0].prefix.rstrip('.')}, keep their full width "
-                         "beside the shrunk ones, which a standard config cannot express. Prune every block of the "
-                         "kind, or remove whole blocks with drop_layers.")
+    reason = _left_out_reason(config, units, left_out) if uneven else None
+    if reason:
+        raise ValueError(f"The layers keep different widths ({uneven}): {reason}")
     if uneven:
         raise ValueError(f"The layers keep different widths ({uneven}), which a standard config cannot express: "
                          "prune with scheme='class-uniform' so that every layer keeps the same number of neurons and "
