@@ -12,7 +12,7 @@ from .criteria import CRITERIA
 from .masks import SCHEMES
 from .methods.rpp import PENALTY_SCHEDULES, RPPCallback, RPPConfig
 from .schedules import SCHEDULES
-from .validation import check_bool, check_int
+from .validation import check_bool, check_int, missing_attribute
 
 
 #: `--method`: the config class the options build and the callback that runs it.
@@ -144,6 +144,10 @@ class PruningArguments:
         if max_steps is not None:
             METHODS[self.method][1].check_schedule(config, max_steps)
         return config
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for names the arguments lack: a Trainer given them as a callback asks for its events.
+        raise missing_attribute(self, name, "`pruning_args.to_callback()`")
 
     def to_callback(self, max_steps: int | None = None) -> MagnitudePruningCallback:
         """The callback of `method` (`MagnitudePruningCallback` or `RPPCallback`) with `to_config(max_steps)` and

@@ -9,7 +9,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -22,7 +22,7 @@ from .schedules import SCHEDULES
 from .serialization import atomic_write_text, read_json_object, read_masks_metadata
 from .structured.selection import STRUCTURED_SCHEMES
 from .structured.units import STRUCTURES
-from .validation import check_bool, check_choice, check_fraction, check_int
+from .validation import check_bool, check_choice, check_fraction, check_int, missing_attribute
 from .version import __version__
 
 
@@ -133,6 +133,12 @@ class PruningConfig:
     #: Fields that may hold a list: a tuple given for one, at construction or set later, is stored as a list (what
     #: JSON gives back), so a config compares equal to its saved copy.
     list_fields = ("target_modules", "exclude_modules", "structure")
+    #: The callback that trains under this config, named when a config is passed in `Trainer(callbacks=[...])`.
+    callback_name: ClassVar[str] = "MagnitudePruningCallback"
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for names the config lacks: a Trainer given the config as a callback asks for its events.
+        raise missing_attribute(self, name, f"`{self.callback_name}(config)`")
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in self.list_fields and isinstance(value, tuple):

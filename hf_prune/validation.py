@@ -73,3 +73,13 @@ def check_fraction(name: str, value: Any, strict_maximum: bool = True) -> None:
     percent = is_finite_number(value) and 1 < value <= 100
     hint = f" A fraction is expected: {value / 100:g} for {value:g}%." if percent else ""
     check_number(name, value, 0.0, 1.0, strict_maximum=strict_maximum, hint=hint)
+
+
+def missing_attribute(obj: Any, name: str, callback_hint: str) -> AttributeError:
+    """The error for `getattr(obj, name)` on a config object: a `Trainer` that was given the config in
+    `callbacks=[...]` asks it for its `on_*` events, and is told which callback to pass (`callback_hint`)."""
+    if name.startswith("on_"):
+        return AttributeError(f"A {type(obj).__name__} was passed where the Trainer expects a callback (it asked for "
+                              f"`{name}`): pass {callback_hint} in `callbacks=[...]`, not the {type(obj).__name__} "
+                              "itself.")
+    return AttributeError(f"{type(obj).__name__!r} object has no attribute {name!r}")

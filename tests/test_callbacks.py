@@ -1,3 +1,4 @@
+import copy
 import os
 import shutil
 
@@ -19,7 +20,7 @@ from transformers import Trainer, TrainerCallback, TrainerState
 from transformers.trainer_utils import default_compute_objective
 
 import hf_prune.callbacks
-from hf_prune import MagnitudePruningCallback, PrunedModel, PruningConfig, SparsitySchedule
+from hf_prune import MagnitudePruningCallback, PrunedModel, PruningArguments, PruningConfig, SparsitySchedule
 from hf_prune.callbacks import checkpoint_folder
 from hf_prune.constants import MASKS_NAME
 from hf_prune.methods.han import HanConfig, HanPruningCallback
@@ -516,6 +517,29 @@ def test_resume_with_another_max_steps_that_moves_the_default_end_step_is_a_conf
                       train_dataset=TinyClassificationDataset(96), callbacks=[callback])
     trainer.train(resume_from_checkpoint=checkpoint)
     assert callback.pruner.target_sparsity == pytest.approx(0.8)
+
+
+@pytest.mark.parametrize("passed, hint", [
+    (PruningConfig(final_sparsity=0.5), "`MagnitudePruningCallback(config)`"),
+    (RPPConfig(final_sparsity=0.5, end_step=4), "`RPPCallback(config)`"),
+    (HanConfig(quality=0.5, iterations=1), "`HanPruningCallback(config)`"),
+    (PruningArguments(final_sparsity=0.5), "`pruning_args.to_callback()`"),
+], ids=["PruningConfig", "RPPConfig", "HanConfig", "PruningArguments"])
+def test_a_config_passed_as_a_callback_names_the_callback_to_pass(tmp_path, passed, hint):
+    model = tiny_bert()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(AttributeError) as raised:
+        Trainer(model=model, args=tiny_training_args(tmp_path), train_dataset=TinyClassificationDataset(32),
+                callbacks=[passed])
+    assert str(raised.value) == (f"A {type(passed).__name__} was passed where the Trainer expects a callback (it "
+                                 f"asked for `on_init_end`): pass {hint} in `callbacks=[...]`, not the "
+                                 f"{type(passed).__name__} itself.")
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    # any other missing name keeps Python's own message, and the config still behaves as a dataclass
+    with pytest.raises(AttributeError, match=f"^'{type(passed).__name__}' object has no attribute 'missing'$"):
+        passed.missing
+    assert not hasattr(passed, "on_train_begin")
+    assert copy.deepcopy(passed) == passed
 
 
 def test_two_pruning_callbacks_in_one_trainer_are_refused_before_anything_runs(tmp_path):

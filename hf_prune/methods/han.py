@@ -20,7 +20,7 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -73,6 +73,7 @@ class HanConfig(PruningConfig):
     quality: float | list[float] = field(default=0.5, metadata={"help": "Quality parameter(s) > 0, per event."})
     iterations: int | None = field(default=None, metadata={"help": "Number of pruning events (>= 1)."})
     adjust_dropout: bool = field(default=True, metadata={"help": "Scale dropout by sqrt(C_r / C_o) per layer."})
+    callback_name: ClassVar[str] = "HanPruningCallback"
 
     list_fields = (*PruningConfig.list_fields, "quality")
 

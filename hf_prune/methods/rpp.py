@@ -15,7 +15,7 @@ import dataclasses
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -83,6 +83,7 @@ class RPPConfig(PruningConfig):
     penalty_schedule: str = field(default="constant", metadata={"help": f"One of {PENALTY_SCHEDULES}."})
     epsilon: float = field(default=1e-3, metadata={"help": f"ε >= {MIN_EPSILON:g} in α = 1 / (|w| + ε)."})
     reweight_every: int = field(default=10, metadata={"help": "Optimizer steps between refreshes of α (>= 1)."})
+    callback_name: ClassVar[str] = "RPPCallback"
 
     def _check_oneshot_fields(self) -> None:
         """With `schedule="oneshot"` RPP prunes once, at `end_step`: `end_step` is the step of that prune."""
