@@ -21,9 +21,12 @@ from transformers import (
     DiffLlamaConfig,
     DiffLlamaForCausalLM,
     DistilBertConfig,
+    Glm4Config,
+    GlmConfig,
     LlamaConfig,
     LlamaForCausalLM,
     Olmo2Config,
+    Phi3Config,
     Seq2SeqTrainer,
     Seq2SeqTrainingArguments,
     Trainer,
@@ -77,6 +80,14 @@ def assert_whole_groups(pruner: Pruner) -> None:
                 positions = group_view(bias, member.__class__(member.name, member.module_name, 0, member.offset,
                                                               member.width), unit.num_groups)
                 assert (positions[~kept] == 0).all(), member.bias
+
+
+def tiny_fused_ffn(config_class: type) -> torch.nn.Module:
+    """A tiny decoder whose gate and up projections are one Linear (`gate_up_proj`, gate half first)."""
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config_class(
+        vocab_size=100, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0))
 
 
 @pytest.mark.parametrize("kind", sorted(TINY_MODELS))
@@ -133,16 +144,21 @@ def test_magnitude_ranks_neurons_by_their_l2_norm():
     assert pruner.thresholds["threshold/neurons"] == pytest.approx(highest ** 0.5, rel=1e-5)
 
 
-@pytest.mark.parametrize("structure", ["neurons", "heads", ["neurons", "heads"]])
-def test_trainer_keeps_structured_masks_exactly_zero_and_resumes_to_the_same_masks(tmp_path, structure):
+@pytest.mark.parametrize("model, dataset, structure", [
+    (tiny_bert, TinyClassificationDataset, "neurons"), (tiny_bert, TinyClassificationDataset, "heads"),
+    (tiny_bert, TinyClassificationDataset, ["neurons", "heads"]),
+    (lambda: tiny_fused_ffn(Phi3Config), TinyLMDataset, "neurons"),  # one fused gate_up_proj
+], ids=["bert-neurons", "bert-heads", "bert-both", "phi3-neurons"])
+def test_trainer_keeps_structured_masks_exactly_zero_and_resumes_to_the_same_masks(tmp_path, model, dataset,
+                                                                                   structure):
     config = PruningConfig(structure=structure, scheme="class-uniform", schedule="iterative", initial_sparsity=0.25,
                            final_sparsity=0.5, start_step=1, end_step=7, pruning_frequency=3, criterion="obd",
                            fisher_steps=1)
 
     def trainer(output: str, callbacks):
-        return Trainer(model=tiny_bert(), args=tiny_training_args(tmp_path / output, max_steps=10, save_steps=4,
-                                                                  save_strategy="steps"),
-                       train_dataset=TinyClassificationDataset(96), callbacks=callbacks)
+        return Trainer(model=model(), args=tiny_training_args(tmp_path / output, max_steps=10, save_steps=4,
+                                                              save_strategy="steps"),
+                       train_dataset=dataset(96), callbacks=callbacks)
 
     full = MagnitudePruningCallback(config)
     checker = ZeroChecker(full)
@@ -349,6 +365,48 @@ def test_shrink_to_heads_the_config_refuses_is_a_value_error_not_a_model_that_ca
     pruner.prune_to(0.25)  # 3 heads of 8 left: hidden_size 32 is not a multiple of 3
     with pytest.raises(ValueError, match=r"num_key_value_heads=3\) is refused by LlamaConfig: .*not a multiple"):
         PrunedModel(model, pruner.masks, pruning).shrink()
+
+
+@pytest.mark.parametrize("config_class, structure", [(Phi3Config, "neurons"), (GlmConfig, ["neurons", "heads"]),
+                                                     (Glm4Config, ["neurons", "heads"])])
+def test_a_fused_gate_up_projection_prunes_and_shrinks_neuron_by_neuron(tmp_path, config_class, structure):
+    model = tiny_fused_ffn(config_class).eval()
+    pruning = PruningConfig(structure=structure, scheme="class-uniform", schedule="oneshot", final_sparsity=0.5)
+    pruner = Pruner(model, pruning)
+    pruner.prune_to(0.5)
+    assert_whole_groups(pruner)
+    neurons = [u for u in pruner.units if u.kind == "neurons"]
+    assert len(neurons) == 2 and {u.num_groups for u in neurons} == {37}
+    fused = neurons[0].members[0].name
+    assert fused.endswith("mlp.gate_up_proj.weight")
+    mask = pruner.masks[fused]
+    assert torch.equal(mask[:37], mask[37:])  # neuron g: row g of the gate half and row 37 + g of the up half
+    kept = mask[:37].any(1)
+    assert int((~kept).sum()) == round(0.5 * 37)
+    weight = model.get_parameter(fused).detach().clone()
+    small = PrunedModel(model, pruner.masks, pruning).shrink().eval()
+    small.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.intermediate_size == 37 - round(0.5 * 37)
+    assert torch.equal(loaded.get_parameter(fused), torch.cat([weight[:37][kept], weight[37:][kept]]))
+    for name, tensor in small.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    assert sum(p.numel() for p in loaded.parameters()) < sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        expected = model(**inputs_for("llama"), output_hidden_states=True)
+        actual = loaded(**inputs_for("llama"), output_hidden_states=True)
+    assert (expected.logits - actual.logits).abs().max() <= 1e-4
+    for want, got in zip(expected.hidden_states, actual.hidden_states):
+        assert (want - got).abs().max() <= 1e-4
+
+
+def test_heads_of_a_fused_qkv_projection_are_refused_naming_what_prunes():
+    model = tiny_fused_ffn(Phi3Config)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"`structure` 'heads': no attention heads found in Phi3ForCausalLM .*the "
+                                         r"feed-forward neurons only of Phi-3, whose Q / K / V are one Linear"):
+        Pruner(model, PruningConfig(structure=["neurons", "heads"], scheme="class-uniform", schedule="oneshot"))
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
 
 
 def tiny_diffllama():

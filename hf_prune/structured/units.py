@@ -8,8 +8,10 @@ key/value head with all the query heads that share it, so every kept key/value h
 heads and the result is still a standard config.
 
 The rules below name the modules by their place inside a block; they cover BERT-style encoders (BERT, RoBERTa,
-DistilBERT), GPT-2 (fused `c_attn`, `Conv1D` weights stored `(in, out)`), Llama-style decoders, T5 and BART. A
-model none of them matches is a `ValueError` naming the structure.
+DistilBERT), GPT-2 (fused `c_attn`, `Conv1D` weights stored `(in, out)`), Llama-style decoders, T5 and BART, and the
+feed-forward neurons of decoders with a fused `gate_up_proj` (Phi-3 / Phi-4, GLM, GLM-4; Phi-3's fused `qkv_proj`
+has no head rule).
+A model none of them matches is a `ValueError` naming the structure.
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ FFN_RULES: tuple[tuple[tuple[str, ...], str], ...] = (
     (("fc1",), "fc2"),  # BART: under the layer
     (("lin1",), "lin2"),  # DistilBERT: under `ffn`
 )
+#: Feed-forward blocks whose gate and up projections are one Linear, its output the gate half then the up half
+#: (`chunk(2)` in the model code): Phi-3 / Phi-4, GLM, GLM-4. A neuron is a row of each half and a down column.
+FFN_FUSED = ("gate_up_proj", "down_proj")
 #: Attention blocks: (Q, K, V, output), named under the same parent; GPT-2's fused QKV is `ATTENTION_FUSED`.
 ATTENTION_RULES: tuple[tuple[str, str, str, str], ...] = (
     ("self.query", "self.key", "self.value", "output.dense"),  # BERT: under `attention`
@@ -62,6 +67,7 @@ ATTENTION_RULES: tuple[tuple[str, str, str, str], ...] = (
     ("q_lin", "k_lin", "v_lin", "out_lin"),  # DistilBERT: under `attention`
 )
 ATTENTION_FUSED = ("c_attn", "c_proj")  # GPT-2: under `attn`
+_FUSED_FFN_ONLY = ", and the feed-forward neurons only of Phi-3, whose Q / K / V are one Linear"
 
 
 @dataclass(frozen=True)
@@ -119,6 +125,20 @@ def _ffn_unit(modules: dict[str, nn.Module], prefix: str, ups: Sequence[str], do
     members = [Member(f"{n}.weight", n, _layout(modules[n])[0], 0, 1, _bias(n, modules[n])) for n in names]
     members.append(Member(f"{down_name}.weight", down_name, _layout(modules[down_name])[1], 0, 1))
     return Unit(NEURONS, prefix, down_in, tuple(members))
+
+
+def _fused_ffn_unit(modules: dict[str, nn.Module], prefix: str) -> Unit | None:
+    fused_name, down_name = (prefix + n for n in FFN_FUSED)
+    if not all(n in modules for n in (fused_name, down_name)):
+        return None
+    fused, down = modules[fused_name], modules[down_name]
+    out_dim, _, fused_out = _layout(fused)
+    down_in = down.weight.shape[_layout(down)[1]]
+    if fused_out != 2 * down_in:
+        return None
+    halves = [Member(f"{fused_name}.weight", fused_name, out_dim, half * down_in, 1, _bias(fused_name, fused))
+              for half in range(2)]
+    return Unit(NEURONS, prefix, down_in, (*halves, Member(f"{down_name}.weight", down_name, _layout(down)[1], 0, 1)))
 
 
 def _heads_of(attention: nn.Module | None, config: object, q_out: int, kv_out: int) -> tuple[int, int] | None:
@@ -196,7 +216,8 @@ def find_units(model: nn.Module, structures: Sequence[str]) -> list[Unit]:
         if not any(unit.kind == kind for unit in units):
             raise ValueError(f"`structure` {kind!r}: no {'feed-forward blocks' if kind == NEURONS else 'attention heads'}"
                              f" found in {type(model).__name__} (hf_prune knows the module names of BERT, DistilBERT, "
-                             "GPT-2, Llama, T5 and BART blocks); use structure='unstructured'.")
+                             f"GPT-2, Llama, T5 and BART blocks{_FUSED_FFN_ONLY if kind == HEADS else ''}); use "
+                             "structure='unstructured'.")
     return units
 
 
@@ -211,6 +232,10 @@ def _units_named(model: nn.Module, everything: dict[str, nn.Module], modules: di
                 if unit is not None:
                     found.append(unit)
                     break
+        if not found and matches(name, [FFN_FUSED[0]]):
+            unit = _fused_ffn_unit(modules, name[:-len(FFN_FUSED[0])])
+            if unit is not None:
+                found.append(unit)
     else:
         for rule in ATTENTION_RULES:
             if matches(name, [rule[0]]):
