@@ -83,11 +83,17 @@ def assert_whole_groups(pruner: Pruner) -> None:
 
 
 def tiny_fused_ffn(config_class: type) -> torch.nn.Module:
-    """A tiny decoder whose gate and up projections are one Linear (`gate_up_proj`, gate half first)."""
+    """A tiny decoder whose gate and up projections are one Linear (`gate_up_proj`, gate half first), with heads of
+    8 (Phi3Config has no `head_dim` field: its model code derives 32 / 4)."""
     torch.manual_seed(0)
+    head_dim = {} if config_class is Phi3Config else {"head_dim": 8}
     return AutoModelForCausalLM.from_config(config_class(
         vocab_size=100, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0))
+        num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0, **head_dim))
+
+
+def tiny_phi3() -> torch.nn.Module:
+    return tiny_fused_ffn(Phi3Config)
 
 
 @pytest.mark.parametrize("kind", sorted(TINY_MODELS))
@@ -147,8 +153,8 @@ def test_magnitude_ranks_neurons_by_their_l2_norm():
 @pytest.mark.parametrize("model, dataset, structure", [
     (tiny_bert, TinyClassificationDataset, "neurons"), (tiny_bert, TinyClassificationDataset, "heads"),
     (tiny_bert, TinyClassificationDataset, ["neurons", "heads"]),
-    (lambda: tiny_fused_ffn(Phi3Config), TinyLMDataset, "neurons"),  # one fused gate_up_proj
-], ids=["bert-neurons", "bert-heads", "bert-both", "phi3-neurons"])
+    (tiny_phi3, TinyLMDataset, ["neurons", "heads"]),  # fused gate_up_proj, qkv_proj
+], ids=["bert-neurons", "bert-heads", "bert-both", "phi3-both"])
 def test_trainer_keeps_structured_masks_exactly_zero_and_resumes_to_the_same_masks(tmp_path, model, dataset,
                                                                                    structure):
     config = PruningConfig(structure=structure, scheme="class-uniform", schedule="iterative", initial_sparsity=0.25,
@@ -367,11 +373,11 @@ def test_shrink_to_heads_the_config_refuses_is_a_value_error_not_a_model_that_ca
         PrunedModel(model, pruner.masks, pruning).shrink()
 
 
-@pytest.mark.parametrize("config_class, structure", [(Phi3Config, "neurons"), (GlmConfig, ["neurons", "heads"]),
-                                                     (Glm4Config, ["neurons", "heads"])])
-def test_a_fused_gate_up_projection_prunes_and_shrinks_neuron_by_neuron(tmp_path, config_class, structure):
+@pytest.mark.parametrize("config_class", [Phi3Config, GlmConfig, Glm4Config])
+def test_fused_projections_prune_and_shrink_group_by_group(tmp_path, config_class):
     model = tiny_fused_ffn(config_class).eval()
-    pruning = PruningConfig(structure=structure, scheme="class-uniform", schedule="oneshot", final_sparsity=0.5)
+    pruning = PruningConfig(structure=["neurons", "heads"], scheme="class-uniform", schedule="oneshot",
+                            final_sparsity=0.5)
     pruner = Pruner(model, pruning)
     pruner.prune_to(0.5)
     assert_whole_groups(pruner)
@@ -384,11 +390,20 @@ def test_a_fused_gate_up_projection_prunes_and_shrinks_neuron_by_neuron(tmp_path
     kept = mask[:37].any(1)
     assert int((~kept).sum()) == round(0.5 * 37)
     weight = model.get_parameter(fused).detach().clone()
+    qkv = "model.layers.0.self_attn.qkv_proj.weight"  # Phi-3: 4 query heads, then 2 key, then 2 value heads of 8
+    if config_class is Phi3Config:
+        kv_kept = pruner.masks[qkv][32::8].any(1)[:2]
+        assert int(kv_kept.sum()) == 1 and torch.equal(pruner.masks[qkv][48::8].any(1), kv_kept)
+        slices = [model.get_parameter(qkv).detach()[start:start + 2 * width].view(2, width, 32)[kv_kept]
+                  for start, width in ((0, 16), (32, 8), (48, 8))]
     small = PrunedModel(model, pruner.masks, pruning).shrink().eval()
     small.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert loaded.config.intermediate_size == 37 - round(0.5 * 37)
+    assert (loaded.config.num_attention_heads, loaded.config.num_key_value_heads, loaded.config.head_dim) == (2, 1, 8)
     assert torch.equal(loaded.get_parameter(fused), torch.cat([weight[:37][kept], weight[37:][kept]]))
+    if config_class is Phi3Config:  # the kept query heads, then the kept key head, then the kept value head
+        assert torch.equal(loaded.get_parameter(qkv), torch.cat([part.reshape(-1, 32) for part in slices]))
     for name, tensor in small.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
     assert sum(p.numel() for p in loaded.parameters()) < sum(p.numel() for p in model.parameters())
@@ -398,15 +413,6 @@ def test_a_fused_gate_up_projection_prunes_and_shrinks_neuron_by_neuron(tmp_path
     assert (expected.logits - actual.logits).abs().max() <= 1e-4
     for want, got in zip(expected.hidden_states, actual.hidden_states):
         assert (want - got).abs().max() <= 1e-4
-
-
-def test_heads_of_a_fused_qkv_projection_are_refused_naming_what_prunes():
-    model = tiny_fused_ffn(Phi3Config)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    with pytest.raises(ValueError, match=r"`structure` 'heads': no attention heads found in Phi3ForCausalLM .*the "
-                                         r"feed-forward neurons only of Phi-3, whose Q / K / V are one Linear"):
-        Pruner(model, PruningConfig(structure=["neurons", "heads"], scheme="class-uniform", schedule="oneshot"))
-    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
 
 
 def tiny_diffllama():
@@ -423,6 +429,7 @@ def tiny_olmo2():
 
 
 @pytest.mark.parametrize("model, warned", [(tiny_bert, True), (tiny_t5, True), (tiny_llama, False),
+                                           (tiny_phi3, False),
                                            (tiny_diffllama, True), (tiny_olmo2, True)])
 def test_head_pruning_that_shrink_cannot_remove_is_told_when_the_pruner_is_built(model, warned, caplog):
     with caplog.at_level("WARNING", logger="hf_prune.pruner"):

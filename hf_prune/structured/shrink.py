@@ -4,7 +4,7 @@ transformers.
 
 A standard config has one width per kind for all layers, so every layer must keep the same number of neurons (and
 of heads): prune with `scheme="class-uniform"`. Heads shrink only where the config states the head size apart from
-the hidden size (`head_dim`, as Llama-style configs do); BERT-, GPT-2- and BART-style configs derive it from
+the hidden size (`head_dim`, as Llama-style configs do, or one Phi-3's model code reads when set); BERT-, GPT-2- and BART-style configs derive it from
 `hidden_size / num_attention_heads`, and T5 shares one relative position bias across its layers, so for those
 `shrink` raises a `ValueError` that says which option gives a portable model (`structure="neurons"`).
 """
@@ -65,15 +65,23 @@ _COUPLED_HEADS = {"diffllama": "pairs its attention heads by position (different
                                "i + num_heads / 2), so removing some would pair the others differently"}
 
 
+#: Configs without a `head_dim` field whose model code reads `config.head_dim` when it is set (falling back to
+#: hidden_size / num_attention_heads), so shrink() can state the head size: Phi-3 / Phi-4.
+_HEAD_DIM_WHEN_SET = ("phi3",)
+
+
 def heads_unexpressible(model: nn.Module, units: Sequence[Unit]) -> str | None:
     """Why a model like `model` with fewer attention heads in `units` is not a standard config of its kind, or
-    `None` when it is: configs with an explicit `head_dim` and `num_key_value_heads` (Llama-style) whose attention
-    modules hold nothing across the heads besides the heads' own projections."""
+    `None` when it is: configs with an explicit `head_dim` (or whose model code reads one when set) and
+    `num_key_value_heads` (Llama-style, Phi-3) whose attention modules hold nothing across the heads besides the
+    heads' own projections."""
     config = getattr(model, "config", None)
     if config is None or not any(unit.kind == HEADS for unit in units):
         return None
     why = _COUPLED_HEADS.get(getattr(config, "model_type", None))
-    if why is None and "head_dim" in getattr(config, "to_dict", dict)() and hasattr(config, "num_key_value_heads"):
+    states_head_dim = "head_dim" in getattr(config, "to_dict", dict)() \
+        or getattr(config, "model_type", None) in _HEAD_DIM_WHEN_SET
+    if why is None and states_head_dim and hasattr(config, "num_key_value_heads"):
         across = _across_heads(model, [unit for unit in units if unit.kind == HEADS])
         if across is None:
             return None
@@ -182,8 +190,7 @@ def _new_config(model: nn.Module, units: Sequence[Unit], kept: Mapping[str, torc
 def _entries(members: Sequence[Member], groups: torch.Tensor) -> torch.Tensor:
     """The positions, along the members' dimension, of the kept groups of every member (in offset order)."""
     ordered = sorted(members, key=lambda m: m.offset)
-    within = torch.arange(ordered[0].width)
-    return torch.cat([(m.offset + groups[:, None] * m.width + within).reshape(-1) for m in ordered])
+    return torch.cat([(m.offset + groups[:, None] * m.width + torch.arange(m.width)).reshape(-1) for m in ordered])
 
 
 def shrink(model: nn.Module, masks: Mapping[str, torch.Tensor], units: Sequence[Unit]) -> nn.Module:

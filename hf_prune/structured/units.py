@@ -9,8 +9,7 @@ heads and the result is still a standard config.
 
 The rules below name the modules by their place inside a block; they cover BERT-style encoders (BERT, RoBERTa,
 DistilBERT), GPT-2 (fused `c_attn`, `Conv1D` weights stored `(in, out)`), Llama-style decoders, T5 and BART, and the
-feed-forward neurons of decoders with a fused `gate_up_proj` (Phi-3 / Phi-4, GLM, GLM-4; Phi-3's fused `qkv_proj`
-has no head rule).
+decoders with a fused `gate_up_proj` (Phi-3 / Phi-4, GLM, GLM-4) or a fused Linear `qkv_proj` (Phi-3 / Phi-4).
 A model none of them matches is a `ValueError` naming the structure.
 """
 
@@ -67,7 +66,9 @@ ATTENTION_RULES: tuple[tuple[str, str, str, str], ...] = (
     ("q_lin", "k_lin", "v_lin", "out_lin"),  # DistilBERT: under `attention`
 )
 ATTENTION_FUSED = ("c_attn", "c_proj")  # GPT-2: under `attn`
-_FUSED_FFN_ONLY = ", and the feed-forward neurons only of Phi-3, whose Q / K / V are one Linear"
+#: Attention blocks whose Q, K and V are one Linear, its output all query heads, then the key heads, then the value
+#: heads (Phi-3 / Phi-4): (fused QKV, output), under `self_attn`.
+ATTENTION_FUSED_LINEAR = ("qkv_proj", "o_proj")
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,20 @@ def _heads_of(attention: nn.Module | None, config: object, q_out: int, kv_out: i
     return None
 
 
+def _query_groups(model: nn.Module, everything: dict[str, nn.Module], prefix: str, q_out: int,
+                  kv_out: int) -> tuple[int, int, int] | None:
+    """`(key/value heads, query heads per key/value head, head size)` of the attention block `prefix` with `q_out`
+    query and `kv_out` key (and value) features, or `None` when its heads cannot be told apart."""
+    heads = _heads_of(everything.get(prefix.rstrip(".")), getattr(model, "config", None), q_out, kv_out)
+    if heads is None:
+        return None
+    num_heads, head_dim = heads
+    kv_heads = kv_out // head_dim
+    if num_heads % kv_heads:
+        return None
+    return kv_heads, num_heads // kv_heads, head_dim
+
+
 def _attention_unit(model: nn.Module, everything: dict[str, nn.Module], modules: dict[str, nn.Module], prefix: str,
                     names: Sequence[str]) -> Unit | None:
     full = [prefix + n for n in names]
@@ -166,14 +181,10 @@ def _attention_unit(model: nn.Module, everything: dict[str, nn.Module], modules:
     q_out, kv_out = _layout(q)[2], _layout(k)[2]
     if _layout(v)[2] != kv_out or o.weight.shape[_layout(o)[1]] != q_out:
         return None
-    heads = _heads_of(everything.get(prefix.rstrip(".")), getattr(model, "config", None), q_out, kv_out)
-    if heads is None:
+    groups = _query_groups(model, everything, prefix, q_out, kv_out)
+    if groups is None:
         return None
-    num_heads, head_dim = heads
-    kv_heads = kv_out // head_dim
-    if num_heads % kv_heads:
-        return None
-    per_group = num_heads // kv_heads
+    kv_heads, per_group, head_dim = groups
     members = [Member(f"{full[0]}.weight", full[0], _layout(q)[0], 0, per_group * head_dim, _bias(full[0], q))]
     members += [Member(f"{n}.weight", n, _layout(m)[0], 0, head_dim, _bias(n, m)) for n, m in zip(full[1:3], (k, v))]
     members.append(Member(f"{full[3]}.weight", full[3], _layout(o)[1], 0, per_group * head_dim))
@@ -196,6 +207,26 @@ def _fused_attention_unit(model: nn.Module, everything: dict[str, nn.Module], mo
                 head_dim)
 
 
+def _fused_linear_attention_unit(model: nn.Module, everything: dict[str, nn.Module], modules: dict[str, nn.Module],
+                                 prefix: str) -> Unit | None:
+    qkv_name, out_name = (prefix + n for n in ATTENTION_FUSED_LINEAR)
+    if not all(n in modules for n in (qkv_name, out_name)) or isinstance(modules[qkv_name], Conv1D):
+        return None
+    qkv, out = modules[qkv_name], modules[out_name]
+    q_out = out.weight.shape[_layout(out)[1]]
+    kv_out, odd = divmod(_layout(qkv)[2] - q_out, 2)
+    groups = None if odd or kv_out <= 0 else _query_groups(model, everything, prefix, q_out, kv_out)
+    if groups is None:
+        return None
+    kv_heads, per_group, head_dim = groups
+    bias = _bias(qkv_name, qkv)
+    members = (Member(f"{qkv_name}.weight", qkv_name, 0, 0, per_group * head_dim, bias),
+               Member(f"{qkv_name}.weight", qkv_name, 0, q_out, head_dim, bias),
+               Member(f"{qkv_name}.weight", qkv_name, 0, q_out + kv_out, head_dim, bias),
+               Member(f"{out_name}.weight", out_name, 1, 0, per_group * head_dim))
+    return Unit(HEADS, prefix, kv_heads, members, per_group, head_dim)
+
+
 def find_units(model: nn.Module, structures: Sequence[str]) -> list[Unit]:
     """The units of `structures` (`"neurons"`, `"heads"`) in `model`, in module order.
 
@@ -216,8 +247,7 @@ def find_units(model: nn.Module, structures: Sequence[str]) -> list[Unit]:
         if not any(unit.kind == kind for unit in units):
             raise ValueError(f"`structure` {kind!r}: no {'feed-forward blocks' if kind == NEURONS else 'attention heads'}"
                              f" found in {type(model).__name__} (hf_prune knows the module names of BERT, DistilBERT, "
-                             f"GPT-2, Llama, T5 and BART blocks{_FUSED_FFN_ONLY if kind == HEADS else ''}); use "
-                             "structure='unstructured'.")
+                             "GPT-2, Llama, Phi-3, GLM, T5 and BART blocks); use structure='unstructured'.")
     return units
 
 
@@ -245,6 +275,10 @@ def _units_named(model: nn.Module, everything: dict[str, nn.Module], modules: di
                     break
         if not found and matches(name, [ATTENTION_FUSED[0]]):
             unit = _fused_attention_unit(model, everything, modules, name[:-len(ATTENTION_FUSED[0])])
+            if unit is not None:
+                found.append(unit)
+        if not found and matches(name, [ATTENTION_FUSED_LINEAR[0]]):
+            unit = _fused_linear_attention_unit(model, everything, modules, name[:-len(ATTENTION_FUSED_LINEAR[0])])
             if unit is not None:
                 found.append(unit)
     return found
