@@ -4,9 +4,9 @@ transformers.
 
 A standard config has one width per kind for all layers, so every layer must keep the same number of neurons (and
 of heads): prune with `scheme="class-uniform"`. Heads shrink only where the config states the head size apart from
-the hidden size (`head_dim`, as Llama-style configs do, or one Phi-3's model code reads when set); BERT-, GPT-2- and BART-style configs derive it from
-`hidden_size / num_attention_heads`, and T5 shares one relative position bias across its layers, so for those
-`shrink` raises a `ValueError` that says which option gives a portable model (`structure="neurons"`).
+the hidden size (`head_dim`, as Llama-style configs do, or as Phi-3's model code reads it when set); BERT-, GPT-2-
+and BART-style configs derive it from `hidden_size / num_attention_heads`, and T5 shares one relative position bias
+across its layers, so for those `shrink` raises a `ValueError` that says which option gives a portable model (`structure="neurons"`).
 """
 
 from __future__ import annotations

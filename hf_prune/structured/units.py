@@ -128,7 +128,8 @@ def _ffn_unit(modules: dict[str, nn.Module], prefix: str, ups: Sequence[str], do
     return Unit(NEURONS, prefix, down_in, tuple(members))
 
 
-def _fused_ffn_unit(modules: dict[str, nn.Module], prefix: str) -> Unit | None:
+def _fused_ffn_unit(model: nn.Module, everything: dict[str, nn.Module], modules: dict[str, nn.Module],
+                    prefix: str) -> Unit | None:
     fused_name, down_name = (prefix + n for n in FFN_FUSED)
     if not all(n in modules for n in (fused_name, down_name)):
         return None
@@ -210,21 +211,29 @@ def _fused_attention_unit(model: nn.Module, everything: dict[str, nn.Module], mo
 def _fused_linear_attention_unit(model: nn.Module, everything: dict[str, nn.Module], modules: dict[str, nn.Module],
                                  prefix: str) -> Unit | None:
     qkv_name, out_name = (prefix + n for n in ATTENTION_FUSED_LINEAR)
-    if not all(n in modules for n in (qkv_name, out_name)) or isinstance(modules[qkv_name], Conv1D):
+    if not all(n in modules for n in (qkv_name, out_name)):
         return None
     qkv, out = modules[qkv_name], modules[out_name]
-    q_out = out.weight.shape[_layout(out)[1]]
-    kv_out, odd = divmod(_layout(qkv)[2] - q_out, 2)
+    qkv_dim, _, qkv_out = _layout(qkv)
+    out_in = _layout(out)[1]
+    q_out = out.weight.shape[out_in]
+    kv_out, odd = divmod(qkv_out - q_out, 2)
     groups = None if odd or kv_out <= 0 else _query_groups(model, everything, prefix, q_out, kv_out)
     if groups is None:
         return None
     kv_heads, per_group, head_dim = groups
     bias = _bias(qkv_name, qkv)
-    members = (Member(f"{qkv_name}.weight", qkv_name, 0, 0, per_group * head_dim, bias),
-               Member(f"{qkv_name}.weight", qkv_name, 0, q_out, head_dim, bias),
-               Member(f"{qkv_name}.weight", qkv_name, 0, q_out + kv_out, head_dim, bias),
-               Member(f"{out_name}.weight", out_name, 1, 0, per_group * head_dim))
+    members = (Member(f"{qkv_name}.weight", qkv_name, qkv_dim, 0, per_group * head_dim, bias),
+               Member(f"{qkv_name}.weight", qkv_name, qkv_dim, q_out, head_dim, bias),
+               Member(f"{qkv_name}.weight", qkv_name, qkv_dim, q_out + kv_out, head_dim, bias),
+               Member(f"{out_name}.weight", out_name, out_in, 0, per_group * head_dim))
     return Unit(HEADS, prefix, kv_heads, members, per_group, head_dim)
+
+
+#: The rules of one fused first module, after those above: (its name, the function building the unit of a block).
+_FUSED_RULES = {NEURONS: ((FFN_FUSED[0], _fused_ffn_unit),),
+                HEADS: ((ATTENTION_FUSED[0], _fused_attention_unit),
+                        (ATTENTION_FUSED_LINEAR[0], _fused_linear_attention_unit))}
 
 
 def find_units(model: nn.Module, structures: Sequence[str]) -> list[Unit]:
@@ -262,10 +271,6 @@ def _units_named(model: nn.Module, everything: dict[str, nn.Module], modules: di
                 if unit is not None:
                     found.append(unit)
                     break
-        if not found and matches(name, [FFN_FUSED[0]]):
-            unit = _fused_ffn_unit(modules, name[:-len(FFN_FUSED[0])])
-            if unit is not None:
-                found.append(unit)
     else:
         for rule in ATTENTION_RULES:
             if matches(name, [rule[0]]):
@@ -273,12 +278,9 @@ def _units_named(model: nn.Module, everything: dict[str, nn.Module], modules: di
                 if unit is not None:
                     found.append(unit)
                     break
-        if not found and matches(name, [ATTENTION_FUSED[0]]):
-            unit = _fused_attention_unit(model, everything, modules, name[:-len(ATTENTION_FUSED[0])])
-            if unit is not None:
-                found.append(unit)
-        if not found and matches(name, [ATTENTION_FUSED_LINEAR[0]]):
-            unit = _fused_linear_attention_unit(model, everything, modules, name[:-len(ATTENTION_FUSED_LINEAR[0])])
+    for first, build in _FUSED_RULES[kind]:
+        if not found and matches(name, [first]):
+            unit = build(model, everything, modules, name[:-len(first)])
             if unit is not None:
                 found.append(unit)
     return found
